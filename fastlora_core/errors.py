@@ -1,0 +1,35 @@
+"""Errors raised by fastlora_core.
+
+Every error says what went wrong *and what to do next*. Frontends (ComfyUI nodes, the CLI) show
+``str(error)`` to the user unchanged, so messages are written for users, not for developers.
+"""
+
+from __future__ import annotations
+
+
+class FastLoraError(Exception):
+    """Base class of every error this library raises on purpose."""
+
+
+class OptionsError(FastLoraError, ValueError):
+    """An option or a combination of options that cannot work; raised before any weight is read."""
+
+
+class ModelLoadError(FastLoraError):
+    """A model file or folder that is missing, corrupt, not Flux, or a Flux variant we cannot run."""
+
+
+class LoraError(FastLoraError):
+    """Base class of LoRA problems. The engine is left exactly as it was before the call."""
+
+
+class LoraFormatError(LoraError):
+    """A LoRA file we cannot read: missing, corrupt, empty, another model family, unsupported type."""
+
+
+class LoraFitError(LoraError):
+    """A valid LoRA that does not fit the prepared adapter slot (rank above max_rank, new targets)."""
+
+
+class GenerationCancelled(FastLoraError):
+    """Generation was stopped by the caller's cancellation hook. The engine stays usable."""

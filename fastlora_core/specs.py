@@ -1,0 +1,237 @@
+"""Immutable, hashable specifications: what to load, how to optimise it, which LoRAs to apply.
+
+Specs are plain frozen dataclasses so they can key the engine registry and travel between
+ComfyUI nodes by value. ``EngineOptions.validate()`` checks every combination before any weight is
+read; device-dependent checks (does this GPU do fp8?) happen in ``resolve()``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+from .errors import OptionsError
+
+Quantization = Literal["none", "fp8", "fp8_weight_only", "int8_weight_only"]
+T5Quantization = Literal["none", "nf4", "int8"]
+Attention = Literal["auto", "sdpa", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math", "flash_attn"]
+CompileMode = Literal["off", "full", "regional"]
+Offload = Literal["none", "model", "sequential"]
+DType = Literal["bfloat16", "float16", "float32"]
+SwapStrategy = Literal["fused", "adapter"]
+
+QUANTIZATIONS: tuple[str, ...] = ("none", "fp8", "fp8_weight_only", "int8_weight_only")
+T5_QUANTIZATIONS: tuple[str, ...] = ("none", "nf4", "int8")
+ATTENTIONS: tuple[str, ...] = (
+    "auto", "sdpa", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math", "flash_attn",
+)
+COMPILE_MODES: tuple[str, ...] = ("off", "full", "regional")
+OFFLOADS: tuple[str, ...] = ("none", "model", "sequential")
+DTYPES: tuple[str, ...] = ("bfloat16", "float16", "float32")
+SWAP_STRATEGIES: tuple[str, ...] = ("fused", "adapter")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the Flux weights come from.
+
+    Either ``diffusers_dir`` (a folder with ``model_index.json``) or the single files ComfyUI users
+    have: ``transformer`` (BFL or diffusers key layout), ``clip_l``, ``t5xxl``, ``vae`` and
+    optionally ``tokenizer_dir`` (folder holding ``clip/`` and ``t5/`` tokenizer files; inside
+    ComfyUI its bundled tokenizers are used when this is empty).
+    """
+
+    diffusers_dir: str | None = None
+    transformer: str | None = None
+    clip_l: str | None = None
+    t5xxl: str | None = None
+    vae: str | None = None
+    tokenizer_dir: str | None = None
+
+    @classmethod
+    def from_diffusers(cls, path: str | os.PathLike[str]) -> ModelSource:
+        return cls(diffusers_dir=str(Path(path).expanduser().resolve()))
+
+    @classmethod
+    def from_single_files(
+        cls,
+        transformer: str | os.PathLike[str],
+        clip_l: str | os.PathLike[str],
+        t5xxl: str | os.PathLike[str],
+        vae: str | os.PathLike[str],
+        tokenizer_dir: str | os.PathLike[str] | None = None,
+    ) -> ModelSource:
+        def norm(p: str | os.PathLike[str]) -> str:
+            return str(Path(p).expanduser().resolve())
+
+        return cls(
+            transformer=norm(transformer),
+            clip_l=norm(clip_l),
+            t5xxl=norm(t5xxl),
+            vae=norm(vae),
+            tokenizer_dir=norm(tokenizer_dir) if tokenizer_dir else None,
+        )
+
+    @property
+    def kind(self) -> Literal["diffusers", "single_file"]:
+        return "diffusers" if self.diffusers_dir else "single_file"
+
+    def validate(self) -> None:
+        singles = (self.transformer, self.clip_l, self.t5xxl, self.vae)
+        if self.diffusers_dir and any(singles):
+            raise OptionsError(
+                "Give either a diffusers folder or single files (transformer, clip_l, t5xxl, vae), "
+                "not both."
+            )
+        if not self.diffusers_dir and not all(singles):
+            missing = [n for n, v in zip(("transformer", "clip_l", "t5xxl", "vae"), singles) if not v]
+            raise OptionsError(
+                "No model given. Pass a diffusers Flux folder, or all four single files; "
+                f"missing: {', '.join(missing)}."
+            )
+
+    def describe(self) -> str:
+        if self.diffusers_dir:
+            return self.diffusers_dir
+        return f"transformer={self.transformer} clip_l={self.clip_l} t5xxl={self.t5xxl} vae={self.vae}"
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How to optimise the pipeline. Hashable; part of the registry key.
+
+    quantization: transformer weights. ``fp8`` is torchao float8 dynamic activation + weight,
+        per-row scales (CUDA, compute capability >= 8.9). ``fp8_weight_only`` and
+        ``int8_weight_only`` are the fallbacks for other devices (CPU included).
+    t5_quantization: T5 encoder via bitsandbytes (``nf4`` / ``int8``).
+    attention: ``auto`` picks the fastest available kernel and logs it; explicit choices fail
+        clearly when unavailable.
+    compile: ``full`` compiles the whole transformer, ``regional`` each repeated block (much
+        faster to compile, nearly the same speed).
+    offload: ``model`` moves whole components to the GPU when used; ``sequential`` streams layers.
+    swap_strategy: ``fused`` merges LoRA deltas into the weights (no per-step cost, any rank or
+        target); ``adapter`` keeps PEFT LoRA layers padded to ``max_rank`` (the published recipe).
+    max_rank: adapter slot rank (``adapter`` strategy only).
+    device: ``auto`` (cuda when available) or an explicit torch device string.
+    compile_cache_dir: persistent inductor cache; empty means the per-user default.
+    """
+
+    quantization: Quantization = "none"
+    t5_quantization: T5Quantization = "none"
+    attention: Attention = "auto"
+    compile: CompileMode = "regional"
+    offload: Offload = "none"
+    dtype: DType = "bfloat16"
+    swap_strategy: SwapStrategy = "fused"
+    max_rank: int = 128
+    device: str = "auto"
+    compile_cache_dir: str = ""
+    dynamic_shapes: bool = False
+
+    def validate(self) -> None:
+        """Static checks that need no device. Raises OptionsError saying what to change."""
+        for name, value, allowed in (
+            ("quantization", self.quantization, QUANTIZATIONS),
+            ("t5_quantization", self.t5_quantization, T5_QUANTIZATIONS),
+            ("attention", self.attention, ATTENTIONS),
+            ("compile", self.compile, COMPILE_MODES),
+            ("offload", self.offload, OFFLOADS),
+            ("dtype", self.dtype, DTYPES),
+            ("swap_strategy", self.swap_strategy, SWAP_STRATEGIES),
+        ):
+            if value not in allowed:
+                raise OptionsError(f"{name}={value!r} is not one of {', '.join(allowed)}.")
+        if not isinstance(self.max_rank, int) or not 1 <= self.max_rank <= 1024:
+            raise OptionsError(f"max_rank={self.max_rank!r} must be an integer between 1 and 1024.")
+        if self.quantization != "none" and self.offload != "none":
+            raise OptionsError(
+                f"quantization={self.quantization} cannot be combined with offload={self.offload}: "
+                "torchao-quantised weights cannot be moved between CPU and GPU by the offload hooks. "
+                "Use offload=none (quantise T5 with t5_quantization=nf4 to fit 24 GB), or "
+                "quantization=none with offload."
+            )
+        if self.offload == "sequential" and self.compile != "off":
+            raise OptionsError(
+                "offload=sequential streams weights layer by layer and cannot be compiled. Use "
+                "compile=off with sequential offload, or offload=model with compile."
+            )
+        if self.device != "auto" and not (
+            self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")
+            or self.device == "mps"
+        ):
+            raise OptionsError(f"device={self.device!r}: use auto, cpu, cuda, cuda:N or mps.")
+
+    def with_(self, **changes: object) -> EngineOptions:
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One LoRA file and its strength. ``path`` is absolute."""
+
+    path: str
+    strength: float = 1.0
+
+    @classmethod
+    def of(cls, path: str | os.PathLike[str], strength: float = 1.0) -> LoraSpec:
+        return cls(str(Path(path).expanduser().resolve()), float(strength))
+
+
+@dataclass(frozen=True)
+class LoraStack:
+    """The LoRAs that should be active, in order. Entries with strength 0 are dropped."""
+
+    entries: tuple[LoraSpec, ...] = ()
+
+    @classmethod
+    def of(cls, *items: LoraSpec | tuple[str, float] | str) -> LoraStack:
+        out: list[LoraSpec] = []
+        for item in items:
+            if isinstance(item, LoraSpec):
+                out.append(item)
+            elif isinstance(item, str):
+                out.append(LoraSpec.of(item))
+            else:
+                out.append(LoraSpec.of(item[0], item[1]))
+        return cls(tuple(out))
+
+    def plus(self, spec: LoraSpec) -> LoraStack:
+        return LoraStack(self.entries + (spec,))
+
+    def active(self) -> tuple[LoraSpec, ...]:
+        return tuple(e for e in self.entries if e.strength != 0.0)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def describe(self) -> list[dict[str, object]]:
+        return [{"file": Path(e.path).name, "strength": e.strength} for e in self.entries]
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    prompt: str = "a photo of a cat"
+    seed: int = 0
+    steps: int = 28
+    guidance: float = 3.5
+    width: int = 1024
+    height: int = 1024
+    batch: int = 1
+    max_sequence_length: int = 512
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise OptionsError(f"steps={self.steps}: need at least 1 step.")
+        if self.batch < 1:
+            raise OptionsError(f"batch={self.batch}: need at least 1 image.")
+        for name, v in (("width", self.width), ("height", self.height)):
+            if v < 16 or v % 16:
+                raise OptionsError(f"{name}={v}: Flux needs a multiple of 16 (e.g. 1024).")
+
+
+@dataclass(frozen=True)
+class EngineKey:
+    source: ModelSource
+    options: EngineOptions = field(default_factory=EngineOptions)

@@ -1,0 +1,251 @@
+"""A tiny random-weight Flux pipeline and random LoRAs, built locally (no download).
+
+Used by the demo, the tests and ``python -m fastlora_core write-tiny`` (install smoke tests).
+The transformer follows diffusers' own Flux test configuration; layer widths are multiples of 64
+where bitsandbytes needs it (T5 feed-forward).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+logger = logging.getLogger(__name__)
+
+TINY_TRANSFORMER_CONFIG: dict[str, object] = {
+    "patch_size": 1,
+    "in_channels": 16,
+    "out_channels": None,
+    "num_layers": 1,
+    "num_single_layers": 1,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 32,
+    "pooled_projection_dim": 32,
+    "axes_dims_rope": [4, 4, 8],
+    "guidance_embeds": True,
+}
+
+TINY_DIFFUSERS_NAME = "fastlora-tiny-flux"
+
+# LoRA target groups of the tiny model, by diffusers module name.
+ATTN_TARGETS = (
+    "transformer_blocks.0.attn.to_q",
+    "transformer_blocks.0.attn.to_k",
+    "transformer_blocks.0.attn.to_v",
+    "transformer_blocks.0.attn.to_out.0",
+)
+CONTEXT_TARGETS = (
+    "transformer_blocks.0.attn.add_q_proj",
+    "transformer_blocks.0.attn.add_k_proj",
+    "transformer_blocks.0.attn.add_v_proj",
+    "transformer_blocks.0.attn.to_add_out",
+)
+MLP_TARGETS = (
+    "transformer_blocks.0.ff.net.0.proj",
+    "transformer_blocks.0.ff.net.2",
+    "transformer_blocks.0.ff_context.net.0.proj",
+    "transformer_blocks.0.ff_context.net.2",
+)
+SINGLE_TARGETS = (
+    "single_transformer_blocks.0.attn.to_q",
+    "single_transformer_blocks.0.attn.to_k",
+    "single_transformer_blocks.0.attn.to_v",
+    "single_transformer_blocks.0.proj_mlp",
+    "single_transformer_blocks.0.proj_out",
+)
+EMBED_TARGETS = ("x_embedder", "context_embedder", "proj_out")
+
+# The demo / smoke-test LoRAs: different ranks and targets on purpose.
+TINY_LORAS: dict[str, dict[str, object]] = {
+    "fastlora-tiny-style": {"targets": ATTN_TARGETS, "rank": 4, "seed": 1},
+    "fastlora-tiny-character": {"targets": ATTN_TARGETS + MLP_TARGETS, "rank": 8, "seed": 2},
+    "fastlora-tiny-wide": {
+        "targets": ATTN_TARGETS + CONTEXT_TARGETS + MLP_TARGETS + SINGLE_TARGETS,
+        "rank": 16,
+        "seed": 3,
+    },
+    "fastlora-tiny-single": {"targets": SINGLE_TARGETS + EMBED_TARGETS, "rank": 2, "seed": 4},
+}
+
+
+def _clip_tokenizer():  # type: ignore[no-untyped-def]
+    from transformers import CLIPTokenizer
+
+    vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-":
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    return CLIPTokenizer(
+        vocab=vocab,
+        merges=[],
+        unk_token="<|endoftext|>",
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        model_max_length=77,
+    )
+
+
+def _t5_tokenizer():  # type: ignore[no-untyped-def]
+    from transformers import T5Tokenizer
+
+    letters = "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [("\u2581" + c, -1.0) for c in letters]
+    vocab += [(c, -2.0) for c in letters]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
+
+
+def build_tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):  # type: ignore[no-untyped-def]
+    """A FluxPipeline with random weights, deterministic for a given seed."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    clip_tok = _clip_tokenizer()
+    t5_tok = _t5_tokenizer()
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(**TINY_TRANSFORMER_CONFIG)  # type: ignore[arg-type]
+    torch.manual_seed(seed + 1)
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+            hidden_size=32,
+            intermediate_size=64,
+            layer_norm_eps=1e-05,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=len(clip_tok),
+            max_position_embeddings=77,
+            projection_dim=32,
+            hidden_act="quick_gelu",
+        )
+    )
+    torch.manual_seed(seed + 2)
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(t5_tok),
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            feed_forward_proj="gated-gelu",
+            is_encoder_decoder=False,
+            use_cache=False,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
+    torch.manual_seed(seed + 3)
+    vae = AutoencoderKL(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(4,),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=1,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                max_shift=1.15, base_image_seq_len=256,
+                                                max_image_seq_len=4096)
+    pipe = FluxPipeline(
+        scheduler=scheduler,
+        text_encoder=clip,
+        tokenizer=clip_tok,
+        text_encoder_2=t5,
+        tokenizer_2=t5_tok,
+        vae=vae,
+        transformer=transformer,
+    )
+    return pipe.to(dtype)
+
+
+def write_tiny_model(folder: str | Path, seed: int = 0) -> Path:
+    """Write the tiny pipeline as a diffusers folder (``model_index.json`` + components)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    pipe = build_tiny_pipeline(seed)
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    logger.info("wrote tiny Flux diffusers folder to %s", folder)
+    return folder
+
+
+def module_shapes(transformer: torch.nn.Module, names: Iterable[str]) -> dict[str, tuple[int, int]]:
+    mods = dict(transformer.named_modules())
+    out: dict[str, tuple[int, int]] = {}
+    for n in names:
+        m = mods[n]
+        out[n] = (m.out_features, m.in_features)  # type: ignore[union-attr]
+    return out
+
+
+def random_lora_state_dict(
+    shapes: dict[str, tuple[int, int]],
+    rank: int,
+    seed: int,
+    alpha: float | None = None,
+    scale: float = 0.5,
+    prefix: str = "transformer.",
+) -> dict[str, torch.Tensor]:
+    """A diffusers/PEFT-format LoRA (``<prefix><module>.lora_A.weight`` / ``lora_B``) with random,
+    non-zero weights so that it visibly changes the output. ``alpha`` (if given) is stored as
+    ``<module>.alpha`` keys, which diffusers' converter understands."""
+    g = torch.Generator().manual_seed(seed)
+    sd: dict[str, torch.Tensor] = {}
+    for name, (out_f, in_f) in sorted(shapes.items()):
+        sd[f"{prefix}{name}.lora_A.weight"] = torch.randn(rank, in_f, generator=g) * (scale / in_f**0.5)
+        sd[f"{prefix}{name}.lora_B.weight"] = torch.randn(out_f, rank, generator=g) * (scale / rank**0.5)
+        if alpha is not None:
+            sd[f"{prefix}{name}.alpha"] = torch.tensor(float(alpha))
+    return sd
+
+
+def write_tiny_loras(
+    folder: str | Path,
+    transformer: torch.nn.Module | None = None,
+    names: Sequence[str] | None = None,
+) -> dict[str, Path]:
+    """Write the TINY_LORAS set as diffusers-format safetensors files; returns name -> path."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if transformer is None:
+        from diffusers import FluxTransformer2DModel
+
+        transformer = FluxTransformer2DModel(**TINY_TRANSFORMER_CONFIG)  # type: ignore[arg-type]
+    out: dict[str, Path] = {}
+    for name in names or list(TINY_LORAS):
+        spec = TINY_LORAS[name]
+        shapes = module_shapes(transformer, spec["targets"])  # type: ignore[arg-type]
+        sd = random_lora_state_dict(shapes, int(spec["rank"]), int(spec["seed"]))  # type: ignore[call-overload]
+        path = folder / f"{name}.safetensors"
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+        out[name] = path
+    return out
+
+
+def write_comfy_tree(models_dir: str | Path, seed: int = 0) -> dict[str, object]:
+    """Write the tiny model into a ComfyUI ``models/`` tree: ``diffusers/fastlora-tiny-flux`` and
+    ``loras/fastlora-tiny-*.safetensors``. Returns what was written."""
+    models_dir = Path(models_dir)
+    model_dir = write_tiny_model(models_dir / "diffusers" / TINY_DIFFUSERS_NAME, seed)
+    loras = write_tiny_loras(models_dir / "loras")
+    manifest = {"diffusers": str(model_dir), "loras": {k: str(v) for k, v in loras.items()}}
+    (models_dir / "fastlora-tiny.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
