@@ -233,7 +233,7 @@ def write_tiny_loras(
     for name in names or list(TINY_LORAS):
         spec = TINY_LORAS[name]
         shapes = module_shapes(transformer, spec["targets"])  # type: ignore[arg-type]
-        sd = random_lora_state_dict(shapes, int(spec["rank"]), int(spec["seed"]))  # type: ignore[call-overload]
+        sd = random_lora_state_dict(shapes, int(spec["rank"]), int(spec["seed"]), scale=1.5)  # type: ignore[call-overload]
         path = folder / f"{name}.safetensors"
         save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
         out[name] = path

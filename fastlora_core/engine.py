@@ -1,0 +1,328 @@
+"""One Flux pipeline, optimised and compiled once; LoRA stacks swapped in place.
+
+``FluxEngine`` is the library's centre. It is declarative about LoRAs: ``apply(stack)`` (or
+``generate(request, stack)``) makes the weights match the wanted stack, whatever was loaded before,
+and does nothing when it already matches. Every LoRA problem is detected before the first tensor is
+written, so a refused stack leaves the engine serving the previous one bit for bit.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import LoraFitError
+from .lora.adapter import AdapterStrategy
+from .lora.base import ResolvedEntry
+from .lora.cache import GLOBAL_CACHE, LoraCache
+from .lora.fused import FusedStrategy
+from .optimize import (
+    DTYPES,
+    apply_offload,
+    check_device_support,
+    compile_transformer,
+    configure_compile_cache,
+    dynamo_compile_count,
+    quantize_t5,
+    quantize_transformer,
+    resolve_device,
+    set_attention,
+)
+from .specs import EngineKey, EngineOptions, GenerateRequest, LoraStack, ModelSource
+
+logger = logging.getLogger(__name__)
+
+StepCallback = Callable[[int, int], None]
+
+
+@dataclass
+class SwapReport:
+    strategy: str
+    stack: list[dict[str, object]]
+    swap_ms: float
+    changed: bool
+    layers_written: int = 0
+    from_cache: bool = True
+    warnings: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "strategy": self.strategy, "stack": self.stack, "swap_ms": round(self.swap_ms, 3),
+            "changed": self.changed, "layers_written": self.layers_written,
+            "from_cache": self.from_cache, "warnings": self.warnings,
+        }
+
+
+@dataclass
+class GenerateResult:
+    images: torch.Tensor  # float32 [B, H, W, C] in 0..1, CPU
+    seconds: float
+    new_compiles: int
+    swap: SwapReport | None = None
+
+
+def run_pipeline(pipe, request: GenerateRequest, callback=None) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """Sample with a FluxPipeline exactly as the engine does (also used for reference images).
+    Returns float32 ``[B, H, W, C]`` in 0..1 on the CPU."""
+    generator = torch.Generator(device="cpu").manual_seed(request.seed)
+    with torch.inference_mode():
+        out = pipe(
+            prompt=request.prompt,
+            height=request.height,
+            width=request.width,
+            num_inference_steps=request.steps,
+            guidance_scale=request.guidance,
+            num_images_per_prompt=request.batch,
+            generator=generator,
+            max_sequence_length=request.max_sequence_length,
+            output_type="pt",
+            callback_on_step_end=callback,
+        )
+    return out.images.permute(0, 2, 3, 1).float().clamp(0, 1).cpu()
+
+
+class FluxEngine:
+    """Load, optimise and serve one Flux pipeline.
+
+    Thread-safe: apply/generate/offload run one at a time. Raises ``OptionsError`` for impossible
+    options (before any weight is read), ``ModelLoadError`` for bad model files.
+    """
+
+    def __init__(self, source: ModelSource, options: EngineOptions | None = None,
+                 lora_cache: LoraCache | None = None) -> None:
+        options = options or EngineOptions()
+        source.validate()
+        options.validate()
+        self.key = EngineKey(source, options)
+        self.source = source
+        self.options = options
+        self.device = resolve_device(options)
+        check_device_support(options, self.device)
+        self.dtype = DTYPES[options.dtype]
+        self.lora_cache = lora_cache or GLOBAL_CACHE
+        self._lock = threading.RLock()
+        self.compiles = 0
+        self.compile_seconds = 0.0
+        self._compiled = False
+        self._warm_shapes: set[tuple[int, int, int]] = set()
+        self.loaded_stack = LoraStack()
+        self.attention = "sdpa"
+        self.released = False
+        self.offloaded = False
+
+        if options.compile != "off":
+            self.cache_dir = configure_compile_cache(options)
+        t0 = time.perf_counter()
+        from .loading import load_pipeline
+
+        pipe = load_pipeline(source, self.dtype)
+        try:
+            self._optimise(pipe)
+        except BaseException:
+            del pipe
+            self._free_memory()
+            raise
+        self.load_seconds = time.perf_counter() - t0
+        logger.info("engine ready in %.1f s (%s, %s)", self.load_seconds, source.describe(), options)
+
+    # -- building ------------------------------------------------------------------------------
+    def _optimise(self, pipe) -> None:  # type: ignore[no-untyped-def]
+        o = self.options
+        transformer = pipe.transformer
+        for module in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
+            module.eval().requires_grad_(False)
+        self.pipe = pipe
+        self.transformer = transformer
+        if o.swap_strategy == "fused":
+            master_device = self._master_device()
+            parts = {"transformer": transformer, "text_encoder": pipe.text_encoder}
+            if o.t5_quantization == "none":
+                parts["text_encoder_2"] = pipe.text_encoder_2
+            self.strategy: FusedStrategy | AdapterStrategy = FusedStrategy(parts, o.quantization, master_device)
+            if o.quantization != "none":
+                from .lora.formats import flux_lora_targets
+
+                transformer.to(self.device)
+                self.strategy.capture_hp_masters(transformer, flux_lora_targets(transformer))
+        else:
+            self.strategy = AdapterStrategy(transformer, o.max_rank, self.dtype)
+        if o.offload == "none":
+            pipe.to(self.device)
+        quantize_t5(pipe.text_encoder_2, o.t5_quantization, self.dtype,
+                    self.device if o.offload == "none" else torch.device("cpu"))
+        quantize_transformer(transformer, o.quantization)
+        if isinstance(self.strategy, FusedStrategy):
+            self.strategy.refresh_modules()
+        self.attention = set_attention(transformer, o.attention, self.device)
+        apply_offload(pipe, o.offload, self.device)
+        pipe.set_progress_bar_config(disable=True)
+
+    def _master_device(self) -> torch.device:
+        """Master copies for the fused strategy live on the GPU when it has room (fast swaps),
+        otherwise in CPU RAM."""
+        if self.device.type != "cuda" or self.options.offload != "none":
+            return torch.device("cpu")
+        free, total = torch.cuda.mem_get_info(self.device)
+        # A full bf16 master of Flux.1-dev is ~24 GB; keep it on the GPU only with ample room.
+        return self.device if free > 64 * 2**30 else torch.device("cpu")
+
+    def _ensure_compiled(self) -> None:
+        if self._compiled or self.options.compile == "off":
+            return
+        compile_transformer(self.transformer, self.options.compile, self.options.dynamic_shapes)
+        self._compiled = True
+
+    # -- LoRA ----------------------------------------------------------------------------------
+    def _resolve(self, stack: LoraStack) -> tuple[list[ResolvedEntry], bool]:
+        entries = []
+        from_cache = True
+        for spec in stack.active():
+            hit = spec.path in self.lora_cache
+            from_cache = from_cache and hit
+            key, lora = self.lora_cache.get(spec.path)
+            entries.append(ResolvedEntry(key, lora, spec.strength))
+        return entries, from_cache
+
+    def apply(self, stack: LoraStack) -> SwapReport:
+        """Make the weights match ``stack``. Raises LoraError (format or fit) with the engine
+        unchanged. Applying the loaded stack again costs nothing."""
+        self._check_usable()
+        with self._lock:
+            t0 = time.perf_counter()
+            if stack == self.loaded_stack:
+                return SwapReport(self.strategy.name, stack.describe(), 0.0, False)
+            entries, from_cache = self._resolve(stack)
+            warnings = self.strategy.validate(entries)
+            for w in warnings:
+                logger.warning(w)
+            with torch.no_grad():
+                layers = self.strategy.apply(entries)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.loaded_stack = stack
+            ms = (time.perf_counter() - t0) * 1000
+            logger.info("LoRA stack %s applied in %.1f ms (%s, %d layers)", stack.describe(), ms,
+                        self.strategy.name, layers)
+            return SwapReport(self.strategy.name, stack.describe(), ms, True, layers, from_cache, warnings)
+
+    def prepare_slot(self, lora_paths: Sequence[str] = (), all_layers: bool = False,
+                     max_rank: int | None = None) -> dict[str, object]:
+        """Adapter strategy: build (or widen) the zero adapter slot to cover the union of these
+        LoRAs' targets (or every Flux layer) at ``max_rank``, so later swaps never recompile.
+        Fused strategy: nothing to do (no rank or target limit). Raises LoraError for bad files."""
+        self._check_usable()
+        with self._lock:
+            if not isinstance(self.strategy, AdapterStrategy):
+                return {"strategy": "fused", "changed": False, "targets": 0, "rank": 0}
+            rank = max_rank or self.options.max_rank
+            targets: set[str] = set()
+            if all_layers:
+                from .lora.formats import flux_lora_targets
+
+                targets.update(flux_lora_targets(self.transformer))
+            for path in lora_paths:
+                _, lora = self.lora_cache.get(path)
+                targets.update(lora.transformer)
+                if lora.max_rank > rank:
+                    raise LoraFitError(
+                        f"{path}: rank {lora.max_rank} is above max_rank {rank}. Raise max_rank."
+                    )
+            if rank > self.strategy.max_rank:
+                self.strategy.max_rank = rank
+            changed = self.strategy.prepare_slot(frozenset(targets), rank)
+            if changed:
+                # The slot starts empty: re-apply whatever stack was loaded.
+                previous, self.loaded_stack = self.loaded_stack, LoraStack()
+                if previous.entries:
+                    self.apply(previous)
+                if self._compiled:
+                    logger.warning("adapter slot changed after compilation: the next run recompiles once")
+            return {"strategy": "adapter", "changed": changed,
+                    "targets": len(self.strategy.slot_targets), "rank": self.strategy.slot_rank}
+
+    # -- generation ----------------------------------------------------------------------------
+    def generate(self, request: GenerateRequest, stack: LoraStack | None = None,
+                 on_step: StepCallback | None = None) -> GenerateResult:
+        """Sample images. ``stack`` (when given) is applied first. ``on_step(step, total)`` runs
+        after every step; an exception it raises stops sampling and propagates, leaving the engine
+        usable. Same request and stack -> same images."""
+        request.validate()
+        self._check_usable()
+        with self._lock:
+            swap = self.apply(stack) if stack is not None else None
+            self._ensure_compiled()
+            before = dynamo_compile_count()
+            t0 = time.perf_counter()
+
+            def callback(pipe, i, t, kwargs):  # type: ignore[no-untyped-def]
+                if on_step is not None:
+                    on_step(i + 1, request.steps)
+                return {}
+
+            images = run_pipeline(self.pipe, request, callback)
+            seconds = time.perf_counter() - t0
+            new = dynamo_compile_count() - before
+            self.compiles += new
+            if new:
+                self.compile_seconds += seconds
+                logger.info("compiled %d graph(s) during this run (%.1f s including sampling)", new, seconds)
+            return GenerateResult(images, seconds, new, swap)
+
+    # -- memory --------------------------------------------------------------------------------
+    def _check_usable(self) -> None:
+        if self.released:
+            raise RuntimeError("this engine was released; get a new one from the registry")
+        if self.offloaded:
+            self.reload()
+
+    def memory_bytes(self) -> int:
+        if self.released:
+            return 0
+        total = 0
+        for module in (self.pipe.transformer, self.pipe.text_encoder, self.pipe.text_encoder_2, self.pipe.vae):
+            for t in list(module.parameters()) + list(module.buffers()):
+                total += t.numel() * t.element_size()
+        return total
+
+    def offload(self) -> None:
+        """Move the weights to CPU RAM (ComfyUI 'unload'); the next use moves them back. Quantised
+        engines cannot move and are released instead."""
+        with self._lock:
+            if self.released or self.offloaded or self.device.type == "cpu":
+                return
+            if self.options.quantization != "none" or self.options.offload != "none":
+                self.release()
+                return
+            self.pipe.to("cpu")
+            self.offloaded = True
+            self._free_memory()
+
+    def reload(self) -> None:
+        with self._lock:
+            if self.offloaded:
+                self.pipe.to(self.device)
+                self.offloaded = False
+
+    def release(self) -> None:
+        """Free everything this engine holds. It cannot be used afterwards."""
+        with self._lock:
+            if self.released:
+                return
+            self.released = True
+            for attr in ("pipe", "transformer", "strategy"):
+                if hasattr(self, attr):
+                    delattr(self, attr)
+            self._free_memory()
+            logger.info("engine released: %s", self.source.describe())
+
+    @staticmethod
+    def _free_memory() -> None:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -1,0 +1,172 @@
+"""The *fused* swap strategy: LoRA deltas merged into the weights in place.
+
+Contract:
+- ``apply(entries)`` makes every touched linear weight equal to ``master + sum(strength * scale *
+  up @ down)`` computed in float32 and rounded once to the weight's dtype (re-quantised from the
+  high-precision master for torchao-quantised weights). Layers no longer touched are restored
+  *exactly* from the master copy (never by subtraction).
+- Only layers whose contribution changed are rewritten; the same stack again costs nothing.
+- The tensors are updated in place (``copy_``), so a compiled graph that reads them sees the new
+  values with no recompilation. Never combine with inductor ``freezing``.
+- Validation (targets exist, shapes match) happens before the first write. If a write fails
+  anyway (e.g. out of memory), every layer written in this call is restored and the previous stack
+  re-applied before the error propagates: no half-swapped weights.
+- No rank or target limit; stacks are sums.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..errors import LoraError
+from ..optimize import clone_quantized, copy_into_quantized, requantize_like, restore_quantized
+from .base import Contribution, ResolvedEntry, check_targets_exist, linear_modules, per_layer
+
+logger = logging.getLogger(__name__)
+
+
+def _is_quantized(w: torch.Tensor) -> bool:
+    return type(w) is not torch.Tensor and type(w) is not torch.nn.Parameter and hasattr(w, "__tensor_flatten__")
+
+
+class FusedStrategy:
+    name = "fused"
+
+    def __init__(self, models: dict[str, torch.nn.Module], quantization: str = "none",
+                 master_device: torch.device | str = "cpu") -> None:
+        """models: part name (``transformer``, ``text_encoder``, ``text_encoder_2``) -> module."""
+        self.models = models
+        self.quantization = quantization
+        self.master_device = torch.device(master_device)
+        self._modules = {part: linear_modules(m) for part, m in models.items()}
+        # Exact originals of touched layers: plain tensors, or a quantised weight's inner tensors.
+        self._orig: dict[tuple[str, str], torch.Tensor | dict[str, torch.Tensor]] = {}
+        # High-precision masters of quantised transformer layers, captured before quantisation.
+        self._hp_master: dict[str, torch.Tensor] = {}
+        self._current: dict[tuple[str, str], Contribution] = {}
+        self._entries: list[ResolvedEntry] = []
+
+    # -- set-up -------------------------------------------------------------------------------
+    def capture_hp_masters(self, transformer: torch.nn.Module, names: list[str]) -> None:
+        """Keep a high-precision copy of these layers' weights *before* the transformer is quantised,
+        so merged weights are re-quantised from full precision."""
+        mods = dict(transformer.named_modules())
+        for n in names:
+            w = mods[n].weight  # type: ignore[union-attr]
+            self._hp_master[n] = w.detach().to(self.master_device, copy=True)
+        logger.info("fused: kept %d high-precision master weights on %s (%.1f MiB)", len(names),
+                    self.master_device, sum(t.numel() * t.element_size() for t in self._hp_master.values()) / 2**20)
+
+    def refresh_modules(self) -> None:
+        self._modules = {part: linear_modules(m) for part, m in self.models.items()}
+
+    # -- the contract -------------------------------------------------------------------------
+    def validate(self, entries: list[ResolvedEntry]) -> list[str]:
+        """Dry run; returns warnings. Raises LoraFitError when a LoRA cannot be applied."""
+        warnings: list[str] = []
+        for part, label in (("transformer", "Flux transformer"), ("text_encoder", "CLIP text encoder"),
+                            ("text_encoder_2", "T5 text encoder")):
+            used = [e for e in entries if getattr(e.lora, part)]
+            if not used:
+                continue
+            if part not in self._modules:
+                warnings.append(f"{', '.join(e.name for e in used)}: {label} part ignored (not loaded).")
+                continue
+            check_targets_exist(used, self._modules[part], part, label)
+            if part != "transformer":
+                for e in used:
+                    for n in getattr(e.lora, part):
+                        w = getattr(self._modules[part][n], "weight", None)
+                        if w is None or w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                            raise LoraError(
+                                f"{e.name}: cannot merge into the quantised {label} layer {n}. Load the "
+                                "engine with t5_quantization=none to use this LoRA's text-encoder part."
+                            )
+        return warnings
+
+    def apply(self, entries: list[ResolvedEntry]) -> int:
+        """Make the weights match ``entries`` (validated). Returns the number of layers rewritten."""
+        wanted: dict[tuple[str, str], list] = {}
+        for part in self.models:
+            for name, items in per_layer(entries, part).items():
+                wanted[(part, name)] = items
+        todo: list[tuple[str, str]] = []
+        for key in set(wanted) | set(self._current):
+            contrib: Contribution = tuple((e.key, e.strength) for e, _ in wanted.get(key, []))
+            if self._current.get(key, ()) != contrib:
+                todo.append(key)
+        written: list[tuple[str, str]] = []
+        try:
+            with torch.no_grad():
+                for key in sorted(todo):
+                    self._write(key, wanted.get(key, []))
+                    written.append(key)
+        except Exception:
+            logger.exception("fused swap failed; restoring the previous weights")
+            self._rollback(written)
+            raise
+        for key in todo:
+            contrib = tuple((e.key, e.strength) for e, _ in wanted.get(key, []))
+            if contrib:
+                self._current[key] = contrib
+            else:
+                self._current.pop(key, None)
+        self._entries = list(entries)
+        return len(todo)
+
+    # -- internals ----------------------------------------------------------------------------
+    def _rollback(self, written: list[tuple[str, str]]) -> None:
+        """Put every layer written by a failed apply back to the previous stack (``_current`` still
+        describes it); if even that fails, back to the exact original."""
+        previous = {part: per_layer(self._entries, part) for part in self.models}
+        with torch.no_grad():
+            for key in written:
+                part, name = key
+                try:
+                    self._write(key, previous[part].get(name, []))
+                except Exception:  # pragma: no cover - last resort
+                    self._restore(key)
+                    self._current.pop(key, None)
+
+    def _restore(self, key: tuple[str, str]) -> None:
+        part, name = key
+        weight = self._modules[part][name].weight  # type: ignore[union-attr]
+        saved = self._orig.get(key)
+        if saved is None:
+            return
+        if isinstance(saved, dict):
+            restore_quantized(weight, saved)
+        else:
+            weight.copy_(saved)
+
+    def _write(self, key: tuple[str, str], items: list) -> None:
+        part, name = key
+        module = self._modules[part][name]
+        weight = module.weight  # type: ignore[union-attr]
+        quantized = _is_quantized(weight)
+        if key not in self._orig:
+            self._orig[key] = clone_quantized(weight, self.master_device) if quantized else \
+                weight.detach().to(self.master_device, copy=True)
+        if not items:
+            self._restore(key)
+            return
+        device = weight.device
+        if quantized:
+            master = self._hp_master.get(name)
+            if master is None:
+                raise LoraError(f"layer {name} is quantised but has no high-precision master copy")
+            hp_dtype = master.dtype
+        else:
+            master = self._orig[key]  # type: ignore[assignment]
+            hp_dtype = weight.dtype
+        new = master.to(device=device, dtype=torch.float32, copy=True)  # type: ignore[union-attr]
+        for entry, layer in items:
+            up = layer.up.to(device=device, dtype=torch.float32)
+            down = layer.down.to(device=device, dtype=torch.float32)
+            new.addmm_(up, down, alpha=entry.strength * layer.scale)
+        if quantized:
+            copy_into_quantized(weight, requantize_like(weight, new.to(hp_dtype), self.quantization))
+        else:
+            weight.copy_(new.to(hp_dtype))

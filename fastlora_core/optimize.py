@@ -1,0 +1,302 @@
+"""Optimisations applied to a loaded FluxPipeline: device checks, attention backend, quantisation,
+compilation and offload. Each function states what it needs from the device and fails with an
+``OptionsError`` that says what to change when it is not available.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .errors import OptionsError
+from .specs import EngineOptions
+
+logger = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+}
+
+# Our attention names -> diffusers attention backends (diffusers.models.attention_dispatch).
+_ATTENTION_BACKENDS: dict[str, str] = {
+    "sdpa": "native",
+    "sdpa_cudnn": "_native_cudnn",
+    "sdpa_flash": "_native_flash",
+    "sdpa_efficient": "_native_efficient",
+    "sdpa_math": "_native_math",
+    "flash_attn": "flash",
+}
+
+
+def resolve_device(options: EngineOptions) -> torch.device:
+    if options.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(options.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise OptionsError(f"device={options.device} but CUDA is not available here. Use device=auto or cpu.")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise OptionsError("device=mps but MPS is not available here. Use device=auto or cpu.")
+    return device
+
+
+def check_device_support(options: EngineOptions, device: torch.device) -> None:
+    """Checks that need the device. Raises OptionsError saying what to change."""
+    if options.quantization == "fp8":
+        if device.type != "cuda":
+            raise OptionsError(
+                "quantization=fp8 (torchao dynamic float8) needs an NVIDIA GPU with compute capability "
+                f">= 8.9 (Ada, Hopper or newer); this engine runs on {device.type}. Use "
+                "quantization=fp8_weight_only or int8_weight_only, or none."
+            )
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 9):
+            raise OptionsError(
+                f"quantization=fp8 needs compute capability >= 8.9; this GPU is {major}.{minor}. "
+                "Use quantization=int8_weight_only (or fp8_weight_only) instead."
+            )
+    if options.offload != "none" and device.type != "cuda":
+        raise OptionsError(
+            f"offload={options.offload} moves weights between CPU and GPU; this engine runs on "
+            f"{device.type}. Use offload=none."
+        )
+    if options.dtype == "float16" and device.type == "cpu":
+        raise OptionsError("dtype=float16 is very slow and inexact on CPU; use bfloat16 or float32.")
+
+
+def compile_cache_dir(options: EngineOptions) -> Path:
+    """The persistent inductor cache: the option, else $FASTLORA_CACHE_DIR/inductor, else
+    ``~/.cache/fastlora/inductor``."""
+    if options.compile_cache_dir:
+        return Path(options.compile_cache_dir).expanduser()
+    base = os.environ.get("FASTLORA_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fastlora"
+    )
+    return Path(base) / "inductor"
+
+
+def configure_compile_cache(options: EngineOptions) -> Path:
+    """Point inductor's on-disk caches (FX graph + autotune + Triton) at a persistent folder so a
+    restarted process does not pay the full compile again. A folder the user already set through
+    TORCHINDUCTOR_CACHE_DIR wins."""
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") and not options.compile_cache_dir:
+        return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    path = compile_cache_dir(options)
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = True
+    if hasattr(inductor_config, "autotune_local_cache"):
+        inductor_config.autotune_local_cache = True
+    return path
+
+
+def _sdpa_backend_available(name: str, device: torch.device) -> bool:
+    if device.type != "cuda":
+        return name in ("sdpa", "sdpa_math")
+    if name == "sdpa_cudnn":
+        return bool(torch.backends.cudnn.is_available())
+    return True
+
+
+def set_attention(transformer: torch.nn.Module, choice: str, device: torch.device) -> str:
+    """Select the attention kernel; returns the name actually used (logged).
+
+    ``auto``: PyTorch's SDPA, which on Hopper already dispatches to its fastest fused kernel
+    (cuDNN / flash); measured in benchmarks/RESULTS.md. Explicit choices that the device cannot
+    run raise OptionsError instead of silently falling back.
+    """
+    if choice == "auto":
+        logger.info("attention: auto -> PyTorch SDPA (native dispatch) on %s", device)
+        return "sdpa"
+    if choice == "flash_attn":
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError as exc:
+            raise OptionsError(
+                "attention=flash_attn needs the flash-attn package (pip install flash-attn) and an "
+                "NVIDIA GPU. Use attention=auto."
+            ) from exc
+        if device.type != "cuda":
+            raise OptionsError("attention=flash_attn needs an NVIDIA GPU. Use attention=auto.")
+    elif not _sdpa_backend_available(choice, device):
+        raise OptionsError(
+            f"attention={choice} is not available on {device.type}. Use attention=auto or sdpa."
+        )
+    backend = _ATTENTION_BACKENDS[choice]
+    if backend != "native":
+        transformer.set_attention_backend(backend)  # type: ignore[operator]
+    logger.info("attention: %s (diffusers backend %s)", choice, backend)
+    return choice
+
+
+def torchao_config(mode: str):  # type: ignore[no-untyped-def]
+    """The torchao quantisation config for our ``quantization`` option."""
+    from torchao.quantization import (
+        Float8DynamicActivationFloat8WeightConfig,
+        Float8WeightOnlyConfig,
+        Int8WeightOnlyConfig,
+        PerRow,
+    )
+
+    if mode == "fp8":
+        return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    if mode == "fp8_weight_only":
+        return Float8WeightOnlyConfig()
+    if mode == "int8_weight_only":
+        return Int8WeightOnlyConfig()
+    raise OptionsError(f"unknown quantization {mode!r}")
+
+
+def _is_quantizable_linear(module: torch.nn.Module, fqn: str) -> bool:
+    return isinstance(module, torch.nn.Linear) and module.in_features >= 16 and module.out_features >= 16
+
+
+def quantize_transformer(transformer: torch.nn.Module, mode: str) -> None:
+    """Quantise every linear layer of the transformer in place with torchao."""
+    if mode == "none":
+        return
+    from torchao.quantization import quantize_
+
+    quantize_(transformer, torchao_config(mode), filter_fn=_is_quantizable_linear)
+    logger.info("transformer quantised: %s", mode)
+
+
+def requantize_like(weight: torch.Tensor, new_hp_weight: torch.Tensor, mode: str) -> torch.Tensor:
+    """Quantise ``new_hp_weight`` with the same torchao config that produced ``weight``; returns a
+    tensor whose inner tensors can be copied into ``weight``'s (same shapes)."""
+    from torchao.quantization import quantize_
+
+    lin = torch.nn.Linear(new_hp_weight.shape[1], new_hp_weight.shape[0], bias=False,
+                          device=new_hp_weight.device, dtype=new_hp_weight.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(new_hp_weight)
+    quantize_(lin, torchao_config(mode))
+    return lin.weight
+
+
+def copy_into_quantized(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Copy a torchao tensor subclass into another of the same layout, inner tensor by inner tensor
+    (in place, so a compiled graph that reads ``dst`` sees the new values)."""
+    names, _ = dst.__tensor_flatten__()  # type: ignore[attr-defined]
+    src_names, _ = src.__tensor_flatten__()  # type: ignore[attr-defined]
+    if list(names) != list(src_names):
+        raise RuntimeError(f"cannot copy {type(src).__name__} into {type(dst).__name__}: layouts differ")
+    for name in names:
+        d, s = getattr(dst, name), getattr(src, name)
+        if hasattr(d, "__tensor_flatten__"):
+            copy_into_quantized(d, s)
+        else:
+            d.copy_(s)
+
+
+def clone_quantized(t: torch.Tensor, device: torch.device | str) -> dict[str, torch.Tensor]:
+    """The inner tensors of a torchao weight, cloned (flattened names -> tensors)."""
+    out: dict[str, torch.Tensor] = {}
+
+    def walk(x: torch.Tensor, prefix: str) -> None:
+        names, _ = x.__tensor_flatten__()  # type: ignore[attr-defined]
+        for n in names:
+            inner = getattr(x, n)
+            if hasattr(inner, "__tensor_flatten__"):
+                walk(inner, prefix + n + ".")
+            else:
+                out[prefix + n] = inner.detach().to(device, copy=True)
+
+    walk(t, "")
+    return out
+
+
+def restore_quantized(dst: torch.Tensor, saved: dict[str, torch.Tensor]) -> None:
+    def walk(x: torch.Tensor, prefix: str) -> None:
+        names, _ = x.__tensor_flatten__()  # type: ignore[attr-defined]
+        for n in names:
+            inner = getattr(x, n)
+            if hasattr(inner, "__tensor_flatten__"):
+                walk(inner, prefix + n + ".")
+            else:
+                inner.copy_(saved[prefix + n])
+
+    walk(dst, "")
+
+
+def quantize_t5(text_encoder: torch.nn.Module, mode: str, dtype: torch.dtype, device: torch.device) -> None:
+    """Replace the T5 encoder's linear layers by bitsandbytes NF4 / int8 layers, in place.
+    bitsandbytes quantises when the module is moved to its device."""
+    if mode == "none":
+        return
+    try:
+        import bitsandbytes as bnb
+    except ImportError as exc:
+        raise OptionsError(
+            f"t5_quantization={mode} needs bitsandbytes (pip install bitsandbytes); or use none."
+        ) from exc
+    replaced = 0
+    for parent in list(text_encoder.modules()):
+        for child_name, child in list(parent.named_children()):
+            if not isinstance(child, torch.nn.Linear):
+                continue
+            if mode == "nf4":
+                if child.in_features % 64:
+                    continue
+                new: torch.nn.Module = bnb.nn.Linear4bit(
+                    child.in_features, child.out_features, bias=child.bias is not None,
+                    compute_dtype=dtype, quant_type="nf4",
+                )
+                new.weight = bnb.nn.Params4bit(child.weight.data.to(dtype), requires_grad=False, quant_type="nf4")
+            else:
+                new = bnb.nn.Linear8bitLt(child.in_features, child.out_features,
+                                          bias=child.bias is not None, has_fp16_weights=False)
+                new.weight = bnb.nn.Int8Params(child.weight.data.to(dtype), requires_grad=False,
+                                               has_fp16_weights=False)
+            if child.bias is not None:
+                new.bias = torch.nn.Parameter(child.bias.data.to(dtype), requires_grad=False)
+            setattr(parent, child_name, new.to(device))
+            replaced += 1
+    logger.info("T5 quantised with bitsandbytes %s: %d linear layers", mode, replaced)
+
+
+def compile_transformer(transformer: torch.nn.Module, mode: str, dynamic: bool) -> None:
+    """``full``: the whole transformer as one graph; ``regional``: each repeated block (the 19 double
+    and 38 single blocks share two graphs), compiling in a fraction of the time. Never uses inductor
+    ``freezing``: frozen weights are constants and in-place LoRA updates would be ignored."""
+    import torch._inductor.config as inductor_config
+
+    if getattr(inductor_config, "freezing", False):
+        logger.warning("inductor freezing is on; turning it off (in-place LoRA swaps need live weights)")
+        inductor_config.freezing = False
+    kwargs: dict[str, object] = {"fullgraph": True, "dynamic": True if dynamic else None}
+    if mode == "full":
+        transformer.compile(**kwargs)
+    elif mode == "regional":
+        transformer.compile_repeated_blocks(**kwargs)  # type: ignore[operator]
+    elif mode != "off":
+        raise OptionsError(f"unknown compile mode {mode!r}")
+
+
+def apply_offload(pipe, mode: str, device: torch.device) -> None:  # type: ignore[no-untyped-def]
+    if mode == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif mode == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+
+
+def dynamo_compile_count() -> int:
+    """Graphs dynamo has compiled in this process so far (recompiles included)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def timed(fn: Callable[[], object]) -> float:
+    import time
+
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t

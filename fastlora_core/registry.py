@@ -1,0 +1,70 @@
+"""Process-wide engines keyed by (model source, options).
+
+The same key returns the same (compiled) engine; a new key releases the previous engine's memory
+before the new one is built, so two sets of Flux weights never sit on the GPU at once. A released
+engine (ComfyUI's "Unload models") is rebuilt on the next ``get_engine``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from .engine import FluxEngine
+from .specs import EngineKey, EngineOptions, ModelSource
+
+logger = logging.getLogger(__name__)
+
+_lock = threading.RLock()
+_engines: dict[EngineKey, FluxEngine] = {}
+
+
+def get_engine(source: ModelSource, options: EngineOptions | None = None) -> FluxEngine:
+    """The engine for (source, options), built on first use. Options are validated before anything
+    is released or loaded, so a typo never costs the engine you have."""
+    options = options or EngineOptions()
+    source.validate()
+    options.validate()
+    key = EngineKey(source, options)
+    with _lock:
+        engine = _engines.get(key)
+        if engine is not None and not engine.released:
+            return engine
+        release_all()
+        engine = FluxEngine(source, options)
+        _engines[key] = engine
+        return engine
+
+
+def peek(key: EngineKey) -> FluxEngine | None:
+    with _lock:
+        engine = _engines.get(key)
+        return engine if engine is not None and not engine.released else None
+
+
+def release(key: EngineKey | None = None) -> int:
+    """Release one engine (or all when ``key`` is None). Returns how many were released."""
+    if key is None:
+        return release_all()
+    with _lock:
+        engine = _engines.pop(key, None)
+        if engine is None:
+            return 0
+        engine.release()
+        return 1
+
+
+def release_all() -> int:
+    with _lock:
+        n = 0
+        for key in list(_engines):
+            engine = _engines.pop(key)
+            if not engine.released:
+                engine.release()
+                n += 1
+        return n
+
+
+def engines() -> list[FluxEngine]:
+    with _lock:
+        return [e for e in _engines.values() if not e.released]
