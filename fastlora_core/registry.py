@@ -11,6 +11,7 @@ import logging
 import threading
 
 from .engine import FluxEngine
+from .optimize import check_device_support, resolve_device
 from .specs import EngineKey, EngineOptions, ModelSource
 
 logger = logging.getLogger(__name__)
@@ -25,6 +26,7 @@ def get_engine(source: ModelSource, options: EngineOptions | None = None) -> Flu
     options = options or EngineOptions()
     source.validate()
     options.validate()
+    check_device_support(options, resolve_device(options))
     key = EngineKey(source, options)
     with _lock:
         engine = _engines.get(key)

@@ -40,7 +40,8 @@ class FusedStrategy:
         self.models = models
         self.quantization = quantization
         self.master_device = torch.device(master_device)
-        self._modules = {part: linear_modules(m) for part, m in models.items()}
+        self._modules: dict[str, dict[str, torch.nn.Module]] = {}
+        self.refresh_modules()
         # Exact originals of touched layers: plain tensors, or a quantised weight's inner tensors.
         self._orig: dict[tuple[str, str], torch.Tensor | dict[str, torch.Tensor]] = {}
         # High-precision masters of quantised transformer layers, captured before quantisation.
@@ -61,6 +62,12 @@ class FusedStrategy:
 
     def refresh_modules(self) -> None:
         self._modules = {part: linear_modules(m) for part, m in self.models.items()}
+        # LoRA files name CLIP layers ``text_model.encoder...``; newer transformers' CLIPTextModel
+        # has no ``text_model`` level. Accept both spellings.
+        clip = self._modules.get("text_encoder", {})
+        for name, module in list(clip.items()):
+            if not name.startswith("text_model."):
+                clip.setdefault("text_model." + name, module)
 
     # -- the contract -------------------------------------------------------------------------
     def validate(self, entries: list[ResolvedEntry]) -> list[str]:

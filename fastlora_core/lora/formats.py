@@ -1,0 +1,767 @@
+"""Read any Flux.1 LoRA file into one normal form (:class:`~fastlora_core.lora.types.NormalizedLora`).
+
+Supported layouts (detected per key, so a file that mixes them is read too):
+
+* ``diffusers`` / PEFT: ``[transformer.]<diffusers module>.lora_A.weight`` / ``lora_B.weight``
+  (``lora_down`` / ``lora_up`` accepted), optional ``<module>.alpha``; alphas may also come from
+  diffusers' ``lora_adapter_metadata`` (``lora_alpha``, ``alpha_pattern``, ``use_rslora``).
+  ``text_encoder.`` (CLIP-L) and ``text_encoder_2.`` (T5) parts are kept.
+* ``kohya`` (sd-scripts, ai-toolkit, OneTrainer, SimpleTuner): ``lora_unet_<BFL module, _ separated>``,
+  ``lora_transformer_<diffusers module>``, ``lycoris_<diffusers module>``, ``.lora_down`` /
+  ``.lora_up`` / ``.alpha``; ``lora_te_`` / ``lora_te1_`` (CLIP-L) and ``lora_te3_`` (T5).
+  The block-diagonal ``qkv`` / ``linear1`` layout that sd-scripts writes with ``split_qkv`` is split
+  back into per-layer LoRAs of the smaller rank.
+* ``xlabs``: ``double_blocks.N.processor.{qkv,proj}_lora{1,2}.{down,up}.weight`` (1 = image stream,
+  2 = text stream), ``single_blocks.N.processor.{qkv,proj}_lora``; no alpha (scale 1).
+* ``bfl`` (Black Forest Labs / ComfyUI names): ``[diffusion_model.]double_blocks.N.img_attn.qkv`` ...
+  with ``lora_A`` / ``lora_B`` or ``lora_down`` / ``lora_up`` (+ ``alpha``); ``text_encoders.clip_l.
+  transformer.`` / ``text_encoders.t5xxl.transformer.`` parts.
+
+Why not diffusers' ``FluxLoraLoaderMixin.lora_state_dict``: in diffusers 0.42.1 its kohya path
+hard-codes Flux.1-dev widths when splitting ``linear1`` (AssertionError on any other width), drops
+the non-block layers (``img_in``, ``txt_in``, ``time_in``, ``vector_in``, ``guidance_in``,
+``final_layer``) of kohya and BFL ``lora_down`` files without a warning (their converted keys lack
+the ``transformer.`` prefix and are filtered out later), discards ``final_layer`` alphas (delta off
+by ``rank / alpha``) and does not recognise BFL files with ``lora_A`` / ``lora_B`` names (loads
+nothing). This module maps every layout directly and exactly instead (ARCHITECTURE.md decision 9);
+the tests compare per-layer ``scale * up @ down`` against the source LoRA for every layout.
+
+Mapping rules: a fused ``qkv`` / ``linear1`` LoRA maps exactly onto the split diffusers layers -
+every part keeps the same ``down`` and takes its rows of ``up``. The ``linear1`` split is derived
+from the tensor shapes (``hidden = down.in_features``, rows ``[h, h, h, rows - 3h]``), never from
+Flux.1-dev constants. BFL ``final_layer.adaLN_modulation.1`` produces ``(shift, scale)`` while
+diffusers ``norm_out.linear`` produces ``(scale, shift)``; the two row halves of ``up`` are swapped.
+
+Every key of the file is either consumed or reported: unknown keys raise :class:`LoraFormatError`.
+The only keys skipped are all-zero ``diff`` / ``diff_b`` / LoRA-bias tensors, which have no effect
+(logged at INFO).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import LoraFormatError
+from .types import LoraLayer, NormalizedLora
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SUPPORTED_FORMATS", "flux_lora_targets", "read_lora", "validate_against"]
+
+SUPPORTED_FORMATS: tuple[str, ...] = ("diffusers", "kohya", "xlabs", "bfl")
+
+_MAX_KEYS_IN_MESSAGE = 5
+
+# --------------------------------------------------------------------------------------------------
+# Module tables. Keys are (block kind, source suffix); block kind "" means a non-block layer.
+# Values: (diffusers module suffixes, split kind, swap the two row halves of up).
+# --------------------------------------------------------------------------------------------------
+
+_Entry = tuple[tuple[str, ...], str | None, bool]
+
+_DIFFUSERS_DOUBLE = (
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+    "norm1.linear", "norm1_context.linear",
+)  # fmt: skip
+_DIFFUSERS_SINGLE = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out", "norm.linear")
+_DIFFUSERS_GLOBAL = (
+    "x_embedder", "context_embedder",
+    "time_text_embed.timestep_embedder.linear_1", "time_text_embed.timestep_embedder.linear_2",
+    "time_text_embed.guidance_embedder.linear_1", "time_text_embed.guidance_embedder.linear_2",
+    "time_text_embed.text_embedder.linear_1", "time_text_embed.text_embedder.linear_2",
+    "norm_out.linear", "proj_out",
+)  # fmt: skip
+
+_QKV = ("attn.to_q", "attn.to_k", "attn.to_v")
+_ADD_QKV = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")
+
+_BFL_DOUBLE: dict[str, _Entry] = {
+    "img_attn.qkv": (_QKV, "qkv", False),
+    "img_attn.proj": (("attn.to_out.0",), None, False),
+    "img_mlp.0": (("ff.net.0.proj",), None, False),
+    "img_mlp.2": (("ff.net.2",), None, False),
+    "img_mod.lin": (("norm1.linear",), None, False),
+    "txt_attn.qkv": (_ADD_QKV, "qkv", False),
+    "txt_attn.proj": (("attn.to_add_out",), None, False),
+    "txt_mlp.0": (("ff_context.net.0.proj",), None, False),
+    "txt_mlp.2": (("ff_context.net.2",), None, False),
+    "txt_mod.lin": (("norm1_context.linear",), None, False),
+}
+_BFL_SINGLE: dict[str, _Entry] = {
+    "linear1": ((*_QKV, "proj_mlp"), "linear1", False),
+    "linear2": (("proj_out",), None, False),
+    "modulation.lin": (("norm.linear",), None, False),
+}
+_BFL_GLOBAL: dict[str, _Entry] = {
+    "img_in": (("x_embedder",), None, False),
+    "txt_in": (("context_embedder",), None, False),
+    "time_in.in_layer": (("time_text_embed.timestep_embedder.linear_1",), None, False),
+    "time_in.out_layer": (("time_text_embed.timestep_embedder.linear_2",), None, False),
+    "vector_in.in_layer": (("time_text_embed.text_embedder.linear_1",), None, False),
+    "vector_in.out_layer": (("time_text_embed.text_embedder.linear_2",), None, False),
+    "guidance_in.in_layer": (("time_text_embed.guidance_embedder.linear_1",), None, False),
+    "guidance_in.out_layer": (("time_text_embed.guidance_embedder.linear_2",), None, False),
+    "final_layer.linear": (("proj_out",), None, False),
+    "final_layer.adaLN_modulation.1": (("norm_out.linear",), None, True),
+}
+_XLABS_DOUBLE: dict[str, _Entry] = {
+    "processor.qkv_lora1": (_QKV, "qkv", False),
+    "processor.proj_lora1": (("attn.to_out.0",), None, False),
+    "processor.qkv_lora2": (_ADD_QKV, "qkv", False),
+    "processor.proj_lora2": (("attn.to_add_out",), None, False),
+}
+_XLABS_SINGLE: dict[str, _Entry] = {
+    "processor.qkv_lora": (_QKV, "qkv", False),
+    "processor.proj_lora": (("proj_out",), None, False),
+}
+
+# (layout, block kind in the file) -> diffusers block prefix
+_BLOCKS = {
+    "diffusers": {"transformer_blocks": "transformer_blocks", "single_transformer_blocks": "single_transformer_blocks"},
+    "bfl": {"double_blocks": "transformer_blocks", "single_blocks": "single_transformer_blocks"},
+    "xlabs": {"double_blocks": "transformer_blocks", "single_blocks": "single_transformer_blocks"},
+}
+
+
+def _plain(names: Iterable[str]) -> dict[str, _Entry]:
+    return {n: ((n,), None, False) for n in names}
+
+
+_TABLES: dict[str, dict[str, dict[str, _Entry]]] = {
+    "diffusers": {
+        "transformer_blocks": _plain(_DIFFUSERS_DOUBLE),
+        "single_transformer_blocks": _plain(_DIFFUSERS_SINGLE),
+        "": _plain(_DIFFUSERS_GLOBAL),
+    },
+    "bfl": {"double_blocks": _BFL_DOUBLE, "single_blocks": _BFL_SINGLE, "": _BFL_GLOBAL},
+    "xlabs": {"double_blocks": _XLABS_DOUBLE, "single_blocks": _XLABS_SINGLE, "": {}},
+}
+# kohya spells the same module names with "_" instead of "."
+_TABLES_US: dict[str, dict[str, dict[str, _Entry]]] = {
+    layout: {kind: {k.replace(".", "_"): v for k, v in t.items()} for kind, t in kinds.items()}
+    for layout, kinds in _TABLES.items()
+    if layout != "xlabs"
+}
+
+_DOTTED_BLOCK = re.compile(r"([a-z_]+)\.(\d+)\.(.+)")
+_US_BLOCK = re.compile(r"([a-z_]+?)_(\d+)_(.+)")
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Where one LoRA module of the file goes."""
+
+    component: str  # "transformer" | "text_encoder" | "text_encoder_2"
+    modules: tuple[str, ...]  # diffusers module names; several for a fused qkv / linear1
+    split: str | None  # None | "qkv" | "linear1"
+    swap_halves: bool  # BFL (shift, scale) -> diffusers (scale, shift)
+    layout: str  # "diffusers" | "kohya" | "xlabs" | "bfl"
+
+
+def _lookup(name: str, layouts: Iterable[str], underscore: bool) -> tuple[str, _Entry] | None:
+    """Resolve a transformer module name (prefix already removed) against the layout tables."""
+    tables = _TABLES_US if underscore else _TABLES
+    m = (_US_BLOCK if underscore else _DOTTED_BLOCK).fullmatch(name)
+    for layout in layouts:
+        kinds = tables.get(layout)
+        if kinds is None:
+            continue
+        if m is not None and m.group(1) in kinds and m.group(1):
+            entry = kinds[m.group(1)].get(m.group(3))
+            if entry is not None:
+                prefix = f"{_BLOCKS[layout][m.group(1)]}.{m.group(2)}."
+                return layout, (tuple(prefix + s for s in entry[0]), entry[1], entry[2])
+        entry = kinds[""].get(name)
+        if entry is not None:
+            return layout, entry
+    return None
+
+
+# Text encoders: CLIP-L (CLIPTextModel) and T5 (T5EncoderModel) module names.
+_CLIP_DOTTED = re.compile(r"(?:text_model\.)?(encoder\.layers\.\d+\.(?:self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12]))")
+_CLIP_US = re.compile(r"(?:text_model_)?encoder_layers_(\d+)_(self_attn_(?:q|k|v|out)_proj|mlp_fc[12])")
+_T5_DOTTED = re.compile(
+    r"(encoder\.block\.\d+\.layer\.(?:0\.SelfAttention\.(?:q|k|v|o)|1\.DenseReluDense\.(?:wi_0|wi_1|wi|wo)))"
+)
+_T5_US = re.compile(r"encoder_block_(\d+)_layer_(0_SelfAttention_(?:q|k|v|o)|1_DenseReluDense_(?:wi_0|wi_1|wi|wo))")
+
+
+def _clip_target(name: str, underscore: bool, layout: str) -> _Target | None:
+    if underscore:
+        m = _CLIP_US.fullmatch(name)
+        if m is None:
+            return None
+        sub = m.group(2).replace("self_attn_", "self_attn.").replace("mlp_", "mlp.")
+        module = f"text_model.encoder.layers.{m.group(1)}.{sub}"
+    else:
+        m = _CLIP_DOTTED.fullmatch(name)
+        if m is None:
+            return None
+        module = "text_model." + m.group(1)
+    return _Target("text_encoder", (module,), None, False, layout)
+
+
+def _t5_target(name: str, underscore: bool, layout: str) -> _Target | None:
+    if underscore:
+        m = _T5_US.fullmatch(name)
+        if m is None:
+            return None
+        sub = m.group(2)
+        sub = sub.replace("0_SelfAttention_", "0.SelfAttention.").replace("1_DenseReluDense_", "1.DenseReluDense.")
+        module = f"encoder.block.{m.group(1)}.layer.{sub}"
+    else:
+        m = _T5_DOTTED.fullmatch(name)
+        if m is None:
+            return None
+        module = m.group(1)
+    return _Target("text_encoder_2", (module,), None, False, layout)
+
+
+def _transformer_target(name: str, layouts: Iterable[str], underscore: bool, label: str | None) -> _Target | None:
+    found = _lookup(name, layouts, underscore)
+    if found is None:
+        return None
+    layout, (modules, split, swap) = found
+    return _Target("transformer", modules, split, swap, label or layout)
+
+
+_TRANSFORMER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "base_model.model.", "transformer.")
+_DOTTED_LAYOUTS = ("diffusers", "bfl", "xlabs")
+
+
+def _resolve(module_key: str) -> _Target | None:
+    """Map the module part of a key (role suffix removed) to its target, or None if unknown."""
+    k = module_key
+    # kohya-style underscore names
+    if k.startswith("lora_unet_"):
+        return _transformer_target(k[len("lora_unet_"):], ("bfl", "diffusers"), True, "kohya")
+    if k.startswith("lora_transformer_"):
+        return _transformer_target(k[len("lora_transformer_"):], ("diffusers",), True, "kohya")
+    if k.startswith("lycoris_"):
+        return _transformer_target(k[len("lycoris_"):], ("diffusers", "bfl"), True, "kohya")
+    for prefix in ("lora_te_", "lora_te1_"):
+        if k.startswith(prefix):
+            return _clip_target(k[len(prefix):], True, "kohya")
+    for prefix in ("lora_te3_", "lora_te2_"):
+        if k.startswith(prefix):  # lora_te2_ is CLIP-G in SDXL/SD3 files: only accepted with T5 names
+            return _t5_target(k[len(prefix):], True, "kohya")
+    # dotted names
+    if k.startswith("text_encoder_2."):
+        return _t5_target(k[len("text_encoder_2."):], False, "diffusers")
+    if k.startswith("text_encoder."):
+        return _clip_target(k[len("text_encoder."):], False, "diffusers")
+    if k.startswith("text_encoders.clip_l.transformer."):
+        return _clip_target(k[len("text_encoders.clip_l.transformer."):], False, "bfl")
+    if k.startswith("text_encoders.t5xxl.transformer."):
+        return _t5_target(k[len("text_encoders.t5xxl.transformer."):], False, "bfl")
+    for prefix in _TRANSFORMER_PREFIXES:
+        if k.startswith(prefix):
+            k = k[len(prefix):]
+            break
+    return _transformer_target(k, _DOTTED_LAYOUTS, False, None)
+
+
+# --------------------------------------------------------------------------------------------------
+# Key roles
+# --------------------------------------------------------------------------------------------------
+
+_ROLE_SUFFIXES: tuple[tuple[str, str], ...] = (
+    (".lora_A.weight", "down"),
+    (".lora_B.weight", "up"),
+    (".lora_down.weight", "down"),
+    (".lora_up.weight", "up"),
+    (".lora.down.weight", "down"),
+    (".lora.up.weight", "up"),
+    (".down.weight", "down"),  # XLabs
+    (".up.weight", "up"),  # XLabs
+    (".alpha", "alpha"),
+)
+# Keys that carry no LoRA product but are harmless when all zero (ComfyUI / ai-toolkit extras).
+_ZERO_OK_SUFFIXES = (".diff", ".diff_b", ".lora_B.bias", ".lora_up.bias", ".bias")
+
+_UNSUPPORTED: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"lokr_(w|t)"), "a LyCORIS LoKr"),
+    (re.compile(r"hada_(w|t)"), "a LyCORIS LoHa"),
+    (re.compile(r"\.oft_"), "a LyCORIS OFT/BOFT"),
+    (re.compile(r"\.(a1|a2|b1|b2)\.weight$"), "a LyCORIS GLoRA"),
+    (re.compile(r"\.(w_norm|b_norm)$"), "a LyCORIS norm-tuning"),
+    (re.compile(r"dora_scale|lora_magnitude_vector"), "a DoRA"),
+    (re.compile(r"(query_norm|key_norm)\.scale$|\.norm_(added_)?[qk]\.weight$"), "a Flux Control (Canny/Depth) LoRA"),
+)
+
+_OTHER_FAMILIES: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"(^|[._])(down_blocks|up_blocks|mid_block|input_blocks|output_blocks|middle_block)[._]"),
+     "Stable Diffusion 1.x/2.x/SDXL (UNet)"),
+    (re.compile(r"(^|[._])joint_blocks[._]"), "Stable Diffusion 3"),
+    (re.compile(r"^lora_te2_text_model_"), "SDXL / Stable Diffusion 3 (CLIP-G text encoder)"),
+    (re.compile(r"double_stream_modulation|single_stream_modulation|to_qkv_mlp_proj"), "Flux.2"),
+    (re.compile(r"distilled_guidance_layer"), "Chroma"),
+    (re.compile(r"img_attn_qkv|txt_attn_qkv|individual_token_refiner"), "HunyuanVideo"),
+    (re.compile(r"(^|[._])img_mlp[._]net|(^|[._])img_mod[._]1"), "Qwen-Image"),
+    (re.compile(r"(^|[._])blocks[._]\d+[._](self_attn|cross_attn|ffn)[._]"), "Wan"),
+    (re.compile(r"(^|[._])transformer_blocks[._]\d+[._]attn[12][._]"), "a cross-attention DiT (SD3.5/PixArt/Sana/LTX)"),
+    (re.compile(r"(^|[._])layers[._]\d+[._](attention|feed_forward)[._]"), "Lumina 2 / Z-Image"),
+    (re.compile(r"^unet\."), "Stable Diffusion (UNet)"),
+)  # fmt: skip
+
+
+def _split_role(key: str) -> tuple[str, str] | None:
+    for suffix, role in _ROLE_SUFFIXES:
+        if key.endswith(suffix):
+            return key[: -len(suffix)], role
+    return None
+
+
+def _first(keys: Iterable[str]) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:_MAX_KEYS_IN_MESSAGE])
+    more = len(keys) - _MAX_KEYS_IN_MESSAGE
+    return shown + (f" (and {more} more)" if more > 0 else "")
+
+
+def _guess_family(keys: Iterable[str]) -> str | None:
+    for key in keys:
+        for pattern, family in _OTHER_FAMILIES:
+            if pattern.search(key):
+                return family
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# File reading
+# --------------------------------------------------------------------------------------------------
+
+
+def _load_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read every tensor and the ``__metadata__`` of a safetensors file, with actionable errors."""
+    if not path.exists():
+        raise LoraFormatError(
+            f"LoRA file not found: {path}. Check the file name, and that the file is in ComfyUI's "
+            "models/loras folder (or give the full path)."
+        )
+    if not path.is_file():
+        raise LoraFormatError(f"LoRA path {path} is a folder, not a file. Choose the .safetensors file inside it.")
+    size = path.stat().st_size
+    if size == 0:
+        raise LoraFormatError(
+            f"LoRA file {path} is empty (0 bytes): the download or copy was interrupted. Download it again."
+        )
+    with path.open("rb") as fh:
+        head = fh.read(8)
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        raise LoraFormatError(
+            f"LoRA file {path} is a PyTorch pickle (.pt/.ckpt/.bin), not a safetensors file. FastLoRA reads "
+            "only .safetensors LoRAs (pickles can run code when loaded): get the .safetensors version of this "
+            "LoRA, or convert it with a trusted tool."
+        )
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises SafetensorError / OSError / ValueError variants
+        raise LoraFormatError(
+            f"LoRA file {path} ({size} bytes) is not a readable safetensors file ({type(exc).__name__}: {exc}). "
+            "It is probably truncated or corrupt (an interrupted download) or not a LoRA at all: download it again."
+        ) from exc
+    if not tensors:
+        raise LoraFormatError(
+            f"LoRA file {path} is a valid safetensors file but holds no tensors. It is not a usable LoRA: "
+            "download it again or choose another file."
+        )
+    return tensors, metadata
+
+
+def _adapter_metadata(metadata: Mapping[str, str], path: Path) -> dict[str, dict[str, object]]:
+    """diffusers' ``lora_adapter_metadata`` (``transformer.lora_alpha`` ...) split per component."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return {}
+    try:
+        flat = json.loads(raw)
+    except json.JSONDecodeError:
+        logger.warning("%s: ignoring unreadable lora_adapter_metadata", path)
+        return {}
+    out: dict[str, dict[str, object]] = {}
+    if not isinstance(flat, dict):
+        return out
+    for key, value in flat.items():
+        component, _, field = str(key).partition(".")
+        if field:
+            out.setdefault(component, {})[field] = value
+    return out
+
+
+def _pattern_value(patterns: object, module: str) -> float | None:
+    """PEFT's ``get_pattern_key`` semantics: a pattern matches a module name or its dotted suffix."""
+    if not isinstance(patterns, dict):
+        return None
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return float(value)
+    return None
+
+
+def _to_float32(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(device="cpu", dtype=torch.float32).contiguous()
+
+
+def _split_sizes(split: str, down: torch.Tensor, up: torch.Tensor) -> list[int] | None:
+    rows = int(up.shape[0])
+    if split == "qkv":
+        return [rows // 3] * 3 if rows % 3 == 0 else None
+    hidden = int(down.shape[1])  # linear1: Linear(hidden, 3 * hidden + mlp_hidden)
+    return [hidden, hidden, hidden, rows - 3 * hidden] if rows > 3 * hidden else None
+
+
+def _split_fused(down: torch.Tensor, up: torch.Tensor, sizes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Split a fused LoRA exactly: each part keeps ``down`` and takes its rows of ``up``.
+
+    When ``up`` is block-diagonal over equal rank chunks (sd-scripts ``split_qkv`` files), each part
+    takes only its own chunk of ``down`` and block of ``up`` (a smaller rank, the same delta).
+    """
+    n = len(sizes)
+    rank = int(down.shape[0])
+    ups = list(torch.split(up, sizes, dim=0))
+    if rank % n == 0:
+        r = rank // n
+        sparse = all(
+            not torch.any(part[:, :i * r]) and not torch.any(part[:, (i + 1) * r:]) for i, part in enumerate(ups)
+        )
+        if sparse:
+            return [(down[i * r:(i + 1) * r].clone(), part[:, i * r:(i + 1) * r].contiguous())
+                    for i, part in enumerate(ups)]
+    return [(down.clone(), part.contiguous()) for part in ups]
+
+
+@dataclass
+class _Group:
+    """The keys of one LoRA module in the file."""
+
+    down: str | None = None
+    up: str | None = None
+    alpha: str | None = None
+
+    def keys(self) -> list[str]:
+        return [k for k in (self.down, self.up, self.alpha) if k is not None]
+
+
+def read_lora(path: str | os.PathLike[str]) -> NormalizedLora:
+    """Read a Flux.1 LoRA safetensors file of any supported layout into a :class:`NormalizedLora`.
+
+    Contract:
+        * Every tensor key of the file is consumed, or the call fails: nothing is dropped silently
+          (all-zero ``diff`` / ``diff_b`` / bias keys, which change nothing, are skipped with an INFO
+          log). Text-encoder layers go to ``text_encoder`` (CLIP-L) / ``text_encoder_2`` (T5).
+        * For every layer, ``scale * up @ down`` equals the delta the file describes (``scale`` =
+          ``alpha / rank``, or ``alpha / sqrt(rank)`` for rsLoRA metadata, 1.0 without alpha).
+          Fused ``qkv`` / ``linear1`` modules are split into the diffusers layers; widths come from
+          the tensor shapes, so any Flux size works.
+        * Tensors are float32, contiguous, on the CPU, and not shared with each other.
+        * ``source_format`` is one of ``diffusers`` / ``kohya`` / ``xlabs`` / ``bfl``, or several
+          joined by ``+`` for a file that mixes layouts.
+        * This does not check the LoRA against a model; call :func:`validate_against` for that.
+
+    Raises:
+        LoraFormatError: the file is missing, empty, a pickle, truncated or corrupt, holds no LoRA,
+            is a LoRA for another model family, is of an unsupported type (LyCORIS LoKr/LoHa/OFT,
+            DoRA, Flux Control), has keys that are not understood, a down without its up (or the
+            reverse), inconsistent ranks, or two entries for the same layer. The message names the
+            file, the first offending keys, and what to do.
+    """
+    p = Path(os.fspath(path))
+    raw, metadata = _load_file(p)
+    keys = list(raw)
+
+    for pattern, kind in _UNSUPPORTED:
+        bad = [k for k in keys if pattern.search(k)]
+        if bad:
+            raise LoraFormatError(
+                f"LoRA file {p} is {kind} file, which FastLoRA does not support (keys: {_first(bad)}). "
+                "Use a plain LoRA (lora_A/lora_B or lora_down/lora_up weights), or convert this file to a "
+                "plain LoRA first (e.g. with a LoRA extraction/resize tool)."
+            )
+    adapter_meta = _adapter_metadata(metadata, p)
+    for component, meta in adapter_meta.items():
+        if meta.get("use_dora"):
+            raise LoraFormatError(
+                f"LoRA file {p} is a DoRA ({component}.use_dora in its metadata), which FastLoRA does not "
+                "support. Use a plain LoRA, or convert this file to a plain LoRA first."
+            )
+
+    groups: dict[str, _Group] = {}
+    unknown: list[str] = []
+    skipped: list[str] = []
+    full_diffs: list[str] = []
+    for key in keys:
+        if key.endswith(_ZERO_OK_SUFFIXES) and _split_role(key) is None:
+            (full_diffs if torch.any(raw[key]) else skipped).append(key)
+            continue
+        split = _split_role(key)
+        if split is None:
+            unknown.append(key)
+            continue
+        module_key, role = split
+        group = groups.setdefault(module_key, _Group())
+        setattr(group, role, key)
+
+    targets: dict[str, _Target] = {}
+    for module_key, group in groups.items():
+        target = _resolve(module_key)
+        if target is None:
+            unknown.extend(group.keys())
+        else:
+            targets[module_key] = target
+
+    if full_diffs:
+        raise LoraFormatError(
+            f"LoRA file {p} holds full weight or bias differences ({_first(full_diffs)}), which FastLoRA does "
+            "not support (only low-rank LoRA weights). Use a LoRA without diff/diff_b/bias tensors, or "
+            "merge this one into the model with another tool."
+        )
+    if unknown:
+        family = _guess_family(unknown)
+        if family is not None:
+            raise LoraFormatError(
+                f"LoRA file {p} looks like a LoRA for {family}, not for Flux.1 (keys: {_first(unknown)}). "
+                "Use it with a model of that family, or choose a Flux.1 LoRA."
+            )
+        if len(unknown) == len(keys):
+            raise LoraFormatError(
+                f"LoRA file {p} is not a Flux.1 LoRA in any layout FastLoRA knows (diffusers/PEFT, kohya, "
+                f"XLabs, BFL/ComfyUI). First keys: {_first(unknown)}. Choose a Flux.1 LoRA; if this one "
+                "works elsewhere, please report its key names."
+            )
+        raise LoraFormatError(
+            f"LoRA file {p} has keys FastLoRA does not understand ({len(unknown)}): {_first(unknown)}. "
+            "Refusing to load it partly (those layers would be silently missing). Make sure it is a Flux.1 "
+            "LoRA; if it works elsewhere, please report these key names."
+        )
+    if skipped:
+        logger.info("%s: skipped %d all-zero diff/bias keys (no effect): %s", p, len(skipped), _first(skipped))
+
+    parts: dict[str, dict[str, LoraLayer]] = {"transformer": {}, "text_encoder": {}, "text_encoder_2": {}}
+    origin: dict[tuple[str, str], str] = {}
+    layouts: set[str] = set()
+    te_layouts: set[str] = set()
+    for module_key in sorted(targets):
+        target = targets[module_key]
+        group = groups[module_key]
+        if group.down is None or group.up is None:
+            have, missing = (group.keys(), "up (lora_B/lora_up)" if group.up is None else "down (lora_A/lora_down)")
+            raise LoraFormatError(
+                f"LoRA file {p} is incomplete: {module_key} has no {missing} weight (found: {_first(have)}). "
+                "The file is damaged or was saved wrongly: download it again."
+            )
+        down = _to_float32(raw[group.down])
+        up = _to_float32(raw[group.up])
+        if down.ndim != 2 or up.ndim != 2:
+            raise LoraFormatError(
+                f"LoRA file {p}: {group.down} / {group.up} have shapes {tuple(down.shape)} / {tuple(up.shape)}; "
+                "a Flux.1 LoRA has 2-D weights (convolution LoRAs belong to other model families). "
+                "Choose a Flux.1 LoRA."
+            )
+        rank = int(down.shape[0])
+        if int(up.shape[1]) != rank or rank == 0:
+            raise LoraFormatError(
+                f"LoRA file {p}: {group.down} has rank {rank} but {group.up} has rank {int(up.shape[1])}. "
+                "The file is damaged or not a LoRA: download it again."
+            )
+        scale = _scale(p, raw, group, target, rank, adapter_meta)
+
+        if target.split is not None:
+            sizes = _split_sizes(target.split, down, up)
+            if sizes is None:
+                raise LoraFormatError(
+                    f"LoRA file {p}: {group.up} has {int(up.shape[0])} rows, which cannot be split into "
+                    f"{', '.join(target.modules)} (in_features {int(down.shape[1])}). This LoRA was not made "
+                    "for a Flux.1 model: choose a Flux.1 LoRA."
+                )
+            pieces = _split_fused(down, up, sizes)
+        else:
+            if target.swap_halves:
+                if up.shape[0] % 2:
+                    raise LoraFormatError(
+                        f"LoRA file {p}: {group.up} has an odd number of rows ({int(up.shape[0])}), but "
+                        "final_layer.adaLN_modulation.1 holds (shift, scale) halves. Choose a Flux.1 LoRA."
+                    )
+                half = int(up.shape[0]) // 2
+                up = torch.cat([up[half:], up[:half]], dim=0)  # (shift, scale) -> (scale, shift)
+            pieces = [(down, up)]
+
+        part = parts[target.component]
+        for module, (d, u) in zip(target.modules, pieces):
+            if module in part:
+                raise LoraFormatError(
+                    f"LoRA file {p} has two entries for the layer {module}: {origin[(target.component, module)]} "
+                    f"and {module_key}. The file mixes two LoRAs or layouts; choose a clean LoRA file."
+                )
+            part[module] = LoraLayer(down=d, up=u, scale=scale)
+            origin[(target.component, module)] = module_key
+        (layouts if target.component == "transformer" else te_layouts).add(target.layout)
+
+    n_layers = sum(len(v) for v in parts.values())
+    if n_layers == 0:
+        raise LoraFormatError(
+            f"LoRA file {p} holds no LoRA weights (only all-zero diff/bias keys). Choose another LoRA file."
+        )
+    source_format = "+".join(sorted(layouts or te_layouts))
+    logger.debug(
+        "%s: %s LoRA, %d transformer / %d CLIP / %d T5 layers",
+        p, source_format, len(parts["transformer"]), len(parts["text_encoder"]), len(parts["text_encoder_2"]),
+    )
+    return NormalizedLora(
+        path=str(p),
+        source_format=source_format,
+        transformer=parts["transformer"],
+        text_encoder=parts["text_encoder"],
+        text_encoder_2=parts["text_encoder_2"],
+    )
+
+
+def _scale(
+    path: Path,
+    raw: Mapping[str, torch.Tensor],
+    group: _Group,
+    target: _Target,
+    rank: int,
+    adapter_meta: Mapping[str, Mapping[str, object]],
+) -> float:
+    """``alpha / rank`` from the ``.alpha`` key, else from diffusers metadata, else 1.0."""
+    if group.alpha is not None:
+        alpha_t = raw[group.alpha]
+        if alpha_t.numel() != 1:
+            raise LoraFormatError(
+                f"LoRA file {path}: {group.alpha} should be one number but has shape {tuple(alpha_t.shape)}. "
+                "The file is damaged or not a LoRA: download it again."
+            )
+        alpha = float(alpha_t.reshape(()).to(torch.float64).item())
+        if not math.isfinite(alpha):
+            raise LoraFormatError(f"LoRA file {path}: {group.alpha} is {alpha}. The file is damaged: download it again.")
+        return alpha / rank
+    meta = adapter_meta.get(target.component) if target.layout == "diffusers" else None
+    if not meta:
+        return 1.0
+    module = target.modules[0]
+    alpha_v = _pattern_value(meta.get("alpha_pattern"), module)
+    if alpha_v is None:
+        lora_alpha = meta.get("lora_alpha")
+        if not isinstance(lora_alpha, (int, float)):
+            return 1.0
+        alpha_v = float(lora_alpha)
+    if meta.get("use_rslora"):
+        return alpha_v / math.sqrt(rank)
+    return alpha_v / rank
+
+
+# --------------------------------------------------------------------------------------------------
+# Model side
+# --------------------------------------------------------------------------------------------------
+
+
+def _linear_of(module: torch.nn.Module | None) -> torch.nn.Module | None:
+    """The ``nn.Linear`` behind a module: itself, or the ``base_layer`` of a PEFT LoRA wrapper."""
+    if module is None:
+        return None
+    if isinstance(module, torch.nn.Linear):
+        return module
+    base = getattr(module, "base_layer", None)
+    if isinstance(base, torch.nn.Linear):
+        return base
+    return None
+
+
+def _named_linears(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Module name -> underlying Linear; names without torch.compile's ``_orig_mod.`` and without
+    PEFT's internals (``base_layer``, ``lora_A.<adapter>`` ...)."""
+    out: dict[str, torch.nn.Module] = {}
+    for name, module in model.named_modules():
+        name = name.removeprefix("_orig_mod.")
+        if name.endswith(".base_layer") or ".lora_" in name or name.startswith("lora_"):
+            continue
+        linear = _linear_of(module)
+        if linear is not None:
+            out[name] = linear
+    return out
+
+
+def _is_flux_target(name: str) -> bool:
+    found = _lookup(name, ("diffusers",), False)
+    return found is not None and found[1][0] == (name,)
+
+
+def flux_lora_targets(transformer: torch.nn.Module) -> list[str]:
+    """Every ``nn.Linear`` of a ``FluxTransformer2DModel`` that a Flux LoRA can target, in model order.
+
+    That is all Linear layers of ``transformer_blocks`` / ``single_transformer_blocks`` plus the
+    embedders (``x_embedder``, ``context_embedder``, ``time_text_embed.*``), ``norm_out.linear`` and
+    ``proj_out`` - exactly the names :func:`read_lora` can produce. Works on a plain model, a
+    ``torch.compile`` wrapper and a model already holding PEFT LoRA layers (the wrapped layers are
+    reported by their own name). Used to build the "all Flux layers" dummy adapter.
+    """
+    return [name for name in _named_linears(transformer) if _is_flux_target(name)]
+
+
+def validate_against(
+    lora: NormalizedLora,
+    transformer: torch.nn.Module,
+    text_encoder: torch.nn.Module | None = None,
+    text_encoder_2: torch.nn.Module | None = None,
+) -> None:
+    """Check that every layer of ``lora`` exists in the given model(s) with matching shapes.
+
+    ``down.shape[1]`` must equal the layer's ``in_features`` and ``up.shape[0]`` its
+    ``out_features``. Text-encoder parts are checked only when their model is given; CLIP names
+    (``text_model.encoder...``) also match a flattened ``CLIPTextModel`` (recent transformers has no
+    ``text_model`` level). Nothing is modified.
+
+    Raises:
+        LoraFormatError: naming the file and the first layers that are missing or do not fit,
+            saying that the LoRA was made for a Flux model of another size or not for Flux.1.
+    """
+    problems: list[str] = []
+    total = 0
+    checks: list[tuple[dict[str, LoraLayer], torch.nn.Module | None, str]] = [
+        (lora.transformer, transformer, ""),
+        (lora.text_encoder, text_encoder, "text_encoder."),
+        (lora.text_encoder_2, text_encoder_2, "text_encoder_2."),
+    ]
+    for layers, model, label in checks:
+        if model is None or not layers:
+            continue
+        linears = _named_linears(model)
+        for name, layer in layers.items():
+            total += 1
+            linear = linears.get(name)
+            if linear is None and name.startswith("text_model."):
+                linear = linears.get(name.removeprefix("text_model."))
+            if linear is None:
+                problems.append(f"{label}{name}: no such layer in the model")
+                continue
+            in_f, out_f = int(linear.in_features), int(linear.out_features)  # type: ignore[arg-type]
+            if int(layer.down.shape[1]) != in_f or int(layer.up.shape[0]) != out_f:
+                problems.append(
+                    f"{label}{name}: LoRA {int(layer.down.shape[1])}->{int(layer.up.shape[0])}, "
+                    f"model {in_f}->{out_f}"
+                )
+    if problems:
+        shown = "; ".join(problems[:_MAX_KEYS_IN_MESSAGE])
+        more = len(problems) - _MAX_KEYS_IN_MESSAGE
+        raise LoraFormatError(
+            f"LoRA file {lora.path} does not fit this model: {len(problems)} of {total} layers are missing or "
+            f"have other sizes ({shown}{f' and {more} more' if more > 0 else ''}). This LoRA was made for a "
+            "Flux model of another size, or not for Flux.1 at all (Flux.2, SD3, Chroma ...): use a LoRA "
+            "trained for this model."
+        )
