@@ -1,0 +1,59 @@
+"""Shared fixtures: a tiny random Flux written to disk once per session, and its LoRAs.
+
+Everything runs offline on the CPU. The inductor cache lives in a fixed per-user folder (the same
+default the engine uses) so reruns compile from cache.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.manual_seed(0)
+# Tests compile several engine variants (fused, adapter, resolutions) in one process.
+torch._dynamo.config.cache_size_limit = 64
+if hasattr(torch._dynamo.config, "recompile_limit"):
+    torch._dynamo.config.recompile_limit = 64
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from fastlora_core.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "fastlora-tiny-flux")
+
+
+@pytest.fixture(scope="session")
+def tiny_loras(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    from fastlora_core.tiny import write_tiny_loras
+
+    return {k: str(v) for k, v in write_tiny_loras(tmp_path_factory.mktemp("loras")).items()}
+
+
+@pytest.fixture(scope="session")
+def tiny_source(tiny_dir: Path):  # type: ignore[no-untyped-def]
+    from fastlora_core.specs import ModelSource
+
+    return ModelSource.from_diffusers(tiny_dir)
+
+
+@pytest.fixture()
+def tiny_request():  # type: ignore[no-untyped-def]
+    from fastlora_core.specs import GenerateRequest
+
+    return GenerateRequest(prompt="a red fox", seed=7, steps=2, width=64, height=64, max_sequence_length=16)
+
+
+@pytest.fixture(autouse=True)
+def _release_engines():  # type: ignore[no-untyped-def]
+    yield
+    from fastlora_core import registry
+
+    registry.release_all()

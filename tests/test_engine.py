@@ -1,0 +1,151 @@
+"""The engine without LoRAs: options, determinism, registry, compilation, cancellation."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from fastlora_core import registry
+from fastlora_core.engine import FluxEngine
+from fastlora_core.errors import OptionsError
+from fastlora_core.specs import EngineOptions, GenerateRequest, ModelSource
+
+CPU = EngineOptions(dtype="float32", device="cpu", compile="off")
+
+
+# -- options ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("changes", "needle"),
+    [
+        ({"quantization": "fp8"}, "GPU"),
+        ({"quantization": "fp8", "offload": "model"}, "offload"),
+        ({"offload": "sequential", "compile": "full"}, "sequential"),
+        ({"offload": "model", "compile": "off"}, "offload=model"),
+        ({"quantization": "int4"}, "quantization"),
+        ({"attention": "sage"}, "attention"),
+        ({"max_rank": 0}, "max_rank"),
+        ({"device": "tpu"}, "device"),
+        ({"attention": "sdpa_cudnn"}, "not available"),
+        ({"dtype": "float16"}, "float16"),
+    ],
+)
+def test_impossible_options_are_refused_before_loading(tiny_source: ModelSource, changes: dict,
+                                                       needle: str) -> None:
+    options = dataclasses.replace(CPU, **changes)
+    with pytest.raises(OptionsError, match=needle):
+        FluxEngine(tiny_source, options)
+
+
+def test_options_are_hashable_and_validated_statically() -> None:
+    a = EngineOptions(quantization="fp8", compile="regional")
+    assert hash(a) == hash(EngineOptions(quantization="fp8", compile="regional"))
+    with pytest.raises(OptionsError, match="what|offload"):
+        EngineOptions(quantization="int8_weight_only", offload="model").validate()
+    with pytest.raises(OptionsError, match="steps"):
+        GenerateRequest(steps=0).validate()
+    with pytest.raises(OptionsError, match="multiple of 16"):
+        GenerateRequest(width=1000).validate()
+
+
+def test_model_source_needs_all_four_single_files() -> None:
+    with pytest.raises(OptionsError, match="missing: clip_l, t5xxl, vae"):
+        ModelSource(transformer="/x/flux.safetensors").validate()
+    with pytest.raises(OptionsError, match="not both"):
+        ModelSource(diffusers_dir="/x", vae="/y").validate()
+
+
+# -- generation ------------------------------------------------------------------------------------
+def test_same_seed_same_image_and_other_seed_other_image(tiny_source: ModelSource,
+                                                         tiny_request: GenerateRequest) -> None:
+    engine = FluxEngine(tiny_source, CPU)
+    a = engine.generate(tiny_request).images
+    b = engine.generate(tiny_request).images
+    c = engine.generate(dataclasses.replace(tiny_request, seed=8)).images
+    assert a.shape == (1, 64, 64, 3) and a.dtype == torch.float32
+    assert 0.0 <= float(a.min()) and float(a.max()) <= 1.0
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    batch = engine.generate(dataclasses.replace(tiny_request, batch=2)).images
+    assert batch.shape == (2, 64, 64, 3)
+
+
+def test_cancellation_stops_within_a_step_and_engine_stays_usable(tiny_source: ModelSource,
+                                                                  tiny_request: GenerateRequest) -> None:
+    engine = FluxEngine(tiny_source, CPU)
+    request = dataclasses.replace(tiny_request, steps=4)
+    expected = engine.generate(request).images
+    seen: list[int] = []
+
+    class Stop(Exception):
+        pass
+
+    def on_step(step: int, total: int) -> None:
+        seen.append(step)
+        if step == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        engine.generate(request, on_step=on_step)
+    assert seen == [1, 2]
+    progress: list[tuple[int, int]] = []
+    again = engine.generate(request, on_step=lambda s, t: progress.append((s, t))).images
+    assert progress == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert torch.equal(again, expected)
+
+
+def test_weight_only_int8_and_nf4_t5_run_on_cpu(tiny_source: ModelSource, tiny_request: GenerateRequest) -> None:
+    import bitsandbytes as bnb
+
+    engine = FluxEngine(tiny_source, dataclasses.replace(CPU, quantization="int8_weight_only",
+                                                         t5_quantization="nf4"))
+    quantised = [m for m in engine.pipe.text_encoder_2.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert quantised, "no T5 layer was quantised to NF4"
+    weight = engine.transformer.transformer_blocks[0].attn.to_q.weight
+    assert type(weight) is not torch.nn.Parameter and hasattr(weight, "__tensor_flatten__")
+    images = engine.generate(tiny_request).images
+    plain = FluxEngine(tiny_source, CPU).generate(tiny_request).images
+    assert images.shape == plain.shape
+    # Quantisation changes the numbers a little, not the picture.
+    assert float((images - plain).abs().mean()) < 0.05
+
+
+# -- registry --------------------------------------------------------------------------------------
+def test_registry_reuses_same_key_and_releases_old_engine_first(tiny_source: ModelSource) -> None:
+    a = registry.get_engine(tiny_source, CPU)
+    assert registry.get_engine(tiny_source, CPU) is a
+    b = registry.get_engine(tiny_source, dataclasses.replace(CPU, swap_strategy="adapter"))
+    assert b is not a and a.released and not b.released
+    assert registry.engines() == [b]
+    with pytest.raises(OptionsError):
+        registry.get_engine(tiny_source, dataclasses.replace(CPU, quantization="fp8"))
+    assert not b.released, "a refused option must not cost the engine you have"
+    assert registry.release_all() == 1 and b.released
+    c = registry.get_engine(tiny_source, CPU)
+    assert c is not a and not c.released
+
+
+# -- compilation -----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_compiled_engine_never_recompiles_for_new_prompt_seed_steps_guidance(
+        tiny_source: ModelSource, tiny_request: GenerateRequest) -> None:
+    eager = FluxEngine(tiny_source, CPU)
+    engine = FluxEngine(tiny_source, dataclasses.replace(CPU, compile="regional"))
+    first = engine.generate(tiny_request)
+    assert engine.compiles >= 1 or first.new_compiles == 0  # 0 when another test compiled it already
+    assert torch.allclose(first.images, eager.generate(tiny_request).images, atol=1e-4)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for changes in ({"seed": 3}, {"prompt": "a blue whale at night"}, {"steps": 3},
+                        {"guidance": 5.0}, {"seed": 11, "prompt": "x", "steps": 1, "guidance": 1.0}):
+            result = engine.generate(dataclasses.replace(tiny_request, **changes))
+            assert result.new_compiles == 0
+    # A new resolution compiles at most once (dynamic shapes after the first change), and is
+    # remembered: going back to an earlier size never compiles again.
+    before = engine.compiles
+    engine.generate(dataclasses.replace(tiny_request, width=80, height=48))
+    engine.generate(dataclasses.replace(tiny_request, width=96, height=96))
+    assert engine.compiles - before <= 2  # one per repeated-block graph, at most
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for w, h in ((64, 64), (80, 48), (96, 96), (112, 64)):
+            engine.generate(dataclasses.replace(tiny_request, width=w, height=h))

@@ -1,0 +1,289 @@
+"""LoRA swaps on a compiled engine: exact results, zero recompiles, atomic refusals.
+
+Every image is compared with a fresh, uncompiled diffusers pipeline that holds exactly the same
+stack (loaded with diffusers' own ``load_lora_weights`` + ``set_adapters``): a recompile check alone
+would not see a swap that silently did nothing. Tolerance: float32 everywhere, observed differences
+are ~3e-7; we allow 1e-4 (the LoRA effects themselves are > 1e-2, checked too).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import lora_keymaps as km
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from fastlora_core.engine import FluxEngine
+from fastlora_core.errors import LoraError, LoraFitError, LoraFormatError
+from fastlora_core.reference import reference_images
+from fastlora_core.specs import EngineOptions, GenerateRequest, LoraStack, ModelSource
+
+TOL = 1e-4
+CPU = EngineOptions(dtype="float32", device="cpu", compile="off", max_rank=32)
+
+
+@pytest.fixture(scope="module")
+def refs(tiny_source: ModelSource):  # type: ignore[no-untyped-def]
+    """Reference images by stack, computed once per module."""
+    cache: dict[tuple[LoraStack, GenerateRequest], torch.Tensor] = {}
+
+    def get(stack: LoraStack, request: GenerateRequest) -> torch.Tensor:
+        if (stack, request) not in cache:
+            cache[(stack, request)] = reference_images(tiny_source, stack, request)
+        return cache[(stack, request)]
+
+    return get
+
+
+@pytest.fixture(scope="module", params=["fused", "adapter"])
+def compiled_engine(request: pytest.FixtureRequest, tiny_source: ModelSource, tiny_loras: dict[str, str]):  # type: ignore[no-untyped-def]
+    engine = FluxEngine(tiny_source, dataclasses.replace(CPU, compile="regional", swap_strategy=request.param))
+    if request.param == "adapter":
+        # PadDummyLora: a zero adapter on the union of the LoRAs we will use.
+        engine.prepare_slot([tiny_loras[n] for n in ("fastlora-tiny-style", "fastlora-tiny-character",
+                                                     "fastlora-tiny-wide")])
+    yield engine
+    engine.release()
+
+
+def _stack(loras: dict[str, str], *items: tuple[str, float]) -> LoraStack:
+    return LoraStack.of(*((loras[f"fastlora-tiny-{n}"], s) for n, s in items))
+
+
+@pytest.mark.slow
+def test_every_swap_matches_a_fresh_pipeline_with_zero_recompiles(
+        compiled_engine: FluxEngine, tiny_loras: dict[str, str], tiny_request: GenerateRequest, refs) -> None:  # type: ignore[no-untyped-def]
+    engine = compiled_engine
+    base = engine.generate(tiny_request, LoraStack())  # compiles (once per graph) here
+    sequence = [
+        ("narrow targets", (("style", 1.0),)),
+        ("wider targets", (("character", 1.0),)),
+        ("widest targets, higher rank", (("wide", 1.0),)),
+        ("back to narrow", (("style", 1.0),)),
+        ("strength change", (("style", 0.35),)),
+        ("negative strength", (("style", -0.8),)),
+        ("stack of two", (("style", 1.0), ("character", 0.7))),
+        ("same stack, other strengths", (("style", 0.5), ("character", 1.2))),
+        ("shorter stack", (("character", 0.7),)),
+        ("A", (("character", 1.0),)),
+        ("B", (("wide", 1.0),)),
+        ("A again", (("character", 1.0),)),
+        ("no LoRA", ()),
+    ]
+    images: dict[LoraStack, torch.Tensor] = {}
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for label, items in sequence:
+            stack = _stack(tiny_loras, *items)
+            result = engine.generate(tiny_request, stack)
+            assert result.new_compiles == 0, label
+            expected = refs(stack, tiny_request)
+            diff = float((result.images - expected).abs().max())
+            assert diff <= TOL, f"{label}: max abs diff {diff}"
+            if items:
+                effect = float((expected - base.images).abs().max())
+                assert effect > 100 * TOL, f"{label}: the LoRA should visibly change the image"
+            if stack in images:  # round trip: bit for bit
+                assert torch.equal(images[stack], result.images), label
+            images[stack] = result.images
+    assert torch.equal(images[LoraStack()], base.images)
+
+
+@pytest.mark.slow
+def test_refused_loras_leave_the_compiled_engine_serving_the_previous_stack(
+        compiled_engine: FluxEngine, tiny_loras: dict[str, str], tiny_request: GenerateRequest,
+        tmp_path: Path) -> None:
+    engine = compiled_engine
+    good = _stack(tiny_loras, ("character", 0.9))
+    before = engine.generate(tiny_request, good).images
+    bad_files = _bad_lora_files(tmp_path, engine, tiny_loras)
+    if engine.options.swap_strategy == "adapter":
+        bad_files["rank above max_rank"] = (_random_lora(tmp_path / "r64.safetensors", engine,
+                                                         ["transformer_blocks.0.attn.to_q"], rank=64),
+                                            LoraFitError, "max_rank")
+        bad_files["layers outside the slot"] = (tiny_loras["fastlora-tiny-single"], LoraFitError, "PadDummyLora")
+        bad_files["stack rank above max_rank"] = (
+            [(tiny_loras["fastlora-tiny-wide"], 1.0), (tiny_loras["fastlora-tiny-wide"], 0.5),
+             (tiny_loras["fastlora-tiny-character"], 1.0)], LoraFitError, "combined rank")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for label, (bad, error, needle) in bad_files.items():
+            stack = LoraStack.of(*bad) if isinstance(bad, list) else good.plus(LoraStack.of((bad, 1.0)).entries[0])
+            with pytest.raises(error, match=needle):
+                engine.generate(tiny_request, stack)
+            assert engine.loaded_stack == good, label
+            after = engine.generate(tiny_request, good)
+            assert after.swap is not None and not after.swap.changed
+            assert torch.equal(after.images, before), f"{label}: engine changed after a refused LoRA"
+            assert after.new_compiles == 0
+
+
+def _random_lora(path: Path, engine: FluxEngine, targets: list[str], rank: int,
+                 shape_override: tuple[int, int] | None = None) -> str:
+    from fastlora_core.tiny import module_shapes, random_lora_state_dict
+
+    shapes = module_shapes(engine.transformer if not hasattr(engine.transformer, "_orig_mod") else
+                           engine.transformer._orig_mod, [])
+    base = {n: m for n, m in engine.transformer.named_modules()}
+    shapes = {}
+    for t in targets:
+        m = getattr(base[t], "base_layer", base[t])
+        shapes[t] = shape_override or (m.out_features, m.in_features)
+    save_file(random_lora_state_dict(shapes, rank, seed=5), str(path))
+    return str(path)
+
+
+def _bad_lora_files(tmp_path: Path, engine: FluxEngine, loras: dict[str, str]) -> dict[str, tuple]:
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(Path(loras["fastlora-tiny-style"]).read_bytes()[:-100])
+    sdxl = tmp_path / "sdxl.safetensors"
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 8),
+               "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(8, 4)}, str(sdxl))
+    return {
+        "missing file": (str(tmp_path / "nope.safetensors"), LoraFormatError, "not found"),
+        "corrupt file": (str(corrupt), LoraFormatError, "corrupt.safetensors"),
+        "another model family": (str(sdxl), LoraFormatError, "sdxl.safetensors"),
+        "Flux of another size": (_random_lora(tmp_path / "big.safetensors", engine,
+                                              ["transformer_blocks.0.attn.to_q"], 4, (3072, 3072)),
+                                 LoraError, "another size|3072"),
+    }
+
+
+def test_adapter_slot_from_first_lora_refuses_wider_lora_with_advice(
+        tiny_source: ModelSource, tiny_loras: dict[str, str], tiny_request: GenerateRequest) -> None:
+    engine = FluxEngine(tiny_source, dataclasses.replace(CPU, swap_strategy="adapter"))
+    style = _stack(tiny_loras, ("style", 1.0))
+    first = engine.generate(tiny_request, style).images
+    with pytest.raises(LoraFitError, match="PadDummyLora") as info:
+        engine.apply(_stack(tiny_loras, ("wide", 1.0)))
+    assert "fastlora-tiny-wide" in str(info.value) and "fused" in str(info.value)
+    assert torch.equal(engine.generate(tiny_request, style).images, first)
+    # PadDummyLora afterwards widens the slot; the loaded stack is re-applied and the wide LoRA fits.
+    engine.prepare_slot(all_layers=True)
+    assert torch.equal(engine.generate(tiny_request).images, first)
+    engine.apply(_stack(tiny_loras, ("wide", 1.0)))
+
+
+def test_fused_failure_midway_restores_previous_weights(
+        tiny_source: ModelSource, tiny_loras: dict[str, str], tiny_request: GenerateRequest,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = FluxEngine(tiny_source, CPU)
+    good = _stack(tiny_loras, ("style", 1.0))
+    before = engine.generate(tiny_request, good).images
+    strategy = engine.strategy
+    real_write = strategy._write
+    calls = {"n": 0}
+
+    def flaky(key, items):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real_write(key, items)
+
+    monkeypatch.setattr(strategy, "_write", flaky)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        engine.apply(_stack(tiny_loras, ("wide", 1.0)))
+    monkeypatch.setattr(strategy, "_write", real_write)
+    assert engine.loaded_stack == good
+    assert torch.equal(engine.generate(tiny_request, good).images, before)
+    # and the engine still swaps correctly afterwards
+    engine.apply(LoraStack())
+    plain = FluxEngine(tiny_source, CPU).generate(tiny_request).images
+    assert torch.equal(engine.generate(tiny_request).images, plain)
+
+
+def test_same_stack_is_free_and_parsed_files_come_from_ram(
+        tiny_source: ModelSource, tiny_loras: dict[str, str], tmp_path: Path) -> None:
+    from fastlora_core.lora.cache import LoraCache
+
+    cache = LoraCache()
+    engine = FluxEngine(tiny_source, CPU, lora_cache=cache)
+    a, b = _stack(tiny_loras, ("style", 1.0)), _stack(tiny_loras, ("character", 1.0))
+    first = engine.apply(a)
+    assert first.changed and not first.from_cache
+    again = engine.apply(a)
+    assert not again.changed and again.swap_ms == 0.0
+    engine.apply(b)
+    back = engine.apply(a)
+    assert back.changed and back.from_cache and cache.misses == 2
+    # A file rewritten in place is read again.
+    path = tmp_path / "edited.safetensors"
+    path.write_bytes(Path(tiny_loras["fastlora-tiny-style"]).read_bytes())
+    engine.apply(LoraStack.of((str(path), 1.0)))
+    path.write_bytes(Path(tiny_loras["fastlora-tiny-character"]).read_bytes())
+    engine.apply(LoraStack.of((str(path), 0.9)))
+    assert cache.misses == 4
+
+
+@pytest.mark.parametrize("strategy", ["fused", "adapter"])
+def test_kohya_xlabs_and_bfl_files_give_the_same_image_as_the_diffusers_original(
+        tiny_source: ModelSource, tiny_request: GenerateRequest, tmp_path: Path, strategy: str) -> None:
+    engine = FluxEngine(tiny_source, dataclasses.replace(CPU, swap_strategy=strategy))
+    ref = km.make_reference(engine.transformer, seed=11)
+    engine.prepare_slot(all_layers=True)
+    xl = km.RefLora({n: ref.transformer[n] for n in km.xlabs_layers(ref)}, {}, {}, ref.num_double, ref.num_single)
+    files = {
+        "diffusers": (km.to_diffusers(ref), "full"),
+        "kohya": (km.to_kohya(ref), "full"),
+        "bfl-lora_AB": (km.to_bfl(ref), "full"),
+        "bfl-lora_down": (km.to_bfl(ref, names="lora_down", prefix=""), "full"),
+        "diffusers-xlabs-subset": (km.to_diffusers(xl), "xlabs"),
+        "xlabs": (km.to_xlabs(xl), "xlabs"),
+    }
+    images: dict[str, torch.Tensor] = {}
+    for name, (sd, _) in files.items():
+        path = tmp_path / f"{name}.safetensors"
+        save_file(sd, str(path))
+        images[name] = engine.generate(tiny_request, LoraStack.of((str(path), 0.8))).images
+    plain = engine.generate(tiny_request, LoraStack()).images
+    assert float((images["diffusers"] - plain).abs().max()) > 1e-2
+    for name, (_, group) in files.items():
+        original = images["diffusers" if group == "full" else "diffusers-xlabs-subset"]
+        assert float((images[name] - original).abs().max()) <= 1e-5, name
+
+
+def test_text_encoder_part_applied_with_fused_and_reported_with_adapter(
+        tiny_source: ModelSource, tiny_request: GenerateRequest, tmp_path: Path, caplog, refs) -> None:  # type: ignore[no-untyped-def]
+    engine = FluxEngine(tiny_source, CPU)
+    clip_shapes = {n: (m.out_features, m.in_features) for n, m in engine.pipe.text_encoder.named_modules()
+                   if isinstance(m, torch.nn.Linear) and ".layers.0." in n}
+    ref = km.make_reference(engine.transformer, seed=4, clip_shapes={
+        ("text_model." + n if not n.startswith("text_model.") else n): s for n, s in clip_shapes.items()})
+    path = tmp_path / "with_te.safetensors"
+    # Alphas baked into the up matrices: diffusers 0.42 mis-scales files that mix layers with and
+    # without ``.alpha`` (see lora/formats.py), and diffusers is our independent reference here.
+    save_file(km.to_diffusers(ref, with_alpha=False), str(path))
+    transformer_only = tmp_path / "no_te.safetensors"
+    save_file(km.to_diffusers(ref, with_alpha=False, with_text_encoders=False), str(transformer_only))
+    with_te = engine.generate(tiny_request, LoraStack.of((str(path), 1.0))).images
+    without = engine.generate(tiny_request, LoraStack.of((str(transformer_only), 1.0))).images
+    assert float((with_te - without).abs().max()) > 1e-3, "the CLIP part changed nothing"
+    expected = refs(LoraStack.of((str(path), 1.0)), tiny_request)
+    assert float((with_te - expected).abs().max()) <= TOL
+    adapter = FluxEngine(tiny_source, dataclasses.replace(CPU, swap_strategy="adapter"))
+    report = adapter.apply(LoraStack.of((str(path), 1.0)))
+    assert any("text-encoder layers are ignored" in w for w in report.warnings)
+    assert torch.allclose(adapter.generate(tiny_request).images, without, atol=TOL)
+
+
+def test_fused_requantises_touched_layers_and_restores_original_bytes(
+        tiny_source: ModelSource, tiny_loras: dict[str, str], tiny_request: GenerateRequest) -> None:
+    from fastlora_core.optimize import clone_quantized, requantize_like
+
+    engine = FluxEngine(tiny_source, dataclasses.replace(CPU, quantization="int8_weight_only"))
+    name = "transformer_blocks.0.attn.to_q"
+    weight = dict(engine.transformer.named_modules())[name].weight
+    original = clone_quantized(weight, "cpu")
+    plain = engine.generate(tiny_request).images
+    engine.apply(_stack(tiny_loras, ("style", 0.7)))
+    _, lora = engine.lora_cache.get(tiny_loras["fastlora-tiny-style"])
+    master = engine.strategy._hp_master[name]
+    expected = requantize_like(weight, master + 0.7 * lora.transformer[name].delta(), "int8_weight_only")
+    for k, v in clone_quantized(expected, "cpu").items():
+        assert torch.equal(clone_quantized(weight, "cpu")[k], v), k
+    assert not torch.equal(engine.generate(tiny_request).images, plain)
+    engine.apply(LoraStack())
+    for k, v in clone_quantized(weight, "cpu").items():
+        assert torch.equal(v, original[k]), k
+    assert torch.equal(engine.generate(tiny_request).images, plain)
