@@ -121,10 +121,8 @@ def test_refused_loras_leave_the_compiled_engine_serving_the_previous_stack(
 
 def _random_lora(path: Path, engine: FluxEngine, targets: list[str], rank: int,
                  shape_override: tuple[int, int] | None = None) -> str:
-    from fastlora_core.tiny import module_shapes, random_lora_state_dict
+    from fastlora_core.tiny import random_lora_state_dict
 
-    shapes = module_shapes(engine.transformer if not hasattr(engine.transformer, "_orig_mod") else
-                           engine.transformer._orig_mod, [])
     base = {n: m for n, m in engine.transformer.named_modules()}
     shapes = {}
     for t in targets:
