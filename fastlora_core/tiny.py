@@ -165,6 +165,9 @@ def build_tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):  # t
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
                                                 max_shift=1.15, base_image_seq_len=256,
                                                 max_image_seq_len=4096)
+    # Inference modules: eval mode (the tiny T5 has dropout) and no gradients, as from_pretrained gives.
+    for module in (transformer, clip, t5, vae):
+        module.eval().requires_grad_(False)
     pipe = FluxPipeline(
         scheduler=scheduler,
         text_encoder=clip,
