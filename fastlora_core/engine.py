@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import LoraFitError
+from .errors import LoraFitError, out_of_memory
 from .lora.adapter import AdapterStrategy
 from .lora.base import ResolvedEntry
 from .lora.cache import GLOBAL_CACHE, LoraCache
@@ -201,8 +201,12 @@ class FluxEngine:
             warnings = self.strategy.validate(entries)
             for w in warnings:
                 logger.warning(w)
-            with torch.no_grad():
-                layers = self.strategy.apply(entries)
+            try:
+                with torch.no_grad():
+                    layers = self.strategy.apply(entries)
+            except torch.OutOfMemoryError as exc:  # the strategy already restored the previous stack
+                self._free_memory()
+                raise out_of_memory("applying the LoRA stack (the previous stack is still active)", exc) from exc
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self.loaded_stack = stack
@@ -265,7 +269,13 @@ class FluxEngine:
                     on_step(i + 1, request.steps)
                 return {}
 
-            images = run_pipeline(self.pipe, request, callback)
+            try:
+                images = run_pipeline(self.pipe, request, callback)
+            except torch.OutOfMemoryError as exc:
+                self._free_memory()
+                raise out_of_memory(
+                    f"generating {request.batch} image(s) at {request.width}x{request.height}", exc
+                ) from exc
             seconds = time.perf_counter() - t0
             new = dynamo_compile_count() - before
             self.compiles += new

@@ -33,3 +33,24 @@ class LoraFitError(LoraError):
 
 class GenerationCancelled(FastLoraError):
     """Generation was stopped by the caller's cancellation hook. The engine stays usable."""
+
+
+class EngineOutOfMemoryError(FastLoraError, MemoryError):
+    """The device ran out of memory. The engine is left usable (previous LoRA stack intact); the
+    message says which options reduce memory. Also a ``torch.OutOfMemoryError`` (see
+    ``out_of_memory``) so frontends' own OOM recovery (ComfyUI unloads models) still triggers."""
+
+
+def out_of_memory(what: str, exc: BaseException) -> Exception:
+    """An error that is both ours (clear message) and ``torch.OutOfMemoryError``."""
+    import torch
+
+    class _OOM(EngineOutOfMemoryError, torch.OutOfMemoryError):  # type: ignore[misc]
+        pass
+
+    _OOM.__name__ = _OOM.__qualname__ = "EngineOutOfMemoryError"
+    return _OOM(
+        f"Out of device memory while {what}. The engine is still usable. To fit: lower width/height "
+        "or batch, use quantization=fp8 (or int8_weight_only), t5_quantization=nf4, compile=regional, "
+        f"or offload=model. ({exc})"
+    )

@@ -149,3 +149,23 @@ def test_compiled_engine_never_recompiles_for_new_prompt_seed_steps_guidance(
     with torch._dynamo.config.patch(error_on_recompile=True):
         for w, h in ((64, 64), (80, 48), (96, 96), (112, 64)):
             engine.generate(dataclasses.replace(tiny_request, width=w, height=h))
+
+
+def test_out_of_memory_is_reported_clearly_and_engine_stays_usable(
+        tiny_source: ModelSource, tiny_request: GenerateRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastlora_core import engine as engine_module
+    from fastlora_core.errors import EngineOutOfMemoryError
+
+    engine = FluxEngine(tiny_source, CPU)
+    expected = engine.generate(tiny_request).images
+    real = engine_module.run_pipeline
+
+    def oom(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(engine_module, "run_pipeline", oom)
+    with pytest.raises(EngineOutOfMemoryError, match="64x64.*fp8.*nf4") as info:
+        engine.generate(tiny_request)
+    assert isinstance(info.value, torch.OutOfMemoryError)  # ComfyUI's OOM recovery still sees it
+    monkeypatch.setattr(engine_module, "run_pipeline", real)
+    assert torch.equal(engine.generate(tiny_request).images, expected)
