@@ -1,0 +1,19 @@
+"""The pack's single door to ``fastlora_core``.
+
+Inside ComfyUI the pack is a package named after its folder, so the core is imported relatively
+(``<pack>.fastlora_core``); a bare ``nodes`` package (never the case in ComfyUI, whose own top-level
+module is called ``nodes``) falls back to the top-level ``fastlora_core``.
+"""
+
+from __future__ import annotations
+
+try:
+    from ..fastlora_core import errors, registry, specs  # type: ignore[import-not-found]
+    from ..fastlora_core.engine import FluxEngine, GenerateResult  # type: ignore[import-not-found]
+except ImportError as exc:  # pragma: no cover - only when `nodes` is imported top-level
+    if "relative import" not in str(exc):
+        raise
+    from fastlora_core import errors, registry, specs  # type: ignore[no-redef]
+    from fastlora_core.engine import FluxEngine, GenerateResult  # type: ignore[no-redef]
+
+__all__ = ["FluxEngine", "GenerateResult", "errors", "registry", "specs"]

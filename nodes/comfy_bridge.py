@@ -1,0 +1,158 @@
+"""The only module of the pack that touches ComfyUI (``comfy.*``, ``folder_paths``, ``server``).
+
+Every import is lazy (inside a function), so the pack imports cleanly without ComfyUI and tests
+replace ComfyUI in exactly one place (``tests/comfy_stub.py`` installs fake modules). Everything
+else in ``nodes/`` calls these functions and never imports ComfyUI itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+NONE = "None"
+
+
+# -- model files (folder_paths) -------------------------------------------------------------------
+def file_list(folder: str) -> list[str]:
+    """File names ComfyUI knows in a model folder (``loras``, ``diffusion_models``, ...)."""
+    import folder_paths
+
+    try:
+        return list(folder_paths.get_filename_list(folder))
+    except KeyError:  # folder type unknown to this ComfyUI version
+        return []
+
+
+def full_path(folder: str, name: str) -> str:
+    """Absolute path of a file picked in a dropdown; raises FileNotFoundError with the folder."""
+    import folder_paths
+
+    return str(folder_paths.get_full_path_or_raise(folder, name))
+
+
+def _diffusers_roots() -> list[str]:
+    import folder_paths
+
+    try:
+        return list(folder_paths.get_folder_paths("diffusers"))
+    except KeyError:
+        return []
+
+
+def diffusers_folders() -> list[str]:
+    """Diffusers model folders (holding ``model_index.json``) below ``models/diffusers``, as
+    relative paths (the same list ComfyUI's DiffusersLoader shows)."""
+    found: list[str] = []
+    for root in _diffusers_roots():
+        if not os.path.isdir(root):
+            continue
+        for dirpath, _dirs, files in os.walk(root, followlinks=True):
+            if "model_index.json" in files:
+                found.append(os.path.relpath(dirpath, start=root))
+    return sorted(set(found))
+
+
+def diffusers_path(name: str) -> str:
+    for root in _diffusers_roots():
+        path = os.path.join(root, name)
+        if os.path.isfile(os.path.join(path, "model_index.json")):
+            return path
+    raise FileNotFoundError(
+        f"Diffusers folder {name!r} not found under {', '.join(_diffusers_roots()) or 'models/diffusers'} "
+        "(it needs a model_index.json). Refresh the node (press R) after adding models."
+    )
+
+
+# -- devices and memory (comfy.model_management) --------------------------------------------------
+def torch_device() -> Any:
+    """The device ComfyUI runs models on (honours --cpu, --cuda-device, ...)."""
+    import comfy.model_management as mm
+
+    return mm.get_torch_device()
+
+
+def free_memory(bytes_needed: float, device: Any) -> None:
+    """Ask ComfyUI to unload its own models until ``bytes_needed`` fit on ``device``."""
+    import comfy.model_management as mm
+
+    if getattr(device, "type", str(device)) == "cpu":
+        return
+    mm.free_memory(bytes_needed + mm.extra_reserved_memory(), device)
+
+
+def load_model(wrapper: Any) -> None:
+    """Register ``wrapper`` (a ModelPatcher look-alike) as loaded, the way ComfyUI loads its own
+    models: other models are unloaded if memory is short, and ``/free`` / OOM recovery will call
+    the wrapper's ``detach``."""
+    import comfy.model_management as mm
+
+    mm.load_models_gpu([wrapper])
+
+
+def forget_model(wrapper: Any) -> None:
+    """Drop ``wrapper`` from ComfyUI's loaded-model list without calling its unload (used when the
+    engine behind it was already released)."""
+    import comfy.model_management as mm
+
+    models = mm.current_loaded_models
+    for i in range(len(models) - 1, -1, -1):
+        if models[i].model is wrapper:
+            loaded = models.pop(i)
+            finalizer = getattr(loaded, "model_finalizer", None)
+            if finalizer is not None:
+                finalizer.detach()
+
+
+def is_loaded(wrapper: Any) -> bool:
+    import comfy.model_management as mm
+
+    return any(m.model is wrapper for m in mm.current_loaded_models)
+
+
+# -- progress and cancel (comfy.utils / comfy.model_management) -----------------------------------
+def progress_callback(total: int) -> Callable[[int, int], None]:
+    """An ``on_step(step, total)`` that drives ComfyUI's progress bar and raises ComfyUI's
+    InterruptProcessingException when the user pressed Cancel (checked at every step)."""
+    import comfy.model_management as mm
+    import comfy.utils
+
+    bar = comfy.utils.ProgressBar(total)
+
+    def on_step(step: int, steps: int) -> None:
+        mm.throw_exception_if_processing_interrupted()
+        bar.update_absolute(step, steps)  # ComfyUI's hook also raises on interrupt
+
+    return on_step
+
+
+def interrupt_exception_type() -> type[BaseException] | None:
+    try:
+        import comfy.model_management as mm
+    except ImportError:
+        return None
+    return getattr(mm, "InterruptProcessingException", None)
+
+
+# -- HTTP route (server.PromptServer) -------------------------------------------------------------
+def register_stats_route(path: str, payload: Callable[[], dict[str, Any]]) -> bool:
+    """Add ``GET path`` returning ``payload()`` as JSON to ComfyUI's server. False outside a
+    running ComfyUI (tests, CLI)."""
+    try:
+        from aiohttp import web
+        from server import PromptServer
+    except ImportError:
+        return False
+    instance = getattr(PromptServer, "instance", None)
+    if instance is None:
+        return False
+
+    @instance.routes.get(path)
+    async def _stats(request: Any) -> Any:
+        return web.json_response(payload())
+
+    return True

@@ -1,0 +1,352 @@
+"""The four FastLoRA nodes: widgets -> core specs -> core call -> ComfyUI outputs.
+
+``OptimizedFluxLoader`` builds (or reuses) the compiled engine and returns a handle;
+``LoraHotswap`` and ``PadDummyLora`` return new handles that only *describe* the wanted LoRA stack
+and adapter slot; ``Generate`` is the one place where a handle becomes engine state.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import weakref
+from typing import Any
+
+from . import comfy_bridge as bridge
+from . import memory
+from ._core import FluxEngine, errors, registry, specs
+from .handle import EngineHandle, SlotSpec
+
+logger = logging.getLogger(__name__)
+
+CATEGORY = "FastLoRA/Flux"
+ENGINE = "FASTLORA_ENGINE"
+NONE = bridge.NONE
+SOURCE_DIFFUSERS = "diffusers folder"
+SOURCE_FILES = "single files"
+TARGET_LISTED = "listed LoRAs"
+TARGET_ALL = "all Flux layers"
+PAD_SLOTS = 4
+
+_DEFAULTS = specs.EngineOptions()
+
+# Counters shown by GET /fastlora/stats (and used by the real-ComfyUI tests).
+STATS: dict[str, Any] = {"builds": 0, "generates": 0, "last": None}
+_prepared_slots: weakref.WeakKeyDictionary[FluxEngine, SlotSpec] = weakref.WeakKeyDictionary()
+
+
+def _engine_input() -> tuple[str, dict[str, str]]:
+    return (ENGINE, {"tooltip": "FastLoRA engine handle from OptimizedFluxLoader, LoraHotswap or PadDummyLora."})
+
+
+def _combo(values: tuple[str, ...], default: str, tooltip: str) -> tuple[list[str], dict[str, Any]]:
+    return (list(values), {"default": default, "tooltip": tooltip})
+
+
+def _with_none(values: list[str]) -> list[str]:
+    return [NONE] + [v for v in values if v != NONE]
+
+
+def _device_option() -> str:
+    """ComfyUI's device (honours --cpu, --cuda-device) as an EngineOptions.device string."""
+    device = bridge.torch_device()
+    text = str(device)
+    kind = getattr(device, "type", text.split(":")[0])
+    return text if kind in ("cpu", "cuda", "mps") else "auto"
+
+
+def _bytes_on_disk(source: specs.ModelSource) -> int:
+    paths: list[str] = []
+    if source.diffusers_dir:
+        for root, _dirs, files in os.walk(source.diffusers_dir):
+            paths += [os.path.join(root, f) for f in files if f.endswith((".safetensors", ".bin"))]
+    else:
+        paths = [p for p in (source.transformer, source.clip_l, source.t5xxl, source.vae) if p]
+    return sum(os.path.getsize(p) for p in paths if os.path.exists(p))
+
+
+def engine_for(key: specs.EngineKey) -> FluxEngine:
+    """The registry's engine for ``key``; after an unload (or new options elsewhere) it is rebuilt,
+    first asking ComfyUI to make room for it."""
+    engine = registry.peek(key)
+    if engine is None:
+        key.source.validate()
+        key.options.validate()
+        memory.prune()
+        device = bridge.torch_device()
+        bridge.free_memory(_bytes_on_disk(key.source) * 1.2, device)
+        logger.info("FastLoRA: building engine for %s", key.source.describe())
+        engine = registry.get_engine(key.source, key.options)
+        STATS["builds"] += 1
+        memory.prune()  # the registry released the previous engine, if any
+    return engine
+
+
+def _interrupt_of(exc: BaseException) -> BaseException | None:
+    """ComfyUI's InterruptProcessingException hidden behind a core GenerationCancelled, if any."""
+    kind = bridge.interrupt_exception_type()
+    seen: BaseException | None = exc
+    while seen is not None and kind is not None:
+        if isinstance(seen, kind):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def stats() -> dict[str, Any]:
+    """What GET /fastlora/stats returns: live engines, compile counters, ComfyUI registration."""
+    engines = []
+    for engine in registry.engines():
+        engines.append({
+            "source": engine.source.describe(),
+            "options": {k: getattr(engine.options, k) for k in engine.options.__dataclass_fields__},
+            "device": str(engine.device),
+            "compiles": engine.compiles,
+            "offloaded": engine.offloaded,
+            "loaded_stack": engine.loaded_stack.describe(),
+        })
+    return {
+        **STATS,
+        "engines": engines,
+        "comfy_models": [repr(w) for w in memory.wrappers()],
+        "unloads": memory.UNLOADS,
+    }
+
+
+class OptimizedFluxLoader:
+    DESCRIPTION = (
+        "Loads Flux.1 once, optimises it (quantisation, attention kernel, torch.compile) and returns a "
+        "FastLoRA engine handle. Re-running with the same settings reuses the same compiled engine; "
+        "changing a setting rebuilds it (the old one is freed first). Pick either a diffusers folder "
+        "(models/diffusers) or single files (diffusion_models + text_encoders + vae)."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (ENGINE,)
+    RETURN_NAMES = ("engine",)
+    OUTPUT_TOOLTIPS = ("Engine handle: connect LoraHotswap, PadDummyLora or Generate.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        text_encoders = _with_none(bridge.file_list("text_encoders"))
+        o = _DEFAULTS
+        return {"required": {
+            "source": ([SOURCE_DIFFUSERS, SOURCE_FILES], {
+                "default": SOURCE_DIFFUSERS,
+                "tooltip": "Where the Flux weights come from: a diffusers folder, or the four single files "
+                           "below. The widgets of the other kind are ignored."}),
+            "diffusers_model": (_with_none(bridge.diffusers_folders()), {
+                "tooltip": "Flux diffusers folder (with model_index.json) under models/diffusers. "
+                           "Used when source = diffusers folder."}),
+            "transformer": (_with_none(bridge.file_list("diffusion_models")), {
+                "tooltip": "Flux transformer checkpoint from models/diffusion_models (or unet), e.g. "
+                           "flux1-dev.safetensors. Used when source = single files."}),
+            "clip_l": (text_encoders, {
+                "tooltip": "CLIP-L text encoder from models/text_encoders (or clip), e.g. clip_l.safetensors."}),
+            "t5xxl": (text_encoders, {
+                "tooltip": "T5-XXL text encoder from models/text_encoders (or clip), e.g. t5xxl_fp16.safetensors."}),
+            "vae": (_with_none(bridge.file_list("vae")), {
+                "tooltip": "Flux VAE from models/vae, e.g. ae.safetensors."}),
+            "quantization": _combo(specs.QUANTIZATIONS, o.quantization,
+                                   "Transformer weights: fp8 (dynamic, GPUs with compute capability >= 8.9), "
+                                   "fp8/int8 weight-only (any device) or none."),
+            "t5_quantization": _combo(specs.T5_QUANTIZATIONS, o.t5_quantization,
+                                      "T5 text encoder via bitsandbytes: nf4 saves ~7 GB (24 GB GPUs), "
+                                      "int8 ~5 GB, none keeps full precision."),
+            "attention": _combo(specs.ATTENTIONS, o.attention,
+                                "Attention kernel. auto picks the fastest available and logs it; explicit "
+                                "choices fail clearly when unavailable."),
+            "compile": _combo(specs.COMPILE_MODES, o.compile,
+                              "torch.compile: regional compiles each repeated block (fast to compile, "
+                              "nearly full speed), full the whole transformer, off none. Compiled once; "
+                              "LoRA swaps never recompile."),
+            "offload": _combo(specs.OFFLOADS, o.offload,
+                              "CPU offload for small GPUs: model moves whole components when used, "
+                              "sequential streams layers (slow, no compile)."),
+            "dtype": _combo(specs.DTYPES, o.dtype, "Compute dtype of the pipeline."),
+            "swap_strategy": _combo(specs.SWAP_STRATEGIES, o.swap_strategy,
+                                    "fused merges LoRA deltas into the weights (no per-step cost, any rank "
+                                    "or target); adapter keeps LoRA layers padded to max_rank."),
+            "max_rank": ("INT", {"default": o.max_rank, "min": 1, "max": 1024, "step": 1,
+                                 "tooltip": "Adapter slot rank (adapter strategy only): LoRAs above it "
+                                            "are refused."}),
+        }}
+
+    def load(self, source: str, diffusers_model: str, transformer: str, clip_l: str, t5xxl: str, vae: str,
+             quantization: str, t5_quantization: str, attention: str, compile: str, offload: str,
+             dtype: str, swap_strategy: str, max_rank: int) -> tuple[EngineHandle]:
+        model_source = _model_source(source, diffusers_model, transformer, clip_l, t5xxl, vae)
+        options = specs.EngineOptions(
+            quantization=quantization, t5_quantization=t5_quantization, attention=attention,  # type: ignore[arg-type]
+            compile=compile, offload=offload, dtype=dtype, swap_strategy=swap_strategy,  # type: ignore[arg-type]
+            max_rank=int(max_rank), device=_device_option(),
+        )
+        key = specs.EngineKey(model_source, options)
+        memory.ensure_loaded(engine_for(key))
+        return (EngineHandle(key),)
+
+
+def _model_source(source: str, diffusers_model: str, transformer: str, clip_l: str, t5xxl: str,
+                  vae: str) -> specs.ModelSource:
+    if source == SOURCE_DIFFUSERS:
+        if diffusers_model == NONE:
+            raise errors.OptionsError(
+                "source = diffusers folder but no diffusers_model is selected. Put a Flux diffusers folder "
+                "in models/diffusers (press R to refresh) or switch source to single files.")
+        return specs.ModelSource.from_diffusers(bridge.diffusers_path(diffusers_model))
+    missing = [n for n, v in (("transformer", transformer), ("clip_l", clip_l), ("t5xxl", t5xxl),
+                              ("vae", vae)) if v == NONE]
+    if missing:
+        raise errors.OptionsError(
+            f"source = single files needs {', '.join(missing)}: pick them in the loader (files in "
+            "models/diffusion_models, models/text_encoders and models/vae), or switch source to diffusers folder.")
+    return specs.ModelSource.from_single_files(
+        bridge.full_path("diffusion_models", transformer), bridge.full_path("text_encoders", clip_l),
+        bridge.full_path("text_encoders", t5xxl), bridge.full_path("vae", vae))
+
+
+class LoraHotswap:
+    DESCRIPTION = (
+        "Adds a LoRA (with its strength) to the handle's wanted LoRA stack. Chain several to stack them; "
+        "branch to compare. It never touches the engine: Generate swaps the weights in place right "
+        "before sampling (milliseconds, no reload, no recompile)."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (ENGINE,)
+    RETURN_NAMES = ("engine",)
+    OUTPUT_TOOLTIPS = ("Handle with this LoRA added to the stack.",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {"required": {
+            "engine": _engine_input(),
+            "lora_name": (bridge.file_list("loras"), {"tooltip": "LoRA file from models/loras."}),
+            "strength": ("FLOAT", {"default": 1.0, "min": -20.0, "max": 20.0, "step": 0.01,
+                                   "tooltip": "LoRA strength; 0 disables it, negative inverts it."}),
+        }}
+
+    def apply(self, engine: EngineHandle, lora_name: str, strength: float) -> tuple[EngineHandle]:
+        path = bridge.full_path("loras", lora_name)
+        return (engine.with_lora(specs.LoraSpec.of(path, float(strength))),)
+
+
+class PadDummyLora:
+    DESCRIPTION = (
+        "Adapter strategy only: prepares one adapter slot covering the layers (union of targets) and "
+        "rank of every LoRA listed here, or of all Flux layers, so that swapping between them never "
+        "recompiles. Put it right after the loader, before the LoraHotswap nodes. No effect with the "
+        "fused strategy."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (ENGINE,)
+    RETURN_NAMES = ("engine",)
+    OUTPUT_TOOLTIPS = ("Handle whose adapter slot covers the listed LoRAs.",)
+    FUNCTION = "pad"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        loras = _with_none(bridge.file_list("loras"))
+        required: dict[str, Any] = {
+            "engine": _engine_input(),
+            "target": ([TARGET_LISTED, TARGET_ALL], {
+                "default": TARGET_LISTED,
+                "tooltip": "listed LoRAs: the union of the layers the LoRAs below touch; all Flux layers: "
+                           "every layer a Flux LoRA can target (any LoRA fits, more per-step cost)."}),
+        }
+        for i in range(1, PAD_SLOTS + 1):
+            required[f"lora_{i}"] = (loras, {"default": NONE,
+                                             "tooltip": f"LoRA {i} you plan to swap in (None to skip)."})
+        required["max_rank"] = ("INT", {"default": 0, "min": 0, "max": 1024, "step": 1,
+                                        "tooltip": "Slot rank; 0 uses the loader's max_rank. Must be at "
+                                                   "least the largest rank you will load."})
+        return {"required": required}
+
+    def pad(self, engine: EngineHandle, target: str, lora_1: str, lora_2: str, lora_3: str, lora_4: str,
+            max_rank: int) -> tuple[EngineHandle]:
+        names = [n for n in (lora_1, lora_2, lora_3, lora_4) if n != NONE]
+        if target == TARGET_LISTED and not names:
+            raise errors.OptionsError("PadDummyLora: list at least one LoRA, or set target to all Flux layers.")
+        paths = tuple(bridge.full_path("loras", n) for n in names)
+        slot = SlotSpec(paths, target == TARGET_ALL, int(max_rank) or None)
+        return (engine.with_slot(slot),)
+
+
+class Generate:
+    DESCRIPTION = (
+        "Makes the engine's weights match the handle's LoRA stack (in place, validated first, no "
+        "recompile), then samples Flux. Shows a progress bar; Cancel stops it within one step."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("images",)
+    OUTPUT_TOOLTIPS = ("Generated images (batch).",)
+    FUNCTION = "generate"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        r = _DEFAULTS_REQUEST
+        return {"required": {
+            "engine": _engine_input(),
+            "prompt": ("STRING", {"multiline": True, "default": r.prompt, "tooltip": "Text prompt."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+                             "tooltip": "Random seed: same seed, prompt and LoRA stack give the same image."}),
+            "steps": ("INT", {"default": r.steps, "min": 1, "max": 200,
+                              "tooltip": "Sampling steps (Flux.1-dev: 20-30)."}),
+            "guidance": ("FLOAT", {"default": r.guidance, "min": 0.0, "max": 30.0, "step": 0.1,
+                                   "tooltip": "Flux distilled guidance (3.5 is typical)."}),
+            "width": ("INT", {"default": r.width, "min": 16, "max": 4096, "step": 16,
+                              "tooltip": "Image width, a multiple of 16. A new size may compile once."}),
+            "height": ("INT", {"default": r.height, "min": 16, "max": 4096, "step": 16,
+                               "tooltip": "Image height, a multiple of 16. A new size may compile once."}),
+            "batch": ("INT", {"default": r.batch, "min": 1, "max": 16,
+                              "tooltip": "Images per run."}),
+        }}
+
+    def generate(self, engine: EngineHandle, prompt: str, seed: int, steps: int, guidance: float,
+                 width: int, height: int, batch: int) -> tuple[Any]:
+        handle = engine
+        flux = engine_for(handle.key)
+        memory.ensure_loaded(flux)
+        if handle.slot is not None and _prepared_slots.get(flux) != handle.slot:
+            info = flux.prepare_slot(handle.slot.lora_paths, handle.slot.all_layers, handle.slot.max_rank)
+            _prepared_slots[flux] = handle.slot
+            logger.info("FastLoRA: adapter slot %s", info)
+        request = specs.GenerateRequest(prompt=prompt, seed=int(seed), steps=int(steps), guidance=float(guidance),
+                                        width=int(width), height=int(height), batch=int(batch))
+        t0 = time.perf_counter()
+        try:
+            result = flux.generate(request, handle.stack, bridge.progress_callback(int(steps)))
+        except errors.GenerationCancelled as exc:
+            interrupt = _interrupt_of(exc)
+            if interrupt is not None:
+                raise interrupt from None
+            raise
+        STATS["generates"] += 1
+        STATS["last"] = {
+            "seconds": round(time.perf_counter() - t0, 4),
+            "new_compiles": result.new_compiles,
+            "compiles": flux.compiles,
+            "swap": result.swap.as_dict() if result.swap is not None else None,
+        }
+        logger.info("FastLoRA: %s -> %d image(s) in %.2f s (swap %s, %d new compiles)", handle.describe(),
+                    result.images.shape[0], result.seconds,
+                    f"{result.swap.swap_ms:.1f} ms" if result.swap is not None else "-", result.new_compiles)
+        return (result.images,)
+
+
+_DEFAULTS_REQUEST = specs.GenerateRequest()
+
+NODE_CLASS_MAPPINGS: dict[str, type] = {
+    "OptimizedFluxLoader": OptimizedFluxLoader,
+    "LoraHotswap": LoraHotswap,
+    "PadDummyLora": PadDummyLora,
+    "Generate": Generate,
+}
+NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
+    "OptimizedFluxLoader": "Optimized Flux Loader (FastLoRA)",
+    "LoraHotswap": "LoRA Hotswap (FastLoRA)",
+    "PadDummyLora": "Pad Dummy LoRA (FastLoRA)",
+    "Generate": "Generate (FastLoRA)",
+}

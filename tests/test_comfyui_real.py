@@ -1,0 +1,261 @@
+"""Against a real ComfyUI checkout (set COMFYUI_DIR; skipped otherwise): start it headless with the pack
+in a custom_nodes folder and the tiny model in a models tree, run every workflows/api graph through
+fastlora_core.headless, and check ComfyUI's caching, bit-exact A -> B -> A swaps, zero recompiles and
+``POST /free``.
+
+    COMFYUI_DIR=~/ComfyUI python -m pytest -q tests/test_comfyui_real.py
+
+ComfyUI's requirements must be importable by this Python (torch excluded). ComfyUI imports torchvision
+at start-up; where no torchvision wheel matches the installed torch (CPU torch 2.13 here: PyPI only has
+CUDA builds, whose C ops cannot load), the test downloads the matching torchvision release with
+``pip download --no-deps`` into a cache folder and starts ComfyUI with it on PYTHONPATH plus a
+``sitecustomize`` that declares the two operator schemas torchvision registers fakes for
+unconditionally (``torchvision::nms``/``qnms``). Its pure-Python parts (transforms) then work; its C ops
+fail if called, which neither ComfyUI's Flux path nor FastLoRA does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fastlora_core import headless
+
+ROOT = Path(__file__).resolve().parents[1]
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR", "")
+pytestmark = [
+    pytest.mark.comfyui,
+    pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout to run these"),
+]
+logger = logging.getLogger(__name__)
+TINY_LORAS = ["fastlora-tiny-style", "fastlora-tiny-character", "fastlora-tiny-wide", "fastlora-tiny-single"]
+API_FILES = sorted((ROOT / "workflows" / "api").glob("*.json"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _torchvision_pythonpath(cache: Path) -> list[str]:
+    """Extra PYTHONPATH entries ComfyUI needs to import torchvision (see module docstring)."""
+    ok = subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True)
+    if ok.returncode == 0:
+        return []
+    import torch
+
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    version = f"0.{minor + 15}.*" if major == 2 else None
+    assert version, f"no torchvision mapping for torch {torch.__version__}"
+    target = cache / f"torchvision-for-torch-{major}.{minor}"
+    if not (target / "torchvision" / "__init__.py").exists():
+        wheels = cache / "wheels"
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(wheels),
+                        f"torchvision=={version}"], check=True)
+        wheel = sorted(wheels.glob(f"torchvision-0.{minor + 15}.*.whl"))[-1]
+        with zipfile.ZipFile(wheel) as z:
+            z.extractall(target)
+    shim = cache / "torchvision-schemas"
+    shim.mkdir(parents=True, exist_ok=True)
+    (shim / "sitecustomize.py").write_text(
+        "import torch\n"
+        "_lib = torch.library.Library('torchvision', 'DEF')\n"
+        "_lib.define('nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor')\n"
+        "_lib.define('qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor')\n"
+    )
+    return [str(shim), str(target)]
+
+
+def comfyui_commit() -> str:
+    out = subprocess.run(["git", "-C", COMFYUI_DIR, "rev-parse", "HEAD"], capture_output=True, text=True)
+    return out.stdout.strip() or "unknown"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[headless.Client]:
+    from fastlora_core.tiny import write_comfy_tree
+
+    base = tmp_path_factory.mktemp("comfyui")
+    models = base / "models"
+    write_comfy_tree(models)
+    custom = base / "custom_nodes"
+    custom.mkdir()
+    (custom / "ComfyUI-FastLoRA").symlink_to(ROOT, target_is_directory=True)
+    config = base / "extra_model_paths.yaml"
+    config.write_text(f"fastlora_test:\n  base_path: {models}\n  diffusers: diffusers\n  loras: loras\n"
+                      f"  custom_nodes: {custom}\n")
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastlora" / "comfyui-test"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    extra = _torchvision_pythonpath(cache)
+    env["PYTHONPATH"] = os.pathsep.join(extra + [p for p in [env.get("PYTHONPATH", "")] if p])
+    (base / "user").mkdir()
+    port = _free_port()
+    log = open(base / "comfyui.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
+         "--output-directory", str(base / "output"), "--user-directory", str(base / "user"),
+         "--extra-model-paths-config", str(config)],
+        cwd=COMFYUI_DIR, env=env, stdout=log, stderr=subprocess.STDOUT)
+    client = headless.Client(f"127.0.0.1:{port}", timeout=60)
+    logger.info("ComfyUI %s on port %d, log %s", comfyui_commit(), port, base / "comfyui.log")
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"ComfyUI exited: {(base / 'comfyui.log').read_text()[-3000:]}")
+            try:
+                client.request("GET", "/system_stats")
+                break
+            except headless.HeadlessError:
+                if time.monotonic() > deadline:
+                    pytest.fail("ComfyUI did not start in 180 s")
+                time.sleep(1)
+        assert "OptimizedFluxLoader" in client.request("GET", "/object_info/OptimizedFluxLoader"), \
+            (base / "comfyui.log").read_text()[-3000:]
+        yield client
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def tiny_overrides(graph: dict[str, Any], compile: str = "off") -> list[str]:
+    """--set arguments that point a workflow at the tiny model: 64x64, 2 steps, CPU-friendly options."""
+    sets: list[str] = []
+    lora_i = 0
+    for nid, node in sorted(graph.items(), key=lambda kv: int(kv[0])):
+        kind = node["class_type"]
+        if kind == "OptimizedFluxLoader":
+            sets += [f"{nid}.source=diffusers folder", f"{nid}.diffusers_model=fastlora-tiny-flux",
+                     f"{nid}.transformer=None", f"{nid}.clip_l=None", f"{nid}.t5xxl=None", f"{nid}.vae=None",
+                     f"{nid}.quantization=none", f"{nid}.t5_quantization=none", f"{nid}.compile={compile}",
+                     f"{nid}.offload=none", f"{nid}.dtype=float32"]
+        elif kind == "LoraHotswap":
+            sets.append(f"{nid}.lora_name={TINY_LORAS[lora_i % len(TINY_LORAS)]}.safetensors")
+            lora_i += 1
+        elif kind == "PadDummyLora":
+            sets += [f"{nid}.lora_{i + 1}={name}.safetensors" for i, name in enumerate(TINY_LORAS[:3])]
+        elif kind == "Generate":
+            sets += [f"{nid}.steps=2", f"{nid}.width=64", f"{nid}.height=64"]
+    return sets
+
+
+def run(client: headless.Client, path: Path, sets: list[str], out: Path) -> headless.RunResult:
+    graph = headless.apply_overrides(headless.load_workflow(path), sets)
+    return headless.run_workflow(client, graph, out, on_event=None, timeout=600)
+
+
+def pixels(path: Path) -> bytes:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.convert("RGB").tobytes()
+
+
+def stats(client: headless.Client) -> dict[str, Any]:
+    return client.request("GET", "/fastlora/stats")
+
+
+def test_record_comfyui_commit(record_property: Any) -> None:
+    commit = comfyui_commit()
+    record_property("comfyui_commit", commit)
+    print(f"ComfyUI commit under test: {commit}")
+
+
+@pytest.mark.parametrize("path", API_FILES, ids=lambda p: p.stem)
+def test_every_api_workflow_runs_on_the_tiny_model(server: headless.Client, path: Path, tmp_path: Path) -> None:
+    graph = headless.load_workflow(path)
+    result = run(server, path, tiny_overrides(graph), tmp_path)
+    saves = [n for n in graph.values() if n["class_type"] == "SaveImage"]
+    assert len(result.images) == len(saves)
+    for image in result.images:
+        assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if path.stem == "flux_lora_ab":  # two branches, two LoRAs, one engine: the images must differ
+        assert pixels(result.images[0]) != pixels(result.images[1])
+
+
+def test_lora_change_reruns_only_lora_and_generate_bit_exact_without_recompiling(
+        server: headless.Client, tmp_path: Path) -> None:
+    path = ROOT / "workflows" / "api" / "flux_lora_basic.json"
+    graph = headless.load_workflow(path)
+    loader = next(k for k, n in graph.items() if n["class_type"] == "OptimizedFluxLoader")
+    lora = next(k for k, n in graph.items() if n["class_type"] == "LoraHotswap")
+    gen = next(k for k, n in graph.items() if n["class_type"] == "Generate")
+    base = tiny_overrides(graph, compile="regional")
+
+    a1 = run(server, path, base + [f"{lora}.lora_name=fastlora-tiny-style.safetensors"], tmp_path / "a1")
+    compiles = stats(server)["engines"][0]["compiles"]
+    b = run(server, path, base + [f"{lora}.lora_name=fastlora-tiny-wide.safetensors"], tmp_path / "b")
+    a2 = run(server, path, base + [f"{lora}.lora_name=fastlora-tiny-style.safetensors"], tmp_path / "a2")
+    after = stats(server)
+
+    for result in (b, a2):
+        assert loader in result.cached, f"the loader re-ran: cached={result.cached}"
+        assert lora in result.executed and gen in result.executed, f"executed={result.executed}"
+        assert loader not in result.executed
+    assert pixels(a1.images[0]) == pixels(a2.images[0]), "A -> B -> A did not give A's image back"
+    assert pixels(a1.images[0]) != pixels(b.images[0]), "the LoRA swap changed nothing"
+    assert after["engines"][0]["compiles"] == compiles, "a LoRA swap recompiled"
+    assert after["last"]["new_compiles"] == 0 and after["last"]["swap"]["changed"]
+
+
+def test_free_unloads_the_engine_and_the_next_run_rebuilds(server: headless.Client, tmp_path: Path) -> None:
+    path = ROOT / "workflows" / "api" / "flux_lora_basic.json"
+    graph = headless.load_workflow(path)
+    gen = next(k for k, n in graph.items() if n["class_type"] == "Generate")
+    sets = tiny_overrides(graph)
+    run(server, path, sets, tmp_path / "before")
+    before = stats(server)
+    assert before["engines"] and any("loaded" in m for m in before["comfy_models"])
+
+    server.request("POST", "/free", {"unload_models": True})
+    deadline = time.monotonic() + 30
+    while stats(server)["engines"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    freed = stats(server)
+    assert freed["engines"] == [] and freed["unloads"] == before["unloads"] + 1
+
+    again = run(server, path, sets + [f"{gen}.seed=1234"], tmp_path / "after")
+    after = stats(server)
+    assert len(again.images) == 1 and after["builds"] == before["builds"] + 1 and len(after["engines"]) == 1
+
+
+def test_refused_workflow_reports_comfyui_node_errors(server: headless.Client) -> None:
+    path = ROOT / "workflows" / "api" / "flux_lora_basic.json"
+    graph = headless.load_workflow(path)
+    sets = tiny_overrides(graph) + ["2.lora_name=missing.safetensors"]
+    with pytest.raises(headless.HeadlessError) as info:
+        run(server, path, sets, Path("unused"))
+    assert info.value.exit_code == headless.EXIT_REFUSED
+    assert "missing.safetensors" in str(info.value) and "node 2 (LoraHotswap)" in str(info.value)
+    assert json.dumps(info.value.details)  # the raw ComfyUI answer travels with the error
+
+
+def test_cli_exit_codes(server: headless.Client, tmp_path: Path) -> None:
+    path = ROOT / "workflows" / "api" / "flux_lora_basic.json"
+    sets = [a for s in tiny_overrides(headless.load_workflow(path)) for a in ("--set", s)]
+    cmd = [sys.executable, "-m", "fastlora_core.headless", "--server", f"{server.host}:{server.port}", str(path)]
+    ok = subprocess.run(cmd + sets + ["--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    assert ok.returncode == 0, ok.stderr
+    assert Path(ok.stdout.strip().splitlines()[-1]).exists()
+    assert "step 2/2" in ok.stderr
+    bad = subprocess.run(cmd + sets + ["--set", "3.width=65", "--out", str(tmp_path)], capture_output=True,
+                         text=True, cwd=ROOT)
+    assert bad.returncode == headless.EXIT_FAILED, bad.stderr
+    assert "node 3 (Generate)" in bad.stderr and "multiple of 16" in bad.stderr
+    assert bad.stderr.rstrip().splitlines()[-1].startswith("error: ComfyUI error in node 3")

@@ -1,0 +1,351 @@
+"""The ComfyUI nodes without ComfyUI: schemas, handle flow, ComfyUI's execution order with cached
+outputs, cancellation and ComfyUI-driven unloading (tests/comfy_stub.py stands in for ComfyUI)."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import comfy_stub  # tests/ helper (pytest puts tests/ on sys.path)
+import pytest
+import torch
+
+STEPS = 2
+SIZE = 64
+LORAS = ("fastlora-tiny-style", "fastlora-tiny-character", "fastlora-tiny-wide", "fastlora-tiny-single")
+LOADER = {
+    "source": "diffusers folder", "diffusers_model": "fastlora-tiny-flux", "transformer": "None",
+    "clip_l": "None", "t5xxl": "None", "vae": "None", "quantization": "none", "t5_quantization": "none",
+    "attention": "auto", "compile": "off", "offload": "none", "dtype": "float32", "swap_strategy": "fused",
+    "max_rank": 128,
+}
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from fastlora_core.tiny import write_comfy_tree
+
+    root = tmp_path_factory.mktemp("comfy") / "models"
+    write_comfy_tree(root)
+    for folder, name in (("diffusion_models", "flux1-dev.safetensors"), ("text_encoders", "clip_l.safetensors"),
+                         ("text_encoders", "t5xxl_fp16.safetensors"), ("vae", "ae.safetensors")):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        (root / folder / name).write_bytes(b"")
+    return root
+
+
+@pytest.fixture(scope="module")
+def comfy(models_dir: Path) -> Any:
+    fake = comfy_stub.install(models_dir)
+    yield fake
+    from fastlora_core import registry
+
+    registry.release_all()
+    comfy_stub.uninstall()
+
+
+@pytest.fixture(scope="module")
+def pack(comfy: Any) -> Any:
+    return comfy_stub.load_pack()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_interrupt(comfy: Any) -> None:
+    comfy.model_management.interrupt_processing = False
+
+
+def run(pack: Any, class_type: str, **inputs: Any) -> tuple[Any, ...]:
+    """Execute one node the way ComfyUI does: a fresh instance, FUNCTION called under inference_mode."""
+    cls = pack.NODE_CLASS_MAPPINGS[class_type]
+    with torch.inference_mode():
+        return getattr(cls(), cls.FUNCTION)(**inputs)
+
+
+def gen_inputs(**over: Any) -> dict[str, Any]:
+    base = {"prompt": "a tiny cat", "seed": 7, "steps": STEPS, "guidance": 3.5, "width": SIZE, "height": SIZE,
+            "batch": 1}
+    base.update(over)
+    return base
+
+
+def lora_path(models_dir: Path, name: str) -> str:
+    return str((models_dir / "loras" / f"{name}.safetensors").resolve())
+
+
+def reference(handle: Any, stack: Any, **over: Any) -> torch.Tensor:
+    """What the core gives for this stack, called directly (no node in between)."""
+    from fastlora_core import registry, specs
+
+    engine = registry.get_engine(handle.key.source, handle.key.options)
+    g = gen_inputs(**over)
+    request = specs.GenerateRequest(prompt=g["prompt"], seed=g["seed"], steps=g["steps"], guidance=g["guidance"],
+                                    width=g["width"], height=g["height"], batch=g["batch"])
+    with torch.inference_mode():
+        return engine.generate(request, stack).images
+
+
+# -- registration and schemas -----------------------------------------------------------------------
+def test_registration_and_node_contract(pack: Any) -> None:
+    assert set(pack.NODE_CLASS_MAPPINGS) == {"OptimizedFluxLoader", "LoraHotswap", "PadDummyLora", "Generate"}
+    assert set(pack.NODE_DISPLAY_NAME_MAPPINGS) == set(pack.NODE_CLASS_MAPPINGS)
+    for name, cls in pack.NODE_CLASS_MAPPINGS.items():
+        assert cls.CATEGORY == "FastLoRA/Flux", name
+        assert len(cls.DESCRIPTION) > 40, name
+        assert callable(getattr(cls, cls.FUNCTION)), name
+        assert len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES) == len(cls.OUTPUT_TOOLTIPS)
+        for section in cls.INPUT_TYPES().values():
+            for input_name, spec in section.items():
+                assert spec[1].get("tooltip"), f"{name}.{input_name} has no tooltip"
+    assert pack.NODE_CLASS_MAPPINGS["Generate"].RETURN_TYPES == ("IMAGE",)
+
+
+def test_input_schemas_list_the_right_files(pack: Any) -> None:
+    loader = pack.NODE_CLASS_MAPPINGS["OptimizedFluxLoader"].INPUT_TYPES()["required"]
+    assert loader["diffusers_model"][0] == ["None", "fastlora-tiny-flux"]
+    assert loader["transformer"][0] == ["None", "flux1-dev.safetensors"]
+    assert loader["clip_l"][0] == loader["t5xxl"][0] == ["None", "clip_l.safetensors", "t5xxl_fp16.safetensors"]
+    assert loader["vae"][0] == ["None", "ae.safetensors"]
+    assert loader["compile"][0] == ["off", "full", "regional"]
+    assert loader["swap_strategy"][1]["default"] == "fused"
+    files = sorted(f"{n}.safetensors" for n in LORAS)
+    assert pack.NODE_CLASS_MAPPINGS["LoraHotswap"].INPUT_TYPES()["required"]["lora_name"][0] == files
+    pad = pack.NODE_CLASS_MAPPINGS["PadDummyLora"].INPUT_TYPES()["required"]
+    assert pad["lora_1"][0] == ["None", *files]
+    assert pad["target"][0] == ["listed LoRAs", "all Flux layers"]
+    seed = pack.NODE_CLASS_MAPPINGS["Generate"].INPUT_TYPES()["required"]["seed"][1]
+    assert seed["control_after_generate"] is True
+
+
+def test_loader_refuses_incomplete_sources(pack: Any) -> None:
+    from fastlora_core.errors import OptionsError
+
+    with pytest.raises(OptionsError, match="diffusers_model"):
+        run(pack, "OptimizedFluxLoader", **{**LOADER, "diffusers_model": "None"})
+    with pytest.raises(OptionsError, match="clip_l, t5xxl, vae"):
+        run(pack, "OptimizedFluxLoader", **{**LOADER, "source": "single files", "transformer": "flux1-dev.safetensors"})
+
+
+# -- the handle flow ----------------------------------------------------------------------------
+def test_handle_flow_is_declarative(pack: Any, models_dir: Path) -> None:
+    from fastlora_core import registry, specs
+
+    (base,) = run(pack, "OptimizedFluxLoader", **LOADER)
+    (again,) = run(pack, "OptimizedFluxLoader", **LOADER)
+    assert base == again and registry.peek(base.key) is registry.peek(again.key)
+    assert base.key.options.device == "cpu"  # ComfyUI's device, not "auto"
+    engine = registry.peek(base.key)
+    stack_before = engine.loaded_stack
+
+    (a,) = run(pack, "LoraHotswap", engine=base, lora_name="fastlora-tiny-style.safetensors", strength=0.8)
+    (ab,) = run(pack, "LoraHotswap", engine=a, lora_name="fastlora-tiny-character.safetensors", strength=-0.5)
+    assert base.stack == specs.LoraStack()  # inputs are never mutated
+    assert a.stack == specs.LoraStack.of((lora_path(models_dir, "fastlora-tiny-style"), 0.8))
+    assert [e.strength for e in ab.stack.entries] == [0.8, -0.5]
+    assert engine.loaded_stack == stack_before  # LoraHotswap never touches the engine
+
+    (padded,) = run(pack, "PadDummyLora", engine=a, target="listed LoRAs", lora_1="fastlora-tiny-wide.safetensors",
+                    lora_2="None", lora_3="fastlora-tiny-style.safetensors", lora_4="None", max_rank=0)
+    assert padded.stack == a.stack and padded.slot is not None
+    assert [Path(p).stem for p in padded.slot.lora_paths] == ["fastlora-tiny-wide", "fastlora-tiny-style"]
+    (wider,) = run(pack, "PadDummyLora", engine=padded, target="all Flux layers", lora_1="None", lora_2="None",
+                   lora_3="None", lora_4="None", max_rank=32)
+    assert wider.slot.all_layers and wider.slot.max_rank == 32 and len(wider.slot.lora_paths) == 2
+    from fastlora_core.errors import OptionsError
+
+    with pytest.raises(OptionsError):
+        run(pack, "PadDummyLora", engine=base, target="listed LoRAs", lora_1="None", lora_2="None", lora_3="None",
+            lora_4="None", max_rank=0)
+
+
+def test_two_branches_with_cached_upstream_get_their_own_lora(pack: Any, models_dir: Path, comfy: Any) -> None:
+    """Graph (b): loader -> {LoraHotswap A -> Generate, LoraHotswap B -> Generate}. ComfyUI runs the
+    loader once and hands the same cached handle to both branches; on the next queue only what
+    changed re-runs, so Generate(A) may run right after Generate(B) with A's cached handle."""
+    from fastlora_core import specs
+
+    (base,) = run(pack, "OptimizedFluxLoader", **LOADER)
+    (a,) = run(pack, "LoraHotswap", engine=base, lora_name="fastlora-tiny-style.safetensors", strength=1.0)
+    (b,) = run(pack, "LoraHotswap", engine=base, lora_name="fastlora-tiny-character.safetensors", strength=1.0)
+    (img_a,) = run(pack, "Generate", engine=a, **gen_inputs())
+    (img_b,) = run(pack, "Generate", engine=b, **gen_inputs())
+    (img_a2,) = run(pack, "Generate", engine=a, **gen_inputs())  # cached upstream, other branch ran last
+    (img_base,) = run(pack, "Generate", engine=base, **gen_inputs())  # no LoRA: base weights restored
+
+    assert img_a.shape == (1, SIZE, SIZE, 3) and img_a.dtype == torch.float32
+    assert 0.0 <= float(img_a.min()) and float(img_a.max()) <= 1.0
+    assert torch.equal(img_a, img_a2)
+    assert not torch.equal(img_a, img_b) and not torch.equal(img_a, img_base)
+    ref_b = reference(base, specs.LoraStack.of(lora_path(models_dir, "fastlora-tiny-character")))
+    ref_a = reference(base, specs.LoraStack.of(lora_path(models_dir, "fastlora-tiny-style")))
+    ref_base = reference(base, specs.LoraStack())
+    assert torch.equal(img_b, ref_b) and torch.equal(img_a, ref_a) and torch.equal(img_base, ref_base)
+    assert comfy.utils.progress_log[-STEPS:] == [(1, STEPS), (2, STEPS)]
+
+
+def test_stack_of_two_loras_with_strengths(pack: Any, models_dir: Path) -> None:
+    from fastlora_core import specs
+
+    (base,) = run(pack, "OptimizedFluxLoader", **LOADER)
+    (one,) = run(pack, "LoraHotswap", engine=base, lora_name="fastlora-tiny-style.safetensors", strength=0.7)
+    (two,) = run(pack, "LoraHotswap", engine=one, lora_name="fastlora-tiny-wide.safetensors", strength=0.4)
+    (img,) = run(pack, "Generate", engine=two, **gen_inputs(batch=2))
+    assert img.shape == (2, SIZE, SIZE, 3)
+    stack = specs.LoraStack.of((lora_path(models_dir, "fastlora-tiny-style"), 0.7),
+                               (lora_path(models_dir, "fastlora-tiny-wide"), 0.4))
+    assert torch.equal(img, reference(base, stack, batch=2))
+
+
+# -- cancel and memory ----------------------------------------------------------------------------
+def test_cancel_stops_within_a_step_and_next_run_works(pack: Any, models_dir: Path, comfy: Any) -> None:
+    from fastlora_core import specs
+
+    mm = comfy.model_management
+    (base,) = run(pack, "OptimizedFluxLoader", **LOADER)
+    (a,) = run(pack, "LoraHotswap", engine=base, lora_name="fastlora-tiny-single.safetensors", strength=1.0)
+    steps_seen: list[tuple[int, int]] = []
+    real_hook = comfy.utils.PROGRESS_BAR_HOOK
+
+    def press_cancel_at_step_1(value: int, total: int, preview: Any) -> None:
+        steps_seen.append((value, total))
+        if value == 1:
+            mm.interrupt_current_processing(True)  # the user presses Cancel during step 1
+        real_hook(value, total, preview)
+
+    comfy.utils.set_progress_bar_global_hook(press_cancel_at_step_1)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            run(pack, "Generate", engine=a, **gen_inputs(steps=4))
+    finally:
+        comfy.utils.set_progress_bar_global_hook(real_hook)
+    assert steps_seen == [(1, 4)]  # stopped right after the step in which Cancel was pressed
+    (img,) = run(pack, "Generate", engine=a, **gen_inputs())
+    assert torch.equal(img, reference(base, specs.LoraStack.of(lora_path(models_dir, "fastlora-tiny-single"))))
+
+
+def test_comfy_unload_frees_the_engine_and_next_run_rebuilds(pack: Any, models_dir: Path, comfy: Any) -> None:
+    """``POST /free {"unload_models": true}`` and OOM recovery call unload_all_models()."""
+    from fastlora_core import registry
+
+    mm = comfy.model_management
+    nodes = sys.modules[f"{comfy_stub.PACK_NAME}.nodes.flux_nodes"]
+    (base,) = run(pack, "OptimizedFluxLoader", **LOADER)
+    (a,) = run(pack, "LoraHotswap", engine=base, lora_name="fastlora-tiny-style.safetensors", strength=1.0)
+    (before,) = run(pack, "Generate", engine=a, **gen_inputs(seed=3))
+    engine = registry.peek(base.key)
+    assert [lm.model.engine for lm in mm.current_loaded_models] == [engine]
+    assert mm.current_loaded_models[0].model.model_size() > 0
+
+    mm.unload_all_models()
+    assert engine.released and registry.peek(base.key) is None
+    assert mm.current_loaded_models == []
+
+    builds = nodes.STATS["builds"]
+    (after,) = run(pack, "Generate", engine=a, **gen_inputs(seed=3))  # cached handle, engine rebuilt
+    assert nodes.STATS["builds"] == builds + 1
+    assert torch.equal(before, after)
+    assert len(mm.current_loaded_models) == 1 and mm.current_loaded_models[0].model.engine is registry.peek(base.key)
+
+
+def test_partial_unload_path_and_new_options_replace_engine(pack: Any, comfy: Any) -> None:
+    from fastlora_core import registry
+
+    mm = comfy.model_management
+    (base,) = run(pack, "OptimizedFluxLoader", **LOADER)
+    run(pack, "Generate", engine=base, **gen_inputs())
+    wrapper = mm.current_loaded_models[0].model
+    # free_memory asking for less than the engine holds takes the partially_unload path
+    assert mm.free_memory(1, mm.get_torch_device()) == []  # stays listed ...
+    assert wrapper.engine.released and wrapper.loaded_size() == 0  # ... but holds nothing
+    (img,) = run(pack, "Generate", engine=base, **gen_inputs())
+    assert [lm.model.engine for lm in mm.current_loaded_models] == [registry.peek(base.key)]
+
+    (other,) = run(pack, "OptimizedFluxLoader", **{**LOADER, "attention": "sdpa"})
+    old = registry.peek(base.key)
+    assert old is None  # the registry released the previous engine
+    assert [lm.model.engine for lm in mm.current_loaded_models] == [registry.peek(other.key)]
+
+
+def test_gpu_style_unload_offloads_instead_of_releasing(pack: Any) -> None:
+    """On an accelerator the wrapper moves weights to CPU (keeping compiled graphs) via offload()."""
+    memory = sys.modules[f"{comfy_stub.PACK_NAME}.nodes.memory"]
+
+    class FakeEngine:
+        released = False
+        offloaded = False
+        device = torch.device("cuda")
+        dtype = torch.bfloat16
+
+        def memory_bytes(self) -> int:
+            return 1000
+
+        def offload(self) -> None:
+            self.offloaded = True
+
+        def reload(self) -> None:
+            self.offloaded = False
+
+    engine = FakeEngine()
+    w = memory.EngineModel(engine, torch.device("cuda"), torch.device("cpu"))
+    assert w.loaded_size() == 1000 and w.current_loaded_device() == torch.device("cuda")
+    w.detach()
+    assert engine.offloaded and w.loaded_size() == 0 and w.current_loaded_device() == torch.device("cpu")
+    assert w.partially_load(torch.device("cuda"), 1e32) == 1000 and not engine.offloaded
+
+
+# -- adapter strategy with compile ---------------------------------------------------------------------
+@pytest.mark.slow
+def test_pad_dummy_lora_adapter_compiled_swaps_without_recompiling(pack: Any, models_dir: Path) -> None:
+    from fastlora_core import registry
+
+    (base,) = run(pack, "OptimizedFluxLoader", **{**LOADER, "swap_strategy": "adapter", "compile": "regional",
+                                                  "max_rank": 16})
+    (padded,) = run(pack, "PadDummyLora", engine=base, target="listed LoRAs",
+                    lora_1="fastlora-tiny-style.safetensors", lora_2="fastlora-tiny-character.safetensors",
+                    lora_3="fastlora-tiny-wide.safetensors", lora_4="None", max_rank=0)
+    handles = {}
+    for name in ("fastlora-tiny-style", "fastlora-tiny-character", "fastlora-tiny-wide"):
+        (handles[name],) = run(pack, "LoraHotswap", engine=padded, lora_name=f"{name}.safetensors", strength=1.0)
+    (first,) = run(pack, "Generate", engine=handles["fastlora-tiny-style"], **gen_inputs())
+    engine = registry.peek(base.key)
+    compiles = engine.compiles
+    images = {n: run(pack, "Generate", engine=h, **gen_inputs())[0] for n, h in handles.items()}
+    (again,) = run(pack, "Generate", engine=handles["fastlora-tiny-style"], **gen_inputs())
+    assert engine.compiles == compiles, "a LoRA swap recompiled"
+    assert torch.equal(first, again) and torch.equal(first, images["fastlora-tiny-style"])
+    assert not torch.equal(images["fastlora-tiny-style"], images["fastlora-tiny-wide"])
+
+
+# -- import without ComfyUI ---------------------------------------------------------------------------
+def _import_pack_in_subprocess(prelude: str) -> subprocess.CompletedProcess[str]:
+    code = textwrap.dedent(f"""
+        import importlib.util, logging, sys
+        logging.basicConfig(level=logging.INFO)
+        {prelude}
+        spec = importlib.util.spec_from_file_location("pack_under_test", {str(comfy_stub.ROOT / '__init__.py')!r})
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["pack_under_test"] = mod
+        spec.loader.exec_module(mod)
+        print("NODES", sorted(mod.NODE_CLASS_MAPPINGS))
+        print("COMFY_IMPORTED", any(m == "comfy" or m.startswith("comfy.") or m == "folder_paths" for m in sys.modules))
+    """)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=str(comfy_stub.ROOT.parent))
+
+
+def test_pack_imports_without_comfyui() -> None:
+    out = _import_pack_in_subprocess("")
+    assert out.returncode == 0, out.stderr
+    assert "NODES ['Generate', 'LoraHotswap', 'OptimizedFluxLoader', 'PadDummyLora']" in out.stdout
+    assert "COMFY_IMPORTED False" in out.stdout
+
+
+def test_missing_dependency_is_logged_not_raised() -> None:
+    out = _import_pack_in_subprocess("sys.modules['torch'] = None  # simulate a missing dependency")
+    assert out.returncode == 0, out.stderr
+    assert "NODES []" in out.stdout
+    assert "requirements.txt" in out.stderr and "nodes disabled" in out.stderr
+    logging.getLogger(__name__).debug(out.stderr)

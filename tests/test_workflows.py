@@ -1,0 +1,141 @@
+"""workflows/*.json (UI format, drag-and-drop) and workflows/api/*.json (API format) describe the same
+graphs: UI -> (node ids, class types, widget values mapped to input names, links) == API file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import comfy_stub  # tests/ helper (pytest puts tests/ on sys.path)
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+UI_FILES = sorted((ROOT / "workflows").glob("*.json"))
+API_DIR = ROOT / "workflows" / "api"
+FRONTEND_ONLY = {"Note", "MarkdownNote", "PrimitiveNode", "Reroute"}
+# ComfyUI's built-in output node, as its INPUT_TYPES declares it.
+BUILTIN_SCHEMAS: dict[str, dict[str, Any]] = {
+    "SaveImage": {"required": {"images": ("IMAGE", {}), "filename_prefix": ("STRING", {"default": "ComfyUI"})}},
+}
+OUTPUT_NODES = {"SaveImage", "PreviewImage"}
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
+
+
+@pytest.fixture(scope="module")
+def schemas(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    comfy_stub.install(tmp_path_factory.mktemp("empty-models"))  # empty model folders
+    try:
+        pack = comfy_stub.load_pack()
+        out = {name: cls.INPUT_TYPES() for name, cls in pack.NODE_CLASS_MAPPINGS.items()}
+        out["__returns__"] = {name: cls.RETURN_TYPES for name, cls in pack.NODE_CLASS_MAPPINGS.items()}
+    finally:
+        comfy_stub.uninstall()
+    return {**BUILTIN_SCHEMAS, **out}
+
+
+def _ordered_inputs(schema: dict[str, Any]) -> list[tuple[str, Any, dict[str, Any]]]:
+    out = []
+    for section in ("required", "optional"):
+        for name, spec in schema.get(section, {}).items():
+            out.append((name, spec[0], spec[1] if len(spec) > 1 else {}))
+    return out
+
+
+def _is_widget(kind: Any) -> bool:
+    return isinstance(kind, list) or kind in WIDGET_TYPES
+
+
+def _has_control_widget(name: str, kind: Any, opts: dict[str, Any]) -> bool:
+    """The frontend adds a 'control_after_generate' widget (fixed/increment/...) after these."""
+    if kind != "INT":
+        return False
+    return bool(opts.get("control_after_generate", name in ("seed", "noise_seed")))
+
+
+def ui_to_api(ui: dict[str, Any], schemas: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    links = {link[0]: link for link in ui["links"]}
+    api: dict[str, Any] = {}
+    for node in ui["nodes"]:
+        if node["type"] in FRONTEND_ONLY:
+            continue
+        schema = schemas[node["type"]]
+        linked = {i["name"]: links[i["link"]] for i in node.get("inputs", []) if i.get("link") is not None}
+        values = list(node.get("widgets_values", []))
+        inputs: dict[str, Any] = {}
+        for name, kind, opts in _ordered_inputs(schema):
+            if name in linked:
+                link = linked[name]
+                inputs[name] = [str(link[1]), link[2]]
+                if _is_widget(kind):  # a widget converted to an input still holds a value
+                    values.pop(0)
+                    if _has_control_widget(name, kind, opts):
+                        values.pop(0)
+            elif _is_widget(kind):
+                assert values, f"node {node['id']} ({node['type']}): no widget value left for {name}"
+                inputs[name] = values.pop(0)
+                if _has_control_widget(name, kind, opts):
+                    control = values.pop(0)
+                    assert control in ("fixed", "increment", "decrement", "randomize"), control
+        assert not values, f"node {node['id']} ({node['type']}): unused widget values {values}"
+        api[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return api
+
+
+def test_every_ui_workflow_has_an_api_twin() -> None:
+    assert len(UI_FILES) >= 5
+    assert sorted(p.name for p in UI_FILES) == sorted(p.name for p in API_DIR.glob("*.json"))
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
+def test_ui_workflow_is_valid_for_drag_and_drop(path: Path) -> None:
+    ui = json.loads(path.read_text())
+    assert ui["version"] == 0.4
+    ids = [n["id"] for n in ui["nodes"]]
+    assert len(ids) == len(set(ids)) and ui["last_node_id"] >= max(ids)
+    assert ui["last_link_id"] >= max((link[0] for link in ui["links"]), default=0)
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    for n in ui["nodes"]:
+        for key in ("id", "type", "pos", "size", "inputs", "outputs", "widgets_values", "mode", "order", "flags"):
+            assert key in n, f"{path.name}: node {n.get('id')} lacks {key}"
+    for link_id, src, src_slot, dst, dst_slot, kind in ui["links"]:
+        out = nodes[src]["outputs"][src_slot]
+        inp = nodes[dst]["inputs"][dst_slot]
+        assert link_id in out["links"] and inp["link"] == link_id, f"{path.name}: link {link_id} not wired both ways"
+        assert out["type"] == inp["type"] == kind
+    for n in ui["nodes"]:  # no dangling references
+        for inp in n["inputs"]:
+            assert inp["link"] is None or any(link[0] == inp["link"] for link in ui["links"])
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
+def test_ui_and_api_describe_the_same_graph(path: Path, schemas: dict[str, dict[str, Any]]) -> None:
+    ui = json.loads(path.read_text())
+    api = json.loads((API_DIR / path.name).read_text())
+    stripped = {nid: {"class_type": n["class_type"], "inputs": n["inputs"]} for nid, n in api.items()}
+    assert ui_to_api(ui, schemas) == stripped
+
+
+@pytest.mark.parametrize("path", sorted(API_DIR.glob("*.json")), ids=lambda p: p.stem)
+def test_api_workflow_is_runnable(path: Path, schemas: dict[str, dict[str, Any]]) -> None:
+    """What ComfyUI's /prompt validation checks, except the model-file dropdowns (examples name files the
+    user picks): an output node, links to existing outputs of the right type, every input present,
+    combo values allowed, numbers in range."""
+    api = json.loads(path.read_text())
+    returns = schemas["__returns__"] | {"SaveImage": ()}
+    assert any(n["class_type"] in OUTPUT_NODES for n in api.values()), "API graphs need an output node"
+    file_inputs = {"diffusers_model", "transformer", "clip_l", "t5xxl", "vae", "lora_name", "lora_1", "lora_2",
+                   "lora_3", "lora_4"}
+    for nid, node in api.items():
+        schema = schemas[node["class_type"]]
+        for name, kind, opts in _ordered_inputs(schema):
+            assert name in node["inputs"] or name in schema.get("optional", {}), f"{nid}: {name} missing"
+            value = node["inputs"].get(name)
+            if isinstance(value, list):
+                src = api[value[0]]
+                assert returns[src["class_type"]][value[1]] == kind, f"{nid}.{name}: wrong link type"
+            elif isinstance(kind, list) and name not in file_inputs:
+                assert value in kind, f"{nid}.{name}={value!r} not in {kind}"
+            elif kind in ("INT", "FLOAT"):
+                assert opts.get("min", value) <= value <= opts.get("max", value), f"{nid}.{name}={value}"
+        assert set(node["inputs"]) <= {n for n, _, _ in _ordered_inputs(schema)}, f"{nid}: unknown inputs"
