@@ -169,3 +169,20 @@ def test_out_of_memory_is_reported_clearly_and_engine_stays_usable(
     assert isinstance(info.value, torch.OutOfMemoryError)  # ComfyUI's OOM recovery still sees it
     monkeypatch.setattr(engine_module, "run_pipeline", real)
     assert torch.equal(engine.generate(tiny_request).images, expected)
+
+
+def test_compile_cache_goes_to_the_configured_folder(tiny_source: ModelSource, tmp_path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from fastlora_core.optimize import compile_cache_dir
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # restored after the test
+    monkeypatch.setenv("FASTLORA_CACHE_DIR", str(tmp_path / "default"))
+    assert compile_cache_dir(EngineOptions()) == tmp_path / "default" / "inductor"
+    FluxEngine(tiny_source, dataclasses.replace(CPU, compile="regional", compile_cache_dir=str(tmp_path / "c")))
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "c") and (tmp_path / "c").is_dir()
+    # A folder the user chose through TORCHINDUCTOR_CACHE_DIR wins over our default.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "user"))
+    FluxEngine(tiny_source, dataclasses.replace(CPU, compile="regional"))
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "user")
