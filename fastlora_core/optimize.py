@@ -184,46 +184,35 @@ def requantize_like(weight: torch.Tensor, new_hp_weight: torch.Tensor, mode: str
 def copy_into_quantized(dst: torch.Tensor, src: torch.Tensor) -> None:
     """Copy a torchao tensor subclass into another of the same layout, inner tensor by inner tensor
     (in place, so a compiled graph that reads ``dst`` sees the new values)."""
-    names, _ = dst.__tensor_flatten__()  # type: ignore[attr-defined]
-    src_names, _ = src.__tensor_flatten__()  # type: ignore[attr-defined]
-    if list(names) != list(src_names):
+    dst_inner, src_inner = _inner_tensors(dst), _inner_tensors(src)
+    if [n for n, _ in dst_inner] != [n for n, _ in src_inner]:
         raise RuntimeError(f"cannot copy {type(src).__name__} into {type(dst).__name__}: layouts differ")
-    for name in names:
-        d, s = getattr(dst, name), getattr(src, name)
-        if hasattr(d, "__tensor_flatten__"):
-            copy_into_quantized(d, s)
+    for (_, d), (_, s) in zip(dst_inner, src_inner):
+        d.copy_(s)
+
+
+def _inner_tensors(t: torch.Tensor, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
+    """The plain tensors inside a (possibly nested) torchao tensor subclass, by flattened name."""
+    out: list[tuple[str, torch.Tensor]] = []
+    names, _ = t.__tensor_flatten__()  # type: ignore[attr-defined]
+    for n in names:
+        inner = getattr(t, n)
+        if hasattr(inner, "__tensor_flatten__"):
+            out += _inner_tensors(inner, prefix + n + ".")
         else:
-            d.copy_(s)
+            out.append((prefix + n, inner))
+    return out
 
 
 def clone_quantized(t: torch.Tensor, device: torch.device | str) -> dict[str, torch.Tensor]:
     """The inner tensors of a torchao weight, cloned (flattened names -> tensors)."""
-    out: dict[str, torch.Tensor] = {}
-
-    def walk(x: torch.Tensor, prefix: str) -> None:
-        names, _ = x.__tensor_flatten__()  # type: ignore[attr-defined]
-        for n in names:
-            inner = getattr(x, n)
-            if hasattr(inner, "__tensor_flatten__"):
-                walk(inner, prefix + n + ".")
-            else:
-                out[prefix + n] = inner.detach().to(device, copy=True)
-
-    walk(t, "")
-    return out
+    return {n: inner.detach().to(device, copy=True) for n, inner in _inner_tensors(t)}
 
 
 def restore_quantized(dst: torch.Tensor, saved: dict[str, torch.Tensor]) -> None:
-    def walk(x: torch.Tensor, prefix: str) -> None:
-        names, _ = x.__tensor_flatten__()  # type: ignore[attr-defined]
-        for n in names:
-            inner = getattr(x, n)
-            if hasattr(inner, "__tensor_flatten__"):
-                walk(inner, prefix + n + ".")
-            else:
-                inner.copy_(saved[prefix + n])
-
-    walk(dst, "")
+    """Copy tensors saved by ``clone_quantized`` back into ``dst``, in place."""
+    for n, inner in _inner_tensors(dst):
+        inner.copy_(saved[n])
 
 
 def quantize_t5(text_encoder: torch.nn.Module, mode: str, dtype: torch.dtype, device: torch.device) -> None:
