@@ -226,6 +226,25 @@ def run_write_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet_libraries() -> None:
+    """diffusers/transformers progress bars and notices would drown the summary."""
+    import warnings
+
+    for noisy in ("torch", "diffusers", "transformers", "torchao", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        for lib in (diffusers_logging, transformers_logging):
+            lib.set_verbosity_error()
+            lib.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fastlora_core", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -266,10 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("torch", "diffusers", "transformers", "torchao", "httpx", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    demo = args.command in (None, "demo")
+    level = logging.DEBUG if args.verbose else (logging.WARNING if demo else logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _quiet_libraries()
     try:
         if args.command in (None, "demo"):
             out = Path(getattr(args, "out", "demo-output"))
