@@ -12,6 +12,7 @@ import gc
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -20,8 +21,9 @@ import torch
 from .errors import LoraFitError, out_of_memory
 from .lora.adapter import AdapterStrategy
 from .lora.base import ResolvedEntry
-from .lora.cache import GLOBAL_CACHE, LoraCache
+from .lora.cache import GLOBAL_CACHE, FileKey, LoraCache
 from .lora.fused import FusedStrategy
+from .lora.types import NormalizedLora
 from .optimize import (
     DTYPES,
     apply_offload,
@@ -112,6 +114,8 @@ class FluxEngine:
         self._compiled = False
         self._warm_shapes: set[tuple[int, int, int]] = set()
         self.loaded_stack = LoraStack()
+        self._gpu_loras: OrderedDict[FileKey, NormalizedLora] = OrderedDict()
+        self._master_device_before_offload: torch.device | None = None
         self.attention = "sdpa"
         self.released = False
         self.offloaded = False
@@ -186,8 +190,27 @@ class FluxEngine:
             hit = spec.path in self.lora_cache
             from_cache = from_cache and hit
             key, lora = self.lora_cache.get(spec.path)
-            entries.append(ResolvedEntry(key, lora, spec.strength))
+            entries.append(ResolvedEntry(key, self._staged(key, lora), spec.strength))
         return entries, from_cache
+
+    def _staged(self, key: FileKey, lora: NormalizedLora) -> NormalizedLora:
+        """On a GPU, the recently used LoRAs are kept on the device (engine dtype), so swapping
+        back to one copies nothing over PCIe. Bounded by ``gpu_lora_cache_bytes``."""
+        if self.device.type != "cuda" or self.options.offload != "none":
+            return lora
+        staged = self._gpu_loras.get(key)
+        if staged is None:
+            staged = lora.to(self.device, self.dtype)
+            self._gpu_loras[key] = staged
+            budget = self.gpu_lora_cache_bytes()
+            while len(self._gpu_loras) > 1 and sum(x.nbytes() for x in self._gpu_loras.values()) > budget:
+                self._gpu_loras.popitem(last=False)
+        self._gpu_loras.move_to_end(key)
+        return staged
+
+    def gpu_lora_cache_bytes(self) -> int:
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        return min(8 * 2**30, total // 20)
 
     def apply(self, stack: LoraStack) -> SwapReport:
         """Make the weights match ``stack``. Raises LoraError (format or fit) with the engine
@@ -310,6 +333,10 @@ class FluxEngine:
                 self.release()
                 return
             self.pipe.to("cpu")
+            self._gpu_loras.clear()
+            self._master_device_before_offload = getattr(self.strategy, "master_device", None)
+            if isinstance(self.strategy, FusedStrategy):
+                self.strategy.move_masters("cpu")
             self.offloaded = True
             self._free_memory()
 
@@ -317,6 +344,8 @@ class FluxEngine:
         with self._lock:
             if self.offloaded:
                 self.pipe.to(self.device)
+                if isinstance(self.strategy, FusedStrategy) and self._master_device_before_offload is not None:
+                    self.strategy.move_masters(self._master_device_before_offload)
                 self.offloaded = False
 
     def release(self) -> None:
@@ -325,6 +354,7 @@ class FluxEngine:
             if self.released:
                 return
             self.released = True
+            self._gpu_loras.clear()
             for attr in ("pipe", "transformer", "strategy"):
                 if hasattr(self, attr):
                     delattr(self, attr)

@@ -69,6 +69,15 @@ class FusedStrategy:
             if not name.startswith("text_model."):
                 clip.setdefault("text_model." + name, module)
 
+    def move_masters(self, device: torch.device | str) -> None:
+        """Move the master copies (ComfyUI unload / reload of the engine)."""
+        if self.master_device == torch.device(device):
+            return
+        self._hp_master = {n: t.to(device) for n, t in self._hp_master.items()}
+        self._orig = {k: ({n: t.to(device) for n, t in v.items()} if isinstance(v, dict) else v.to(device))
+                      for k, v in self._orig.items()}
+        self.master_device = torch.device(device)
+
     # -- the contract -------------------------------------------------------------------------
     def validate(self, entries: list[ResolvedEntry]) -> list[str]:
         """Dry run; returns warnings. Raises LoraFitError when a LoRA cannot be applied."""

@@ -54,6 +54,16 @@ class NormalizedLora:
     def targets(self) -> frozenset[str]:
         return frozenset(self.transformer)
 
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> NormalizedLora:
+        """A copy with every tensor on ``device`` in ``dtype`` (staging for fast swaps)."""
+
+        def move(part: dict[str, LoraLayer]) -> dict[str, LoraLayer]:
+            return {n: LoraLayer(layer.down.to(device, dtype), layer.up.to(device, dtype), layer.scale)
+                    for n, layer in part.items()}
+
+        return NormalizedLora(self.path, self.source_format, move(self.transformer),
+                              move(self.text_encoder), move(self.text_encoder_2))
+
     def nbytes(self) -> int:
         n = 0
         for part in (self.transformer, self.text_encoder, self.text_encoder_2):

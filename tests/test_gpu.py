@@ -1,0 +1,91 @@
+"""GPU-only paths (skipped without CUDA): fp8 fused swaps on a compiled engine, adapter on fp8,
+NF4 T5, offload/reload. Run on the lent H200: ``python -m pytest -q tests/test_gpu.py``."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from fastlora_core.engine import FluxEngine
+from fastlora_core.specs import EngineOptions, GenerateRequest, LoraStack, ModelSource
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+
+GPU = EngineOptions(dtype="bfloat16", device="cuda", compile="regional", max_rank=32)
+
+
+def _fp8_ok() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
+def _stack(loras: dict[str, str], *items: tuple[str, float]) -> LoraStack:
+    return LoraStack.of(*((loras[f"fastlora-tiny-{n}"], s) for n, s in items))
+
+
+@pytest.mark.skipif(not _fp8_ok(), reason="fp8 needs compute capability >= 8.9")
+def test_fp8_fused_swaps_requantise_exactly_without_recompiling(
+        tiny_source: ModelSource, tiny_loras: dict[str, str], tiny_request: GenerateRequest) -> None:
+    from fastlora_core.optimize import clone_quantized, requantize_like
+
+    engine = FluxEngine(tiny_source, dataclasses.replace(GPU, quantization="fp8"))
+    base = engine.generate(tiny_request, LoraStack()).images
+    name = "transformer_blocks.0.attn.to_q"
+    weight = dict(engine.transformer.named_modules())[name].weight
+    original = clone_quantized(weight, "cpu")
+    images = {}
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for items in ((("style", 1.0),), (("wide", 1.0),), (("style", 0.5), ("character", 1.0)),
+                      (("style", 1.0),), ()):
+            stack = _stack(tiny_loras, *items)
+            result = engine.generate(tiny_request, stack)
+            assert result.new_compiles == 0
+            if stack in images:
+                assert torch.equal(images[stack], result.images)
+            images[stack] = result.images
+    assert torch.equal(images[LoraStack()], base)
+    engine.apply(_stack(tiny_loras, ("style", 0.7)))
+    _, lora = engine.lora_cache.get(tiny_loras["fastlora-tiny-style"])
+    master = engine.strategy._hp_master[name]
+    delta = 0.7 * lora.transformer[name].delta().to(master.device)
+    expected = requantize_like(weight, (master.float() + delta).to(master.dtype), "fp8")
+    for k, v in clone_quantized(expected, "cpu").items():
+        assert torch.equal(clone_quantized(weight, "cpu")[k], v), k
+    engine.apply(LoraStack())
+    for k, v in clone_quantized(weight, "cpu").items():
+        assert torch.equal(v, original[k]), k
+    assert not torch.equal(images[_stack(tiny_loras, ("style", 1.0))], base)
+
+
+@pytest.mark.skipif(not _fp8_ok(), reason="fp8 needs compute capability >= 8.9")
+def test_fp8_adapter_and_fused_agree(tiny_source: ModelSource, tiny_loras: dict[str, str],
+                                     tiny_request: GenerateRequest) -> None:
+    stack = _stack(tiny_loras, ("wide", 1.0))
+    fused = FluxEngine(tiny_source, dataclasses.replace(GPU, quantization="fp8", compile="off"))
+    a = fused.generate(tiny_request, stack).images
+    base = fused.generate(tiny_request, LoraStack()).images
+    fused.release()
+    adapter = FluxEngine(tiny_source, dataclasses.replace(GPU, quantization="fp8", compile="off",
+                                                          swap_strategy="adapter"))
+    b = adapter.generate(tiny_request, stack).images
+    effect = float((a - base).abs().mean())
+    assert float((a - b).abs().mean()) < 0.25 * effect
+
+
+def test_offload_frees_gpu_memory_and_reload_gives_the_same_image(
+        tiny_source: ModelSource, tiny_loras: dict[str, str], tiny_request: GenerateRequest) -> None:
+    engine = FluxEngine(tiny_source, GPU)
+    stack = _stack(tiny_loras, ("character", 1.0))
+    before = engine.generate(tiny_request, stack)
+    used = torch.cuda.memory_allocated()
+    engine.offload()
+    assert engine.offloaded and torch.cuda.memory_allocated() < used
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        after = engine.generate(tiny_request, stack)
+    assert torch.equal(before.images, after.images) and after.new_compiles == 0
+
+
+def test_nf4_t5_on_gpu(tiny_source: ModelSource, tiny_request: GenerateRequest) -> None:
+    engine = FluxEngine(tiny_source, dataclasses.replace(GPU, t5_quantization="nf4", compile="off"))
+    assert engine.generate(tiny_request).images.shape == (1, 64, 64, 3)
