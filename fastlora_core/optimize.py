@@ -173,12 +173,29 @@ def requantize_like(weight: torch.Tensor, new_hp_weight: torch.Tensor, mode: str
     tensor whose inner tensors can be copied into ``weight``'s (same shapes)."""
     from torchao.quantization import quantize_
 
+    fast = _requantize_float8_rowwise(weight, new_hp_weight)
+    if fast is not None:
+        return fast
+
     lin = torch.nn.Linear(new_hp_weight.shape[1], new_hp_weight.shape[0], bias=False,
                           device=new_hp_weight.device, dtype=new_hp_weight.dtype)
     with torch.no_grad():
         lin.weight.copy_(new_hp_weight)
     quantize_(lin, torchao_config(mode))
     return lin.weight
+
+
+def _requantize_float8_rowwise(weight: torch.Tensor, new_hp_weight: torch.Tensor) -> torch.Tensor | None:
+    """Fast path for torchao's per-row ``Float8Tensor`` (our ``fp8``): the same ``from_hp`` call
+    ``quantize_`` makes, without building a module per layer. None for other layouts."""
+    try:
+        from torchao.quantization import Float8Tensor, PerRow
+    except ImportError:  # pragma: no cover - older torchao
+        return None
+    if not isinstance(weight, Float8Tensor) or list(weight.block_size) != [1, weight.shape[-1]]:
+        return None
+    return Float8Tensor.from_hp(new_hp_weight, float8_dtype=weight.qdata.dtype, granularity=PerRow(),
+                                kernel_preference=weight.kernel_preference)
 
 
 def copy_into_quantized(dst: torch.Tensor, src: torch.Tensor) -> None:

@@ -152,6 +152,10 @@ class EngineOptions:
                 "Use offload=none (quantise T5 with t5_quantization=nf4 to fit 24 GB), or "
                 "quantization=none with offload."
             )
+        if self.quantization == "fp8" and self.dtype != "bfloat16":
+            raise OptionsError(
+                f"quantization=fp8 (per-row float8) needs dtype=bfloat16, not {self.dtype}."
+            )
         if self.offload == "sequential" and self.compile != "off":
             raise OptionsError(
                 "offload=sequential streams weights layer by layer and cannot be compiled. Use "

@@ -27,7 +27,7 @@ def _stack(loras: dict[str, str], *items: tuple[str, float]) -> LoraStack:
 @pytest.mark.skipif(not _fp8_ok(), reason="fp8 needs compute capability >= 8.9")
 def test_fp8_fused_swaps_requantise_exactly_without_recompiling(
         tiny_source: ModelSource, tiny_loras: dict[str, str], tiny_request: GenerateRequest) -> None:
-    from fastlora_core.optimize import clone_quantized, requantize_like
+    from fastlora_core.optimize import clone_quantized, requantize_like, torchao_config
 
     engine = FluxEngine(tiny_source, dataclasses.replace(GPU, quantization="fp8"))
     base = engine.generate(tiny_request, LoraStack()).images
@@ -51,6 +51,15 @@ def test_fp8_fused_swaps_requantise_exactly_without_recompiling(
     delta = 0.7 * lora.transformer[name].delta().to(master.device)
     expected = requantize_like(weight, (master.float() + delta).to(master.dtype), "fp8")
     for k, v in clone_quantized(expected, "cpu").items():
+        assert torch.equal(clone_quantized(weight, "cpu")[k], v), k
+    # The per-row fast path is bit-identical to torchao's own quantize_ of the merged weight.
+    from torchao.quantization import quantize_
+
+    lin = torch.nn.Linear(master.shape[1], master.shape[0], bias=False, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        lin.weight.copy_((master.float() + delta).to(master.dtype))
+    quantize_(lin, torchao_config("fp8"))
+    for k, v in clone_quantized(lin.weight, "cpu").items():
         assert torch.equal(clone_quantized(weight, "cpu")[k], v), k
     engine.apply(LoraStack())
     for k, v in clone_quantized(weight, "cpu").items():
