@@ -19,8 +19,9 @@ CPU = EngineOptions(dtype="float32", device="cpu", compile="off")
 @pytest.mark.parametrize(
     ("changes", "needle"),
     [
-        ({"quantization": "fp8"}, "GPU"),
-        ({"quantization": "fp8", "offload": "model"}, "offload"),
+        ({"quantization": "fp8", "dtype": "bfloat16"}, "GPU"),
+        ({"quantization": "fp8"}, "bfloat16"),
+        ({"quantization": "fp8", "offload": "model", "dtype": "bfloat16"}, "offload"),
         ({"offload": "sequential", "compile": "full"}, "sequential"),
         ({"offload": "model", "compile": "off"}, "offload=model"),
         ({"quantization": "int4"}, "quantization"),
@@ -119,7 +120,7 @@ def test_registry_reuses_same_key_and_releases_old_engine_first(tiny_source: Mod
     assert b is not a and a.released and not b.released
     assert registry.engines() == [b]
     with pytest.raises(OptionsError):
-        registry.get_engine(tiny_source, dataclasses.replace(CPU, quantization="fp8"))
+        registry.get_engine(tiny_source, dataclasses.replace(CPU, quantization="fp8", dtype="bfloat16"))
     assert not b.released, "a refused option must not cost the engine you have"
     assert registry.release_all() == 1 and b.released
     c = registry.get_engine(tiny_source, CPU)
