@@ -173,6 +173,10 @@ class FluxEngine:
         if self.device.type != "cuda" or self.options.offload != "none":
             return torch.device("cpu")
         free, total = torch.cuda.mem_get_info(self.device)
+        # Respect torch.cuda.set_per_process_memory_fraction (mem_get_info ignores it).
+        get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+        fraction = get_fraction(self.device) if get_fraction else 1.0
+        free = min(free, int(fraction * total) - torch.cuda.memory_reserved(self.device))
         # A full bf16 master of Flux.1-dev is ~24 GB; keep it on the GPU only with ample room.
         return self.device if free > 64 * 2**30 else torch.device("cpu")
 

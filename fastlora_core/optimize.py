@@ -145,12 +145,16 @@ def torchao_config(mode: str):  # type: ignore[no-untyped-def]
         PerRow,
     )
 
+    # set_inductor_config=False: torchao would otherwise switch on inductor's coordinate-descent
+    # tuning process-wide, which re-tunes in every new process even with a warm compile cache
+    # (48 of 62 s of a warm-cache first image on the H200, benchmarks/RESULTS.md) and changes the
+    # inductor settings of every other compiled model in a ComfyUI process.
     if mode == "fp8":
-        return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+        return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
     if mode == "fp8_weight_only":
-        return Float8WeightOnlyConfig()
+        return Float8WeightOnlyConfig(set_inductor_config=False)
     if mode == "int8_weight_only":
-        return Int8WeightOnlyConfig()
+        return Int8WeightOnlyConfig(set_inductor_config=False)
     raise OptionsError(f"unknown quantization {mode!r}")
 
 
