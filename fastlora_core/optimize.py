@@ -36,10 +36,14 @@ _ATTENTION_BACKENDS: dict[str, str] = {
 
 def resolve_device(options: EngineOptions) -> torch.device:
     if options.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
     device = torch.device(options.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise OptionsError(f"device={options.device} but CUDA is not available here. Use device=auto or cpu.")
+    if device.type == "cuda" and device.index is None:  # memory queries need an explicit index
+        device = torch.device("cuda", torch.cuda.current_device())
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise OptionsError("device=mps but MPS is not available here. Use device=auto or cpu.")
     return device
