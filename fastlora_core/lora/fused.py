@@ -90,7 +90,9 @@ class FusedStrategy:
             if not used:
                 continue
             if part not in self._modules:
-                warnings.append(f"{', '.join(e.name for e in used)}: {label} part ignored (not loaded).")
+                why = ("the T5 encoder is quantised; load with t5_quantization=none to apply it"
+                       if part == "text_encoder_2" else "that model is not part of this engine")
+                warnings.append(f"{', '.join(e.name for e in used)}: its {label} layers are ignored ({why}).")
                 continue
             check_targets_exist(used, self._modules[part], part, label)
             if part != "transformer":
