@@ -287,3 +287,15 @@ def test_fused_requantises_touched_layers_and_restores_original_bytes(
     for k, v in clone_quantized(weight, "cpu").items():
         assert torch.equal(v, original[k]), k
     assert torch.equal(engine.generate(tiny_request).images, plain)
+
+
+def test_t5_part_of_a_lora_is_reported_when_t5_is_quantised(
+        tiny_source: ModelSource, tiny_request: GenerateRequest, tmp_path: Path) -> None:
+    engine = FluxEngine(tiny_source, dataclasses.replace(CPU, t5_quantization="nf4"))
+    ref = km.make_reference(engine.transformer, seed=6, t5_shapes={
+        "encoder.block.0.layer.0.SelfAttention.q": (32, 32), "encoder.block.1.layer.1.DenseReluDense.wi_0": (64, 32)})
+    path = tmp_path / "with_t5.safetensors"
+    save_file(km.to_diffusers(ref), str(path))
+    report = engine.apply(LoraStack.of((str(path), 1.0)))
+    assert any("T5" in w and "t5_quantization=none" in w for w in report.warnings), report.warnings
+    assert engine.generate(tiny_request).images.shape == (1, 64, 64, 3)
