@@ -152,15 +152,19 @@ class FluxEngine:
             if o.quantization != "none":
                 from .lora.formats import flux_lora_targets
 
-                transformer.to(self.device)
+                # Before quantisation, from the weights as loaded (CPU): no copy when the masters
+                # stay in CPU RAM, one copy per layer when they go to the GPU.
                 self.strategy.capture_hp_masters(transformer, flux_lora_targets(transformer))
         else:
             self.strategy = AdapterStrategy(transformer, o.max_rank, self.dtype)
+        # Quantise layer by layer *while* moving to the device, then move the rest: the bf16
+        # transformer (24 GB) and T5 (9.5 GB) never sit on the GPU whole, so the fp8 + NF4 recipe
+        # loads on a 24 GB card.
+        target = self.device if o.offload == "none" else torch.device("cpu")
+        quantize_t5(pipe.text_encoder_2, o.t5_quantization, self.dtype, target)
+        quantize_transformer(transformer, o.quantization, target)
         if o.offload == "none":
             pipe.to(self.device)
-        quantize_t5(pipe.text_encoder_2, o.t5_quantization, self.dtype,
-                    self.device if o.offload == "none" else torch.device("cpu"))
-        quantize_transformer(transformer, o.quantization)
         if isinstance(self.strategy, FusedStrategy):
             self.strategy.refresh_modules()
         self.attention = set_attention(transformer, o.attention, self.device)

@@ -166,13 +166,15 @@ def _is_quantizable_linear(module: torch.nn.Module, fqn: str) -> bool:
     return isinstance(module, torch.nn.Linear) and module.in_features >= 16 and module.out_features >= 16
 
 
-def quantize_transformer(transformer: torch.nn.Module, mode: str) -> None:
-    """Quantise every linear layer of the transformer in place with torchao."""
+def quantize_transformer(transformer: torch.nn.Module, mode: str, device: torch.device | None = None) -> None:
+    """Quantise every linear layer of the transformer in place with torchao. With ``device``, each
+    layer is moved there just before it is quantised (peak memory: the quantised model plus one
+    high-precision layer), and the rest of the model follows."""
     if mode == "none":
         return
     from torchao.quantization import quantize_
 
-    quantize_(transformer, torchao_config(mode), filter_fn=_is_quantizable_linear)
+    quantize_(transformer, torchao_config(mode), filter_fn=_is_quantizable_linear, device=device)
     logger.info("transformer quantised: %s", mode)
 
 

@@ -58,7 +58,9 @@ class FusedStrategy:
         mods = dict(transformer.named_modules())
         for n in names:
             w = mods[n].weight  # type: ignore[union-attr]
-            self._hp_master[n] = w.detach().to(self.master_device, copy=True)
+            # No copy when already there: quantisation replaces the module's parameter and leaves
+            # this tensor untouched, so the master simply keeps the original alive.
+            self._hp_master[n] = w.detach().to(self.master_device)
         logger.info("fused: kept %d high-precision master weights on %s (%.1f MiB)", len(names),
                     self.master_device, sum(t.numel() * t.element_size() for t in self._hp_master.values()) / 2**20)
 
