@@ -112,7 +112,6 @@ class FluxEngine:
         self.compiles = 0
         self.compile_seconds = 0.0
         self._compiled = False
-        self._warm_shapes: set[tuple[int, int, int]] = set()
         self.loaded_stack = LoraStack()
         self._gpu_loras: OrderedDict[FileKey, NormalizedLora] = OrderedDict()
         self._master_device_before_offload: torch.device | None = None
