@@ -41,6 +41,7 @@ from .specs import EngineKey, EngineOptions, GenerateRequest, LoraStack, ModelSo
 logger = logging.getLogger(__name__)
 
 StepCallback = Callable[[int, int], None]
+PreviewCallback = Callable[[int, int, torch.Tensor], None]
 
 
 @dataclass
@@ -115,6 +116,7 @@ class FluxEngine:
         self.loaded_stack = LoraStack()
         self._gpu_loras: OrderedDict[FileKey, NormalizedLora] = OrderedDict()
         self._master_device_before_offload: torch.device | None = None
+        self._preview_map: torch.Tensor | None = None
         self.attention = "sdpa"
         self.released = False
         self.offloaded = False
@@ -282,10 +284,13 @@ class FluxEngine:
 
     # -- generation ----------------------------------------------------------------------------
     def generate(self, request: GenerateRequest, stack: LoraStack | None = None,
-                 on_step: StepCallback | None = None) -> GenerateResult:
+                 on_step: StepCallback | None = None,
+                 on_preview: PreviewCallback | None = None) -> GenerateResult:
         """Sample images. ``stack`` (when given) is applied first. ``on_step(step, total)`` runs
         after every step; an exception it raises stops sampling and propagates, leaving the engine
-        usable. Same request and stack -> same images."""
+        usable. ``on_preview(step, total, rgb)`` (optional) gets a cheap preview of the first image
+        after every step: float32 ``[h, w, 3]`` in 0..1 at latent resolution, from a linear
+        latent-to-RGB map fitted once with this engine's VAE. Same request and stack -> same images."""
         request.validate()
         self._check_usable()
         with self._lock:
@@ -297,6 +302,8 @@ class FluxEngine:
             def callback(pipe, i, t, kwargs):  # type: ignore[no-untyped-def]
                 if on_step is not None:
                     on_step(i + 1, request.steps)
+                if on_preview is not None:
+                    on_preview(i + 1, request.steps, self.latent_preview(kwargs["latents"], request))
                 return {}
 
             try:
@@ -313,6 +320,38 @@ class FluxEngine:
                 self.compile_seconds += seconds
                 logger.info("compiled %d graph(s) during this run (%.1f s including sampling)", new, seconds)
             return GenerateResult(images, seconds, new, swap)
+
+    # -- previews ------------------------------------------------------------------------------
+    def latent_preview(self, latents: torch.Tensor, request: GenerateRequest) -> torch.Tensor:
+        """RGB preview ``[h, w, 3]`` (0..1, CPU) of the first image in packed Flux ``latents``."""
+        with torch.no_grad():
+            factors = self._preview_factors()
+            lat = self.pipe._unpack_latents(latents[:1], request.height, request.width,
+                                            self.pipe.vae_scale_factor)[0].float()
+            rgb = torch.einsum("chw,cr->hwr", lat, factors[:-1].to(lat.device)) + factors[-1].to(lat.device)
+            return rgb.clamp(0, 1).cpu()
+
+    def _preview_factors(self) -> torch.Tensor:
+        """A ``(C + 1) x 3`` linear map from normalised latents to RGB, fitted by least squares on a
+        few smooth random colour images encoded by this engine's own VAE (done once, lazily)."""
+        if self._preview_map is None:
+            import torch.nn.functional as F
+
+            vae = self.pipe.vae
+            g = torch.Generator().manual_seed(0)
+            images = F.interpolate(torch.rand(8, 3, 4, 4, generator=g), size=(128, 128), mode="bilinear",
+                                   align_corners=False)
+            param = next(vae.parameters())
+            with torch.inference_mode():
+                z = vae.encode((images * 2 - 1).to(param.device, param.dtype)).latent_dist.mean.float().cpu()
+            shift = getattr(vae.config, "shift_factor", 0.0) or 0.0
+            z = (z - shift) * vae.config.scaling_factor
+            target = F.adaptive_avg_pool2d(images, z.shape[-2:])
+            x = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+            x = torch.cat([x, torch.ones(x.shape[0], 1)], dim=1)
+            y = target.permute(0, 2, 3, 1).reshape(-1, 3)
+            self._preview_map = torch.linalg.lstsq(x, y).solution
+        return self._preview_map
 
     # -- memory --------------------------------------------------------------------------------
     def _check_usable(self) -> None:

@@ -115,9 +115,11 @@ def is_loaded(wrapper: Any) -> bool:
 
 
 # -- progress and cancel (comfy.utils / comfy.model_management) -----------------------------------
-def progress_callback(total: int) -> Callable[[int, int], None]:
-    """An ``on_step(step, total)`` that drives ComfyUI's progress bar and raises ComfyUI's
-    InterruptProcessingException when the user pressed Cancel (checked at every step)."""
+def progress_callbacks(total: int) -> tuple[Callable[[int, int], None],
+                                            Callable[[int, int, Any], None] | None]:
+    """``(on_step, on_preview)`` sharing one ComfyUI progress bar. ``on_preview`` is None when
+    ComfyUI runs with ``--preview-method none`` (its default) or has no preview settings; otherwise
+    it sends the engine's RGB preview ``[h, w, 3]`` (0..1) as ComfyUI's JPEG preview."""
     import comfy.model_management as mm
     import comfy.utils
 
@@ -127,7 +129,21 @@ def progress_callback(total: int) -> Callable[[int, int], None]:
         mm.throw_exception_if_processing_interrupted()
         bar.update_absolute(step, steps)  # ComfyUI's hook also raises on interrupt
 
-    return on_step
+    try:
+        from comfy.cli_args import LatentPreviewMethod, args
+    except ImportError:
+        return on_step, None
+    if getattr(args, "preview_method", LatentPreviewMethod.NoPreviews) == LatentPreviewMethod.NoPreviews:
+        return on_step, None
+    size = int(getattr(args, "preview_size", 512))
+
+    def on_preview(step: int, steps: int, rgb: Any) -> None:
+        from PIL import Image
+
+        image = Image.fromarray((rgb.numpy() * 255).round().clip(0, 255).astype("uint8"))
+        bar.update_absolute(step, steps, ("JPEG", image, size))
+
+    return on_step, on_preview
 
 
 def interrupt_exception_type() -> type[BaseException] | None:

@@ -317,7 +317,8 @@ class Generate:
                                         width=int(width), height=int(height), batch=int(batch))
         t0 = time.perf_counter()
         try:
-            result = flux.generate(request, handle.stack, bridge.progress_callback(int(steps)))
+            on_step, on_preview = bridge.progress_callbacks(int(steps))
+            result = flux.generate(request, handle.stack, on_step, on_preview)
         except errors.GenerationCancelled as exc:
             interrupt = _interrupt_of(exc)
             if interrupt is not None:

@@ -106,7 +106,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[headless.Client
     proc = subprocess.Popen(
         [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
          "--output-directory", str(base / "output"), "--user-directory", str(base / "user"),
-         "--extra-model-paths-config", str(config)],
+         "--extra-model-paths-config", str(config),
+         "--preview-method", "latent2rgb"],  # exercise Generate's live previews too
         cwd=COMFYUI_DIR, env=env, stdout=log, stderr=subprocess.STDOUT)
     client = headless.Client(f"127.0.0.1:{port}", timeout=60)
     logger.info("ComfyUI %s on port %d, log %s", comfyui_commit(), port, base / "comfyui.log")

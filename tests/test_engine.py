@@ -187,3 +187,18 @@ def test_compile_cache_goes_to_the_configured_folder(tiny_source: ModelSource, t
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "user"))
     FluxEngine(tiny_source, dataclasses.replace(CPU, compile="regional"))
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "user")
+
+
+def test_previews_arrive_every_step_and_change_nothing(tiny_source: ModelSource,
+                                                       tiny_request: GenerateRequest) -> None:
+    engine = FluxEngine(tiny_source, CPU)
+    request = dataclasses.replace(tiny_request, steps=3, batch=2)
+    plain = engine.generate(request).images
+    previews: list[tuple[int, int, torch.Tensor]] = []
+    with_previews = engine.generate(request, on_preview=lambda s, t, rgb: previews.append((s, t, rgb))).images
+    assert torch.equal(plain, with_previews)
+    assert [(s, t) for s, t, _ in previews] == [(1, 3), (2, 3), (3, 3)]
+    for _, _, rgb in previews:
+        assert rgb.dim() == 3 and rgb.shape[-1] == 3 and rgb.dtype == torch.float32
+        assert float(rgb.min()) >= 0.0 and float(rgb.max()) <= 1.0
+    assert not torch.equal(previews[0][2], previews[-1][2])  # the preview follows the sampling
