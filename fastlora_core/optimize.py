@@ -287,6 +287,14 @@ def compile_transformer(transformer: torch.nn.Module, mode: str, dynamic: bool) 
     if getattr(inductor_config, "freezing", False):
         logger.warning("inductor freezing is on; turning it off (in-place LoRA swaps need live weights)")
         inductor_config.freezing = False
+    # Regional compilation shares one graph per block class; blocks that differ in structure (an
+    # adapter slot covering some blocks only, several resolutions) each add an entry. Past dynamo's
+    # default limit of 8 it would silently run those blocks eagerly, so allow more.
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name) and getattr(dynamo_config, name) < 64:
+            setattr(dynamo_config, name, 64)
     kwargs: dict[str, object] = {"fullgraph": True, "dynamic": True if dynamic else None}
     if mode == "full":
         transformer.compile(**kwargs)
