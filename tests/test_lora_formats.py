@@ -203,12 +203,12 @@ def test_diffusers_metadata_alphas(tmp_path: Path) -> None:
     assert lora.transformer["transformer_blocks.0.attn.to_k"].scale == pytest.approx(0.5)
 
 
-def test_tensors_are_float32_and_independent(tmp_path: Path, ref: km.RefLora) -> None:
+def test_tensors_keep_the_file_dtype_and_are_independent(tmp_path: Path, ref: km.RefLora) -> None:
     sd = {k: v.to(torch.bfloat16) for k, v in km.to_kohya(ref).items()}
     lora = read_lora(_save(tmp_path, "bf16.safetensors", sd))
     q = lora.transformer["single_transformer_blocks.0.attn.to_q"]
     k = lora.transformer["single_transformer_blocks.0.attn.to_k"]
-    assert q.down.dtype == torch.float32 and q.up.is_contiguous()
+    assert q.down.dtype == torch.bfloat16 and q.up.dtype == torch.bfloat16 and q.up.is_contiguous()
     assert q.down.data_ptr() != k.down.data_ptr()
     assert lora.nbytes() > 0 and lora.max_rank == 4
 

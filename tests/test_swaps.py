@@ -299,3 +299,20 @@ def test_t5_part_of_a_lora_is_reported_when_t5_is_quantised(
     report = engine.apply(LoraStack.of((str(path), 1.0)))
     assert any("T5" in w and "t5_quantization=none" in w for w in report.warnings), report.warnings
     assert engine.generate(tiny_request).images.shape == (1, 64, 64, 3)
+
+
+@pytest.mark.parametrize("strategy", ["fused", "adapter"])
+def test_bf16_lora_file_gives_the_same_image_as_its_float32_copy(
+        tiny_source: ModelSource, tiny_request: GenerateRequest, tiny_loras: dict[str, str], tmp_path: Path,
+        strategy: str) -> None:
+    from safetensors.torch import load_file
+
+    sd = {k: v.to(torch.bfloat16) for k, v in load_file(tiny_loras["fastlora-tiny-character"]).items()}
+    save_file(sd, str(tmp_path / "bf16.safetensors"))
+    save_file({k: v.float() for k, v in sd.items()}, str(tmp_path / "fp32.safetensors"))
+    engine = FluxEngine(tiny_source, dataclasses.replace(CPU, swap_strategy=strategy))
+    a = engine.generate(tiny_request, LoraStack.of((str(tmp_path / "bf16.safetensors"), 0.9))).images
+    b = engine.generate(tiny_request, LoraStack.of((str(tmp_path / "fp32.safetensors"), 0.9))).images
+    assert torch.equal(a, b)
+    _, lora = engine.lora_cache.get(str(tmp_path / "bf16.safetensors"))
+    assert next(iter(lora.transformer.values())).up.dtype == torch.bfloat16  # half the RAM of fp32

@@ -414,8 +414,12 @@ def _pattern_value(patterns: object, module: str) -> float | None:
     return None
 
 
-def _to_float32(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to(device="cpu", dtype=torch.float32).contiguous()
+def _to_float(t: torch.Tensor) -> torch.Tensor:
+    """An independent CPU copy in the file's floating dtype (fp32/bf16/fp16 are kept: converting a
+    bf16 LoRA to fp32 would double its RAM and transfer cost and add no information); anything else
+    (fp8 storage...) becomes fp32."""
+    dtype = t.dtype if t.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+    return t.detach().to(device="cpu", dtype=dtype, copy=True).contiguous()
 
 
 def _split_sizes(split: str, down: torch.Tensor, up: torch.Tensor) -> list[int] | None:
@@ -565,8 +569,8 @@ def read_lora(path: str | os.PathLike[str]) -> NormalizedLora:
                 f"LoRA file {p} is incomplete: {module_key} has no {missing} weight (found: {_first(have)}). "
                 "The file is damaged or was saved wrongly: download it again."
             )
-        down = _to_float32(raw[group.down])
-        up = _to_float32(raw[group.up])
+        down = _to_float(raw[group.down])
+        up = _to_float(raw[group.up])
         if down.ndim != 2 or up.ndim != 2:
             raise LoraFormatError(
                 f"LoRA file {p}: {group.down} / {group.up} have shapes {tuple(down.shape)} / {tuple(up.shape)}; "

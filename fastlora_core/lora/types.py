@@ -13,7 +13,7 @@ class LoraLayer:
 
     down: ``[rank, in_features]``; up: ``[out_features, rank]``; ``scale`` already includes
     ``alpha / rank`` (1.0 when the file has no alpha). The user's strength is applied on top.
-    Tensors are kept in float32 on the CPU.
+    Tensors are on the CPU in the file's floating dtype (fp32, bf16 or fp16); consumers cast.
     """
 
     down: torch.Tensor
