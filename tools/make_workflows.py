@@ -122,11 +122,12 @@ build("flux_lora_stack", "FastLoRA: a stack of two LoRAs",
 build("flux_24gb_consumer", "FastLoRA: 24 GB consumer GPU recipe",
       "Single files as most ComfyUI users have them (models/diffusion_models, models/text_encoders, models/vae). "
       "fp8 transformer weights (GPUs with compute capability 8.9+, e.g. RTX 4090; else fp8_weight_only), "
-      "T5 in NF4 (saves ~7 GB) and regional compile. " + COMMON,
+      "T5 in NF4 (saves ~7 GB) and regional compile. swap_strategy = adapter (the published recipe) needs "
+      "no bf16 master copy; with 32 GB+ free system RAM, fused has no per-step LoRA cost. " + COMMON,
       [(1, "OptimizedFluxLoader", [40, 0], loader(
           source="single files", diffusers_model="None", transformer="flux1-dev.safetensors",
           clip_l="clip_l.safetensors", t5xxl="t5xxl_fp16.safetensors", vae="ae.safetensors",
-          quantization="fp8", t5_quantization="nf4")),
+          quantization="fp8", t5_quantization="nf4", swap_strategy="adapter")),
        (2, "LoraHotswap", [420, 0], {"lora_name": "my_flux_lora.safetensors", "strength": 1.0}),
        (3, "Generate", [780, 0], gen()),
        (4, "SaveImage", [1160, 0], {"filename_prefix": "FastLoRA_24GB"})],
