@@ -202,3 +202,12 @@ def test_previews_arrive_every_step_and_change_nothing(tiny_source: ModelSource,
         assert rgb.dim() == 3 and rgb.shape[-1] == 3 and rgb.dtype == torch.float32
         assert float(rgb.min()) >= 0.0 and float(rgb.max()) <= 1.0
     assert not torch.equal(previews[0][2], previews[-1][2])  # the preview follows the sampling
+
+
+def test_int8_t5_quantises_every_t5_linear(tiny_source: ModelSource, tiny_request: GenerateRequest) -> None:
+    import bitsandbytes as bnb
+
+    engine = FluxEngine(tiny_source, dataclasses.replace(CPU, t5_quantization="int8"))
+    layers = [m for m in engine.pipe.text_encoder_2.modules() if isinstance(m, torch.nn.Linear)]
+    assert layers and all(isinstance(m, bnb.nn.Linear8bitLt) and m.weight.dtype == torch.int8 for m in layers)
+    assert engine.generate(tiny_request).images.shape == (1, 64, 64, 3)
