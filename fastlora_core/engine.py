@@ -111,7 +111,6 @@ class FluxEngine:
         self.lora_cache = lora_cache or GLOBAL_CACHE
         self._lock = threading.RLock()
         self.compiles = 0
-        self.compile_seconds = 0.0
         self._compiled = False
         self.loaded_stack = LoraStack()
         self._gpu_loras: OrderedDict[FileKey, NormalizedLora] = OrderedDict()
@@ -122,7 +121,7 @@ class FluxEngine:
         self.offloaded = False
 
         if options.compile != "off":
-            self.cache_dir = configure_compile_cache(options)
+            configure_compile_cache(options)
         t0 = time.perf_counter()
         from .loading import load_pipeline
 
@@ -196,9 +195,8 @@ class FluxEngine:
         entries = []
         from_cache = True
         for spec in stack.active():
-            hit = spec.path in self.lora_cache
+            key, lora, hit = self.lora_cache.lookup(spec.path)
             from_cache = from_cache and hit
-            key, lora = self.lora_cache.get(spec.path)
             entries.append(ResolvedEntry(key, self._staged(key, lora), spec.strength))
         return entries, from_cache
 
@@ -317,7 +315,6 @@ class FluxEngine:
             new = dynamo_compile_count() - before
             self.compiles += new
             if new:
-                self.compile_seconds += seconds
                 logger.info("compiled %d graph(s) during this run (%.1f s including sampling)", new, seconds)
             return GenerateResult(images, seconds, new, swap)
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -316,11 +315,3 @@ def dynamo_compile_count() -> int:
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])
-
-
-def timed(fn: Callable[[], object]) -> float:
-    import time
-
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t

@@ -8,7 +8,7 @@ read; device-dependent checks (does this GPU do fp8?) happen in ``resolve()``.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -166,9 +166,6 @@ class EngineOptions:
             or self.device == "mps"
         ):
             raise OptionsError(f"device={self.device!r}: use auto, cpu, cuda, cuda:N or mps.")
-
-    def with_(self, **changes: object) -> EngineOptions:
-        return replace(self, **changes)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

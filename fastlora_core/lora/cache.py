@@ -41,6 +41,11 @@ class LoraCache:
 
     def get(self, path: str) -> tuple[FileKey, NormalizedLora]:
         """Parsed LoRA for ``path`` (read on a miss). Raises LoraFormatError for bad files."""
+        key, lora, _ = self.lookup(path)
+        return key, lora
+
+    def lookup(self, path: str) -> tuple[FileKey, NormalizedLora, bool]:
+        """Like ``get``, also saying whether it came from RAM (True) or was read from disk."""
         from .formats import read_lora
 
         key = file_key(path)
@@ -49,7 +54,7 @@ class LoraCache:
             if lora is not None:
                 self._items.move_to_end(key)
                 self.hits += 1
-                return key, lora
+                return key, lora, True
         lora = read_lora(path)
         with self._lock:
             self.misses += 1
@@ -60,18 +65,12 @@ class LoraCache:
                 while self._bytes > self.max_bytes and self._items:
                     _, old = self._items.popitem(last=False)
                     self._bytes -= old.nbytes()
-        return key, lora
+        return key, lora, False
 
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
             self._bytes = 0
-
-    def __contains__(self, path: str) -> bool:
-        try:
-            return file_key(path) in self._items
-        except LoraFormatError:
-            return False
 
 
 GLOBAL_CACHE = LoraCache()
