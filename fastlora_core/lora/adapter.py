@@ -120,7 +120,7 @@ class AdapterStrategy:
                     "(use swap_strategy=fused to apply them)."
                 )
         used = [e for e in entries if e.lora.transformer]
-        check_targets_exist(used, self._modules, "transformer", "Flux transformer")
+        check_targets_exist(used, self._modules, "transformer")
         ranks = self.stack_ranks(used)
         if not ranks:
             return warnings

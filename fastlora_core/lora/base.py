@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 
-from ..errors import LoraFitError
 from .cache import FileKey
 from .types import LoraLayer, NormalizedLora
 
@@ -27,16 +26,6 @@ class ResolvedEntry:
 
 
 Contribution = tuple[tuple[FileKey, float], ...]
-
-
-def linear_shape(module: torch.nn.Module) -> tuple[int, int]:
-    """(out_features, in_features) of a Linear, a PEFT LoRA wrapper or a quantised Linear."""
-    base = getattr(module, "base_layer", module)
-    out_f = getattr(base, "out_features", None)
-    in_f = getattr(base, "in_features", None)
-    if out_f is None or in_f is None:
-        raise TypeError(f"{type(module).__name__} is not a linear layer")
-    return int(out_f), int(in_f)
 
 
 def linear_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -59,24 +48,12 @@ def per_layer(entries: list[ResolvedEntry], part: str = "transformer") -> dict[s
     return layers
 
 
-def check_targets_exist(entries: list[ResolvedEntry], modules: dict[str, torch.nn.Module], part: str,
-                        model_label: str) -> None:
-    """Every target must be a linear layer of the model with matching shapes: a LoRA made for a
-    Flux model of another size (or another model) is refused before anything is written."""
+def check_targets_exist(entries: list[ResolvedEntry], modules: dict[str, torch.nn.Module], part: str) -> None:
+    """Every target of ``part`` must be a linear layer of the model with matching shapes: a LoRA
+    made for a Flux model of another size (or another model) is refused before anything is
+    written (``formats.fit_problems`` on the strategy's cached module map)."""
+    from .formats import fit_problems, raise_if_unfit
+
     for entry in entries:
         layers = getattr(entry.lora, part)
-        missing = [n for n in layers if n not in modules]
-        if missing:
-            raise LoraFitError(
-                f"{entry.name}: {len(missing)} target layer(s) do not exist in this {model_label} "
-                f"(first: {', '.join(sorted(missing)[:3])}). Is this LoRA for Flux.1? "
-                "Nothing was changed."
-            )
-        for n, layer in layers.items():
-            out_f, in_f = linear_shape(modules[n])
-            if layer.up.shape[0] != out_f or layer.down.shape[1] != in_f:
-                raise LoraFitError(
-                    f"{entry.name}: layer {n} is {out_f}x{in_f} in this {model_label} but the LoRA is "
-                    f"{layer.up.shape[0]}x{layer.down.shape[1]}: the LoRA was made for a model of another "
-                    "size. Nothing was changed."
-                )
+        raise_if_unfit(entry.lora.path, fit_problems(layers, modules), len(layers))

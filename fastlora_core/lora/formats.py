@@ -745,27 +745,41 @@ def validate_against(
     for layers, model, label in checks:
         if model is None or not layers:
             continue
-        linears = _named_linears(model)
-        for name, layer in layers.items():
-            total += 1
-            linear = linears.get(name)
-            if linear is None and name.startswith("text_model."):
-                linear = linears.get(name.removeprefix("text_model."))
-            if linear is None:
-                problems.append(f"{label}{name}: no such layer in the model")
-                continue
-            in_f, out_f = int(linear.in_features), int(linear.out_features)  # type: ignore[arg-type]
-            if int(layer.down.shape[1]) != in_f or int(layer.up.shape[0]) != out_f:
-                problems.append(
-                    f"{label}{name}: LoRA {int(layer.down.shape[1])}->{int(layer.up.shape[0])}, "
-                    f"model {in_f}->{out_f}"
-                )
+        total += len(layers)
+        problems += fit_problems(layers, _named_linears(model), label)
+    raise_if_unfit(lora.path, problems, total)
+
+
+def fit_problems(layers: Mapping[str, LoraLayer], linears: Mapping[str, torch.nn.Module],
+                 label: str = "") -> list[str]:
+    """One line per layer of ``layers`` that is missing from ``linears`` (name -> a linear-like
+    module with ``in_features``/``out_features``: plain, quantised or PEFT-wrapped) or has other
+    sizes. CLIP names ``text_model.encoder...`` also match a flattened ``CLIPTextModel``."""
+    problems: list[str] = []
+    for name, layer in layers.items():
+        linear = linears.get(name)
+        if linear is None and name.startswith("text_model."):
+            linear = linears.get(name.removeprefix("text_model."))
+        if linear is None:
+            problems.append(f"{label}{name}: no such layer in the model")
+            continue
+        in_f, out_f = int(linear.in_features), int(linear.out_features)  # type: ignore[arg-type]
+        if int(layer.down.shape[1]) != in_f or int(layer.up.shape[0]) != out_f:
+            problems.append(
+                f"{label}{name}: LoRA {int(layer.down.shape[1])}->{int(layer.up.shape[0])}, "
+                f"model {in_f}->{out_f}"
+            )
+    return problems
+
+
+def raise_if_unfit(path: str, problems: list[str], total: int) -> None:
+    """Raise LoraFormatError naming the file and the first problems (no-op when there are none)."""
     if problems:
         shown = "; ".join(problems[:_MAX_KEYS_IN_MESSAGE])
         more = len(problems) - _MAX_KEYS_IN_MESSAGE
         raise LoraFormatError(
-            f"LoRA file {lora.path} does not fit this model: {len(problems)} of {total} layers are missing or "
+            f"LoRA file {path} does not fit this model: {len(problems)} of {total} layers are missing or "
             f"have other sizes ({shown}{f' and {more} more' if more > 0 else ''}). This LoRA was made for a "
             "Flux model of another size, or not for Flux.1 at all (Flux.2, SD3, Chroma ...): use a LoRA "
-            "trained for this model."
+            "trained for this model. Nothing was changed."
         )

@@ -96,7 +96,7 @@ class FusedStrategy:
                        if part == "text_encoder_2" else "that model is not part of this engine")
                 warnings.append(f"{', '.join(e.name for e in used)}: its {label} layers are ignored ({why}).")
                 continue
-            check_targets_exist(used, self._modules[part], part, label)
+            check_targets_exist(used, self._modules[part], part)
             if part != "transformer":
                 for e in used:
                     for n in getattr(e.lora, part):
