@@ -8,6 +8,7 @@ written, so a refused stack leaves the engine serving the previous one bit for b
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import threading
@@ -34,6 +35,7 @@ from .optimize import (
     quantize_t5,
     quantize_transformer,
     resolve_device,
+    resolve_quantization,
     set_attention,
 )
 from .specs import EngineKey, EngineOptions, GenerateRequest, LoraStack, ModelSource
@@ -102,10 +104,12 @@ class FluxEngine:
         options = options or EngineOptions()
         source.validate()
         options.validate()
-        self.key = EngineKey(source, options)
+        self.key = EngineKey(source, options)  # what was asked for (``auto`` stays ``auto``)
         self.source = source
-        self.options = options
         self.device = resolve_device(options)
+        # what is used: ``auto`` choices resolved for this device
+        self.options = options = dataclasses.replace(
+            options, quantization=resolve_quantization(options, self.device))  # type: ignore[arg-type]
         check_device_support(options, self.device)
         self.dtype = DTYPES[options.dtype]
         self.lora_cache = lora_cache or GLOBAL_CACHE

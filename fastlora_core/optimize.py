@@ -5,6 +5,7 @@ compilation and offload. Each function states what it needs from the device and 
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -46,6 +47,32 @@ def resolve_device(options: EngineOptions) -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise OptionsError("device=mps but MPS is not available here. Use device=auto or cpu.")
     return device
+
+
+def resolve_quantization(options: EngineOptions, device: torch.device) -> str:
+    """The transformer quantisation an engine uses: ``options.quantization`` unless it is ``auto``.
+    ``auto`` -> ``fp8`` on CUDA with compute capability >= 8.9 (Ada, Hopper, Blackwell), bfloat16
+    weights, no offload and torchao installed; ``none`` otherwise. Never raises."""
+    if options.quantization != "auto":
+        return options.quantization
+    why = ""
+    if device.type != "cuda":
+        why = f"device is {device.type}"
+    elif torch.cuda.get_device_capability(device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(device)
+        why = f"compute capability {major}.{minor} < 8.9"
+    elif options.dtype != "bfloat16":
+        why = f"dtype={options.dtype}"
+    elif options.offload != "none":
+        why = f"offload={options.offload}"
+    elif importlib.util.find_spec("torchao") is None:
+        why = "torchao is not installed (pip install torchao)"
+    if why:
+        logger.info("quantization=auto -> none (%s)", why)
+        return "none"
+    logger.info("quantization=auto -> fp8 (torchao float8 dynamic, per-row) on %s",
+                torch.cuda.get_device_name(device))
+    return "fp8"
 
 
 def check_device_support(options: EngineOptions, device: torch.device) -> None:

@@ -14,7 +14,7 @@ from typing import Literal
 
 from .errors import OptionsError
 
-Quantization = Literal["none", "fp8", "fp8_weight_only", "int8_weight_only"]
+Quantization = Literal["auto", "none", "fp8", "fp8_weight_only", "int8_weight_only"]
 T5Quantization = Literal["none", "nf4", "int8"]
 Attention = Literal["auto", "sdpa", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math", "flash_attn"]
 CompileMode = Literal["off", "full", "regional"]
@@ -22,7 +22,7 @@ Offload = Literal["none", "model", "sequential"]
 DType = Literal["bfloat16", "float16", "float32"]
 SwapStrategy = Literal["fused", "adapter"]
 
-QUANTIZATIONS: tuple[str, ...] = ("none", "fp8", "fp8_weight_only", "int8_weight_only")
+QUANTIZATIONS: tuple[str, ...] = ("auto", "none", "fp8", "fp8_weight_only", "int8_weight_only")
 T5_QUANTIZATIONS: tuple[str, ...] = ("none", "nf4", "int8")
 ATTENTIONS: tuple[str, ...] = (
     "auto", "sdpa", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math", "flash_attn",
@@ -102,9 +102,12 @@ class ModelSource:
 class EngineOptions:
     """How to optimise the pipeline. Hashable; part of the registry key.
 
-    quantization: transformer weights. ``fp8`` is torchao float8 dynamic activation + weight,
-        per-row scales (CUDA, compute capability >= 8.9). ``fp8_weight_only`` and
-        ``int8_weight_only`` are the fallbacks for other devices (CPU included).
+    quantization: transformer weights. ``auto`` (default) is ``fp8`` where it is fast and safe
+        (CUDA with compute capability >= 8.9, bfloat16, no offload, torchao installed) and ``none``
+        everywhere else; the engine logs and reports what it chose. ``fp8`` is torchao float8
+        dynamic activation + weight, per-row scales (on the H200: 2.82 s vs 3.79 s per 28-step
+        loop in bf16, benchmarks/RESULTS.md). ``fp8_weight_only`` and ``int8_weight_only`` are
+        the fallbacks for other devices (CPU included).
     t5_quantization: T5 encoder via bitsandbytes (``nf4`` / ``int8``).
     attention: ``auto`` picks the fastest available kernel and logs it; explicit choices fail
         clearly when unavailable.
@@ -118,7 +121,7 @@ class EngineOptions:
     compile_cache_dir: persistent inductor cache; empty means the per-user default.
     """
 
-    quantization: Quantization = "none"
+    quantization: Quantization = "auto"
     t5_quantization: T5Quantization = "none"
     attention: Attention = "auto"
     compile: CompileMode = "regional"
@@ -145,7 +148,7 @@ class EngineOptions:
                 raise OptionsError(f"{name}={value!r} is not one of {', '.join(allowed)}.")
         if not isinstance(self.max_rank, int) or not 1 <= self.max_rank <= 1024:
             raise OptionsError(f"max_rank={self.max_rank!r} must be an integer between 1 and 1024.")
-        if self.quantization != "none" and self.offload != "none":
+        if self.quantization not in ("none", "auto") and self.offload != "none":
             raise OptionsError(
                 f"quantization={self.quantization} cannot be combined with offload={self.offload}: "
                 "torchao-quantised weights cannot be moved between CPU and GPU by the offload hooks. "

@@ -50,6 +50,45 @@ def test_options_are_hashable_and_validated_statically() -> None:
         GenerateRequest(width=1000).validate()
 
 
+def test_auto_quantization_is_fp8_only_where_fp8_is_fast_and_safe(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from fastlora_core import optimize
+
+    capability = [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "test GPU")
+    cuda = torch.device("cuda", 0)
+    auto = EngineOptions()
+    assert auto.quantization == "auto"
+    assert optimize.resolve_quantization(auto, cuda) == "fp8"  # Hopper
+    capability[0] = (8, 9)
+    assert optimize.resolve_quantization(auto, cuda) == "fp8"  # Ada
+    capability[0] = (8, 6)
+    assert optimize.resolve_quantization(auto, cuda) == "none"  # Ampere: no fp8 tensor cores
+    capability[0] = (9, 0)
+    assert optimize.resolve_quantization(auto, torch.device("cpu")) == "none"
+    assert optimize.resolve_quantization(dataclasses.replace(auto, dtype="float16"), cuda) == "none"
+    with_offload = dataclasses.replace(auto, offload="model")
+    with_offload.validate()  # auto never conflicts with offload: it resolves to none there
+    assert optimize.resolve_quantization(with_offload, cuda) == "none"
+    for explicit in ("none", "fp8", "int8_weight_only"):
+        assert optimize.resolve_quantization(dataclasses.replace(auto, quantization=explicit), cuda) == explicit
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torchao" else real_find_spec(name, *a))
+    assert optimize.resolve_quantization(auto, cuda) == "none"
+
+
+def test_engine_reports_the_quantization_it_resolved(tiny_source: ModelSource,
+                                                     tiny_request: GenerateRequest) -> None:
+    engine = FluxEngine(tiny_source, CPU)  # quantization left at auto
+    assert engine.key.options.quantization == "auto", "the registry key keeps what was asked for"
+    assert engine.options.quantization == "none", "auto on a CPU is no quantisation"
+    explicit = FluxEngine(tiny_source, dataclasses.replace(CPU, quantization="none"))
+    assert torch.equal(engine.generate(tiny_request).images, explicit.generate(tiny_request).images)
+
+
 def test_model_source_needs_all_four_single_files() -> None:
     with pytest.raises(OptionsError, match="missing: clip_l, t5xxl, vae"):
         ModelSource(transformer="/x/flux.safetensors").validate()
