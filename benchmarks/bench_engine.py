@@ -97,6 +97,10 @@ def run(args, RESULT, save):
     cache = os.environ.get("FASTLORA_BENCH_CACHE", "/tmp/fastlora-bench-cache")
     opts = EngineOptions(quantization="fp8", compile="regional", swap_strategy="fused", compile_cache_dir=cache)
     res["options"] = repr(opts)
+    if mode == "consumer24":
+        return run_consumer24(args, res, save, cache)
+    if mode in VARIANTS:
+        return run_variant(args, res, save, cache, mode)
     t0 = time.perf_counter()
     pipe = build_pipeline()
     torch.cuda.synchronize()
@@ -155,11 +159,22 @@ def run(args, RESULT, save):
     if mode != "cold":
         return
     # transformer-only loop through the engine's compiled transformer (same inputs as bench_flux)
-    from .bench_flux import Inputs, run_loop, time_loops
+    import torch._inductor.config as ic
 
+    from .bench_flux import Inputs, profile_step, run_loop, time_loops
+
+    res["inductor_flags"] = {k: getattr(ic, k, None) for k in
+                             ("coordinate_descent_tuning", "coordinate_descent_check_all_directions",
+                              "max_autotune", "epilogue_fusion", "freezing")}
     with torch.inference_mode():
         inp = Inputs(steps=args.steps)
         res["engine_transformer_loop"] = time_loops(lambda: run_loop(engine.transformer, inp), args.loops)
+        save()
+        res["profile_one_forward"] = profile_step(engine.transformer, inp, top=25)
+        save()
+        engine.apply(LoraStack())
+        res["engine_transformer_loop_nolora"] = time_loops(lambda: run_loop(engine.transformer, inp), args.loops)
+        engine.apply(stackA)
     save()
     # swaps: from disk (cache cleared) and from the RAM cache
     sw = {}
@@ -198,3 +213,148 @@ def run(args, RESULT, save):
     res["peak_gib_after_swaps"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     save()
     _ = math
+
+
+CONSUMER_GIB = 23.5  # what a 24 GB card (RTX 4090: 23.99 GiB) leaves to PyTorch after its CUDA context
+
+
+def run_consumer24(args, res, save, cache):
+    """The 24 GB consumer recipe through the engine, GPU memory capped at CONSUMER_GIB with
+    ``torch.cuda.set_per_process_memory_fraction``: fp8 transformer, NF4 T5 (bitsandbytes), regional
+    compile, adapter strategy (no bf16 master copy). The random pipeline is built on the GPU, then
+    moved to system RAM before the cap is set, so the engine loads from RAM as it does from disk."""
+    import torch
+
+    import fastlora_core.loading as loading
+    from fastlora_core import registry
+    from fastlora_core.specs import EngineOptions, GenerateRequest, LoraStack, ModelSource
+
+    from .bench_flux import Inputs, run_loop, time_loops
+
+    opts = EngineOptions(quantization="fp8", t5_quantization="nf4", compile="regional", swap_strategy="adapter",
+                         compile_cache_dir=cache)
+    res["options"] = repr(opts)
+    pipe = build_pipeline()
+    if (LORA_DIR / "paths.json").exists():
+        paths = json.loads((LORA_DIR / "paths.json").read_text())
+    else:
+        paths = write_loras(pipe.transformer)
+        (LORA_DIR / "paths.json").write_text(json.dumps(paths))
+    pipe.to("cpu")
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(0).total_memory
+    frac = CONSUMER_GIB * 2**30 / total
+    torch.cuda.set_per_process_memory_fraction(frac, 0)
+    torch.cuda.reset_peak_memory_stats()
+    res["memory_cap_gib"] = CONSUMER_GIB
+    res["memory_fraction"] = round(frac, 4)
+    loading.load_pipeline = lambda source, dtype: pipe
+    source = ModelSource(diffusers_dir="/tmp/random-flux-dev-consumer")
+    req = GenerateRequest(prompt="a photo of a cat on a red sofa", seed=0, steps=args.steps, width=1024, height=1024)
+    stackA = LoraStack.of((paths["A64"], 1.0))
+    try:
+        t_load = time.perf_counter()
+        engine = registry.get_engine(source, opts)
+        torch.cuda.synchronize()
+        res["engine_build_s"] = round(time.perf_counter() - t_load, 1)
+        res["peak_gib_after_build"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        save()
+        t0 = time.perf_counter()
+        r = engine.generate(req, stackA)
+        res["first_image_s_after_engine_build"] = round(time.perf_counter() - t0, 1)
+        res["first_image_new_compiles"] = r.new_compiles
+        save()
+        res["e2e_s_per_image"] = [round(engine.generate(req, stackA).seconds, 3) for _ in range(2)]
+        ms = []
+        for label in ("B64", "A64", "B64", "A64"):
+            ms.append(round(engine.apply(LoraStack.of((paths[label], 1.0))).swap_ms, 1))
+        res["swap_r64_from_ram_ms"] = ms
+        with torch.inference_mode():
+            inp = Inputs(steps=args.steps)
+            res["engine_transformer_loop"] = time_loops(lambda: run_loop(engine.transformer, inp), args.loops)
+        res["fits"] = True
+    except torch.OutOfMemoryError as exc:
+        res["fits"] = False
+        res["oom"] = str(exc)[:1500]
+    res["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    res["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+    save()
+
+
+TEXT_STREAM = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff_context.")
+
+
+def _fp8_image_stream_only(module, fqn):
+    """Quantisation filter for the ``fp8_txtbf16`` variant: text-stream linears (M = 512 tokens) stay
+    bf16, where fp8 GEMM + activation quantisation is slower than bf16 (RESULTS.md micro table)."""
+    import torch
+
+    return (isinstance(module, torch.nn.Linear) and module.in_features >= 16 and module.out_features >= 16
+            and not any(t in fqn for t in TEXT_STREAM))
+
+
+VARIANTS = {
+    # name: (EngineOptions overrides, patch)
+    "bf16": ({"quantization": "none"}, None),
+    "fp8txtbf16": ({"quantization": "fp8"}, "text_stream_bf16"),
+    "adapter": ({"quantization": "fp8", "swap_strategy": "adapter"}, None),
+    "full": ({"quantization": "fp8", "compile": "full"}, None),
+    "dynamic": ({"quantization": "fp8", "dynamic_shapes": True}, None),
+}
+
+
+def run_variant(args, res, save, cache, mode):
+    """One engine option set in its own process (cold compile cache per variant): engine build,
+    first image, whole images, the transformer loop with and without the LoRA, swaps from RAM."""
+    import statistics as st
+
+    import torch
+
+    import fastlora_core.loading as loading
+    import fastlora_core.optimize as optimize
+    from fastlora_core import registry
+    from fastlora_core.specs import EngineOptions, GenerateRequest, LoraStack, ModelSource
+
+    from .bench_flux import Inputs, profile_step, run_loop, time_loops
+
+    overrides, patch = VARIANTS[mode]
+    if patch == "text_stream_bf16":
+        optimize._is_quantizable_linear = _fp8_image_stream_only
+    opts = EngineOptions(compile_cache_dir=f"{cache}-{mode}", **overrides)
+    res["options"] = repr(opts)
+    res["patch"] = patch
+    pipe = build_pipeline()
+    if (LORA_DIR / "paths.json").exists():
+        paths = json.loads((LORA_DIR / "paths.json").read_text())
+    else:
+        paths = write_loras(pipe.transformer)
+        (LORA_DIR / "paths.json").write_text(json.dumps(paths))
+    loading.load_pipeline = lambda source, dtype: pipe
+    source = ModelSource(diffusers_dir=f"/tmp/random-flux-dev-{mode}")
+    req = GenerateRequest(prompt="a photo of a cat on a red sofa", seed=0, steps=args.steps, width=1024, height=1024)
+    stackA = LoraStack.of((paths["A64"], 1.0))
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    engine = registry.get_engine(source, opts)
+    r = engine.generate(req, stackA)
+    res["first_image_s_incl_engine_build"] = round(time.perf_counter() - t0, 1)
+    res["first_image_new_compiles"] = r.new_compiles
+    save()
+    res["e2e_s_per_image"] = [round(engine.generate(req, stackA).seconds, 3) for _ in range(2)]
+    with torch.inference_mode():
+        inp = Inputs(steps=args.steps)
+        res["loop_lora_A64"] = time_loops(lambda: run_loop(engine.transformer, inp), args.loops)
+        save()
+        engine.apply(LoraStack())
+        res["loop_nolora"] = time_loops(lambda: run_loop(engine.transformer, inp), 2)
+        save()
+        engine.apply(stackA)
+        if mode in ("fp8txtbf16", "adapter"):
+            res["profile_one_forward"] = profile_step(engine.transformer, inp, top=12)
+    ms = [round(engine.apply(LoraStack.of((paths[k], 1.0))).swap_ms, 1) for k in ("B64", "A64", "B64", "A64", "B64")]
+    res["swap_r64_from_ram_ms"] = ms
+    res["swap_r64_from_ram_ms_median"] = st.median(ms[1:])
+    res["compiles_total"] = engine.compiles
+    res["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    save()
