@@ -745,10 +745,19 @@ def group_fp8_fused(args):
 # group: fp8_adapter (the published recipe)
 # ---------------------------------------------------------------------------------------------------
 def group_fp8_adapter(args):
+    _adapter_group(args, "fp8_adapter", quantize=True)
+
+
+def group_bf16_adapter(args):
+    """The recipe's middle step: bf16, regional compile, PEFT hotswap padded to rank 64."""
+    _adapter_group(args, "bf16_adapter", quantize=False)
+
+
+def _adapter_group(args, name, quantize):
     import torch
     import torch._dynamo
 
-    res = RESULT.setdefault("fp8_adapter", {})
+    res = RESULT.setdefault(name, {})
     model = build_transformer()
     inp = Inputs(steps=args.steps)
     names = target_names(model)
@@ -757,7 +766,8 @@ def group_fp8_adapter(args):
     with torch.inference_mode():
         model.enable_lora_hotswap(target_rank=64)
         model.load_lora_adapter(peft_state_dict(loraA), prefix=None, adapter_name="default_0")
-        quantize_fp8(model)
+        if quantize:
+            quantize_fp8(model)
         t0 = time.perf_counter()
         model.compile_repeated_blocks(fullgraph=True)
         forward(model, inp.hidden, inp, 0)
@@ -765,7 +775,7 @@ def group_fp8_adapter(args):
         res["compile_first_forward_s"] = round(time.perf_counter() - t0, 1)
         torch.cuda.reset_peak_memory_stats()
         res["loop_lora_A64"] = time_loops(lambda: run_loop(model, inp), args.loops)
-        log("fp8 adapter loop", res["loop_lora_A64"])
+        log(name, "loop", res["loop_lora_A64"])
         save()
 
         @phase("adapter_swaps")
@@ -788,11 +798,12 @@ def group_fp8_adapter(args):
 
         swaps()
 
-        @phase("adapter_profile")
-        def prof():
-            res["profile_one_forward"] = profile_step(model, inp, top=20)
+        if quantize:
+            @phase("adapter_profile")
+            def prof():
+                res["profile_one_forward"] = profile_step(model, inp, top=20)
 
-        prof()
+            prof()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -830,7 +841,7 @@ def group_fp8_fqkv(args):
 
 
 GROUPS = {"micro": group_micro, "eager": group_eager, "fp8_fused": group_fp8_fused,
-          "fp8_adapter": group_fp8_adapter, "fp8_fqkv": group_fp8_fqkv}
+          "fp8_adapter": group_fp8_adapter, "bf16_adapter": group_bf16_adapter, "fp8_fqkv": group_fp8_fqkv}
 
 
 def worker(args):
@@ -917,6 +928,7 @@ def summary(merged):
 
     rows = [("bf16 eager + PEFT r64 (baseline)", "eager.eager.bf16_eager_peft_r64.median_s"),
             ("bf16 eager no LoRA", "eager.eager.bf16_eager_nolora.median_s"),
+            ("bf16 regional + PEFT hotswap r64", "bf16_adapter.bf16_adapter.loop_lora_A64.median_s"),
             ("fp8 regional + PEFT hotswap r64 (recipe)", "fp8_adapter.fp8_adapter.loop_lora_A64.median_s"),
             ("fp8 regional + fused LoRA", "fp8_fused.fp8_fused.loop_lora_A64.median_s"),
             ("  + whole-forward CUDA graph", "fp8_fused.fp8_fused.loop_lora_A64_cudagraph.median_s"),
