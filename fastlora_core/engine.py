@@ -36,6 +36,7 @@ from .optimize import (
     quantize_transformer,
     resolve_device,
     resolve_quantization,
+    resolve_t5_quantization,
     set_attention,
 )
 from .specs import EngineKey, EngineOptions, GenerateRequest, LoraStack, ModelSource
@@ -109,7 +110,8 @@ class FluxEngine:
         self.device = resolve_device(options)
         # what is used: ``auto`` choices resolved for this device
         self.options = options = dataclasses.replace(
-            options, quantization=resolve_quantization(options, self.device))  # type: ignore[arg-type]
+            options, quantization=resolve_quantization(options, self.device),  # type: ignore[arg-type]
+            t5_quantization=resolve_t5_quantization(options, self.device))  # type: ignore[arg-type]
         check_device_support(options, self.device)
         self.dtype = DTYPES[options.dtype]
         self.lora_cache = lora_cache or GLOBAL_CACHE

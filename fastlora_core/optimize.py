@@ -75,6 +75,34 @@ def resolve_quantization(options: EngineOptions, device: torch.device) -> str:
     return "fp8"
 
 
+AUTO_NF4_BELOW_GIB = 30
+
+
+def resolve_t5_quantization(options: EngineOptions, device: torch.device) -> str:
+    """The T5 quantisation an engine uses: ``options.t5_quantization`` unless it is ``auto``.
+    ``auto`` -> ``nf4`` on a CUDA GPU with less than ``AUTO_NF4_BELOW_GIB`` GiB, no offload and
+    bitsandbytes installed (a 24 GB card then holds the fp8 pipeline); ``none`` otherwise."""
+    if options.t5_quantization != "auto":
+        return options.t5_quantization
+    why = ""
+    total_gib = 0.0
+    if device.type != "cuda":
+        why = f"device is {device.type}"
+    else:
+        total_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
+        if total_gib >= AUTO_NF4_BELOW_GIB:
+            why = f"{total_gib:.0f} GiB GPU holds the bf16 T5"
+        elif options.offload != "none":
+            why = f"offload={options.offload}"
+        elif importlib.util.find_spec("bitsandbytes") is None:
+            why = "bitsandbytes is not installed (pip install bitsandbytes)"
+    if why:
+        logger.info("t5_quantization=auto -> none (%s)", why)
+        return "none"
+    logger.info("t5_quantization=auto -> nf4 (%.0f GiB GPU)", total_gib)
+    return "nf4"
+
+
 def check_device_support(options: EngineOptions, device: torch.device) -> None:
     """Checks that need the device. Raises OptionsError saying what to change."""
     if options.quantization == "fp8":

@@ -154,8 +154,9 @@ class OptimizedFluxLoader:
                                    "fp8 (dynamic, same GPUs), fp8/int8 weight-only (any device), none (bf16, "
                                    "closest to the original model)."),
             "t5_quantization": _combo(specs.T5_QUANTIZATIONS, o.t5_quantization,
-                                      "T5 text encoder via bitsandbytes: nf4 saves ~7 GB (24 GB GPUs), "
-                                      "int8 ~5 GB, none keeps full precision."),
+                                      "T5 text encoder via bitsandbytes. auto: nf4 on GPUs under 30 GB (24 GB "
+                                      "cards), none elsewhere. nf4 saves ~7 GB, int8 ~5 GB, none keeps full "
+                                      "precision."),
             "attention": _combo(specs.ATTENTIONS, o.attention,
                                 "Attention kernel. auto picks the fastest available and logs it; explicit "
                                 "choices fail clearly when unavailable."),

@@ -80,11 +80,39 @@ def test_auto_quantization_is_fp8_only_where_fp8_is_fast_and_safe(monkeypatch: p
     assert optimize.resolve_quantization(auto, cuda) == "none"
 
 
+def test_auto_t5_quantization_is_nf4_only_on_small_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+    import types
+
+    from fastlora_core import optimize
+
+    gib = [24.0]
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: types.SimpleNamespace(total_memory=int(gib[0] * 2**30)))
+    cuda = torch.device("cuda", 0)
+    auto = EngineOptions()
+    assert auto.t5_quantization == "auto"
+    assert optimize.resolve_t5_quantization(auto, cuda) == "nf4"  # RTX 4090: 23.99 GiB
+    gib[0] = 79.6
+    assert optimize.resolve_t5_quantization(auto, cuda) == "none"  # H100 80 GB
+    gib[0] = 24.0
+    assert optimize.resolve_t5_quantization(auto, torch.device("cpu")) == "none"
+    assert optimize.resolve_t5_quantization(dataclasses.replace(auto, offload="model"), cuda) == "none"
+    for explicit in ("none", "int8"):
+        assert optimize.resolve_t5_quantization(dataclasses.replace(auto, t5_quantization=explicit), cuda) == explicit
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a))
+    assert optimize.resolve_t5_quantization(auto, cuda) == "none"
+
+
 def test_engine_reports_the_quantization_it_resolved(tiny_source: ModelSource,
                                                      tiny_request: GenerateRequest) -> None:
     engine = FluxEngine(tiny_source, CPU)  # quantization left at auto
     assert engine.key.options.quantization == "auto", "the registry key keeps what was asked for"
     assert engine.options.quantization == "none", "auto on a CPU is no quantisation"
+    assert engine.key.options.t5_quantization == "auto" and engine.options.t5_quantization == "none"
+    assert "text_encoder_2" in engine.strategy._modules, "an unquantised T5 takes LoRA layers"
     explicit = FluxEngine(tiny_source, dataclasses.replace(CPU, quantization="none"))
     assert torch.equal(engine.generate(tiny_request).images, explicit.generate(tiny_request).images)
 

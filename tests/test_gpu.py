@@ -13,7 +13,8 @@ from fastlora_core.specs import EngineOptions, GenerateRequest, LoraStack, Model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 
-GPU = EngineOptions(quantization="none", dtype="bfloat16", device="cuda", compile="regional", max_rank=32)
+GPU = EngineOptions(quantization="none", t5_quantization="none", dtype="bfloat16", device="cuda",
+                    compile="regional", max_rank=32)
 
 
 def _fp8_ok() -> bool:

@@ -21,7 +21,7 @@ SIZES = {"OptimizedFluxLoader": [340, 430], "LoraHotswap": [320, 110], "PadDummy
 
 def loader(**kw):
     d = {"source": "diffusers folder", "diffusers_model": "FLUX.1-dev", "transformer": "None", "clip_l": "None",
-         "t5xxl": "None", "vae": "None", "quantization": "auto", "t5_quantization": "none", "attention": "auto",
+         "t5xxl": "None", "vae": "None", "quantization": "auto", "t5_quantization": "auto", "attention": "auto",
          "compile": "regional", "offload": "none", "dtype": "bfloat16", "swap_strategy": "fused", "max_rank": 128}
     d.update(kw)
     return d
