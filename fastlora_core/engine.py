@@ -242,7 +242,8 @@ class FluxEngine:
                     layers = self.strategy.apply(entries)
             except torch.OutOfMemoryError as exc:  # the strategy already restored the previous stack
                 self._free_memory()
-                raise out_of_memory("applying the LoRA stack (the previous stack is still active)", exc) from exc
+                raise out_of_memory("applying the LoRA stack (the previous stack is still active)", exc,
+                                    self.options) from exc
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self.loaded_stack = stack
@@ -315,7 +316,7 @@ class FluxEngine:
             except torch.OutOfMemoryError as exc:
                 self._free_memory()
                 raise out_of_memory(
-                    f"generating {request.batch} image(s) at {request.width}x{request.height}", exc
+                    f"generating {request.batch} image(s) at {request.width}x{request.height}", exc, self.options
                 ) from exc
             seconds = time.perf_counter() - t0
             new = dynamo_compile_count() - before

@@ -41,16 +41,27 @@ class EngineOutOfMemoryError(FastLoraError, MemoryError):
     ``out_of_memory``) so frontends' own OOM recovery (ComfyUI unloads models) still triggers."""
 
 
-def out_of_memory(what: str, exc: BaseException) -> Exception:
-    """An error that is both ours (clear message) and ``torch.OutOfMemoryError``."""
+def out_of_memory(what: str, exc: BaseException, options: object | None = None) -> Exception:
+    """An error that is both ours (clear message) and ``torch.OutOfMemoryError``. With the engine's
+    (resolved) ``options``, only changes that are not already in effect are suggested."""
     import torch
 
     class _OOM(EngineOutOfMemoryError, torch.OutOfMemoryError):  # type: ignore[misc]
         pass
 
+    def opt(name: str, default: str) -> str:
+        return str(getattr(options, name, default))
+
+    tips = ["lower width/height or batch"]
+    if opt("quantization", "none") == "none":
+        tips.append("quantization=fp8 (GPUs with compute capability >= 8.9) or int8_weight_only")
+    if opt("t5_quantization", "none") == "none":
+        tips.append("t5_quantization=nf4")
+    if opt("compile", "full") == "full":
+        tips.append("compile=regional")
+    if opt("offload", "none") == "none" and opt("quantization", "none") == "none":
+        tips.append("offload=model")
+    if len(tips) == 1:
+        tips.append("close other GPU programs or unload other models first")
     _OOM.__name__ = _OOM.__qualname__ = "EngineOutOfMemoryError"
-    return _OOM(
-        f"Out of device memory while {what}. The engine is still usable. To fit: lower width/height "
-        "or batch, use quantization=fp8 (or int8_weight_only), t5_quantization=nf4, compile=regional, "
-        f"or offload=model. ({exc})"
-    )
+    return _OOM(f"Out of device memory while {what}. The engine is still usable. To fit: {'; '.join(tips)}. ({exc})")

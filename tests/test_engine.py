@@ -239,6 +239,17 @@ def test_out_of_memory_is_reported_clearly_and_engine_stays_usable(
     assert torch.equal(engine.generate(tiny_request).images, expected)
 
 
+def test_out_of_memory_advice_skips_what_is_already_in_effect() -> None:
+    from fastlora_core.errors import out_of_memory
+
+    oom = torch.OutOfMemoryError("CUDA out of memory")
+    plain = str(out_of_memory("generating", oom, EngineOptions(quantization="none", t5_quantization="none")))
+    assert "quantization=fp8" in plain and "t5_quantization=nf4" in plain and "offload=model" in plain
+    recipe = str(out_of_memory("generating", oom, EngineOptions(quantization="fp8", t5_quantization="nf4")))
+    assert "quantization=fp8" not in recipe and "nf4" not in recipe and "offload" not in recipe
+    assert "lower width/height" in recipe and "unload other models" in recipe
+
+
 def test_compile_cache_goes_to_the_configured_folder(tiny_source: ModelSource, tmp_path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     import os
