@@ -185,10 +185,13 @@ def run(args, RESULT, save):
     for label in ("B64", "C16", "D128", "A64", "B64"):
         rep = engine.apply(LoraStack.of((paths[label], 1.0)))
         sw[f"{label}_from_ram_ms"] = round(rep.swap_ms, 1)
-    ram64 = []
+    ram64, reports = [], []
     for label in ("B64", "A64", "B64", "A64"):
-        ram64.append(round(engine.apply(LoraStack.of((paths[label], 1.0))).swap_ms, 1))
+        rep = engine.apply(LoraStack.of((paths[label], 1.0)))
+        ram64.append(round(rep.swap_ms, 1))
+        reports.append({k: rep.as_dict()[k] for k in ("swap_ms", "read_ms", "stage_ms", "from_cache")})
     sw["r64_from_ram_ms_median"] = statistics.median(ram64)
+    sw["r64_from_ram_reports"] = reports
     res["swaps"] = sw
     save()
     # 22-swap sequence with generation (1 step) under error_on_recompile
@@ -352,8 +355,12 @@ def run_variant(args, res, save, cache, mode):
         engine.apply(stackA)
         if mode in ("fp8txtbf16", "adapter"):
             res["profile_one_forward"] = profile_step(engine.transformer, inp, top=12)
-    ms = [round(engine.apply(LoraStack.of((paths[k], 1.0))).swap_ms, 1) for k in ("B64", "A64", "B64", "A64", "B64")]
+    reps = [engine.apply(LoraStack.of((paths[k], 1.0))) for k in ("B64", "A64", "B64", "A64", "B64")]
+    ms = [round(r.swap_ms, 1) for r in reps]
     res["swap_r64_from_ram_ms"] = ms
+    res["swap_r64_reports"] = [{k: r.as_dict()[k] for k in ("swap_ms", "read_ms", "stage_ms", "from_cache")}
+                               for r in reps]
+    res["fast_fp8_requant"] = getattr(engine.strategy, "_fast_fp8", None)
     res["swap_r64_from_ram_ms_median"] = st.median(ms[1:])
     res["compiles_total"] = engine.compiles
     res["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)

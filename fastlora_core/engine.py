@@ -56,12 +56,15 @@ class SwapReport:
     layers_written: int = 0
     from_cache: bool = True
     warnings: list[str] = field(default_factory=list)
+    read_ms: float = 0.0  # reading and converting files not in the RAM cache (part of swap_ms)
+    stage_ms: float = 0.0  # copying LoRAs not yet on the GPU there (part of swap_ms)
 
     def as_dict(self) -> dict[str, object]:
         return {
             "strategy": self.strategy, "stack": self.stack, "swap_ms": round(self.swap_ms, 3),
             "changed": self.changed, "layers_written": self.layers_written,
             "from_cache": self.from_cache, "warnings": self.warnings,
+            "read_ms": round(self.read_ms, 3), "stage_ms": round(self.stage_ms, 3),
         }
 
 
@@ -197,14 +200,25 @@ class FluxEngine:
         self._compiled = True
 
     # -- LoRA ----------------------------------------------------------------------------------
-    def _resolve(self, stack: LoraStack) -> tuple[list[ResolvedEntry], bool]:
+    def _resolve(self, stack: LoraStack) -> tuple[list[ResolvedEntry], bool, float, float]:
+        """The stack's LoRAs, read (or taken from the RAM cache) and staged on the device; also
+        whether all came from the cache and the milliseconds spent reading and staging."""
         entries = []
         from_cache = True
+        read_s = stage_s = 0.0
         for spec in stack.active():
+            t0 = time.perf_counter()
             key, lora, hit = self.lora_cache.lookup(spec.path)
+            t1 = time.perf_counter()
+            was_staged = key in self._gpu_loras
+            staged = self._staged(key, lora)
+            if not was_staged and staged is not lora:  # a new copy on the GPU: wait for it
+                torch.cuda.synchronize(self.device)
+            read_s += t1 - t0
+            stage_s += time.perf_counter() - t1
             from_cache = from_cache and hit
-            entries.append(ResolvedEntry(key, self._staged(key, lora), spec.strength))
-        return entries, from_cache
+            entries.append(ResolvedEntry(key, staged, spec.strength))
+        return entries, from_cache, read_s * 1000, stage_s * 1000
 
     def _staged(self, key: FileKey, lora: NormalizedLora) -> NormalizedLora:
         """On a GPU, the recently used LoRAs are kept on the device (engine dtype), so swapping
@@ -233,7 +247,7 @@ class FluxEngine:
             t0 = time.perf_counter()
             if stack == self.loaded_stack:
                 return SwapReport(self.strategy.name, stack.describe(), 0.0, False)
-            entries, from_cache = self._resolve(stack)
+            entries, from_cache, read_ms, stage_ms = self._resolve(stack)
             warnings = self.strategy.validate(entries)
             for w in warnings:
                 logger.warning(w)
@@ -248,9 +262,10 @@ class FluxEngine:
                 torch.cuda.synchronize(self.device)
             self.loaded_stack = stack
             ms = (time.perf_counter() - t0) * 1000
-            logger.info("LoRA stack %s applied in %.1f ms (%s, %d layers)", stack.describe(), ms,
-                        self.strategy.name, layers)
-            return SwapReport(self.strategy.name, stack.describe(), ms, True, layers, from_cache, warnings)
+            logger.info("LoRA stack %s applied in %.1f ms (read %.1f ms, to GPU %.1f ms; %s, %d layers)",
+                        stack.describe(), ms, read_ms, stage_ms, self.strategy.name, layers)
+            return SwapReport(self.strategy.name, stack.describe(), ms, True, layers, from_cache, warnings,
+                              read_ms, stage_ms)
 
     def prepare_slot(self, lora_paths: Sequence[str] = (), all_layers: bool = False,
                      max_rank: int | None = None) -> dict[str, object]:

@@ -200,6 +200,9 @@ def test_same_stack_is_free_and_parsed_files_come_from_ram(
     a, b = _stack(tiny_loras, ("style", 1.0)), _stack(tiny_loras, ("character", 1.0))
     first = engine.apply(a)
     assert first.changed and not first.from_cache
+    # The report splits the swap: reading the file is part of it; nothing is staged on a CPU engine.
+    assert 0.0 < first.read_ms <= first.swap_ms and first.stage_ms < first.swap_ms
+    assert {"read_ms", "stage_ms"} <= set(first.as_dict())
     again = engine.apply(a)
     assert not again.changed and again.swap_ms == 0.0
     engine.apply(b)
