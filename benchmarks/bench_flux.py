@@ -916,6 +916,13 @@ def main():
     merged["total_seconds"] = round(time.time() - t_start, 1)
     out.write_text(json.dumps(merged, indent=1, default=str))
     summary(merged)
+    try:  # the human tables, beside the JSON (benchmarks/report.py merges several runs into RESULTS.md)
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import report
+
+        out.with_suffix(".md").write_text(report.render([json.loads(out.read_text())], [out.name]))
+    except Exception as exc:  # noqa: BLE001
+        log("report not written:", exc)
 
 
 def summary(merged):
