@@ -108,3 +108,15 @@ def test_nf4_t5_on_gpu(tiny_source: ModelSource, tiny_request: GenerateRequest) 
     pytest.importorskip("bitsandbytes")
     engine = FluxEngine(tiny_source, dataclasses.replace(GPU, t5_quantization="nf4", compile="off"))
     assert engine.generate(tiny_request).images.shape == (1, 64, 64, 3)
+
+
+@pytest.mark.skipif(not _fp8_ok(), reason="fp8 needs compute capability >= 8.9")
+def test_default_options_quantise_to_fp8_on_this_gpu(tiny_source: ModelSource, tiny_request: GenerateRequest) -> None:
+    engine = FluxEngine(tiny_source, EngineOptions(compile="off"))
+    assert engine.key.options.quantization == "auto" and engine.options.quantization == "fp8"
+    weight = engine.transformer.transformer_blocks[0].attn.to_q.weight
+    assert type(weight).__name__ == "Float8Tensor"
+    total_gib = torch.cuda.get_device_properties(engine.device).total_memory / 2**30
+    assert engine.options.t5_quantization == ("nf4" if total_gib < 30 else "none")
+    images = engine.generate(tiny_request).images
+    assert images.shape == (1, 64, 64, 3) and bool(torch.isfinite(images).all())
