@@ -8,7 +8,6 @@ written, so a refused stack leaves the engine serving the previous one bit for b
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import logging
 import threading
@@ -35,8 +34,7 @@ from .optimize import (
     quantize_t5,
     quantize_transformer,
     resolve_device,
-    resolve_quantization,
-    resolve_t5_quantization,
+    resolve_options,
     set_attention,
 )
 from .specs import EngineKey, EngineOptions, GenerateRequest, LoraStack, ModelSource
@@ -112,9 +110,7 @@ class FluxEngine:
         self.source = source
         self.device = resolve_device(options)
         # what is used: ``auto`` choices resolved for this device
-        self.options = options = dataclasses.replace(
-            options, quantization=resolve_quantization(options, self.device),  # type: ignore[arg-type]
-            t5_quantization=resolve_t5_quantization(options, self.device))  # type: ignore[arg-type]
+        self.options = options = resolve_options(options, self.device)
         check_device_support(options, self.device)
         self.dtype = DTYPES[options.dtype]
         self.lora_cache = lora_cache or GLOBAL_CACHE

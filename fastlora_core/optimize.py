@@ -5,6 +5,7 @@ compilation and offload. Each function states what it needs from the device and 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -49,58 +50,53 @@ def resolve_device(options: EngineOptions) -> torch.device:
     return device
 
 
-def resolve_quantization(options: EngineOptions, device: torch.device) -> str:
-    """The transformer quantisation an engine uses: ``options.quantization`` unless it is ``auto``.
-    ``auto`` -> ``fp8`` on CUDA with compute capability >= 8.9 (Ada, Hopper, Blackwell), bfloat16
-    weights, no offload and torchao installed; ``none`` otherwise. Never raises."""
-    if options.quantization != "auto":
-        return options.quantization
-    why = ""
-    if device.type != "cuda":
-        why = f"device is {device.type}"
-    elif torch.cuda.get_device_capability(device) < (8, 9):
-        major, minor = torch.cuda.get_device_capability(device)
-        why = f"compute capability {major}.{minor} < 8.9"
-    elif options.dtype != "bfloat16":
-        why = f"dtype={options.dtype}"
-    elif options.offload != "none":
-        why = f"offload={options.offload}"
-    elif importlib.util.find_spec("torchao") is None:
-        why = "torchao is not installed (pip install torchao)"
-    if why:
-        logger.info("quantization=auto -> none (%s)", why)
-        return "none"
-    logger.info("quantization=auto -> fp8 (torchao float8 dynamic, per-row) on %s",
-                torch.cuda.get_device_name(device))
-    return "fp8"
-
-
 AUTO_NF4_BELOW_GIB = 30
 
 
-def resolve_t5_quantization(options: EngineOptions, device: torch.device) -> str:
-    """The T5 quantisation an engine uses: ``options.t5_quantization`` unless it is ``auto``.
-    ``auto`` -> ``nf4`` on a CUDA GPU with less than ``AUTO_NF4_BELOW_GIB`` GiB, no offload and
-    bitsandbytes installed (a 24 GB card then holds the fp8 pipeline); ``none`` otherwise."""
-    if options.t5_quantization != "auto":
-        return options.t5_quantization
-    why = ""
-    total_gib = 0.0
+def _why_not_fp8(options: EngineOptions, device: torch.device) -> str:
+    """Why ``quantization=auto`` cannot be fp8 here ("" when it can)."""
     if device.type != "cuda":
-        why = f"device is {device.type}"
-    else:
-        total_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
-        if total_gib >= AUTO_NF4_BELOW_GIB:
-            why = f"{total_gib:.0f} GiB GPU holds the bf16 T5"
-        elif options.offload != "none":
-            why = f"offload={options.offload}"
-        elif importlib.util.find_spec("bitsandbytes") is None:
-            why = "bitsandbytes is not installed (pip install bitsandbytes)"
-    if why:
-        logger.info("t5_quantization=auto -> none (%s)", why)
-        return "none"
-    logger.info("t5_quantization=auto -> nf4 (%.0f GiB GPU)", total_gib)
-    return "nf4"
+        return f"device is {device.type}"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        return f"compute capability {major}.{minor} < 8.9"
+    if options.dtype != "bfloat16":
+        return f"dtype={options.dtype}"
+    if options.offload != "none":
+        return f"offload={options.offload}"
+    if importlib.util.find_spec("torchao") is None:
+        return "torchao is not installed (pip install torchao)"
+    return ""
+
+
+def _why_not_nf4(options: EngineOptions, device: torch.device) -> str:
+    """Why ``t5_quantization=auto`` should not be nf4 here ("" when it should)."""
+    if device.type != "cuda":
+        return f"device is {device.type}"
+    total_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
+    if total_gib >= AUTO_NF4_BELOW_GIB:
+        return f"{total_gib:.0f} GiB GPU holds the bf16 T5"
+    if options.offload != "none":
+        return f"offload={options.offload}"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "bitsandbytes is not installed (pip install bitsandbytes)"
+    return ""
+
+
+def resolve_options(options: EngineOptions, device: torch.device) -> EngineOptions:
+    """The options an engine uses on ``device``: every ``auto`` choice resolved, the rest as given.
+    ``quantization=auto`` -> ``fp8`` on CUDA with compute capability >= 8.9 (Ada, Hopper, Blackwell),
+    bfloat16 weights, no offload and torchao installed; ``t5_quantization=auto`` -> ``nf4`` on a CUDA
+    GPU with less than ``AUTO_NF4_BELOW_GIB`` GiB, no offload and bitsandbytes installed (a 24 GB
+    card then holds the fp8 pipeline); ``none`` otherwise. Logs each choice; never raises."""
+    changes: dict[str, str] = {}
+    for name, why_not, chosen in (("quantization", _why_not_fp8, "fp8"), ("t5_quantization", _why_not_nf4, "nf4")):
+        if getattr(options, name) != "auto":
+            continue
+        why = why_not(options, device)
+        changes[name] = "none" if why else chosen
+        logger.info("%s=auto -> %s (%s)", name, changes[name], why or f"on {device}")
+    return dataclasses.replace(options, **changes)  # type: ignore[arg-type]
 
 
 def check_device_support(options: EngineOptions, device: torch.device) -> None:

@@ -50,6 +50,14 @@ def test_options_are_hashable_and_validated_statically() -> None:
         GenerateRequest(width=1000).validate()
 
 
+def _quantization(optimize, options: EngineOptions, device: torch.device) -> str:  # type: ignore[no-untyped-def]
+    return optimize.resolve_options(options, device).quantization
+
+
+def _t5(optimize, options: EngineOptions, device: torch.device) -> str:  # type: ignore[no-untyped-def]
+    return optimize.resolve_options(options, device).t5_quantization
+
+
 def test_auto_quantization_is_fp8_only_where_fp8_is_fast_and_safe(monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib.util
 
@@ -59,25 +67,25 @@ def test_auto_quantization_is_fp8_only_where_fp8_is_fast_and_safe(monkeypatch: p
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "test GPU")
     cuda = torch.device("cuda", 0)
-    auto = EngineOptions()
-    assert auto.quantization == "auto"
-    assert optimize.resolve_quantization(auto, cuda) == "fp8"  # Hopper
+    assert EngineOptions().quantization == "auto"
+    auto = EngineOptions(t5_quantization="none")  # only the transformer rule under test
+    assert _quantization(optimize, auto, cuda) == "fp8"  # Hopper
     capability[0] = (8, 9)
-    assert optimize.resolve_quantization(auto, cuda) == "fp8"  # Ada
+    assert _quantization(optimize, auto, cuda) == "fp8"  # Ada
     capability[0] = (8, 6)
-    assert optimize.resolve_quantization(auto, cuda) == "none"  # Ampere: no fp8 tensor cores
+    assert _quantization(optimize, auto, cuda) == "none"  # Ampere: no fp8 tensor cores
     capability[0] = (9, 0)
-    assert optimize.resolve_quantization(auto, torch.device("cpu")) == "none"
-    assert optimize.resolve_quantization(dataclasses.replace(auto, dtype="float16"), cuda) == "none"
+    assert _quantization(optimize, auto, torch.device("cpu")) == "none"
+    assert _quantization(optimize, dataclasses.replace(auto, dtype="float16"), cuda) == "none"
     with_offload = dataclasses.replace(auto, offload="model")
     with_offload.validate()  # auto never conflicts with offload: it resolves to none there
-    assert optimize.resolve_quantization(with_offload, cuda) == "none"
+    assert _quantization(optimize, with_offload, cuda) == "none"
     for explicit in ("none", "fp8", "int8_weight_only"):
-        assert optimize.resolve_quantization(dataclasses.replace(auto, quantization=explicit), cuda) == explicit
+        assert _quantization(optimize, dataclasses.replace(auto, quantization=explicit), cuda) == explicit
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "torchao" else real_find_spec(name, *a))
-    assert optimize.resolve_quantization(auto, cuda) == "none"
+    assert _quantization(optimize, auto, cuda) == "none"
 
 
 def test_auto_t5_quantization_is_nf4_only_on_small_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -90,20 +98,20 @@ def test_auto_t5_quantization_is_nf4_only_on_small_gpus(monkeypatch: pytest.Monk
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda device=None: types.SimpleNamespace(total_memory=int(gib[0] * 2**30)))
     cuda = torch.device("cuda", 0)
-    auto = EngineOptions()
-    assert auto.t5_quantization == "auto"
-    assert optimize.resolve_t5_quantization(auto, cuda) == "nf4"  # RTX 4090: 23.99 GiB
+    assert EngineOptions().t5_quantization == "auto"
+    auto = EngineOptions(quantization="none")  # only the T5 rule under test
+    assert _t5(optimize, auto, cuda) == "nf4"  # RTX 4090: 23.99 GiB
     gib[0] = 79.6
-    assert optimize.resolve_t5_quantization(auto, cuda) == "none"  # H100 80 GB
+    assert _t5(optimize, auto, cuda) == "none"  # H100 80 GB
     gib[0] = 24.0
-    assert optimize.resolve_t5_quantization(auto, torch.device("cpu")) == "none"
-    assert optimize.resolve_t5_quantization(dataclasses.replace(auto, offload="model"), cuda) == "none"
+    assert _t5(optimize, auto, torch.device("cpu")) == "none"
+    assert _t5(optimize, dataclasses.replace(auto, offload="model"), cuda) == "none"
     for explicit in ("none", "int8"):
-        assert optimize.resolve_t5_quantization(dataclasses.replace(auto, t5_quantization=explicit), cuda) == explicit
+        assert _t5(optimize, dataclasses.replace(auto, t5_quantization=explicit), cuda) == explicit
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a))
-    assert optimize.resolve_t5_quantization(auto, cuda) == "none"
+    assert _t5(optimize, auto, cuda) == "none"
 
 
 def test_engine_reports_the_quantization_it_resolved(tiny_source: ModelSource,
