@@ -7,7 +7,7 @@ Usage (on a CUDA machine with diffusers, peft, torchao installed):
 
 Groups (each runs in its own Python process; results are merged into one JSON):
   micro        device ceilings (copy GB/s, bf16 mm, fp8 _scaled_mm), attention kernels on the Flux shape
-               (SDPA default / flash / efficient / cuDNN, cuDNN FP8 through fastlora_core.kernels), Flux
+               (SDPA default / flash / efficient / cuDNN, cuDNN FP8 through experimental_kernels), Flux
                GEMM shapes bf16 vs fp8 row-wise, row-wise fp8 requantisation (torchao vs Triton kernel).
   eager        bf16 eager without LoRA and with a rank-64 PEFT LoRA (unfused) = the baseline.
   fp8_fused    torchao fp8 dynamic per-row + regional compile, LoRA merged + re-quantised in place;
@@ -420,7 +420,7 @@ def group_micro(args):
             except Exception as exc:  # noqa: BLE001
                 out[name] = f"error: {exc}"[:300]
         try:
-            from fastlora_core import kernels
+            from benchmarks import experimental_kernels as kernels
 
             qs, ks, vs = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # [B, S, H, D]
             o = kernels.fp8_sdpa(qs, ks, vs).transpose(1, 2)
@@ -523,7 +523,7 @@ class FusedSwapper:
 
     def apply(self, lora, strength=1.0, use_triton=True, master="bf16"):
 
-        from fastlora_core import kernels
+        from benchmarks import experimental_kernels as kernels
 
         for n, lin in self.layers.items():
             w = lin.weight
@@ -711,7 +711,7 @@ def group_fp8_fused(args):
             def attn8():
                 import diffusers.models.transformers.transformer_flux as tf
 
-                from fastlora_core import kernels
+                from benchmarks import experimental_kernels as kernels
 
                 o_std = forward(model, inp.hidden, inp, 0).clone()
                 orig = tf.dispatch_attention_fn
