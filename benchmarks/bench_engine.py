@@ -78,7 +78,15 @@ def write_loras(transformer):
         paths[label] = str(p)
         del lo, sd
     torch.cuda.empty_cache()
+    (LORA_DIR / "paths.json").write_text(json.dumps(paths))
     return paths
+
+
+def lora_paths(transformer):
+    """The LoRA files an earlier process of this run wrote, else new ones."""
+    if (LORA_DIR / "paths.json").exists():
+        return json.loads((LORA_DIR / "paths.json").read_text())
+    return write_loras(transformer)
 
 
 def run(args, RESULT, save):
@@ -112,7 +120,6 @@ def run(args, RESULT, save):
         paths = write_loras(pipe.transformer)
         res["write_loras_s"] = round(time.perf_counter() - t0, 1)
         res["lora_file_mb"] = {k: round(os.path.getsize(v) / 2**20, 1) for k, v in paths.items()}
-        (LORA_DIR / "paths.json").write_text(json.dumps(paths))
         # baseline end to end: bf16 eager pipeline + PEFT LoRA (unfused)
         pipe.load_lora_weights(paths["A64"], adapter_name="a")
         run_pipeline(pipe, GenerateRequest(prompt="warm", steps=2, width=1024, height=1024))
@@ -239,11 +246,7 @@ def run_consumer24(args, res, save, cache):
                          compile_cache_dir=cache)
     res["options"] = repr(opts)
     pipe = build_pipeline()
-    if (LORA_DIR / "paths.json").exists():
-        paths = json.loads((LORA_DIR / "paths.json").read_text())
-    else:
-        paths = write_loras(pipe.transformer)
-        (LORA_DIR / "paths.json").write_text(json.dumps(paths))
+    paths = lora_paths(pipe.transformer)
     pipe.to("cpu")
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
@@ -330,11 +333,7 @@ def run_variant(args, res, save, cache, mode):
     res["options"] = repr(opts)
     res["patch"] = patch
     pipe = build_pipeline()
-    if (LORA_DIR / "paths.json").exists():
-        paths = json.loads((LORA_DIR / "paths.json").read_text())
-    else:
-        paths = write_loras(pipe.transformer)
-        (LORA_DIR / "paths.json").write_text(json.dumps(paths))
+    paths = lora_paths(pipe.transformer)
     loading.load_pipeline = lambda source, dtype: pipe
     source = ModelSource(diffusers_dir=f"/tmp/random-flux-dev-{mode}")
     req = GenerateRequest(prompt="a photo of a cat on a red sofa", seed=0, steps=args.steps, width=1024, height=1024)

@@ -255,6 +255,15 @@ def quantize_fp8(model, filter_extra=None):
     quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=flt)
 
 
+def compile_regional(model, inp):
+    """Regional compile (``fullgraph``) and the first forward; returns those seconds."""
+    t0 = time.perf_counter()
+    model.compile_repeated_blocks(fullgraph=True)
+    forward(model, inp.hidden, inp, 0)
+    sync()
+    return round(time.perf_counter() - t0, 1)
+
+
 def profile_step(model, inp, top=40):
     """Kernel time of one forward by category (GEMM, attention, inductor Triton, other)."""
     from torch.profiler import ProfilerActivity, profile
@@ -601,11 +610,7 @@ def group_fp8_fused(args):
         sw.refresh()
         # apply LoRA A before compiling (fused: no per-step cost)
         sw.apply(loras["A64"])
-        t0 = time.perf_counter()
-        model.compile_repeated_blocks(fullgraph=True)
-        forward(model, inp.hidden, inp, 0)
-        sync()
-        res["compile_first_forward_s"] = round(time.perf_counter() - t0, 1)
+        res["compile_first_forward_s"] = compile_regional(model, inp)
         res["dynamo_after_compile"] = dynamo_counts()
         log("compiled", res["compile_first_forward_s"])
         torch.cuda.reset_peak_memory_stats()
@@ -768,11 +773,7 @@ def _adapter_group(args, name, quantize):
         model.load_lora_adapter(peft_state_dict(loraA), prefix=None, adapter_name="default_0")
         if quantize:
             quantize_fp8(model)
-        t0 = time.perf_counter()
-        model.compile_repeated_blocks(fullgraph=True)
-        forward(model, inp.hidden, inp, 0)
-        sync()
-        res["compile_first_forward_s"] = round(time.perf_counter() - t0, 1)
+        res["compile_first_forward_s"] = compile_regional(model, inp)
         torch.cuda.reset_peak_memory_stats()
         res["loop_lora_A64"] = time_loops(lambda: run_loop(model, inp), args.loops)
         log(name, "loop", res["loop_lora_A64"])
@@ -821,11 +822,7 @@ def group_fp8_fqkv(args):
         o_f = forward(model, inp.hidden, inp, 0).clone()
         res["fused_vs_unfused_bf16_rel"] = round(rel(o_f, o_ref), 5)
         quantize_fp8(model)
-        t0 = time.perf_counter()
-        model.compile_repeated_blocks(fullgraph=True)
-        forward(model, inp.hidden, inp, 0)
-        sync()
-        res["compile_first_forward_s"] = round(time.perf_counter() - t0, 1)
+        res["compile_first_forward_s"] = compile_regional(model, inp)
         torch.cuda.reset_peak_memory_stats()
         res["loop_nolora"] = time_loops(lambda: run_loop(model, inp), args.loops)
         log("fqkv loop", res["loop_nolora"])
@@ -915,42 +912,12 @@ def main():
         out.write_text(json.dumps(merged, indent=1, default=str))
     merged["total_seconds"] = round(time.time() - t_start, 1)
     out.write_text(json.dumps(merged, indent=1, default=str))
-    summary(merged)
-    try:  # the human tables, beside the JSON (benchmarks/report.py merges several runs into RESULTS.md)
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        import report
+    # The human tables, printed and beside the JSON (report.py merges several runs into RESULTS.md).
+    import report  # this script's folder is on sys.path
 
-        out.with_suffix(".md").write_text(report.render([json.loads(out.read_text())], [out.name]))
-    except Exception as exc:  # noqa: BLE001
-        log("report not written:", exc)
-
-
-def summary(merged):
-    def g(path, d=merged["groups"]):
-        for k in path.split("."):
-            if not isinstance(d, dict) or k not in d:
-                return None
-            d = d[k]
-        return d
-
-    rows = [("bf16 eager + PEFT r64 (baseline)", "eager.eager.bf16_eager_peft_r64.median_s"),
-            ("bf16 eager no LoRA", "eager.eager.bf16_eager_nolora.median_s"),
-            ("bf16 regional + PEFT hotswap r64", "bf16_adapter.bf16_adapter.loop_lora_A64.median_s"),
-            ("fp8 regional + PEFT hotswap r64 (recipe)", "fp8_adapter.fp8_adapter.loop_lora_A64.median_s"),
-            ("fp8 regional + fused LoRA", "fp8_fused.fp8_fused.loop_lora_A64.median_s"),
-            ("  + whole-forward CUDA graph", "fp8_fused.fp8_fused.loop_lora_A64_cudagraph.median_s"),
-            ("  + cuDNN FP8 attention", "fp8_fused.fp8_fused.loop_lora_A64_attn8.median_s"),
-            ("  + cuDNN FP8 attention + CUDA graph", "fp8_fused.fp8_fused.loop_lora_A64_attn8_cudagraph.median_s"),
-            ("fp8 regional fused-QKV no LoRA", "fp8_fqkv.fp8_fqkv.loop_nolora.median_s"),
-            ("  + CUDA graph", "fp8_fqkv.fp8_fqkv.loop_nolora_cudagraph.median_s")]
-    print("\n=== s / 28-step loop ===")
-    for label, path in rows:
-        print(f"{label:45s} {g(path)}")
-    print("swap ms:", json.dumps(g("fp8_fused.fp8_fused.swap_ms")))
-    print("adapter hotswap ms:", json.dumps(g("fp8_adapter.fp8_adapter.hotswap_ms_from_gpu_state_dict")))
-    for k in ("fp8_fused.errors", "fp8_adapter.errors", "eager.errors", "micro.errors", "fp8_fqkv.errors"):
-        if g(k):
-            print(k, json.dumps(g(k))[:800])
+    text = report.render([merged], [out.name])
+    out.with_suffix(".md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

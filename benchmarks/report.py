@@ -7,7 +7,7 @@ targets with a status computed from the numbers.
 ``--write`` replaces the text between ``<!-- report:start -->`` and ``<!-- report:end -->`` in that file
 (explanations written by people stay outside the markers). Each input is one ``bench_flux.py`` run
 (``{"command", "groups": {name: worker JSON}}``); when several runs hold the same figure, the later
-file on the command line wins. ``bench_flux.py`` also writes this report beside its JSON.
+file on the command line wins. ``bench_flux.py`` prints this report and writes it beside its JSON.
 """
 
 from __future__ import annotations
@@ -69,6 +69,10 @@ def figures(groups: dict[str, Any]) -> dict[str, Any]:
         "recipe_hotswap_ms": g("fp8_adapter.fp8_adapter.hotswap_ms_from_gpu_state_dict"),
         "reference_fused": g("fp8_fused.fp8_fused.loop_lora_A64.median_s"),
         "reference_fused_compile": g("fp8_fused.fp8_fused.compile_first_forward_s"),
+        "reference_fused_cudagraph": g("fp8_fused.fp8_fused.loop_lora_A64_cudagraph.median_s"),
+        "reference_fused_attn8": g("fp8_fused.fp8_fused.loop_lora_A64_attn8.median_s"),
+        "fqkv_nolora": g("fp8_fqkv.fp8_fqkv.loop_nolora.median_s"),
+        "fqkv_nolora_cudagraph": g("fp8_fqkv.fp8_fqkv.loop_nolora_cudagraph.median_s"),
         "engine": g("engine_cold.engine.engine_transformer_loop.median_s"),
         "engine_nolora": g("engine_cold.engine.engine_transformer_loop_nolora.median_s"),
         "engine_first_cold": g("engine_cold.engine.first_image_s_incl_engine_build"),
@@ -81,6 +85,7 @@ def figures(groups: dict[str, Any]) -> dict[str, Any]:
         "engine_options": g("engine_cold.engine.resolved_options") or g("engine_cold.engine.options"),
         "consumer": g("engine_consumer24.engine"),
     }
+    f["errors"] = {name: data["errors"] for name, data in groups.items() if data.get("errors")}
     f["variants"] = {name[len("engine_"):]: data.get("engine", {}) for name, data in groups.items()
                      if name.startswith("engine_") and name not in ("engine_cold", "engine_warm", "engine_consumer24")}
     return f
@@ -119,10 +124,16 @@ def side_by_side(f: dict[str, Any]) -> list[str]:
         + (f"; hotswap {min(hs.values()):.0f}-{max(hs.values()):.0f} ms" if hs else "") + " |",
         f"| reference fused (fp8, regional, merged + re-quantised in place) | {_s(f['reference_fused'])} | "
         f"{_speedup(base, f['reference_fused'])} | {_s(f['reference_fused_compile'], '{:.1f}', ' s compile')} |",
-        f"| **our engine** (options above) | **{_s(f['engine'])}** | **{_speedup(base, f['engine'])}** | "
-        f"{_s(f['engine_first_cold'], '{:.1f}', ' s')} cold, {_s(f['engine_first_warm'], '{:.1f}', ' s')} warm "
-        "(whole first image) |",
     ]
+    for label, key in (("reference fused + whole-forward CUDA graph", "reference_fused_cudagraph"),
+                       ("reference fused + cuDNN FP8 attention", "reference_fused_attn8"),
+                       ("fp8 regional, fused QKV projections, no LoRA", "fqkv_nolora"),
+                       ("fused QKV, no LoRA, + whole-forward CUDA graph", "fqkv_nolora_cudagraph")):
+        if f[key] is not None:  # optional phases: a row only when measured
+            rows.append(f"| {label} | {_s(f[key])} | {_speedup(base, f[key])} | |")
+    rows.append(f"| **our engine** (options above) | **{_s(f['engine'])}** | **{_speedup(base, f['engine'])}** | "
+                f"{_s(f['engine_first_cold'], '{:.1f}', ' s')} cold, {_s(f['engine_first_warm'], '{:.1f}', ' s')} "
+                "warm (whole first image) |")
     for name, v in sorted(f["variants"].items()):
         loop = get(v, "loop_lora_A64.median_s")
         first = v.get("first_image_s_incl_engine_build")
@@ -195,6 +206,8 @@ def render(runs: list[dict[str, Any]], sources: list[str]) -> str:
     if f["engine_e2e"] or f["baseline_e2e"]:
         lines += ["", f"Whole image (text encoding + 28 steps + VAE decode): baseline {_s(f['baseline_e2e'])} s, "
                       f"engine {', '.join(f'{x:.3f}' for x in f['engine_e2e'] or [])} s."]
+    for name, err in sorted(f["errors"].items()):
+        lines += ["", f"Error in `{name}`: {json.dumps(err)[:800]}"]
     return "\n".join(line for line in lines if line is not None) + "\n"
 
 
