@@ -114,12 +114,69 @@ def stats() -> dict[str, Any]:
     }
 
 
+# Which model inputs each ``source`` reads; the loader ignores the others, and so does validation.
+SOURCE_INPUTS: dict[str, tuple[str, ...]] = {
+    SOURCE_DIFFUSERS: ("diffusers_model",),
+    SOURCE_FILES: ("transformer", "clip_l", "t5xxl", "vae"),
+}
+# The ComfyUI model folder each single-file input lists (folder_paths names; aliases such as unet/clip
+# are folded in by ComfyUI itself).
+FILE_FOLDERS: dict[str, str] = {
+    "transformer": "diffusion_models", "clip_l": "text_encoders", "t5xxl": "text_encoders", "vae": "vae",
+}
+# Loader inputs, in the order ComfyUI shows them. UI-format workflows store widget values by position,
+# so this order must never change (workflows saved by earlier versions keep loading); new inputs go at
+# the end. The options after ``quantization`` are "advanced": front ends that support the flag fold
+# them away, and an API graph may leave them out to get the defaults.
+LOADER_INPUTS: tuple[str, ...] = (
+    "source", "diffusers_model", "transformer", "clip_l", "t5xxl", "vae", "quantization",
+    "t5_quantization", "attention", "compile", "offload", "dtype", "swap_strategy", "max_rank",
+)
+ADVANCED_INPUTS: tuple[str, ...] = LOADER_INPUTS[LOADER_INPUTS.index("quantization") + 1:]
+
+
+def _model_choices(name: str) -> list[str]:
+    """What the dropdown of model input ``name`` lists (``None`` first)."""
+    if name == "diffusers_model":
+        return _with_none(bridge.diffusers_folders())
+    return _with_none(bridge.file_list(FILE_FOLDERS[name]))
+
+
+def source_problem(source: str, models: dict[str, str | None]) -> str | None:
+    """Why ``source`` cannot be loaded with these model inputs, or None when it can.
+
+    Only the inputs ``source`` reads are looked at (the others may name anything, e.g. files this
+    machine does not have). A value of None is a link from another node, checked when the loader runs.
+    The one place these rules live: ComfyUI's validation (``VALIDATE_INPUTS``) and the loader use it.
+    """
+    if source not in SOURCE_INPUTS:
+        return f"source {source!r} is not one of {', '.join(SOURCE_INPUTS)}."
+    used = SOURCE_INPUTS[source]
+    missing = [name for name in used if models.get(name, NONE) == NONE]
+    if missing and source == SOURCE_DIFFUSERS:
+        return ("source = diffusers folder but no diffusers_model is selected. Put a Flux diffusers folder "
+                "in models/diffusers (press R to refresh) or switch source to single files.")
+    if missing:
+        return (f"source = single files needs {', '.join(missing)}: pick them in the loader (files in "
+                "models/diffusion_models, models/text_encoders and models/vae), or switch source to "
+                "diffusers folder.")
+    for name in used:
+        value = models.get(name)
+        if value is not None and value not in _model_choices(name):
+            where = "models/diffusers (a folder with model_index.json)" if name == "diffusers_model" \
+                else f"models/{FILE_FOLDERS[name]}"
+            return (f"{name} = {value!r} is not in {where}. Put it there and press R to refresh, pick "
+                    f"another one, or switch source.")
+    return None
+
+
 class OptimizedFluxLoader:
     DESCRIPTION = (
         "Loads Flux.1 once, optimises it (quantisation, attention kernel, torch.compile) and returns a "
         "FastLoRA engine handle. Re-running with the same settings reuses the same compiled engine; "
         "changing a setting rebuilds it (the old one is freed first). Pick either a diffusers folder "
-        "(models/diffusers) or single files (diffusion_models + text_encoders + vae)."
+        "(models/diffusers) or single files (diffusion_models + text_encoders + vae); the inputs of the "
+        "other kind are ignored. The options below quantization are advanced: the defaults suit most GPUs."
     )
     CATEGORY = CATEGORY
     RETURN_TYPES = (ENGINE,)
@@ -129,25 +186,31 @@ class OptimizedFluxLoader:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
-        text_encoders = _with_none(bridge.file_list("text_encoders"))
         o = _DEFAULTS
-        return {"required": {
+        specs_by_name: dict[str, Any] = {
             "source": ([SOURCE_DIFFUSERS, SOURCE_FILES], {
                 "default": SOURCE_DIFFUSERS,
                 "tooltip": "Where the Flux weights come from: a diffusers folder, or the four single files "
-                           "below. The widgets of the other kind are ignored."}),
-            "diffusers_model": (_with_none(bridge.diffusers_folders()), {
+                           "below. The inputs of the other kind are ignored (they may name anything)."}),
+            "diffusers_model": (_model_choices("diffusers_model"), {
+                "default": NONE,
                 "tooltip": "Flux diffusers folder (with model_index.json) under models/diffusers. "
                            "Used when source = diffusers folder."}),
-            "transformer": (_with_none(bridge.file_list("diffusion_models")), {
+            "transformer": (_model_choices("transformer"), {
+                "default": NONE,
                 "tooltip": "Flux transformer checkpoint from models/diffusion_models (or unet), e.g. "
                            "flux1-dev.safetensors. Used when source = single files."}),
-            "clip_l": (text_encoders, {
-                "tooltip": "CLIP-L text encoder from models/text_encoders (or clip), e.g. clip_l.safetensors."}),
-            "t5xxl": (text_encoders, {
-                "tooltip": "T5-XXL text encoder from models/text_encoders (or clip), e.g. t5xxl_fp16.safetensors."}),
-            "vae": (_with_none(bridge.file_list("vae")), {
-                "tooltip": "Flux VAE from models/vae, e.g. ae.safetensors."}),
+            "clip_l": (_model_choices("clip_l"), {
+                "default": NONE,
+                "tooltip": "CLIP-L text encoder from models/text_encoders (or clip), e.g. clip_l.safetensors. "
+                           "Used when source = single files."}),
+            "t5xxl": (_model_choices("t5xxl"), {
+                "default": NONE,
+                "tooltip": "T5-XXL text encoder from models/text_encoders (or clip), e.g. "
+                           "t5xxl_fp16.safetensors. Used when source = single files."}),
+            "vae": (_model_choices("vae"), {
+                "default": NONE,
+                "tooltip": "Flux VAE from models/vae, e.g. ae.safetensors. Used when source = single files."}),
             "quantization": _combo(specs.QUANTIZATIONS, o.quantization,
                                    "Transformer weights. auto: fp8 on GPUs with compute capability >= 8.9 "
                                    "(RTX 40xx/50xx, L40, H100/H200; ~1.3x faster than bf16), none elsewhere. "
@@ -174,12 +237,33 @@ class OptimizedFluxLoader:
             "max_rank": ("INT", {"default": o.max_rank, "min": 1, "max": 1024, "step": 1,
                                  "tooltip": "Adapter slot rank (adapter strategy only): LoRAs above it "
                                             "are refused."}),
-        }}
+        }
+        for name in ADVANCED_INPUTS:
+            specs_by_name[name][1]["advanced"] = True
+        # Only `source` is required: every other input has a default, so an API graph may leave out
+        # the model inputs its source does not read and the advanced options it does not change.
+        return {"required": {"source": specs_by_name["source"]},
+                "optional": {name: specs_by_name[name] for name in LOADER_INPUTS[1:]}}
 
-    def load(self, source: str, diffusers_model: str, transformer: str, clip_l: str, t5xxl: str, vae: str,
-             quantization: str, t5_quantization: str, attention: str, compile: str, offload: str,
-             dtype: str, swap_strategy: str, max_rank: int) -> tuple[EngineHandle]:
-        model_source = _model_source(source, diffusers_model, transformer, clip_l, t5xxl, vae)
+    @classmethod
+    def VALIDATE_INPUTS(cls, source: str, diffusers_model: str | None = NONE, transformer: str | None = NONE,
+                        clip_l: str | None = NONE, t5xxl: str | None = NONE,
+                        vae: str | None = NONE) -> bool | str:
+        """Replaces ComfyUI's per-input check of the inputs named here (``source`` and the model
+        inputs): the inputs the chosen source does not read never block a run. The options keep
+        ComfyUI's own checks."""
+        problem = source_problem(source, {"diffusers_model": diffusers_model, "transformer": transformer,
+                                          "clip_l": clip_l, "t5xxl": t5xxl, "vae": vae})
+        return True if problem is None else problem
+
+    def load(self, source: str, diffusers_model: str = NONE, transformer: str = NONE, clip_l: str = NONE,
+             t5xxl: str = NONE, vae: str = NONE, quantization: str = _DEFAULTS.quantization,
+             t5_quantization: str = _DEFAULTS.t5_quantization, attention: str = _DEFAULTS.attention,
+             compile: str = _DEFAULTS.compile, offload: str = _DEFAULTS.offload, dtype: str = _DEFAULTS.dtype,
+             swap_strategy: str = _DEFAULTS.swap_strategy, max_rank: int = _DEFAULTS.max_rank,
+             ) -> tuple[EngineHandle]:
+        model_source = _model_source(source, {"diffusers_model": diffusers_model, "transformer": transformer,
+                                              "clip_l": clip_l, "t5xxl": t5xxl, "vae": vae})
         options = specs.EngineOptions(
             quantization=quantization, t5_quantization=t5_quantization, attention=attention,  # type: ignore[arg-type]
             compile=compile, offload=offload, dtype=dtype, swap_strategy=swap_strategy,  # type: ignore[arg-type]
@@ -190,23 +274,14 @@ class OptimizedFluxLoader:
         return (EngineHandle(key),)
 
 
-def _model_source(source: str, diffusers_model: str, transformer: str, clip_l: str, t5xxl: str,
-                  vae: str) -> specs.ModelSource:
+def _model_source(source: str, models: dict[str, str]) -> specs.ModelSource:
+    problem = source_problem(source, dict(models))
+    if problem is not None:
+        raise errors.OptionsError(problem)
     if source == SOURCE_DIFFUSERS:
-        if diffusers_model == NONE:
-            raise errors.OptionsError(
-                "source = diffusers folder but no diffusers_model is selected. Put a Flux diffusers folder "
-                "in models/diffusers (press R to refresh) or switch source to single files.")
-        return specs.ModelSource.from_diffusers(bridge.diffusers_path(diffusers_model))
-    missing = [n for n, v in (("transformer", transformer), ("clip_l", clip_l), ("t5xxl", t5xxl),
-                              ("vae", vae)) if v == NONE]
-    if missing:
-        raise errors.OptionsError(
-            f"source = single files needs {', '.join(missing)}: pick them in the loader (files in "
-            "models/diffusion_models, models/text_encoders and models/vae), or switch source to diffusers folder.")
-    return specs.ModelSource.from_single_files(
-        bridge.full_path("diffusion_models", transformer), bridge.full_path("text_encoders", clip_l),
-        bridge.full_path("text_encoders", t5xxl), bridge.full_path("vae", vae))
+        return specs.ModelSource.from_diffusers(bridge.diffusers_path(models["diffusers_model"]))
+    path = {name: bridge.full_path(FILE_FOLDERS[name], models[name]) for name in SOURCE_INPUTS[SOURCE_FILES]}
+    return specs.ModelSource.from_single_files(path["transformer"], path["clip_l"], path["t5xxl"], path["vae"])
 
 
 class LoraHotswap:

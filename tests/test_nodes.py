@@ -104,7 +104,8 @@ def test_registration_and_node_contract(pack: Any) -> None:
 
 
 def test_input_schemas_list_the_right_files(pack: Any) -> None:
-    loader = pack.NODE_CLASS_MAPPINGS["OptimizedFluxLoader"].INPUT_TYPES()["required"]
+    schema = pack.NODE_CLASS_MAPPINGS["OptimizedFluxLoader"].INPUT_TYPES()
+    loader = {**schema["required"], **schema["optional"]}
     assert loader["diffusers_model"][0] == ["None", "fastlora-tiny-flux"]
     assert loader["transformer"][0] == ["None", "flux1-dev.safetensors"]
     assert loader["clip_l"][0] == loader["t5xxl"][0] == ["None", "clip_l.safetensors", "t5xxl_fp16.safetensors"]
@@ -127,6 +128,79 @@ def test_loader_refuses_incomplete_sources(pack: Any) -> None:
         run(pack, "OptimizedFluxLoader", **{**LOADER, "diffusers_model": "None"})
     with pytest.raises(OptionsError, match="clip_l, t5xxl, vae"):
         run(pack, "OptimizedFluxLoader", **{**LOADER, "source": "single files", "transformer": "flux1-dev.safetensors"})
+
+
+# The loader's inputs in the order every earlier version showed them: UI-format workflows store widget
+# values by position, so workflows saved before the advanced group existed must still map.
+HISTORIC_LOADER_ORDER = ["source", "diffusers_model", "transformer", "clip_l", "t5xxl", "vae", "quantization",
+                         "t5_quantization", "attention", "compile", "offload", "dtype", "swap_strategy", "max_rank"]
+RARELY_TOUCHED = {"t5_quantization", "attention", "compile", "offload", "dtype", "swap_strategy", "max_rank"}
+
+
+def test_loader_keeps_widget_order_and_folds_rare_options_into_an_advanced_group(pack: Any) -> None:
+    schema = pack.NODE_CLASS_MAPPINGS["OptimizedFluxLoader"].INPUT_TYPES()
+    ordered = [*schema["required"], *schema.get("optional", {})]  # ComfyUI's front end: required, then optional
+    assert ordered == HISTORIC_LOADER_ORDER
+    specs = {**schema["required"], **schema["optional"]}
+    advanced = {name for name, spec in specs.items() if spec[1].get("advanced")}
+    assert advanced == RARELY_TOUCHED
+    assert list(schema["required"]) == ["source"], "only source may be required: the rest have defaults"
+
+
+def test_loader_defaults_are_the_same_in_the_schema_and_the_function(pack: Any) -> None:
+    """ComfyUI leaves an optional input out of the call when an (API) graph omits it, so the Python
+    default is what runs: it must be the default the widget shows."""
+    import inspect
+
+    cls = pack.NODE_CLASS_MAPPINGS["OptimizedFluxLoader"]
+    schema = cls.INPUT_TYPES()["optional"]
+    params = inspect.signature(cls.load).parameters
+    for name, (_kind, opts) in schema.items():
+        assert params[name].default == opts["default"], name
+
+
+def validate(pack: Any, graph_inputs: dict[str, Any]) -> bool | str:
+    """What ComfyUI's execution.validate_inputs does with the loader's inputs: the inputs named in
+    VALIDATE_INPUTS' signature skip ComfyUI's own list check and go to VALIDATE_INPUTS; every other
+    combo value must be in its list."""
+    import inspect
+
+    cls = pack.NODE_CLASS_MAPPINGS["OptimizedFluxLoader"]
+    schema = cls.INPUT_TYPES()
+    specs = {**schema["required"], **schema["optional"]}
+    delegated = inspect.getfullargspec(cls.VALIDATE_INPUTS).args
+    for name, value in graph_inputs.items():
+        if name not in delegated and isinstance(specs[name][0], list) and value not in specs[name][0]:
+            return f"{name}: {value!r} not in list"
+    return cls.VALIDATE_INPUTS(**{k: v for k, v in graph_inputs.items() if k in delegated})
+
+
+def test_inputs_the_source_does_not_read_never_block_validation(pack: Any) -> None:
+    diffusers = {**LOADER, "transformer": "flux1-dev-fp8.safetensors", "clip_l": "clip_l_missing.safetensors",
+                 "t5xxl": "t5xxl_fp8_e4m3fn.safetensors", "vae": "missing_vae.safetensors"}
+    assert validate(pack, diffusers) is True
+    files = {**LOADER, "source": "single files", "diffusers_model": "FLUX.1-dev",
+             "transformer": "flux1-dev.safetensors", "clip_l": "clip_l.safetensors",
+             "t5xxl": "t5xxl_fp16.safetensors", "vae": "ae.safetensors"}
+    assert validate(pack, files) is True
+    only_what_is_read = {"source": "diffusers folder", "diffusers_model": "fastlora-tiny-flux"}
+    assert validate(pack, only_what_is_read) is True
+
+
+def test_inputs_the_source_reads_are_still_checked_with_a_clear_message(pack: Any) -> None:
+    missing = validate(pack, {**LOADER, "diffusers_model": "FLUX.1-dev"})
+    assert isinstance(missing, str) and "'FLUX.1-dev' is not in models/diffusers" in missing
+    files = {**LOADER, "source": "single files", "transformer": "flux1-dev.safetensors",
+             "clip_l": "clip_l.safetensors", "t5xxl": "t5xxl_fp8_e4m3fn.safetensors", "vae": "ae.safetensors"}
+    wrong = validate(pack, files)
+    assert isinstance(wrong, str) and "t5xxl = 't5xxl_fp8_e4m3fn.safetensors' is not in models/text_encoders" in wrong
+    unset = validate(pack, {**files, "clip_l": "None", "vae": "None"})
+    assert isinstance(unset, str) and "needs clip_l, vae" in unset
+    assert validate(pack, {**LOADER, "source": "safetensors"}) == (
+        "source 'safetensors' is not one of diffusers folder, single files.")
+    assert validate(pack, {**LOADER, "quantization": "fp4"}) == "quantization: 'fp4' not in list"
+    linked = validate(pack, {**files, "t5xxl": None})  # a link: checked when the loader runs
+    assert linked is True
 
 
 # -- the handle flow ----------------------------------------------------------------------------
