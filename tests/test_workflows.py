@@ -139,3 +139,69 @@ def test_api_workflow_is_runnable(path: Path, schemas: dict[str, dict[str, Any]]
             elif kind in ("INT", "FLOAT"):
                 assert opts.get("min", value) <= value <= opts.get("max", value), f"{nid}.{name}={value}"
         assert set(node["inputs"]) <= {n for n, _, _ in _ordered_inputs(schema)}, f"{nid}: unknown inputs"
+
+
+# -- what ships beside the graphs: generated files, notes, template-browser thumbnails ----------------
+FILE_INPUTS = {"diffusers_model", "transformer", "clip_l", "t5xxl", "vae", "lora_name", "lora_1", "lora_2",
+               "lora_3", "lora_4"}
+# What the OptimizedFluxLoader reads per source (nodes/flux_nodes.py SOURCE_INPUTS).
+SOURCE_READS = {"diffusers folder": {"diffusers_model"}, "single files": {"transformer", "clip_l", "t5xxl", "vae"}}
+# Folder names ComfyUI's template browser lists (app/custom_node_manager.py; workflows/ is one of them).
+TEMPLATE_FOLDERS = ["example_workflows", "example", "examples", "workflow", "workflows"]
+
+
+def test_workflows_are_what_tools_make_workflows_writes(tmp_path: Path) -> None:
+    """Edits go into tools/make_workflows.py: every shipped graph, API twin and thumbnail is its output."""
+    import subprocess
+    import sys
+
+    from PIL import Image, ImageChops, ImageStat
+
+    subprocess.run([sys.executable, str(ROOT / "tools" / "make_workflows.py"), str(tmp_path)], check=True)
+    made = sorted(p.relative_to(tmp_path / "workflows") for p in (tmp_path / "workflows").rglob("*") if p.is_file())
+    shipped = sorted(p.relative_to(ROOT / "workflows") for p in (ROOT / "workflows").rglob("*") if p.is_file())
+    assert made == shipped
+    for rel in made:
+        new, old = tmp_path / "workflows" / rel, ROOT / "workflows" / rel
+        if rel.suffix == ".json":
+            assert new.read_text() == old.read_text(), f"{rel} differs: run tools/make_workflows.py"
+        else:  # JPEG bytes may differ between Pillow versions; the picture may not
+            with Image.open(new) as a, Image.open(old) as b:
+                assert a.size == b.size
+                diff = ImageStat.Stat(ImageChops.difference(a.convert("RGB"), b.convert("RGB"))).mean
+                assert max(diff) < 3, f"{rel} differs: run tools/make_workflows.py"
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
+def test_every_file_a_workflow_names_is_listed_in_its_note(path: Path) -> None:
+    """A user who opens a template sees which model files it expects (the graph is refused until they
+    exist); the loader's inputs that its source does not read name nothing."""
+    ui = json.loads(path.read_text())
+    note = "\n".join(n["widgets_values"][0] for n in ui["nodes"] if n["type"] == "MarkdownNote")
+    api = json.loads((API_DIR / path.name).read_text())
+    for nid, node in api.items():
+        inputs = node["inputs"]
+        if node["class_type"] == "OptimizedFluxLoader":
+            for name in FILE_INPUTS & set(inputs) - SOURCE_READS[inputs["source"]]:
+                assert inputs[name] == "None", f"{path.name}: node {nid} names {name}={inputs[name]!r} unused"
+        for name in FILE_INPUTS & set(inputs):
+            value = inputs[name]
+            if isinstance(value, str) and value != "None":
+                assert f"/{value}`" in note, f"{path.name}: {value} is not in the note"
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
+def test_every_workflow_has_a_thumbnail(path: Path) -> None:
+    from PIL import Image
+
+    jpg = path.with_suffix(".jpg")  # the browser asks for /api/workflow_templates/<pack>/<name>.jpg
+    with Image.open(jpg) as im:
+        assert im.format == "JPEG" and im.size == (512, 512)
+        assert len(im.convert("L").getcolors(256) or []) > 16, "blank thumbnail"
+
+
+def test_templates_are_listed_once() -> None:
+    """ComfyUI lists the JSON files of every template folder it knows: a second folder holding the same
+    graphs would show each template twice in the browser."""
+    holding = [name for name in TEMPLATE_FOLDERS if list((ROOT / name).glob("*.json"))]
+    assert holding == ["workflows"]

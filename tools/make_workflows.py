@@ -1,8 +1,12 @@
-"""Generates workflows/*.json (UI, version 0.4) and workflows/api/*.json from one description."""
+"""Generates workflows/*.json (UI, version 0.4), workflows/api/*.json and the template browser's
+thumbnails workflows/*.jpg (a diagram of each graph, drawn here; not a generated image) from one
+description."""
 import json
 import sys
 import uuid
 from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
 
 # Usage: python tools/make_workflows.py [REPO_ROOT]   (default: the repository this file is in)
 ROOT = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[1]
@@ -49,6 +53,81 @@ def widgets(t, w):
     raise KeyError(t)
 
 
+# Inputs that name a model file the user must have, and where ComfyUI looks for it. The loader reads
+# only the inputs of its `source` (the others stay "None" in shipped graphs).
+FILE_INPUTS = {"diffusers_model": "models/diffusers", "transformer": "models/diffusion_models",
+               "clip_l": "models/text_encoders", "t5xxl": "models/text_encoders", "vae": "models/vae",
+               "lora_name": "models/loras", "lora_1": "models/loras", "lora_2": "models/loras",
+               "lora_3": "models/loras", "lora_4": "models/loras"}
+
+
+def named_files(nodes):
+    """(input, value, folder) for every model file the graph names, in node order, without repeats."""
+    out = []
+    for _nid, _t, _pos, w in nodes:
+        for key, folder in FILE_INPUTS.items():
+            value = w.get(key, "None")
+            if value != "None" and (key, value, folder) not in out:
+                out.append((key, value, folder))
+    return out
+
+
+def files_note(nodes):
+    lines = [f"- `{folder}/{value}`" for _key, value, folder in named_files(nodes)]
+    return ("**Files this graph names** (examples: nothing is downloaded; pick your own files in these "
+            "nodes, or the graph is refused with the name of the missing file):\n" + "\n".join(lines))
+
+
+def thumbnail(path, title, nodes, links):
+    """A 512x512 diagram of the graph: one box per node (columns and rows follow the canvas layout),
+    links as lines, the workflow's title above."""
+    size, margin, top = 512, 24, 100
+    img = Image.new("RGB", (size, size), (32, 33, 38))
+    draw = ImageDraw.Draw(img)
+    title_font, node_font, small_font = (ImageFont.load_default(size=s) for s in (28, 16, 12))
+    draw.text((margin, 14), "FastLoRA", font=small_font, fill=(170, 175, 110))
+    lines = [""]
+    for word in title.replace("FastLoRA: ", "").split():  # wrap the title to the width
+        trial = f"{lines[-1]} {word}".strip()
+        lines[-1:] = [lines[-1], word] if draw.textlength(trial, font=title_font) > size - 2 * margin else [trial]
+    for i, line in enumerate(lines[:2]):
+        draw.text((margin, 32 + 32 * i), line, font=title_font, fill=(235, 235, 235))
+    cols = sorted({pos[0] for _n, _t, pos, _w in nodes})
+    rows = sorted({pos[1] for _n, _t, pos, _w in nodes})
+    col_w, row_h = (size - 2 * margin) / len(cols), 120
+    box_w, box_h = col_w - 16, 74
+    y0 = top + (size - top - margin - box_h - row_h * (len(rows) - 1)) / 2
+    place = {nid: (margin + cols.index(pos[0]) * col_w, y0 + rows.index(pos[1]) * row_h)
+             for nid, _t, pos, _w in nodes}
+    for src, dst in links:
+        (xa, ya), (xb, yb) = place[src], place[dst]
+        if xa == xb:  # chained nodes stacked in one column: a vertical link
+            draw.line([(xa + box_w / 2, ya + box_h), (xb + box_w / 2, yb)], fill=(170, 175, 110), width=3)
+            continue
+        mid = xb - 8
+        draw.line([(xa + box_w, ya + box_h / 2), (mid, ya + box_h / 2), (mid, yb + box_h / 2), (xb, yb + box_h / 2)],
+                  fill=(170, 175, 110), width=3)
+    colours = {"OptimizedFluxLoader": (70, 90, 150), "LoraHotswap": (120, 70, 140), "PadDummyLora": (140, 90, 60),
+               "Generate": (60, 120, 90), "SaveImage": (80, 80, 80)}
+    labels = {"OptimizedFluxLoader": "Loader", "LoraHotswap": "LoRA", "PadDummyLora": "Pad slot",
+              "Generate": "Generate", "SaveImage": "Save"}
+    for nid, t, _pos, w in nodes:
+        x, y = place[nid]
+        detail = {"OptimizedFluxLoader": [w.get("source", "")], "LoraHotswap": [f"strength {w.get('strength')}"],
+                  "PadDummyLora": [w.get("target", "")], "Generate": [f"{w.get('steps')} steps"],
+                  "SaveImage": ["image"]}[t]
+        if t == "OptimizedFluxLoader" and w.get("swap_strategy") != "fused":
+            detail.append(w["swap_strategy"])
+        draw.rounded_rectangle([x, y, x + box_w, y + box_h], radius=8, fill=colours[t], outline=(220, 220, 220))
+        draw.text((x + 7, y + 8), labels[t], font=node_font, fill=(255, 255, 255))
+        for i, text in enumerate(detail):
+            while draw.textlength(text, font=small_font) > box_w - 12:
+                text = text[:-2] + "…"
+            draw.text((x + 7, y + 34 + 16 * i), text, font=small_font, fill=(225, 225, 225))
+    draw.text((margin, size - 22), "diagram of the workflow", font=small_font, fill=(140, 140, 140))
+    img.save(path, "JPEG", quality=90)
+
+
 def build(name, title, note, nodes, links):
     """nodes: list of (id, type, pos, widgets); links: list of (from_id, to_id) (slot 0 -> slot 0)."""
     ui_nodes, api, ui_links = [], {}, []
@@ -75,14 +154,16 @@ def build(name, title, note, nodes, links):
             api_inputs[LINK_IN[t][0][0]] = [str(in_link[nid][1]), 0]
         api[str(nid)] = {"class_type": t, "inputs": api_inputs, "_meta": {"title": t}}
     note_id = max(by_id) + 1
-    ui_nodes.append({"id": note_id, "type": "MarkdownNote", "pos": [40, -260], "size": [720, 220], "flags": {},
+    ui_nodes.append({"id": note_id, "type": "MarkdownNote", "pos": [40, -340], "size": [760, 300], "flags": {},
                      "order": len(nodes), "mode": 0, "inputs": [], "outputs": [],
-                     "properties": {}, "widgets_values": [f"## {title}\n\n{note}"],
+                     "properties": {}, "widgets_values": [f"## {title}\n\n{note}\n\n{files_note(nodes)}"],
                      "color": "#432", "bgcolor": "#653"})
     ui = {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, "fastlora/" + name)), "revision": 0,
           "last_node_id": note_id, "last_link_id": len(links), "nodes": ui_nodes, "links": ui_links,
           "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [60, 300]}}, "version": 0.4}
+    (ROOT / "workflows" / "api").mkdir(parents=True, exist_ok=True)
     (ROOT / "workflows" / f"{name}.json").write_text(json.dumps(ui, indent=2) + "\n")
+    thumbnail(ROOT / "workflows" / f"{name}.jpg", title, nodes, links)
     (ROOT / "workflows" / "api" / f"{name}.json").write_text(json.dumps(api, indent=2) + "\n")
 
 
@@ -123,7 +204,9 @@ build("flux_24gb_consumer", "FastLoRA: 24 GB consumer GPU recipe",
       "Single files as most ComfyUI users have them (models/diffusion_models, models/text_encoders, models/vae). "
       "fp8 transformer weights (GPUs with compute capability 8.9+, e.g. RTX 4090; else fp8_weight_only), "
       "T5 in NF4 (saves ~7 GB) and regional compile. swap_strategy = adapter (the published recipe) needs "
-      "no bf16 master copy; with 32 GB+ free system RAM, fused has no per-step LoRA cost. " + COMMON,
+      "no bf16 master copy; with 32 GB+ free system RAM, fused has no per-step LoRA cost. t5_quantization and "
+      "swap_strategy are among the loader's advanced options (newer ComfyUI front ends fold them into the "
+      "node's advanced section). " + COMMON,
       [(1, "OptimizedFluxLoader", [40, 0], loader(
           source="single files", diffusers_model="None", transformer="flux1-dev.safetensors",
           clip_l="clip_l.safetensors", t5xxl="t5xxl_fp16.safetensors", vae="ae.safetensors",
