@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from .errors import ModelLoadError, OptionsError
+from .filekind import MAX_HEADER_BYTES, sniff
 from .specs import ModelSource
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -75,7 +76,6 @@ _ST_DTYPES: dict[str, torch.dtype] = {
 }
 _FLOAT_STORAGE = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 _FP8_STORAGE = {"F8_E4M3", "F8_E5M2"}
-_MAX_HEADER_BYTES = 100_000_000
 
 Role = Literal["transformer", "clip_l", "t5xxl", "vae"]
 _ROLE_HELP: dict[str, str] = {
@@ -148,22 +148,22 @@ def read_header(path: str | os.PathLike[str], role: str = "model") -> Header:
     if p.is_dir():
         raise ModelLoadError(f"The {label} is a folder; expected a .safetensors file.")
     size = p.stat().st_size
+    if size < 8:
+        raise ModelLoadError(f"The {label} is empty or truncated ({size} bytes). Download it again.")
+    kind = sniff(p)
+    if kind == "gguf":
+        raise ModelLoadError(
+            f"The {label} is a GGUF (quantised) file. FastLoRA needs the original weights: use the "
+            "bf16/fp16 or fp8 .safetensors release of this model."
+        )
+    if kind in ("pickle", "zip"):
+        raise ModelLoadError(
+            f"The {label} is a PyTorch pickle (.ckpt/.pt/.bin), not a .safetensors file. Use the "
+            ".safetensors release of this model (pickles can run code and are not loaded)."
+        )
     with open(p, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ModelLoadError(f"The {label} is empty or truncated ({size} bytes). Download it again.")
-        if head[:4] == b"GGUF":
-            raise ModelLoadError(
-                f"The {label} is a GGUF (quantised) file. FastLoRA needs the original weights: use the "
-                "bf16/fp16 or fp8 .safetensors release of this model."
-            )
-        if head[:2] == b"PK" or head[:1] == b"\x80":
-            raise ModelLoadError(
-                f"The {label} is a PyTorch pickle (.ckpt/.pt/.bin), not a .safetensors file. Use the "
-                ".safetensors release of this model (pickles can run code and are not loaded)."
-            )
-        (n,) = struct.unpack("<Q", head)
-        if n < 2 or n > _MAX_HEADER_BYTES or 8 + n > size:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n < 2 or n > MAX_HEADER_BYTES or 8 + n > size:
             raise ModelLoadError(
                 f"The {label} is not a valid .safetensors file (bad header length). It may be another "
                 "format or a truncated download; download it again."

@@ -51,6 +51,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LoraFormatError
+from ..filekind import sniff
 from .types import LoraLayer, NormalizedLora
 
 logger = logging.getLogger(__name__)
@@ -357,9 +358,13 @@ def _load_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise LoraFormatError(
             f"LoRA file {path} is empty (0 bytes): the download or copy was interrupted. Download it again."
         )
-    with path.open("rb") as fh:
-        head = fh.read(8)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
+    kind = sniff(path)
+    if kind == "gguf":
+        raise LoraFormatError(
+            f"LoRA file {path} is a GGUF file, not a safetensors file. FastLoRA reads only .safetensors "
+            "LoRAs: get the .safetensors version of this LoRA."
+        )
+    if kind in ("pickle", "zip"):
         raise LoraFormatError(
             f"LoRA file {path} is a PyTorch pickle (.pt/.ckpt/.bin), not a safetensors file. FastLoRA reads "
             "only .safetensors LoRAs (pickles can run code when loaded): get the .safetensors version of this "
