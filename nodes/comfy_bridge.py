@@ -155,9 +155,21 @@ def interrupt_exception_type() -> type[BaseException] | None:
 
 
 # -- HTTP route (server.PromptServer) -------------------------------------------------------------
-def register_stats_route(path: str, payload: Callable[[], dict[str, Any]]) -> bool:
-    """Add ``GET path`` returning ``payload()`` as JSON to ComfyUI's server. False outside a
-    running ComfyUI (tests, CLI)."""
+# Attribute of ``PromptServer.instance`` holding the route's current payload and the pack folder it
+# comes from. Every copy of the pack that ComfyUI imports (a clone plus a Manager install, a renamed
+# backup ...) finds it there, so the route is added once and follows the copy loaded last.
+_ROUTE_HOLDER = "fastlora_routes"
+
+
+def register_stats_route(path: str, payload: Callable[[], dict[str, Any]], pack_dir: str) -> bool:
+    """Add ``GET path`` returning ``payload()`` as JSON to ComfyUI's server, once per server.
+
+    aiohttp refuses a second ``GET`` on the same path when ComfyUI starts serving (``Added route
+    will never be executed``), which would stop ComfyUI and every other custom node. A second copy
+    of the pack therefore does not add the route again: it points the existing route at its own
+    ``payload`` (ComfyUI keeps the node classes of the copy it loads last, so the route reports the
+    engines of the nodes that actually run) and logs which copies are involved. False outside a
+    running ComfyUI (tests, CLI) or when something else already serves ``path``."""
     try:
         from aiohttp import web
         from server import PromptServer
@@ -166,9 +178,27 @@ def register_stats_route(path: str, payload: Callable[[], dict[str, Any]]) -> bo
     instance = getattr(PromptServer, "instance", None)
     if instance is None:
         return False
+    holders: dict[str, dict[str, Any]] = getattr(instance, _ROUTE_HOLDER, None) or {}
+    setattr(instance, _ROUTE_HOLDER, holders)
+    holder = holders.get(path)
+    if holder is not None:
+        logger.warning(
+            "ComfyUI-FastLoRA is installed twice: %s and %s. ComfyUI uses the node classes of the copy it "
+            "loads last (%s), and GET %s now reports that copy; the other is a duplicate. Remove one of "
+            "them from custom_nodes (or rename it with a .disabled suffix).",
+            holder["pack_dir"], pack_dir, pack_dir, path)
+        holder.update(payload=payload, pack_dir=pack_dir)
+        return True
+    taken = [r for r in instance.routes if getattr(r, "path", None) == path]
+    if taken:
+        logger.warning("ComfyUI-FastLoRA (%s): GET %s is already served by %s; not adding it again.",
+                       pack_dir, path, getattr(taken[0], "handler", taken[0]))
+        return False
+    holder = holders[path] = {"payload": payload, "pack_dir": pack_dir}
 
     @instance.routes.get(path)
     async def _stats(request: Any) -> Any:
-        return web.json_response(payload())
+        return web.json_response(holder["payload"]())
 
+    logger.info("ComfyUI-FastLoRA (%s): serving GET %s", pack_dir, path)
     return True

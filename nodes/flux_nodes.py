@@ -28,6 +28,8 @@ SOURCE_FILES = "single files"
 TARGET_LISTED = "listed LoRAs"
 TARGET_ALL = "all Flux layers"
 PAD_SLOTS = 4
+# This copy's folder in custom_nodes (reported by /fastlora/stats: which copy runs when there are two).
+PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _DEFAULTS = specs.EngineOptions()
 
@@ -108,6 +110,7 @@ def stats() -> dict[str, Any]:
         })
     return {
         **STATS,
+        "pack": PACK_DIR,
         "engines": engines,
         "comfy_models": [repr(w) for w in memory.wrappers()],
         "unloads": memory.UNLOADS,

@@ -232,10 +232,95 @@ def uninstall() -> None:
         sys.modules.pop(name, None)
 
 
-def load_pack(name: str = PACK_NAME) -> types.ModuleType:
-    """Import the repository root as ComfyUI imports a custom node folder. The pack's relative
-    ``..fastlora_core`` is aliased to the already-imported top-level ``fastlora_core`` so tests and
-    nodes share one registry (ComfyUI itself only ever has the pack's copy)."""
+# -- server.PromptServer and the part of aiohttp it relies on -----------------------------------------
+_SAVED: dict[str, types.ModuleType | None] = {}
+
+
+def _fake_aiohttp() -> types.ModuleType:
+    """aiohttp's route table as ComfyUI uses it: ``routes.get(path)`` collects route definitions and
+    ``Application.add_routes`` (called once custom nodes are loaded) refuses a path registered twice,
+    with aiohttp's own message, which stops ComfyUI's start-up."""
+    web = types.ModuleType("aiohttp.web")
+
+    class RouteDef(types.SimpleNamespace):
+        pass
+
+    class RouteTableDef(list):  # type: ignore[type-arg]
+        def get(self, path: str) -> Any:
+            def register(handler: Any) -> Any:
+                self.append(RouteDef(method="GET", path=path, handler=handler, kwargs={}))
+                return handler
+            return register
+
+    class Application:
+        def __init__(self) -> None:
+            self.registered: dict[tuple[str, str], Any] = {}
+
+        def add_routes(self, routes: list[Any]) -> None:
+            for route in routes:
+                for method in ("GET", "HEAD") if route.method == "GET" else (route.method,):
+                    if (method, route.path) in self.registered:
+                        raise RuntimeError(f"Added route will never be executed, method {method} is "
+                                           "already registered")
+                    self.registered[(method, route.path)] = route.handler
+
+    class Response(types.SimpleNamespace):
+        pass
+
+    def json_response(data: Any) -> Any:
+        import json
+
+        return Response(text=json.dumps(data), content_type="application/json")
+
+    web.RouteDef = RouteDef  # type: ignore[attr-defined]
+    web.RouteTableDef = RouteTableDef  # type: ignore[attr-defined]
+    web.Application = Application  # type: ignore[attr-defined]
+    web.json_response = json_response  # type: ignore[attr-defined]
+    aiohttp = types.ModuleType("aiohttp")
+    aiohttp.web = web  # type: ignore[attr-defined]
+    return aiohttp
+
+
+def install_server(real_aiohttp: bool) -> Any:
+    """Put a ``server`` module with a ``PromptServer.instance`` (its ``routes`` and ``app``) into
+    ``sys.modules``, on the real aiohttp or on the fake above. Returns the instance."""
+    _SAVED.update({n: sys.modules.get(n) for n in ("aiohttp", "aiohttp.web", "server")})
+    if real_aiohttp:
+        web = importlib.import_module("aiohttp.web")
+    else:
+        aiohttp = _fake_aiohttp()
+        sys.modules.update({"aiohttp": aiohttp, "aiohttp.web": aiohttp.web})
+        web = aiohttp.web
+    server = types.ModuleType("server")
+
+    class PromptServer:
+        instance: Any = None
+
+        def __init__(self) -> None:
+            self.routes = web.RouteTableDef()
+            self.app = web.Application()
+
+    PromptServer.instance = PromptServer()
+    server.PromptServer = PromptServer  # type: ignore[attr-defined]
+    sys.modules["server"] = server
+    return PromptServer.instance
+
+
+def uninstall_server() -> None:
+    """Undo ``install_server`` (modules that were there before come back)."""
+    for name, module in _SAVED.items():
+        if module is None:
+            sys.modules.pop(name, None)
+        else:
+            sys.modules[name] = module
+    _SAVED.clear()
+
+
+def load_pack(name: str = PACK_NAME, root: Path = ROOT) -> types.ModuleType:
+    """Import the repository root (or ``root``, e.g. a second folder linking to it) as ComfyUI
+    imports a custom node folder. The pack's relative ``..fastlora_core`` is aliased to the
+    already-imported top-level ``fastlora_core`` so tests and nodes share one registry (ComfyUI
+    itself only ever has the pack's copy)."""
     if name in sys.modules:
         return sys.modules[name]
     import fastlora_core
@@ -247,7 +332,7 @@ def load_pack(name: str = PACK_NAME) -> types.ModuleType:
     for mod_name, mod in list(sys.modules.items()):
         if mod_name == "fastlora_core" or mod_name.startswith("fastlora_core."):
             sys.modules[f"{name}.{mod_name}"] = mod
-    spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py")
+    spec = importlib.util.spec_from_file_location(name, root / "__init__.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module

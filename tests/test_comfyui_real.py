@@ -83,16 +83,26 @@ def comfyui_commit() -> str:
     return out.stdout.strip() or "unknown"
 
 
+# The pack is installed twice (a clone plus a renamed backup, as users do): ComfyUI must still start.
+PACK_COPIES = ("ComfyUI-FastLoRA", "ComfyUI-FastLoRA-backup")
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[headless.Client]:
+def comfy_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("comfyui")
+
+
+@pytest.fixture(scope="module")
+def server(comfy_base: Path) -> Iterator[headless.Client]:
     from fastlora_core.tiny import write_comfy_tree
 
-    base = tmp_path_factory.mktemp("comfyui")
+    base = comfy_base
     models = base / "models"
     write_comfy_tree(models)
     custom = base / "custom_nodes"
     custom.mkdir()
-    (custom / "ComfyUI-FastLoRA").symlink_to(ROOT, target_is_directory=True)
+    for name in PACK_COPIES:
+        (custom / name).symlink_to(ROOT, target_is_directory=True)
     config = base / "extra_model_paths.yaml"
     config.write_text(f"fastlora_test:\n  base_path: {models}\n  diffusers: diffusers\n  loras: loras\n"
                       f"  custom_nodes: {custom}\n")
@@ -125,6 +135,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[headless.Client
                 time.sleep(1)
         assert "OptimizedFluxLoader" in client.request("GET", "/object_info/OptimizedFluxLoader"), \
             (base / "comfyui.log").read_text()[-3000:]
+        # ComfyUI loads its own custom_nodes first (which may hold another, older copy of the pack),
+        # then ours: the nodes that run, and the stats route, must be this checkout's.
+        served = Path(client.request("GET", "/fastlora/stats")["pack"])
+        assert served.parent == custom, f"the nodes of {served} run instead of this checkout's"
         yield client
     finally:
         proc.terminate()
@@ -176,6 +190,15 @@ def test_record_comfyui_commit(record_property: Any) -> None:
     commit = comfyui_commit()
     record_property("comfyui_commit", commit)
     print(f"ComfyUI commit under test: {commit}")
+
+
+def test_a_second_copy_of_the_pack_is_logged_not_fatal(server: headless.Client, comfy_base: Path) -> None:
+    log = (comfy_base / "comfyui.log").read_text()
+    lines = [line for line in log.splitlines() if "installed twice" in line]
+    assert len(lines) == 1, log[-3000:]
+    assert all(name in lines[0] for name in PACK_COPIES)
+    assert "Added route will never be executed" not in log
+    assert Path(stats(server)["pack"]).name in PACK_COPIES
 
 
 @pytest.mark.parametrize("path", API_FILES, ids=lambda p: p.stem)
