@@ -21,7 +21,7 @@ import torch
 from .errors import LoraFitError, out_of_memory
 from .lora.adapter import AdapterStrategy
 from .lora.base import ResolvedEntry
-from .lora.cache import GLOBAL_CACHE, FileKey, LoraCache
+from .lora.cache import GLOBAL_CACHE, FileKey, LoraCache, file_key
 from .lora.fused import FusedStrategy
 from .lora.types import NormalizedLora
 from .optimize import (
@@ -113,11 +113,12 @@ class FluxEngine:
         self.options = options = resolve_options(options, self.device)
         check_device_support(options, self.device)
         self.dtype = DTYPES[options.dtype]
-        self.lora_cache = lora_cache or GLOBAL_CACHE
+        self.lora_cache = lora_cache if lora_cache is not None else GLOBAL_CACHE
         self._lock = threading.RLock()
         self.compiles = 0
         self._compiled = False
         self.loaded_stack = LoraStack()
+        self._loaded_keys: tuple[FileKey, ...] = ()  # identity of the loaded stack's files
         self._gpu_loras: OrderedDict[FileKey, NormalizedLora] = OrderedDict()
         self._master_device_before_offload: torch.device | None = None
         self._preview_map: torch.Tensor | None = None
@@ -196,15 +197,16 @@ class FluxEngine:
         self._compiled = True
 
     # -- LoRA ----------------------------------------------------------------------------------
-    def _resolve(self, stack: LoraStack) -> tuple[list[ResolvedEntry], bool, float, float]:
-        """The stack's LoRAs, read (or taken from the RAM cache) and staged on the device; also
-        whether all came from the cache and the milliseconds spent reading and staging."""
+    def _resolve(self, stack: LoraStack, keys: tuple[FileKey, ...]) -> tuple[list[ResolvedEntry], bool, float, float]:
+        """The stack's LoRAs (``keys``: their files' current identity), read (or taken from the RAM
+        cache) and staged on the device; also whether all came from the cache and the milliseconds
+        spent reading and staging."""
         entries = []
         from_cache = True
         read_s = stage_s = 0.0
-        for spec in stack.active():
+        for spec, current in zip(stack.active(), keys):
             t0 = time.perf_counter()
-            key, lora, hit = self.lora_cache.lookup(spec.path)
+            key, lora, hit = self.lora_cache.lookup(spec.path, current)
             t1 = time.perf_counter()
             was_staged = key in self._gpu_loras
             staged = self._staged(key, lora)
@@ -223,6 +225,8 @@ class FluxEngine:
             return lora
         staged = self._gpu_loras.get(key)
         if staged is None:
+            for old in [k for k in self._gpu_loras if k.path == key.path]:  # a rewritten file's old version
+                del self._gpu_loras[old]
             staged = lora.to(self.device, self.dtype)
             self._gpu_loras[key] = staged
             budget = self.gpu_lora_cache_bytes()
@@ -237,13 +241,15 @@ class FluxEngine:
 
     def apply(self, stack: LoraStack) -> SwapReport:
         """Make the weights match ``stack``. Raises LoraError (format or fit) with the engine
-        unchanged. Applying the loaded stack again costs nothing."""
+        unchanged. Applying the loaded stack again costs only a look at its files (a file rewritten
+        since it was applied is read and applied again)."""
         self._check_usable()
         with self._lock:
             t0 = time.perf_counter()
-            if stack == self.loaded_stack:
+            keys = tuple(file_key(spec.path) for spec in stack.active())
+            if stack == self.loaded_stack and keys == self._loaded_keys:
                 return SwapReport(self.strategy.name, stack.describe(), 0.0, False)
-            entries, from_cache, read_ms, stage_ms = self._resolve(stack)
+            entries, from_cache, read_ms, stage_ms = self._resolve(stack, keys)
             warnings = self.strategy.validate(entries)
             for w in warnings:
                 logger.warning(w)
@@ -256,7 +262,7 @@ class FluxEngine:
                                     self.options) from exc
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            self.loaded_stack = stack
+            self.loaded_stack, self._loaded_keys = stack, keys
             ms = (time.perf_counter() - t0) * 1000
             logger.info("LoRA stack %s applied in %.1f ms (read %.1f ms, to GPU %.1f ms; %s, %d layers)",
                         stack.describe(), ms, read_ms, stage_ms, self.strategy.name, layers)
@@ -290,7 +296,7 @@ class FluxEngine:
             changed = self.strategy.prepare_slot(frozenset(targets), rank)
             if changed:
                 # The slot starts empty: re-apply whatever stack was loaded.
-                previous, self.loaded_stack = self.loaded_stack, LoraStack()
+                previous, self.loaded_stack, self._loaded_keys = self.loaded_stack, LoraStack(), ()
                 if previous.entries:
                     self.apply(previous)
                 if self._compiled:

@@ -1,12 +1,25 @@
 """A bounded in-RAM cache of parsed LoRA files, so switching back to a recent LoRA does not re-read
-the disk. Entries are keyed by (path, size, mtime): a file rewritten in place is read again."""
+the disk, and the file identity that decides when a cached (or applied) LoRA is stale.
+
+A user who re-trains or re-downloads a LoRA under the same name must get the new weights on the
+next request. :func:`file_key` notices such a rewrite cheaply (no full read): it combines what
+``stat`` says (resolved path, size, mtime, ctime, inode) with a fingerprint of the file's content
+(the safetensors header plus :data:`FINGERPRINT_BLOCKS` blocks of :data:`FINGERPRINT_BLOCK_BYTES`
+spread evenly over the tensor data). ``ctime`` and the inode change on any rewrite on POSIX systems
+even when a tool restores size and mtime; the fingerprint covers systems where ``st_ctime`` is the
+creation time (Windows) and copies that keep every timestamp. Only the newest version of a path
+stays in the cache.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import struct
 import threading
 from collections import OrderedDict
+from typing import NamedTuple
 
 from ..errors import LoraFormatError
 from .types import NormalizedLora
@@ -15,21 +28,64 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BYTES = int(os.environ.get("FASTLORA_LORA_CACHE_MB", "4096")) * 1024 * 1024
 
-FileKey = tuple[str, int, int]
+#: Content fingerprint: this many blocks of this many bytes, evenly spread over the tensor data
+#: (first and last included), are hashed with the header. ~64 KiB read per file and request.
+FINGERPRINT_BLOCKS = 16
+FINGERPRINT_BLOCK_BYTES = 4096
+_MAX_HASHED_HEADER = 16 * 1024 * 1024
+
+
+class FileKey(NamedTuple):
+    """Identity of one version of a LoRA file; equal keys mean the same bytes (see module doc)."""
+
+    path: str  # resolved (symlinks followed)
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    inode: int
+    fingerprint: str
+
+
+def _fingerprint(fh, size: int) -> str:  # type: ignore[no-untyped-def]
+    """blake2b of the safetensors header and of blocks spread over the data (any file: its start)."""
+    h = hashlib.blake2b(digest_size=16)
+    head = fh.read(8)
+    n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+    start = 8 + n if 8 + n <= size and n <= _MAX_HASHED_HEADER else 0
+    fh.seek(0)
+    h.update(fh.read(start))
+    data = size - start
+    if data <= FINGERPRINT_BLOCKS * FINGERPRINT_BLOCK_BYTES:
+        h.update(fh.read(data))
+    else:
+        step = (data - FINGERPRINT_BLOCK_BYTES) / (FINGERPRINT_BLOCKS - 1)
+        for i in range(FINGERPRINT_BLOCKS):
+            fh.seek(start + int(i * step))
+            h.update(fh.read(FINGERPRINT_BLOCK_BYTES))
+    return h.hexdigest()
 
 
 def file_key(path: str) -> FileKey:
+    """The current identity of the file at ``path`` (see module doc). Raises LoraFormatError when
+    it does not exist."""
+    real = os.path.realpath(path)
+    if os.path.isdir(real):
+        raise LoraFormatError(f"LoRA path {path} is a folder, not a file. Choose the .safetensors file inside it.")
     try:
-        st = os.stat(path)
+        with open(real, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            fingerprint = _fingerprint(fh, st.st_size)
     except FileNotFoundError as exc:
         raise LoraFormatError(
             f"LoRA file not found: {path}. Check the file name (in ComfyUI: models/loras)."
         ) from exc
-    return (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    except OSError as exc:
+        raise LoraFormatError(f"LoRA file {path} cannot be read ({exc}). Check its permissions.") from exc
+    return FileKey(real, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, fingerprint)
 
 
 class LoraCache:
-    """LRU cache of ``NormalizedLora`` bounded by total tensor bytes."""
+    """LRU cache of ``NormalizedLora`` bounded by total tensor bytes; one version per path."""
 
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.max_bytes = max_bytes
@@ -39,16 +95,20 @@ class LoraCache:
         self.hits = 0
         self.misses = 0
 
+    def __len__(self) -> int:
+        return len(self._items)
+
     def get(self, path: str) -> tuple[FileKey, NormalizedLora]:
         """Parsed LoRA for ``path`` (read on a miss). Raises LoraFormatError for bad files."""
         key, lora, _ = self.lookup(path)
         return key, lora
 
-    def lookup(self, path: str) -> tuple[FileKey, NormalizedLora, bool]:
-        """Like ``get``, also saying whether it came from RAM (True) or was read from disk."""
+    def lookup(self, path: str, key: FileKey | None = None) -> tuple[FileKey, NormalizedLora, bool]:
+        """Like ``get``, also saying whether it came from RAM (True) or was read from disk.
+        ``key``: the file's identity when the caller has just computed it."""
         from .formats import read_lora
 
-        key = file_key(path)
+        key = key or file_key(path)
         with self._lock:
             lora = self._items.get(key)
             if lora is not None:
@@ -58,14 +118,18 @@ class LoraCache:
         lora = read_lora(path)
         with self._lock:
             self.misses += 1
+            for old in [k for k in self._items if k.path == key.path]:  # older versions of this file
+                self._drop(old)
             size = lora.nbytes()
             if size <= self.max_bytes:
                 self._items[key] = lora
                 self._bytes += size
                 while self._bytes > self.max_bytes and self._items:
-                    _, old = self._items.popitem(last=False)
-                    self._bytes -= old.nbytes()
+                    self._drop(next(iter(self._items)))
         return key, lora, False
+
+    def _drop(self, key: FileKey) -> None:
+        self._bytes -= self._items.pop(key).nbytes()
 
     def clear(self) -> None:
         with self._lock:
