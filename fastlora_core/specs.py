@@ -7,6 +7,7 @@ read; device-dependent checks (does this GPU do fp8?) happen in ``resolve()``.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,16 +175,44 @@ class EngineOptions:
             raise OptionsError(f"device={self.device!r}: use auto, cpu, cuda, cuda:N or mps.")
 
 
+#: Largest |strength| accepted: ComfyUI's own LoraLoader allows -100..100 (graphs that use it must
+#: run), and beyond that a LoRA's delta swamps the model's weights (and can overflow bf16 merges).
+MAX_LORA_STRENGTH = 100.0
+
+
 @dataclass(frozen=True)
 class LoraSpec:
-    """One LoRA file and its strength. ``path`` is absolute."""
+    """One LoRA file and its strength. ``path`` is absolute.
+
+    The strength is checked on construction (a finite number with ``|strength| <=
+    MAX_LORA_STRENGTH``), so a bad value from a headless API call is refused before any weight is
+    touched, whatever range a widget shows.
+    """
 
     path: str
     strength: float = 1.0
 
+    def __post_init__(self) -> None:
+        s = self.strength
+        if isinstance(s, bool) or not isinstance(s, (int, float)):
+            raise OptionsError(f"LoRA {Path(self.path).name}: strength={s!r} is not a number.")
+        if not math.isfinite(s) or abs(s) > MAX_LORA_STRENGTH:
+            raise OptionsError(
+                f"LoRA {Path(self.path).name}: strength={s!r} is out of range. Use a finite number "
+                f"between -{MAX_LORA_STRENGTH:g} and {MAX_LORA_STRENGTH:g} (1.0 is the LoRA as trained; "
+                "0 disables it)."
+            )
+
     @classmethod
     def of(cls, path: str | os.PathLike[str], strength: float = 1.0) -> LoraSpec:
-        return cls(str(Path(path).expanduser().resolve()), float(strength))
+        resolved = str(Path(path).expanduser().resolve())
+        try:
+            if isinstance(strength, bool):
+                raise TypeError("a bool is not a strength")
+            value = float(strength)
+        except (TypeError, ValueError):
+            raise OptionsError(f"LoRA {Path(resolved).name}: strength={strength!r} is not a number.") from None
+        return cls(resolved, value)
 
 
 @dataclass(frozen=True)

@@ -386,7 +386,26 @@ def _load_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             f"LoRA file {path} is a valid safetensors file but holds no tensors. It is not a usable LoRA: "
             "download it again or choose another file."
         )
+    _check_finite(tensors, path)
     return tensors, metadata
+
+
+def _check_finite(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Refuse NaN or infinite values: merged into the model they make every image black (NaN).
+    Runs once per file version (the RAM cache keeps the checked result)."""
+    for key in sorted(tensors):
+        t = tensors[key]
+        if not t.is_floating_point():
+            continue
+        finite = torch.isfinite(t.float() if t.element_size() == 1 else t)
+        if not bool(finite.all()):
+            bad = t[~finite]
+            what = "NaN" if bool(bad.isnan().any()) else "infinite"
+            raise LoraFormatError(
+                f"LoRA file {path}: tensor {key} holds {bad.numel()} {what} value(s) (of {t.numel()}). "
+                "Applied, it would turn every image black. The file is damaged or was saved from a "
+                "diverged training run: download it again or use another checkpoint of this LoRA."
+            )
 
 
 def _adapter_metadata(metadata: Mapping[str, str], path: Path) -> dict[str, dict[str, object]]:
@@ -670,6 +689,9 @@ def _scale(
         if not isinstance(lora_alpha, (int, float)):
             return 1.0
         alpha_v = float(lora_alpha)
+    if not math.isfinite(alpha_v):
+        raise LoraFormatError(f"LoRA file {path}: its lora_adapter_metadata gives {module} the alpha {alpha_v}. "
+                              "The file is damaged: download it again.")
     if meta.get("use_rslora"):
         return alpha_v / math.sqrt(rank)
     return alpha_v / rank
