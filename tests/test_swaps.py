@@ -319,3 +319,17 @@ def test_bf16_lora_file_gives_the_same_image_as_its_float32_copy(
     assert torch.equal(a, b)
     _, lora = engine.lora_cache.get(str(tmp_path / "bf16.safetensors"))
     assert next(iter(lora.transformer.values())).up.dtype == torch.bfloat16  # half the RAM of fp32
+
+
+def test_adapter_rank_errors_name_the_files(tiny_source: ModelSource, tmp_path: Path) -> None:
+    engine = FluxEngine(tiny_source, dataclasses.replace(CPU, swap_strategy="adapter"))
+    layer = "transformer_blocks.0.attn.to_q"
+    big = _random_lora(tmp_path / "rank64.safetensors", engine, [layer], rank=64)
+    with pytest.raises(LoraFitError) as info:
+        engine.apply(LoraStack.of((big, 1.0)))
+    assert big in str(info.value) and layer in str(info.value) and "max_rank 32" in str(info.value)
+    a = _random_lora(tmp_path / "a20.safetensors", engine, [layer], rank=20)
+    b = _random_lora(tmp_path / "b20.safetensors", engine, [layer], rank=20)
+    with pytest.raises(LoraFitError, match="combined rank") as info:
+        engine.apply(LoraStack.of((a, 1.0), (b, 1.0)))
+    assert a in str(info.value) and b in str(info.value), str(info.value)

@@ -127,18 +127,19 @@ class AdapterStrategy:
         limit = self.slot_rank if self.has_slot() else self.max_rank
         outside = sorted(set(ranks) - self.slot_targets) if self.has_slot() else []
         if outside:
-            names = sorted({e.name for e in used if set(e.lora.transformer) - self.slot_targets})
+            names = sorted({e.lora.path for e in used if set(e.lora.transformer) - self.slot_targets})
             raise LoraFitError(
-                f"{', '.join(names)} targets {len(outside)} layer(s) outside the prepared adapter slot "
+                f"LoRA file {', '.join(names)} targets {len(outside)} layer(s) outside the prepared adapter slot "
                 f"(first: {', '.join(outside[:3])}). Add this LoRA to PadDummyLora (or choose "
                 "'all Flux layers'), or use swap_strategy=fused. The previous LoRAs stay active."
             )
         too_big = {n: r for n, r in ranks.items() if r > limit}
         if too_big:
             n, r = max(too_big.items(), key=lambda kv: kv[1])
-            what = "stack's combined rank" if len(used) > 1 else "rank"
+            files = [e.lora.path for e, _ in per_layer(used)[n]]
+            what = f"stack's combined rank (of {', '.join(files)})" if len(files) > 1 else f"file {files[0]}: rank"
             raise LoraFitError(
-                f"the LoRA {what} {r} (layer {n}) is above the slot's max_rank {limit}. Raise "
+                f"LoRA {what} {r} (layer {n}) is above the slot's max_rank {limit}. Raise "
                 "max_rank in the loader (or PadDummyLora), or use swap_strategy=fused. The previous "
                 "LoRAs stay active."
             )
