@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import LoraFitError, out_of_memory
+from .errors import EngineReleasedError, LoraFitError, out_of_memory
 from .lora.adapter import AdapterStrategy
 from .lora.base import ResolvedEntry
 from .lora.cache import GLOBAL_CACHE, FileKey, LoraCache, file_key
@@ -243,8 +243,8 @@ class FluxEngine:
         """Make the weights match ``stack``. Raises LoraError (format or fit) with the engine
         unchanged. Applying the loaded stack again costs only a look at its files (a file rewritten
         since it was applied is read and applied again)."""
-        self._check_usable()
         with self._lock:
+            self._check_usable()
             t0 = time.perf_counter()
             keys = tuple(file_key(spec.path) for spec in stack.active())
             if stack == self.loaded_stack and keys == self._loaded_keys:
@@ -274,8 +274,8 @@ class FluxEngine:
         """Adapter strategy: build (or widen) the zero adapter slot to cover the union of these
         LoRAs' targets (or every Flux layer) at ``max_rank``, so later swaps never recompile.
         Fused strategy: nothing to do (no rank or target limit). Raises LoraError for bad files."""
-        self._check_usable()
         with self._lock:
+            self._check_usable()
             if not isinstance(self.strategy, AdapterStrategy):
                 return {"strategy": "fused", "changed": False, "targets": 0, "rank": 0}
             rank = max_rank or self.options.max_rank
@@ -314,8 +314,8 @@ class FluxEngine:
         after every step: float32 ``[h, w, 3]`` in 0..1 at latent resolution, from a linear
         latent-to-RGB map fitted once with this engine's VAE. Same request and stack -> same images."""
         request.validate()
-        self._check_usable()
         with self._lock:
+            self._check_usable()
             swap = self.apply(stack) if stack is not None else None
             self._ensure_compiled()
             before = dynamo_compile_count()
@@ -376,16 +376,20 @@ class FluxEngine:
 
     # -- memory --------------------------------------------------------------------------------
     def _check_usable(self) -> None:
+        """Call with ``_lock`` held: a ``release()`` that ran while this thread waited for the lock
+        is seen here, not as a missing ``pipe`` later."""
         if self.released:
-            raise RuntimeError("this engine was released; get a new one from the registry")
+            raise EngineReleasedError("this engine was released; get a new one from the registry")
         if self.offloaded:
             self.reload()
 
     def memory_bytes(self) -> int:
-        if self.released:
+        """Bytes of weights held (0 once released). Lock-free: safe to call while generating."""
+        pipe = getattr(self, "pipe", None)  # a local reference: release() may run meanwhile
+        if self.released or pipe is None:
             return 0
         total = 0
-        for module in (self.pipe.transformer, self.pipe.text_encoder, self.pipe.text_encoder_2, self.pipe.vae):
+        for module in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
             for t in list(module.parameters()) + list(module.buffers()):
                 total += t.numel() * t.element_size()
         return total

@@ -31,6 +31,11 @@ class LoraFitError(LoraError):
     """A valid LoRA that does not fit the prepared adapter slot (rank above max_rank, new targets)."""
 
 
+class EngineReleasedError(FastLoraError, RuntimeError):
+    """The engine was released (by the registry, ComfyUI's unload, or another thread) before or
+    while this call waited for it. Get a new engine from the registry."""
+
+
 class GenerationCancelled(FastLoraError):
     """Generation was stopped by the caller's cancellation hook. The engine stays usable."""
 

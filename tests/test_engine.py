@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import pytest
 import torch
 
 from fastlora_core import registry
 from fastlora_core.engine import FluxEngine
-from fastlora_core.errors import OptionsError
-from fastlora_core.specs import EngineOptions, GenerateRequest, ModelSource
+from fastlora_core.errors import EngineReleasedError, OptionsError
+from fastlora_core.specs import EngineOptions, GenerateRequest, LoraStack, ModelSource
 
 CPU = EngineOptions(dtype="float32", device="cpu", compile="off")
 
@@ -200,6 +201,46 @@ def test_registry_reuses_same_key_and_releases_old_engine_first(tiny_source: Mod
     assert registry.release_all() == 1 and b.released
     c = registry.get_engine(tiny_source, CPU)
     assert c is not a and not c.released
+
+
+@pytest.mark.parametrize("call", ["generate", "apply", "prepare_slot"])
+def test_release_while_a_call_waits_for_the_engine_gives_the_documented_error(
+        tiny_source: ModelSource, tiny_request: GenerateRequest, call: str) -> None:
+    """A call that passed its entry checks and then waited for the engine's lock while another
+    thread released the engine gets EngineReleasedError, not AttributeError (no ``pipe``)."""
+    engine = FluxEngine(tiny_source, CPU)
+    real_lock = engine._lock
+    waiting = threading.Event()
+
+    class SignallingLock:  # tells the test when the worker is about to wait for the lock
+        def __enter__(self) -> None:
+            if threading.current_thread() is not threading.main_thread():
+                waiting.set()
+            real_lock.acquire()
+
+        def __exit__(self, *exc: object) -> None:
+            real_lock.release()
+
+    engine._lock = SignallingLock()  # type: ignore[assignment]
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            {"generate": lambda: engine.generate(tiny_request, LoraStack()),
+             "apply": lambda: engine.apply(LoraStack()),
+             "prepare_slot": lambda: engine.prepare_slot(all_layers=True)}[call]()
+        except BaseException as exc:  # noqa: BLE001 - the test inspects it
+            errors.append(exc)
+
+    with real_lock:
+        thread = threading.Thread(target=worker)
+        thread.start()
+        assert waiting.wait(30)
+        engine.release()  # same thread holds the (re-entrant) lock: runs now
+    thread.join(60)
+    assert len(errors) == 1 and isinstance(errors[0], EngineReleasedError), errors
+    assert isinstance(errors[0], RuntimeError) and "released" in str(errors[0])
+    assert engine.memory_bytes() == 0
 
 
 # -- compilation -----------------------------------------------------------------------------------
