@@ -134,12 +134,31 @@ def compile_cache_dir(options: EngineOptions) -> Path:
     return Path(base) / "inductor"
 
 
+def user_inductor_cache_dir() -> str | None:
+    """``TORCHINDUCTOR_CACHE_DIR`` when the *user* chose it, else None.
+
+    The first time inductor needs its cache folder (importing torchao or diffusers is enough) it
+    writes its own default, a per-user temporary folder, into that variable. That value is torch's,
+    not the user's, and must not switch off the persistent cache."""
+    value = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not value:
+        return None
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:  # another torch layout: trust the variable
+        return value
+    same = os.path.normcase(os.path.abspath(value)) == os.path.normcase(os.path.abspath(default_cache_dir()))
+    return None if same else value
+
+
 def configure_compile_cache(options: EngineOptions) -> Path:
     """Point inductor's on-disk caches (FX graph + autotune + Triton) at a persistent folder so a
     restarted process does not pay the full compile again. A folder the user already set through
-    TORCHINDUCTOR_CACHE_DIR wins."""
-    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") and not options.compile_cache_dir:
-        return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    TORCHINDUCTOR_CACHE_DIR wins (torch's own temporary default does not, see
+    :func:`user_inductor_cache_dir`)."""
+    user = user_inductor_cache_dir()
+    if user and not options.compile_cache_dir:
+        return Path(user)
     path = compile_cache_dir(options)
     path.mkdir(parents=True, exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)

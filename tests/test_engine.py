@@ -314,6 +314,14 @@ def test_compile_cache_goes_to_the_configured_folder(tiny_source: ModelSource, t
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "user"))
     FluxEngine(tiny_source, dataclasses.replace(CPU, compile="regional"))
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "user")
+    # torch's own temporary default, written into the variable when a library (torchao, diffusers)
+    # first touches inductor's cache, is not the user's choice: the persistent default is used.
+    from torch._inductor.runtime.cache_dir_utils import cache_dir, default_cache_dir
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    assert cache_dir() == os.path.abspath(default_cache_dir()) == os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    FluxEngine(tiny_source, dataclasses.replace(CPU, compile="regional"))
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "default" / "inductor")
 
 
 def test_previews_arrive_every_step_and_change_nothing(tiny_source: ModelSource,
