@@ -15,6 +15,10 @@ class OptionsError(FastLoraError, ValueError):
     """An option or a combination of options that cannot work; raised before any weight is read."""
 
 
+class DependencyError(FastLoraError):
+    """A required package is missing or too old; the message names each one and what to install."""
+
+
 class ModelLoadError(FastLoraError):
     """A model file or folder that is missing, corrupt, not Flux, or a Flux variant we cannot run."""
 

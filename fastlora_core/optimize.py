@@ -6,13 +6,14 @@ compilation and offload. Each function states what it needs from the device and 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
 
+from . import deps
 from .errors import OptionsError
 from .specs import EngineOptions
 
@@ -64,9 +65,7 @@ def _why_not_fp8(options: EngineOptions, device: torch.device) -> str:
         return f"dtype={options.dtype}"
     if options.offload != "none":
         return f"offload={options.offload}"
-    if importlib.util.find_spec("torchao") is None:
-        return "torchao is not installed (pip install torchao)"
-    return ""
+    return deps.usable("torchao")
 
 
 def _why_not_nf4(options: EngineOptions, device: torch.device) -> str:
@@ -78,8 +77,20 @@ def _why_not_nf4(options: EngineOptions, device: torch.device) -> str:
         return f"{total_gib:.0f} GiB GPU holds the bf16 T5"
     if options.offload != "none":
         return f"offload={options.offload}"
-    if importlib.util.find_spec("bitsandbytes") is None:
-        return "bitsandbytes is not installed (pip install bitsandbytes)"
+    return deps.usable("bitsandbytes")
+
+
+def why_not_compile(device: torch.device) -> str:
+    """Why torch.compile (inductor) cannot work on ``device`` here ("" when it can): GPUs need a
+    Triton that imports and matches torch (Windows ComfyUI portable usually has none); the CPU
+    needs a C++ compiler."""
+    if device.type in ("cuda", "xpu"):
+        why = deps.usable("triton") or deps.triton_torch_mismatch()
+        return f"torch.compile on {device.type} needs Triton: {why}" if why else ""
+    if device.type == "cpu":
+        compilers = [c for c in (os.environ.get("CXX"), "g++", "clang++", "c++", "cl") if c]
+        if not any(shutil.which(c) for c in compilers):
+            return "torch.compile on the CPU needs a C++ compiler (g++, clang++ or MSVC cl) on PATH"
     return ""
 
 
@@ -88,7 +99,8 @@ def resolve_options(options: EngineOptions, device: torch.device) -> EngineOptio
     ``quantization=auto`` -> ``fp8`` on CUDA with compute capability >= 8.9 (Ada, Hopper, Blackwell),
     bfloat16 weights, no offload and torchao installed; ``t5_quantization=auto`` -> ``nf4`` on a CUDA
     GPU with less than ``AUTO_NF4_BELOW_GIB`` GiB, no offload and bitsandbytes installed (a 24 GB
-    card then holds the fp8 pipeline); ``none`` otherwise. Logs each choice; never raises."""
+    card then holds the fp8 pipeline); ``none`` otherwise. ``compile`` falls back to ``off`` with a
+    warning when inductor cannot work here (``why_not_compile``). Logs each choice; never raises."""
     changes: dict[str, str] = {}
     for name, why_not, chosen in (("quantization", _why_not_fp8, "fp8"), ("t5_quantization", _why_not_nf4, "nf4")):
         if getattr(options, name) != "auto":
@@ -96,11 +108,19 @@ def resolve_options(options: EngineOptions, device: torch.device) -> EngineOptio
         why = why_not(options, device)
         changes[name] = "none" if why else chosen
         logger.info("%s=auto -> %s (%s)", name, changes[name], why or f"on {device}")
+    if options.compile != "off" and (why := why_not_compile(device)):
+        changes["compile"] = "off"
+        logger.warning("compile=%s -> off: %s. Images are the same, only slower; install it and "
+                       "restart to compile.", options.compile, why)
     return dataclasses.replace(options, **changes)  # type: ignore[arg-type]
 
 
 def check_device_support(options: EngineOptions, device: torch.device) -> None:
-    """Checks that need the device. Raises OptionsError saying what to change."""
+    """Checks that need the device or an optional package. Raises OptionsError saying what to change."""
+    for name, value, package in (("quantization", options.quantization, "torchao"),
+                                 ("t5_quantization", options.t5_quantization, "bitsandbytes")):
+        if value not in ("none", "auto") and (why := deps.usable(package)):
+            raise OptionsError(f"{name}={value} needs {package}: {why}. Use {name}=auto or none.")
     if options.quantization == "fp8":
         if device.type != "cuda":
             raise OptionsError(

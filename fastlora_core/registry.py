@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 
+from . import deps
 from .engine import FluxEngine
 from .optimize import check_device_support, resolve_device
 from .specs import EngineKey, EngineOptions, ModelSource
@@ -22,8 +23,10 @@ _engines: dict[EngineKey, FluxEngine] = {}
 
 def get_engine(source: ModelSource, options: EngineOptions | None = None) -> FluxEngine:
     """The engine for (source, options), built on first use. Options are validated before anything
-    is released or loaded, so a typo never costs the engine you have."""
+    is released or loaded, so a typo never costs the engine you have. A missing required package
+    raises ``DependencyError`` naming it (instead of a bare ModuleNotFoundError mid-load)."""
     options = options or EngineOptions()
+    deps.require()
     source.validate()
     options.validate()
     check_device_support(options, resolve_device(options))

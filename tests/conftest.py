@@ -57,3 +57,12 @@ def _release_engines():  # type: ignore[no-untyped-def]
     from fastlora_core import registry
 
     registry.release_all()
+
+
+@pytest.fixture(autouse=True)
+def _forget_optional_imports():  # type: ignore[no-untyped-def]
+    """Tests that hide torchao/bitsandbytes/triton must not leave their answer in deps.usable's cache."""
+    yield
+    from fastlora_core import deps
+
+    deps.usable.cache_clear()

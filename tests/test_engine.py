@@ -86,6 +86,7 @@ def test_auto_quantization_is_fp8_only_where_fp8_is_fast_and_safe(monkeypatch: p
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "torchao" else real_find_spec(name, *a))
+    optimize.deps.usable.cache_clear()  # (conftest clears it again after the test)
     assert _quantization(optimize, auto, cuda) == "none"
 
 
@@ -112,6 +113,7 @@ def test_auto_t5_quantization_is_nf4_only_on_small_gpus(monkeypatch: pytest.Monk
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a))
+    optimize.deps.usable.cache_clear()  # (conftest clears it again after the test)
     assert _t5(optimize, auto, cuda) == "none"
 
 
