@@ -283,3 +283,24 @@ def test_cli_exit_codes(server: headless.Client, tmp_path: Path) -> None:
     assert bad.returncode == headless.EXIT_FAILED, bad.stderr
     assert "node 3 (Generate)" in bad.stderr and "multiple of 16" in bad.stderr
     assert bad.stderr.rstrip().splitlines()[-1].startswith("error: ComfyUI error in node 3")
+
+
+def test_inputs_the_source_does_not_read_never_block_a_run(server: headless.Client, tmp_path: Path) -> None:
+    """ComfyUI's own validation: with source = diffusers folder, single-file inputs naming files this
+    machine does not have are ignored (the graph runs); with source = single files, a diffusers_model
+    that does not exist is ignored and only the files the source reads are reported."""
+    path = ROOT / "workflows" / "api" / "flux_lora_basic.json"
+    graph = headless.load_workflow(path)
+    loader = next(k for k, n in graph.items() if n["class_type"] == "OptimizedFluxLoader")
+    absent = {"transformer": "flux1-dev.safetensors", "clip_l": "clip_l.safetensors",
+              "t5xxl": "t5xxl_fp16.safetensors", "vae": "ae.safetensors"}
+    unread = [f"{loader}.{name}={value}" for name, value in absent.items()]
+    result = run(server, path, tiny_overrides(graph) + unread, tmp_path / "diffusers")
+    assert len(result.images) == 1
+
+    files = [f"{loader}.source=single files", f"{loader}.diffusers_model=FLUX.1-dev"]
+    with pytest.raises(headless.HeadlessError) as info:
+        run(server, path, tiny_overrides(graph) + unread + files, tmp_path / "files")
+    assert info.value.exit_code == headless.EXIT_REFUSED
+    assert "transformer = 'flux1-dev.safetensors' is not in models/diffusion_models" in str(info.value)
+    assert "'FLUX.1-dev'" not in str(info.value), str(info.value)
