@@ -249,12 +249,14 @@ class OptimizedFluxLoader:
                 "optional": {name: specs_by_name[name] for name in LOADER_INPUTS[1:]}}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, source: str, diffusers_model: str | None = NONE, transformer: str | None = NONE,
-                        clip_l: str | None = NONE, t5xxl: str | None = NONE,
+    def VALIDATE_INPUTS(cls, source: str | None, diffusers_model: str | None = NONE,
+                        transformer: str | None = NONE, clip_l: str | None = NONE, t5xxl: str | None = NONE,
                         vae: str | None = NONE) -> bool | str:
         """Replaces ComfyUI's per-input check of the inputs named here (``source`` and the model
         inputs): the inputs the chosen source does not read never block a run. The options keep
-        ComfyUI's own checks."""
+        ComfyUI's own checks. A linked input arrives as None and is checked when the loader runs."""
+        if source is None:
+            return True
         problem = source_problem(source, {"diffusers_model": diffusers_model, "transformer": transformer,
                                           "clip_l": clip_l, "t5xxl": t5xxl, "vae": vae})
         return True if problem is None else problem

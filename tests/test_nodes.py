@@ -201,6 +201,7 @@ def test_inputs_the_source_reads_are_still_checked_with_a_clear_message(pack: An
     assert validate(pack, {**LOADER, "quantization": "fp4"}) == "quantization: 'fp4' not in list"
     linked = validate(pack, {**files, "t5xxl": None})  # a link: checked when the loader runs
     assert linked is True
+    assert validate(pack, {**files, "source": None}) is True
 
 
 # -- the handle flow ----------------------------------------------------------------------------
