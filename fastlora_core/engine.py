@@ -31,6 +31,7 @@ from .optimize import (
     compile_transformer,
     configure_compile_cache,
     dynamo_compile_count,
+    inductor_determinism,
     quantize_t5,
     quantize_transformer,
     resolve_device,
@@ -329,7 +330,8 @@ class FluxEngine:
                 return {}
 
             try:
-                images = run_pipeline(self.pipe, request, callback)
+                with inductor_determinism(self.options.deterministic):
+                    images = run_pipeline(self.pipe, request, callback)
             except torch.OutOfMemoryError as exc:
                 self._free_memory()
                 raise out_of_memory(

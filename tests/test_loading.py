@@ -1,9 +1,16 @@
 """Loading layer: diffusers folders and ComfyUI single files -> FluxPipeline (fastlora_core.loading).
 
 Every source is written from one tiny random pipeline; each load must give back the same weights
-bit for bit and the same image. Tolerances: exact (``torch.equal``) for float32 sources; the fp8 T5
-/ fp8 transformer sources are compared with the original weights rounded through fp8 the same way,
-again exactly. Key mappings are cross-checked against diffusers' own converters at real Flux widths.
+bit for bit (``torch.equal``; the fp8 T5 / fp8 transformer sources are compared with the original
+weights rounded through fp8 the same way, again exactly) and the same image within ``IMAGE_TOL``.
+
+Why images get a tolerance: weights loaded from a safetensors file keep the file's data offsets,
+so they are not 64-byte aligned like freshly allocated tensors, and x86-64 CPU GEMM kernels take
+other code paths (other summation orders) for other alignments. On AMD EPYC the same weights give
+images differing by ~3e-7 (measured; copying the loaded weights into fresh tensors makes them
+equal again). A wrong weight would change the image by far more than IMAGE_TOL, and the weights
+themselves are compared exactly. Key mappings are cross-checked against diffusers' own converters
+at real Flux widths.
 """
 
 from __future__ import annotations
@@ -27,6 +34,14 @@ from fastlora_core.specs import ModelSource
 from fastlora_core.tiny import build_tiny_pipeline
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2")
+#: Images of pipelines with equal weights in other memory layouts (0..1 scale); see the module doc.
+IMAGE_TOL = 1e-5
+
+
+def assert_same_image(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert a.shape == b.shape
+    diff = float((a - b).abs().max())
+    assert diff <= IMAGE_TOL, f"images differ by {diff:.3g} (tolerance {IMAGE_TOL})"
 
 
 # ------------------------------------------------------------------------------------------ fixtures
@@ -124,7 +139,7 @@ def test_diffusers_folder_matches_original_exactly(tiny: Any, diffusers_dir: Pat
     pipe = load_pipeline(ModelSource.from_diffusers(diffusers_dir), torch.float32)
     assert_inference_ready(pipe)
     assert_same_weights(tiny, pipe)
-    assert torch.equal(generate(pipe), reference_image)
+    assert_same_image(generate(pipe), reference_image)
 
 
 @pytest.mark.parametrize(
@@ -147,7 +162,7 @@ def test_single_files_match_original_exactly(
     assert pipe.vae.config.scaling_factor == tiny.vae.config.scaling_factor
     assert pipe.vae.config.shift_factor == tiny.vae.config.shift_factor
     assert dict(pipe.scheduler.config)["shift"] == tiny.scheduler.config.shift
-    assert torch.equal(generate(pipe), reference_image)
+    assert_same_image(generate(pipe), reference_image)
 
 
 def test_written_files_use_comfyui_key_layouts(bfl: dict[str, Path]) -> None:
@@ -186,7 +201,7 @@ def test_fp8_t5_and_scaled_fp8_transformer(tiny: Any, root: Path) -> None:
     ref = copy.deepcopy(tiny)  # the original pipeline holding the same rounded weights: same image
     ref.transformer.load_state_dict(tr_expect)
     ref.text_encoder_2.load_state_dict(t5_expect)
-    assert torch.equal(generate(pipe), generate(ref))
+    assert_same_image(generate(pipe), generate(ref))
 
 
 def test_plain_fp8_transformer_upcasts(tiny: Any, root: Path) -> None:
@@ -206,7 +221,7 @@ def test_both_load_paths_agree_in_half_precision(diffusers_dir: Path, bfl: dict[
     wo = b.text_encoder_2.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype
     assert wo == (torch.float32 if dtype == torch.float16 else dtype)
     assert b.text_encoder_2.shared.weight is b.text_encoder_2.encoder.embed_tokens.weight
-    assert torch.equal(generate(a), generate(b))
+    assert_same_image(generate(a), generate(b))
 
 
 def test_comfyui_tokenizer_layout(tiny: Any, bfl: dict[str, Path], root: Path) -> None:
@@ -473,4 +488,4 @@ def test_good_source_loads_after_failures(tiny: Any, bfl: dict[str, Path], diffu
     for source in (ModelSource.from_single_files(**bfl), ModelSource.from_diffusers(diffusers_dir)):
         pipe = load_pipeline(source, torch.float32)
         assert_same_weights(tiny, pipe)
-        assert torch.equal(generate(pipe), reference_image)
+        assert_same_image(generate(pipe), reference_image)
