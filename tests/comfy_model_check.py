@@ -158,11 +158,30 @@ def main(comfy_dir: str, work: str, out_path: str, compile_mode: str) -> None:
             return comfy_nodes.common_ksampler(model, seed, steps, cfg, sampler, scheduler, positive, negative, latent,
                                                denoise=denoise)[0]["samples"].clone()
 
-    def compare(name: str, spec: list[tuple[str, float]], **kw: Any) -> torch.Tensor:
-        ref = sample(with_loras(native, spec), **kw)
+    def custom_advanced(model: Any, steps: int = 3) -> torch.Tensor:
+        """SamplerCustomAdvanced with BasicGuider, KSamplerSelect, BasicScheduler and RandomNoise."""
+        import comfy_extras.nodes_custom_sampler as cs
+
+        with torch.inference_mode():
+            guider = cs.BasicGuider().get_guider(model, positive)[0]
+            sigmas = cs.BasicScheduler().get_sigmas(model, "beta", steps, 1.0)[0]
+            out = cs.SamplerCustomAdvanced().sample(cs.RandomNoise().get_noise(5)[0], guider,
+                                                    cs.KSamplerSelect().get_sampler("heun")[0], sigmas,
+                                                    {"samples": torch.zeros(1, 16, 8, 8)})[0]
+            return out["samples"].clone()
+
+    def shifted(model: Any) -> Any:
+        import comfy_extras.nodes_model_advanced as ma
+
+        return ma.ModelSamplingFlux().patch(model, 1.3, 0.6, 64, 64)[0]
+
+    def compare(name: str, spec: list[tuple[str, float]], fn: Any = None, wrap: Any = None, **kw: Any) -> torch.Tensor:
+        fn = fn or sample
+        wrap = wrap or (lambda m: m)
+        ref = fn(wrap(with_loras(native, spec)), **kw)
         before = engine.compiles
         t0 = time.perf_counter()
-        got = sample(with_loras(ours, spec), **kw)
+        got = fn(wrap(with_loras(ours, spec)), **kw)
         seconds = time.perf_counter() - t0
         base = float(ref.abs().max())
         results["scenarios"][name] = {
@@ -188,6 +207,8 @@ def main(comfy_dir: str, work: str, out_path: str, compile_mode: str) -> None:
         mask[:, 2:6, 2:6] = 1.0
         compare("noise_mask", [("a", 1.0)], latent={"samples": image_latent.clone(), "noise_mask": mask}, denoise=0.8)
         compare("size_80x48", [("b", 0.5)], latent={"samples": torch.zeros(1, 16, 6, 10)})
+        compare("sampler_custom_advanced", [("a", 1.0)], fn=custom_advanced)
+        compare("model_sampling_flux", [("b", 1.0)], wrap=shifted)
 
         # A -> B -> A on our MODEL, bit for bit, without compiling again
         a1 = sample(with_loras(ours, [("a", 1.0)]))
@@ -237,6 +258,32 @@ def main(comfy_dir: str, work: str, out_path: str, compile_mode: str) -> None:
         after = sample(with_loras(ours, [("a", 1.0)]))
         results["usable_after_refusals"] = bool(torch.equal(after, a1))
         results["engine_compiles"] = engine.compiles
+
+        # Cancel: ComfyUI's progress hook raises InterruptProcessingException after the first step
+        import comfy.model_management as mm
+
+        def interrupt(value: int, total: int, preview: Any, prompt_id: Any = None, node_id: Any = None) -> None:
+            if value >= 1:
+                raise mm.InterruptProcessingException()
+
+        comfy.utils.set_progress_bar_global_hook(interrupt)
+        try:
+            sample(with_loras(ours, [("b", 1.0)]))
+            cancelled = False
+        except mm.InterruptProcessingException:
+            cancelled = True
+        finally:
+            comfy.utils.set_progress_bar_global_hook(None)
+        results["cancel"] = {"cancelled": cancelled,
+                             "next_run_same": bool(torch.equal(sample(with_loras(ours, [("a", 1.0)])), a1))}
+
+        # "Unload models" (POST /free): ComfyUI unloads every model; the next sampling rebuilds the engine
+        mm.unload_all_models()
+        released = engine.released
+        again = sample(with_loras(ours, [("a", 1.0)]))
+        rebuilt = comfy_model.EngineDiffusionModel.engine.fget(ours.model.diffusion_model)
+        results["free"] = {"released": released, "rebuilt": rebuilt is not engine and not rebuilt.released,
+                           "same_image": bool(torch.equal(again, a1))}
         del handle, pack
     except Exception:  # noqa: BLE001 - report to the test
         results["errors"].append(traceback.format_exc())

@@ -47,7 +47,8 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 SCENARIOS = ["no_lora", "lora_bfl_1.0", "lora_bfl_0.5", "lora_bfl_-0.7", "lora_diffusers_1.0", "stack_two",
-             "img2img_0.6", "cfg_3_negative", "dpmpp_2m_karras", "batch_2", "noise_mask", "size_80x48"]
+             "img2img_0.6", "cfg_3_negative", "dpmpp_2m_karras", "batch_2", "noise_mask", "size_80x48",
+             "sampler_custom_advanced", "model_sampling_flux"]
 
 
 @pytest.mark.parametrize("name", SCENARIOS)
@@ -98,3 +99,11 @@ def test_what_cannot_be_mapped_is_refused_with_what_to_do(report: dict[str, Any]
 
 def test_engine_keeps_working_after_refusals(report: dict[str, Any]) -> None:
     assert report["usable_after_refusals"]
+
+
+def test_cancel_stops_sampling_and_the_next_run_is_unchanged(report: dict[str, Any]) -> None:
+    assert report["cancel"] == {"cancelled": True, "next_run_same": True}
+
+
+def test_unload_models_releases_the_engine_and_the_next_sampling_rebuilds_it(report: dict[str, Any]) -> None:
+    assert report["free"] == {"released": True, "rebuilt": True, "same_image": True}
