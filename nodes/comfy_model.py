@@ -198,9 +198,13 @@ def _define_patcher_class() -> type:
 
         # LoRA patches become the engine's stack -------------------------------------------------
         def add_patches(self, patches: Any, strength_patch: float = 1.0, strength_model: float = 1.0) -> Any:
+            # LoraLoader hands the model and the CLIP the same dict: keep what names this model's weights,
+            # as ModelPatcher.add_patches does (the CLIP part is the CLIP's business).
+            adapter = self.fastlora_adapter
+            patches = {k: v for k, v in patches.items()
+                       if (k if isinstance(k, str) else k[0])[len(lora_patches.PREFIX):] in adapter._shapes}
             deltas = lora_patches.deltas_of(patches, strength_model) if strength_patch != 0.0 else ()
             if deltas:  # the LoRA fits this transformer (refused here, in the LoRA node, if not)
-                adapter = self.fastlora_adapter
                 lora_patches.bfl.lora_from_bfl(deltas, "this LoRA", adapter.out_features)
             elif strength_patch != 0.0:
                 logger.warning("FastLoRA MODEL: a LoRA loader added no weight of this Flux transformer (a LoRA "

@@ -249,6 +249,16 @@ def main(comfy_dir: str, work: str, out_path: str, compile_mode: str) -> None:
             comfy_nodes.ModelMergeSimple().merge(ours, native, 0.5) if hasattr(comfy_nodes, "ModelMergeSimple") else \
                 __import__("comfy_extras.nodes_model_merging", fromlist=["x"]).ModelMergeSimple().merge(ours, native, 0.5)
 
+        # LoraLoader passes the same patch dict to the MODEL and the CLIP: CLIP keys are not ours to refuse
+        import comfy.weight_adapter
+
+        clip_only = ours.clone()
+        up, down = torch.randn(768, 2, generator=g), torch.randn(2, 768, generator=g)
+        clip_key = "clip_l.transformer.text_model.encoder.layers.0.mlp.fc1.weight"
+        clip_only.add_patches({clip_key: comfy.weight_adapter.LoRAAdapter(set(), (up, down, None, None, None, None))})
+        results["clip_keys_ignored"] = [len(gr.deltas) for gr in clip_only.fastlora_groups] == [0] and \
+            bool(torch.equal(sample(clip_only), sample(ours)))
+
         refused("controlnet", controlnet)
         refused("block_patch", block_patch)
         refused("torch_compile", torch_compile)

@@ -97,6 +97,10 @@ def test_what_cannot_be_mapped_is_refused_with_what_to_do(report: dict[str, Any]
         assert w in message, message
 
 
+def test_text_encoder_keys_of_a_lora_loader_are_left_to_the_clip(report: dict[str, Any]) -> None:
+    assert report["clip_keys_ignored"]
+
+
 def test_engine_keeps_working_after_refusals(report: dict[str, Any]) -> None:
     assert report["usable_after_refusals"]
 
