@@ -140,7 +140,7 @@ RARELY_TOUCHED = {"t5_quantization", "attention", "compile", "offload", "dtype",
 def test_loader_keeps_widget_order_and_folds_rare_options_into_an_advanced_group(pack: Any) -> None:
     schema = pack.NODE_CLASS_MAPPINGS["OptimizedFluxLoader"].INPUT_TYPES()
     ordered = [*schema["required"], *schema.get("optional", {})]  # ComfyUI's front end: required, then optional
-    assert ordered == HISTORIC_LOADER_ORDER
+    assert ordered == HISTORIC_LOADER_ORDER + ["components"]  # new inputs only ever go at the end
     specs = {**schema["required"], **schema["optional"]}
     advanced = {name for name, spec in specs.items() if spec[1].get("advanced")}
     assert advanced == RARELY_TOUCHED
@@ -251,7 +251,7 @@ def test_transformer_only_loads_no_text_encoder_or_vae_and_generate_says_why(pac
     assert engine.memory_bytes() < full_bytes
     with pytest.raises(OptionsError, match="transformer only"):
         run(pack, "Generate", engine=alone, **gen_inputs())
-    with pytest.raises(OptionsError, match="transformer file"):
+    with pytest.raises(OptionsError, match="needs transformer"):
         run(pack, "OptimizedFluxLoader", **{**LOADER, "source": "single files"},
             components=flux_nodes.COMPONENTS_TRANSFORMER)
 
