@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import EngineReleasedError, LoraFitError, out_of_memory
+from .errors import EngineReleasedError, LoraFitError, OptionsError, out_of_memory
 from .lora.adapter import AdapterStrategy
 from .lora.base import ResolvedEntry
 from .lora.cache import GLOBAL_CACHE, FileKey, LoraCache, file_key
@@ -146,14 +146,16 @@ class FluxEngine:
     def _optimise(self, pipe) -> None:  # type: ignore[no-untyped-def]
         o = self.options
         transformer = pipe.transformer
-        for module in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
+        for module in self._modules(pipe):
             module.eval().requires_grad_(False)
         self.pipe = pipe
         self.transformer = transformer
         if o.swap_strategy == "fused":
             master_device = self._master_device()
-            parts = {"transformer": transformer, "text_encoder": pipe.text_encoder}
-            if o.t5_quantization == "none":
+            parts = {"transformer": transformer}
+            if pipe.text_encoder is not None:
+                parts["text_encoder"] = pipe.text_encoder
+            if o.t5_quantization == "none" and pipe.text_encoder_2 is not None:
                 parts["text_encoder_2"] = pipe.text_encoder_2
             self.strategy: FusedStrategy | AdapterStrategy = FusedStrategy(parts, o.quantization, master_device)
             if o.quantization != "none":
@@ -168,7 +170,8 @@ class FluxEngine:
         # transformer (24 GB) and T5 (9.5 GB) never sit on the GPU whole, so the fp8 + NF4 recipe
         # loads on a 24 GB card.
         target = self.device if o.offload == "none" else torch.device("cpu")
-        quantize_t5(pipe.text_encoder_2, o.t5_quantization, self.dtype, target)
+        if pipe.text_encoder_2 is not None:
+            quantize_t5(pipe.text_encoder_2, o.t5_quantization, self.dtype, target)
         quantize_transformer(transformer, o.quantization, target)
         if o.offload == "none":
             pipe.to(self.device)
@@ -177,6 +180,11 @@ class FluxEngine:
         self.attention = set_attention(transformer, o.attention, self.device)
         apply_offload(pipe, o.offload, self.device)
         pipe.set_progress_bar_config(disable=True)
+
+    @staticmethod
+    def _modules(pipe) -> list[torch.nn.Module]:  # type: ignore[no-untyped-def]
+        """The pipeline's weight-holding modules that were loaded (a transformer-only engine has one)."""
+        return [m for m in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.vae) if m is not None]
 
     def _master_device(self) -> torch.device:
         """Master copies for the fused strategy live on the GPU when it has room (fast swaps),
@@ -315,6 +323,12 @@ class FluxEngine:
         after every step: float32 ``[h, w, 3]`` in 0..1 at latent resolution, from a linear
         latent-to-RGB map fitted once with this engine's VAE. Same request and stack -> same images."""
         request.validate()
+        if self.source.transformer_only:
+            raise OptionsError(
+                "This engine holds the Flux transformer only (no text encoders or VAE), so it cannot "
+                "generate by itself. Use its MODEL output with ComfyUI's CLIP, sampler and VAE nodes, or "
+                "load the engine with its text encoders and VAE for Generate."
+            )
         with self._lock:
             self._check_usable()
             swap = self.apply(stack) if stack is not None else None
@@ -343,6 +357,39 @@ class FluxEngine:
             if new:
                 logger.info("compiled %d graph(s) during this run (%.1f s including sampling)", new, seconds)
             return GenerateResult(images, seconds, new, swap)
+
+    # -- an outside sampler (ComfyUI's MODEL path) ---------------------------------------------
+    def prepare_external(self, stack: LoraStack) -> SwapReport:
+        """Get ready for a sampler that calls :meth:`run_transformer` itself: weights back on the
+        device, ``stack`` applied (same contract as :meth:`apply`), the transformer compiled."""
+        with self._lock:
+            self._check_usable()
+            swap = self.apply(stack)
+            self._ensure_compiled()
+            return swap
+
+    def run_transformer(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                        pooled_projections: torch.Tensor, timestep: torch.Tensor, img_ids: torch.Tensor,
+                        txt_ids: torch.Tensor, guidance: torch.Tensor | None) -> torch.Tensor:
+        """One forward pass of the optimised (compiled) transformer in diffusers' conventions:
+        packed latents ``[B, S, C*4]``, ``timestep``/``guidance`` in sigma units (the model scales
+        them by 1000). Compilations it triggers are added to :attr:`compiles`; a device OOM becomes
+        :class:`EngineOutOfMemoryError` and the engine stays usable."""
+        with self._lock:
+            self._check_usable()
+            before = dynamo_compile_count()
+            try:
+                out = self.transformer(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                       pooled_projections=pooled_projections, timestep=timestep, img_ids=img_ids,
+                                       txt_ids=txt_ids, guidance=guidance, return_dict=False)[0]
+            except torch.OutOfMemoryError as exc:
+                self._free_memory()
+                raise out_of_memory(f"sampling a batch of {hidden_states.shape[0]}", exc, self.options) from exc
+            new = dynamo_compile_count() - before
+            if new:
+                self.compiles += new
+                logger.info("compiled %d graph(s) for input shape %s", new, tuple(hidden_states.shape))
+            return out
 
     # -- previews ------------------------------------------------------------------------------
     def latent_preview(self, latents: torch.Tensor, request: GenerateRequest) -> torch.Tensor:
@@ -391,7 +438,7 @@ class FluxEngine:
         if self.released or pipe is None:
             return 0
         total = 0
-        for module in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
+        for module in self._modules(pipe):
             for t in list(module.parameters()) + list(module.buffers()):
                 total += t.numel() * t.element_size()
         return total

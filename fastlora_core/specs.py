@@ -42,6 +42,11 @@ class ModelSource:
     have: ``transformer`` (BFL or diffusers key layout), ``clip_l``, ``t5xxl``, ``vae`` and
     optionally ``tokenizer_dir`` (folder holding ``clip/`` and ``t5/`` tokenizer files; inside
     ComfyUI its bundled tokenizers are used when this is empty).
+
+    ``transformer_only``: load the transformer alone (from the diffusers folder's ``transformer/``
+    or the ``transformer`` file) and no text encoder or VAE. Such an engine cannot ``generate``;
+    it serves the transformer to an outside sampler (ComfyUI's MODEL path, where the user's own
+    CLIP and VAE nodes do the rest).
     """
 
     diffusers_dir: str | None = None
@@ -50,6 +55,7 @@ class ModelSource:
     t5xxl: str | None = None
     vae: str | None = None
     tokenizer_dir: str | None = None
+    transformer_only: bool = False
 
     @classmethod
     def from_diffusers(cls, path: str | os.PathLike[str]) -> ModelSource:
@@ -75,11 +81,26 @@ class ModelSource:
             tokenizer_dir=norm(tokenizer_dir) if tokenizer_dir else None,
         )
 
+    @classmethod
+    def transformer_alone(cls, path: str | os.PathLike[str]) -> ModelSource:
+        """Only the transformer: ``path`` is a diffusers Flux folder or a single transformer file."""
+        p = Path(path).expanduser().resolve()
+        if p.is_dir():
+            return cls(diffusers_dir=str(p), transformer_only=True)
+        return cls(transformer=str(p), transformer_only=True)
+
     @property
     def kind(self) -> Literal["diffusers", "single_file"]:
         return "diffusers" if self.diffusers_dir else "single_file"
 
     def validate(self) -> None:
+        if self.transformer_only:
+            if bool(self.diffusers_dir) == bool(self.transformer) or any((self.clip_l, self.t5xxl, self.vae)):
+                raise OptionsError(
+                    "A transformer-only model needs exactly one of a diffusers folder or a transformer file, "
+                    "and no text encoder or VAE files."
+                )
+            return
         singles = (self.transformer, self.clip_l, self.t5xxl, self.vae)
         if self.diffusers_dir and any(singles):
             raise OptionsError(
@@ -94,6 +115,8 @@ class ModelSource:
             )
 
     def describe(self) -> str:
+        if self.transformer_only:
+            return f"{self.diffusers_dir or self.transformer} (transformer only)"
         if self.diffusers_dir:
             return self.diffusers_dir
         return f"transformer={self.transformer} clip_l={self.clip_l} t5xxl={self.t5xxl} vae={self.vae}"

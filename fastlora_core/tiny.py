@@ -252,3 +252,42 @@ def write_comfy_tree(models_dir: str | Path, seed: int = 0) -> dict[str, object]
     manifest = {"diffusers": str(model_dir), "loras": {k: str(v) for k, v in loras.items()}}
     (models_dir / "fastlora-tiny.json").write_text(json.dumps(manifest, indent=2))
     return manifest
+
+
+# ComfyUI's model detection (comfy/model_detection.py at a125cd84) fixes Flux's widths (hidden 3072,
+# 24 heads of 128, T5 context 4096, rope axes 16/56/56) and only counts blocks and reads the input
+# and pooled widths from the file, so a Flux that ComfyUI's own UNETLoader can load is full-width:
+# one double and one single block (550 M parameters, 1.1 GB in bf16) is the smallest.
+COMFY_TINY_TRANSFORMER_CONFIG: dict[str, object] = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "out_channels": None,
+    "num_layers": 1,
+    "num_single_layers": 1,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768,
+    "axes_dims_rope": [16, 56, 56],
+    "guidance_embeds": True,
+}
+COMFY_TINY_TRANSFORMER_NAME = "fastlora-comfy-tiny-flux.safetensors"
+
+
+def write_comfy_tiny_transformer(path: str | Path, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Write a random Flux transformer that ComfyUI's UNETLoader loads (BFL layout, see
+    ``COMFY_TINY_TRANSFORMER_CONFIG``), as ``dtype`` (bf16 weights load exactly into float32)."""
+    from diffusers import FluxTransformer2DModel
+
+    from .loading import _diffusers_to_bfl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    cfg = COMFY_TINY_TRANSFORMER_CONFIG
+    model = FluxTransformer2DModel(**cfg)  # type: ignore[arg-type]
+    sd = _diffusers_to_bfl(model.state_dict(), int(cfg["num_layers"]), int(cfg["num_single_layers"]))  # type: ignore[call-overload]
+    del model
+    save_file({k: v.to(dtype).contiguous() for k, v in sd.items()}, str(path))
+    logger.info("wrote ComfyUI-loadable tiny Flux transformer to %s", path)
+    return path

@@ -68,6 +68,16 @@ def diffusers_path(name: str) -> str:
     )
 
 
+def has_model_patcher() -> bool:
+    """Whether ComfyUI's model classes are importable (always inside ComfyUI; not with the tests'
+    stand-in, where the loader's MODEL output is None)."""
+    try:
+        import comfy.model_patcher  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 # -- devices and memory (comfy.model_management) --------------------------------------------------
 def torch_device() -> Any:
     """The device ComfyUI runs models on (honours --cpu, --cuda-device, ...)."""

@@ -14,7 +14,7 @@ import weakref
 from typing import Any
 
 from . import comfy_bridge as bridge
-from . import memory
+from . import comfy_model, memory
 from ._core import FluxEngine, errors, registry, specs
 from .handle import EngineHandle, SlotSpec
 
@@ -25,6 +25,8 @@ ENGINE = "FASTLORA_ENGINE"
 NONE = bridge.NONE
 SOURCE_DIFFUSERS = "diffusers folder"
 SOURCE_FILES = "single files"
+COMPONENTS_ALL = "everything (Generate + MODEL)"
+COMPONENTS_TRANSFORMER = "transformer only (MODEL)"
 TARGET_LISTED = "listed LoRAs"
 TARGET_ALL = "all Flux layers"
 PAD_SLOTS = 4
@@ -133,9 +135,10 @@ FILE_FOLDERS: dict[str, str] = {
 # them away, and an API graph may leave them out to get the defaults.
 LOADER_INPUTS: tuple[str, ...] = (
     "source", "diffusers_model", "transformer", "clip_l", "t5xxl", "vae", "quantization",
-    "t5_quantization", "attention", "compile", "offload", "dtype", "swap_strategy", "max_rank",
+    "t5_quantization", "attention", "compile", "offload", "dtype", "swap_strategy", "max_rank", "components",
 )
-ADVANCED_INPUTS: tuple[str, ...] = LOADER_INPUTS[LOADER_INPUTS.index("quantization") + 1:]
+# ``components`` is not advanced: whether the text encoders and VAE load is the first choice of a MODEL graph.
+ADVANCED_INPUTS: tuple[str, ...] = LOADER_INPUTS[LOADER_INPUTS.index("quantization") + 1:-1]
 
 
 def _model_choices(name: str) -> list[str]:
@@ -145,7 +148,7 @@ def _model_choices(name: str) -> list[str]:
     return _with_none(bridge.file_list(FILE_FOLDERS[name]))
 
 
-def source_problem(source: str, models: dict[str, str | None]) -> str | None:
+def source_problem(source: str, models: dict[str, str | None], components: str = COMPONENTS_ALL) -> str | None:
     """Why ``source`` cannot be loaded with these model inputs, or None when it can.
 
     Only the inputs ``source`` reads are looked at (the others may name anything, e.g. files this
@@ -154,7 +157,11 @@ def source_problem(source: str, models: dict[str, str | None]) -> str | None:
     """
     if source not in SOURCE_INPUTS:
         return f"source {source!r} is not one of {', '.join(SOURCE_INPUTS)}."
+    if components not in (COMPONENTS_ALL, COMPONENTS_TRANSFORMER):
+        return f"components {components!r} is not one of {COMPONENTS_ALL}, {COMPONENTS_TRANSFORMER}."
     used = SOURCE_INPUTS[source]
+    if components == COMPONENTS_TRANSFORMER:  # the transformer alone: the diffusers folder, or its file
+        used = used[:1]
     missing = [name for name in used if models.get(name, NONE) == NONE]
     if missing and source == SOURCE_DIFFUSERS:
         return ("source = diffusers folder but no diffusers_model is selected. Put a Flux diffusers folder "
@@ -179,12 +186,16 @@ class OptimizedFluxLoader:
         "FastLoRA engine handle. Re-running with the same settings reuses the same compiled engine; "
         "changing a setting rebuilds it (the old one is freed first). Pick either a diffusers folder "
         "(models/diffusers) or single files (diffusion_models + text_encoders + vae); the inputs of the "
-        "other kind are ignored. The options below quantization are advanced: the defaults suit most GPUs."
+        "other kind are ignored. The options below quantization are advanced: the defaults suit most GPUs. "
+        "The model output is the same compiled transformer as a standard MODEL for ComfyUI's own LoRA "
+        "loaders and samplers; with components = transformer only, nothing else is loaded."
     )
     CATEGORY = CATEGORY
-    RETURN_TYPES = (ENGINE,)
-    RETURN_NAMES = ("engine",)
-    OUTPUT_TOOLTIPS = ("Engine handle: connect LoraHotswap, PadDummyLora or Generate.",)
+    RETURN_TYPES = (ENGINE, "MODEL")
+    RETURN_NAMES = ("engine", "model")
+    OUTPUT_TOOLTIPS = ("Engine handle: connect LoraHotswap, PadDummyLora or Generate.",
+                       "The same compiled Flux transformer as a standard MODEL: connect ComfyUI's LoRA loaders and "
+                       "samplers (KSampler, SamplerCustomAdvanced ...), with your own CLIP and VAE nodes.")
     FUNCTION = "load"
 
     @classmethod
@@ -243,6 +254,12 @@ class OptimizedFluxLoader:
         }
         for name in ADVANCED_INPUTS:
             specs_by_name[name][1]["advanced"] = True
+        specs_by_name["components"] = ([COMPONENTS_ALL, COMPONENTS_TRANSFORMER], {
+            "default": COMPONENTS_ALL,
+            "tooltip": "transformer only: load just the Flux transformer (diffusers_model, or the transformer "
+                       "file) for the model output; your graph's CLIP and VAE nodes do the rest, no T5, CLIP or "
+                       "VAE in memory, and Generate refuses. everything: also the text encoders and VAE, for "
+                       "Generate."})
         # Only `source` is required: every other input has a default, so an API graph may leave out
         # the model inputs its source does not read and the advanced options it does not change.
         return {"required": {"source": specs_by_name["source"]},
@@ -251,14 +268,15 @@ class OptimizedFluxLoader:
     @classmethod
     def VALIDATE_INPUTS(cls, source: str | None, diffusers_model: str | None = NONE,
                         transformer: str | None = NONE, clip_l: str | None = NONE, t5xxl: str | None = NONE,
-                        vae: str | None = NONE) -> bool | str:
-        """Replaces ComfyUI's per-input check of the inputs named here (``source`` and the model
-        inputs): the inputs the chosen source does not read never block a run. The options keep
+                        vae: str | None = NONE, components: str | None = COMPONENTS_ALL) -> bool | str:
+        """Replaces ComfyUI's per-input check of the inputs named here (``source``, the model inputs and
+        ``components``): the inputs the chosen source does not read never block a run. The options keep
         ComfyUI's own checks. A linked input arrives as None and is checked when the loader runs."""
         if source is None:
             return True
         problem = source_problem(source, {"diffusers_model": diffusers_model, "transformer": transformer,
-                                          "clip_l": clip_l, "t5xxl": t5xxl, "vae": vae})
+                                          "clip_l": clip_l, "t5xxl": t5xxl, "vae": vae},
+                                 components or COMPONENTS_ALL)
         return True if problem is None else problem
 
     def load(self, source: str, diffusers_model: str = NONE, transformer: str = NONE, clip_l: str = NONE,
@@ -266,23 +284,28 @@ class OptimizedFluxLoader:
              t5_quantization: str = _DEFAULTS.t5_quantization, attention: str = _DEFAULTS.attention,
              compile: str = _DEFAULTS.compile, offload: str = _DEFAULTS.offload, dtype: str = _DEFAULTS.dtype,
              swap_strategy: str = _DEFAULTS.swap_strategy, max_rank: int = _DEFAULTS.max_rank,
-             ) -> tuple[EngineHandle]:
+             components: str = COMPONENTS_ALL) -> tuple[EngineHandle, Any]:
         model_source = _model_source(source, {"diffusers_model": diffusers_model, "transformer": transformer,
-                                              "clip_l": clip_l, "t5xxl": t5xxl, "vae": vae})
+                                              "clip_l": clip_l, "t5xxl": t5xxl, "vae": vae}, components)
         options = specs.EngineOptions(
             quantization=quantization, t5_quantization=t5_quantization, attention=attention,  # type: ignore[arg-type]
             compile=compile, offload=offload, dtype=dtype, swap_strategy=swap_strategy,  # type: ignore[arg-type]
             max_rank=int(max_rank), device=_device_option(),
         )
         key = specs.EngineKey(model_source, options)
-        memory.ensure_loaded(engine_for(key))
-        return (EngineHandle(key),)
+        engine = engine_for(key)
+        memory.ensure_loaded(engine)
+        return (EngineHandle(key), comfy_model.model_patcher(key, engine) if bridge.has_model_patcher() else None)
 
 
-def _model_source(source: str, models: dict[str, str]) -> specs.ModelSource:
-    problem = source_problem(source, dict(models))
+def _model_source(source: str, models: dict[str, str], components: str = COMPONENTS_ALL) -> specs.ModelSource:
+    problem = source_problem(source, dict(models), components)
     if problem is not None:
         raise errors.OptionsError(problem)
+    if components == COMPONENTS_TRANSFORMER:
+        if source == SOURCE_DIFFUSERS:
+            return specs.ModelSource.transformer_alone(bridge.diffusers_path(models["diffusers_model"]))
+        return specs.ModelSource.transformer_alone(bridge.full_path("diffusion_models", models["transformer"]))
     if source == SOURCE_DIFFUSERS:
         return specs.ModelSource.from_diffusers(bridge.diffusers_path(models["diffusers_model"]))
     path = {name: bridge.full_path(FILE_FOLDERS[name], models[name]) for name in SOURCE_INPUTS[SOURCE_FILES]}

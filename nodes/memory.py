@@ -78,7 +78,9 @@ class EngineModel:
         return []
 
     def is_clone(self, other: Any) -> bool:
-        return other is self
+        # FastLoRA's MODEL (comfy_model.py) of the same engine is the same weights: ComfyUI then keeps
+        # one entry for both in its loaded-model list instead of counting the engine twice.
+        return other is self or getattr(other, "fastlora_current_engine", None) is self.engine
 
     def clone_has_same_weights(self, other: Any) -> bool:
         return other is self
@@ -178,6 +180,13 @@ def _cpu() -> Any:
 
 
 _MANAGER = _Manager()
+
+
+def unload_engine(engine: FluxEngine) -> None:
+    """What ComfyUI's unload does to an engine, for any wrapper of it (offload, or release)."""
+    _MANAGER.wrapper_for(engine)._unload()
+
+
 ensure_loaded = _MANAGER.ensure_loaded
 prune = _MANAGER.prune
 wrappers = _MANAGER.wrappers

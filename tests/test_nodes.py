@@ -140,7 +140,7 @@ RARELY_TOUCHED = {"t5_quantization", "attention", "compile", "offload", "dtype",
 def test_loader_keeps_widget_order_and_folds_rare_options_into_an_advanced_group(pack: Any) -> None:
     schema = pack.NODE_CLASS_MAPPINGS["OptimizedFluxLoader"].INPUT_TYPES()
     ordered = [*schema["required"], *schema.get("optional", {})]  # ComfyUI's front end: required, then optional
-    assert ordered == HISTORIC_LOADER_ORDER
+    assert ordered == HISTORIC_LOADER_ORDER + ["components"]  # new inputs only ever go at the end
     specs = {**schema["required"], **schema["optional"]}
     advanced = {name for name, spec in specs.items() if spec[1].get("advanced")}
     assert advanced == RARELY_TOUCHED
@@ -208,8 +208,8 @@ def test_inputs_the_source_reads_are_still_checked_with_a_clear_message(pack: An
 def test_handle_flow_is_declarative(pack: Any, models_dir: Path) -> None:
     from fastlora_core import registry, specs
 
-    (base,) = run(pack, "OptimizedFluxLoader", **LOADER)
-    (again,) = run(pack, "OptimizedFluxLoader", **LOADER)
+    base, _model = run(pack, "OptimizedFluxLoader", **LOADER)
+    again, _model = run(pack, "OptimizedFluxLoader", **LOADER)
     assert base == again and registry.peek(base.key) is registry.peek(again.key)
     assert base.key.options.device == "cpu"  # ComfyUI's device, not "auto"
     engine = registry.peek(base.key)
@@ -236,13 +236,34 @@ def test_handle_flow_is_declarative(pack: Any, models_dir: Path) -> None:
             lora_4="None", max_rank=0)
 
 
+def test_transformer_only_loads_no_text_encoder_or_vae_and_generate_says_why(pack: Any) -> None:
+    from fastlora_core import registry
+    from fastlora_core.errors import OptionsError
+
+    flux_nodes = sys.modules[f"{comfy_stub.PACK_NAME}.nodes.flux_nodes"]
+    full, _model = run(pack, "OptimizedFluxLoader", **LOADER)
+    full_bytes = registry.peek(full.key).memory_bytes()
+    alone, _model = run(pack, "OptimizedFluxLoader", **LOADER, components=flux_nodes.COMPONENTS_TRANSFORMER)
+    engine = registry.peek(alone.key)
+    assert alone.key.source.transformer_only and alone.key != full.key
+    assert (engine.pipe.text_encoder, engine.pipe.text_encoder_2, engine.pipe.vae) == (None, None, None)
+    assert engine.memory_bytes() == sum(p.numel() * p.element_size() for p in engine.transformer.parameters()) \
+        + sum(b.numel() * b.element_size() for b in engine.transformer.buffers())
+    assert engine.memory_bytes() < full_bytes
+    with pytest.raises(OptionsError, match="transformer only"):
+        run(pack, "Generate", engine=alone, **gen_inputs())
+    with pytest.raises(OptionsError, match="needs transformer"):
+        run(pack, "OptimizedFluxLoader", **{**LOADER, "source": "single files"},
+            components=flux_nodes.COMPONENTS_TRANSFORMER)
+
+
 def test_two_branches_with_cached_upstream_get_their_own_lora(pack: Any, models_dir: Path, comfy: Any) -> None:
     """Graph (b): loader -> {LoraHotswap A -> Generate, LoraHotswap B -> Generate}. ComfyUI runs the
     loader once and hands the same cached handle to both branches; on the next queue only what
     changed re-runs, so Generate(A) may run right after Generate(B) with A's cached handle."""
     from fastlora_core import specs
 
-    (base,) = run(pack, "OptimizedFluxLoader", **LOADER)
+    base, _model = run(pack, "OptimizedFluxLoader", **LOADER)
     (a,) = run(pack, "LoraHotswap", engine=base, lora_name="fastlora-tiny-style.safetensors", strength=1.0)
     (b,) = run(pack, "LoraHotswap", engine=base, lora_name="fastlora-tiny-character.safetensors", strength=1.0)
     (img_a,) = run(pack, "Generate", engine=a, **gen_inputs())
@@ -264,7 +285,7 @@ def test_two_branches_with_cached_upstream_get_their_own_lora(pack: Any, models_
 def test_stack_of_two_loras_with_strengths(pack: Any, models_dir: Path) -> None:
     from fastlora_core import specs
 
-    (base,) = run(pack, "OptimizedFluxLoader", **LOADER)
+    base, _model = run(pack, "OptimizedFluxLoader", **LOADER)
     (one,) = run(pack, "LoraHotswap", engine=base, lora_name="fastlora-tiny-style.safetensors", strength=0.7)
     (two,) = run(pack, "LoraHotswap", engine=one, lora_name="fastlora-tiny-wide.safetensors", strength=0.4)
     (img,) = run(pack, "Generate", engine=two, **gen_inputs(batch=2))
@@ -279,7 +300,7 @@ def test_cancel_stops_within_a_step_and_next_run_works(pack: Any, models_dir: Pa
     from fastlora_core import specs
 
     mm = comfy.model_management
-    (base,) = run(pack, "OptimizedFluxLoader", **LOADER)
+    base, _model = run(pack, "OptimizedFluxLoader", **LOADER)
     (a,) = run(pack, "LoraHotswap", engine=base, lora_name="fastlora-tiny-single.safetensors", strength=1.0)
     steps_seen: list[tuple[int, int]] = []
     real_hook = comfy.utils.PROGRESS_BAR_HOOK
@@ -307,7 +328,7 @@ def test_comfy_unload_frees_the_engine_and_next_run_rebuilds(pack: Any, models_d
 
     mm = comfy.model_management
     nodes = sys.modules[f"{comfy_stub.PACK_NAME}.nodes.flux_nodes"]
-    (base,) = run(pack, "OptimizedFluxLoader", **LOADER)
+    base, _model = run(pack, "OptimizedFluxLoader", **LOADER)
     (a,) = run(pack, "LoraHotswap", engine=base, lora_name="fastlora-tiny-style.safetensors", strength=1.0)
     (before,) = run(pack, "Generate", engine=a, **gen_inputs(seed=3))
     engine = registry.peek(base.key)
@@ -329,7 +350,7 @@ def test_partial_unload_path_and_new_options_replace_engine(pack: Any, comfy: An
     from fastlora_core import registry
 
     mm = comfy.model_management
-    (base,) = run(pack, "OptimizedFluxLoader", **LOADER)
+    base, _model = run(pack, "OptimizedFluxLoader", **LOADER)
     run(pack, "Generate", engine=base, **gen_inputs())
     wrapper = mm.current_loaded_models[0].model
     # free_memory asking for less than the engine holds takes the partially_unload path
@@ -338,7 +359,7 @@ def test_partial_unload_path_and_new_options_replace_engine(pack: Any, comfy: An
     (img,) = run(pack, "Generate", engine=base, **gen_inputs())
     assert [lm.model.engine for lm in mm.current_loaded_models] == [registry.peek(base.key)]
 
-    (other,) = run(pack, "OptimizedFluxLoader", **{**LOADER, "attention": "sdpa"})
+    other, _model = run(pack, "OptimizedFluxLoader", **{**LOADER, "attention": "sdpa"})
     old = registry.peek(base.key)
     assert old is None  # the registry released the previous engine
     assert [lm.model.engine for lm in mm.current_loaded_models] == [registry.peek(other.key)]
@@ -376,7 +397,7 @@ def test_gpu_style_unload_offloads_instead_of_releasing(pack: Any) -> None:
 def test_pad_dummy_lora_adapter_compiled_swaps_without_recompiling(pack: Any, models_dir: Path) -> None:
     from fastlora_core import registry
 
-    (base,) = run(pack, "OptimizedFluxLoader", **{**LOADER, "swap_strategy": "adapter", "compile": "regional",
+    base, _model = run(pack, "OptimizedFluxLoader", **{**LOADER, "swap_strategy": "adapter", "compile": "regional",
                                                   "max_rank": 16})
     (padded,) = run(pack, "PadDummyLora", engine=base, target="listed LoRAs",
                     lora_1="fastlora-tiny-style.safetensors", lora_2="fastlora-tiny-character.safetensors",

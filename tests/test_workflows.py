@@ -14,10 +14,39 @@ ROOT = Path(__file__).resolve().parents[1]
 UI_FILES = sorted((ROOT / "workflows").glob("*.json"))
 API_DIR = ROOT / "workflows" / "api"
 FRONTEND_ONLY = {"Note", "MarkdownNote", "PrimitiveNode", "Reroute"}
-# ComfyUI's built-in output node, as its INPUT_TYPES declares it.
+# ComfyUI's own nodes used by the workflows, as their INPUT_TYPES declare them (nodes.py,
+# comfy_extras/nodes_flux.py and nodes_sd3.py at a125cd84; sampler and scheduler lists trimmed to
+# common values, file lists left to the user).
+_FILES: list[str] = []
 BUILTIN_SCHEMAS: dict[str, dict[str, Any]] = {
     "SaveImage": {"required": {"images": ("IMAGE", {}), "filename_prefix": ("STRING", {"default": "ComfyUI"})}},
+    "DualCLIPLoader": {"required": {"clip_name1": (_FILES, {}), "clip_name2": (_FILES, {}),
+                                    "type": (["sdxl", "sd3", "flux", "hunyuan_video", "hidream", "hunyuan_image"], {})},
+                       "optional": {"device": (["default", "cpu"], {"advanced": True})}},
+    "CLIPTextEncode": {"required": {"text": ("STRING", {"multiline": True}), "clip": ("CLIP", {})}},
+    "FluxGuidance": {"required": {"conditioning": ("CONDITIONING", {}),
+                                  "guidance": ("FLOAT", {"default": 3.5, "min": 0.0, "max": 100.0})}},
+    "EmptySD3LatentImage": {"required": {"width": ("INT", {"min": 16, "max": 16384}),
+                                         "height": ("INT", {"min": 16, "max": 16384}),
+                                         "batch_size": ("INT", {"min": 1, "max": 4096})}},
+    "LoraLoaderModelOnly": {"required": {"model": ("MODEL", {}), "lora_name": (_FILES, {}),
+                                         "strength_model": ("FLOAT", {"min": -100.0, "max": 100.0})}},
+    "KSampler": {"required": {"model": ("MODEL", {}), "seed": ("INT", {"min": 0, "control_after_generate": True}),
+                              "steps": ("INT", {"min": 1, "max": 10000}), "cfg": ("FLOAT", {"min": 0.0, "max": 100.0}),
+                              "sampler_name": (["euler", "euler_ancestral", "heun", "dpmpp_2m", "deis", "ipndm"], {}),
+                              "scheduler": (["simple", "sgm_uniform", "karras", "normal", "beta"], {}),
+                              "positive": ("CONDITIONING", {}), "negative": ("CONDITIONING", {}),
+                              "latent_image": ("LATENT", {}), "denoise": ("FLOAT", {"min": 0.0, "max": 1.0})}},
+    "VAELoader": {"required": {"vae_name": (_FILES, {})}},
+    "VAEDecode": {"required": {"samples": ("LATENT", {}), "vae": ("VAE", {})}},
+    "LatentUpscaleBy": {"required": {"samples": ("LATENT", {}),
+                                     "upscale_method": (["nearest-exact", "bilinear", "area", "bicubic", "bislerp"], {}),
+                                     "scale_by": ("FLOAT", {"min": 0.01, "max": 8.0})}},
 }
+BUILTIN_RETURNS = {"SaveImage": (), "DualCLIPLoader": ("CLIP",), "CLIPTextEncode": ("CONDITIONING",),
+                   "FluxGuidance": ("CONDITIONING",), "EmptySD3LatentImage": ("LATENT",),
+                   "LoraLoaderModelOnly": ("MODEL",), "KSampler": ("LATENT",), "VAELoader": ("VAE",),
+                   "VAEDecode": ("IMAGE",), "LatentUpscaleBy": ("LATENT",)}
 OUTPUT_NODES = {"SaveImage", "PreviewImage"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 
@@ -122,10 +151,10 @@ def test_api_workflow_is_runnable(path: Path, schemas: dict[str, dict[str, Any]]
     user picks): an output node, links to existing outputs of the right type, every input present,
     combo values allowed, numbers in range."""
     api = json.loads(path.read_text())
-    returns = schemas["__returns__"] | {"SaveImage": ()}
+    returns = schemas["__returns__"] | BUILTIN_RETURNS
     assert any(n["class_type"] in OUTPUT_NODES for n in api.values()), "API graphs need an output node"
     file_inputs = {"diffusers_model", "transformer", "clip_l", "t5xxl", "vae", "lora_name", "lora_1", "lora_2",
-                   "lora_3", "lora_4"}
+                   "lora_3", "lora_4", "clip_name1", "clip_name2", "vae_name"}
     for nid, node in api.items():
         schema = schemas[node["class_type"]]
         for name, kind, opts in _ordered_inputs(schema):
@@ -205,3 +234,20 @@ def test_templates_are_listed_once() -> None:
     graphs would show each template twice in the browser."""
     holding = [name for name in TEMPLATE_FOLDERS if list((ROOT / name).glob("*.json"))]
     assert holding == ["workflows"]
+
+
+@pytest.mark.parametrize("path", sorted(API_DIR.glob("flux_model_*.json")), ids=lambda p: p.stem)
+def test_model_workflows_sample_the_loader_model_through_native_lora_loaders(path: Path) -> None:
+    """The MODEL-path graphs: transformer-only loader, its MODEL output (slot 1) through ComfyUI's
+    LoraLoaderModelOnly into every KSampler; text and VAE from ComfyUI's own nodes, no Generate."""
+    api = json.loads(path.read_text())
+    kinds = {n["class_type"] for n in api.values()}
+    assert "Generate" not in kinds and {"DualCLIPLoader", "VAELoader", "KSampler"} <= kinds
+    loaders = [nid for nid, n in api.items() if n["class_type"] == "OptimizedFluxLoader"]
+    assert len(loaders) == 1 and api[loaders[0]]["inputs"]["components"] == "transformer only (MODEL)"
+    samplers = [n for n in api.values() if n["class_type"] == "KSampler"]
+    assert samplers
+    for ks in samplers:
+        src = api[ks["inputs"]["model"][0]]
+        assert src["class_type"] == "LoraLoaderModelOnly"
+        assert src["inputs"]["model"] == [loaders[0], 1]

@@ -11,22 +11,48 @@ from PIL import Image, ImageDraw, ImageFont
 # Usage: python tools/make_workflows.py [REPO_ROOT]   (default: the repository this file is in)
 ROOT = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[1]
 LOADER_KEYS = ["source", "diffusers_model", "transformer", "clip_l", "t5xxl", "vae", "quantization",
-               "t5_quantization", "attention", "compile", "offload", "dtype", "swap_strategy", "max_rank"]
+               "t5_quantization", "attention", "compile", "offload", "dtype", "swap_strategy", "max_rank",
+               "components"]
+COMPONENTS_ALL = "everything (Generate + MODEL)"
+COMPONENTS_TRANSFORMER = "transformer only (MODEL)"
 GEN_KEYS = ["prompt", "seed", "steps", "guidance", "width", "height", "batch"]
 PAD_KEYS = ["target", "lora_1", "lora_2", "lora_3", "lora_4", "max_rank"]
-OUT = {"OptimizedFluxLoader": [("engine", "FASTLORA_ENGINE")], "LoraHotswap": [("engine", "FASTLORA_ENGINE")],
-       "PadDummyLora": [("engine", "FASTLORA_ENGINE")], "Generate": [("images", "IMAGE")], "SaveImage": []}
+OUT = {"OptimizedFluxLoader": [("engine", "FASTLORA_ENGINE"), ("model", "MODEL")],
+       "LoraHotswap": [("engine", "FASTLORA_ENGINE")],
+       "PadDummyLora": [("engine", "FASTLORA_ENGINE")], "Generate": [("images", "IMAGE")], "SaveImage": [],
+       # ComfyUI's own nodes used by the MODEL workflows
+       "DualCLIPLoader": [("CLIP", "CLIP")], "CLIPTextEncode": [("CONDITIONING", "CONDITIONING")],
+       "FluxGuidance": [("CONDITIONING", "CONDITIONING")], "EmptySD3LatentImage": [("LATENT", "LATENT")],
+       "LoraLoaderModelOnly": [("MODEL", "MODEL")], "KSampler": [("LATENT", "LATENT")],
+       "VAELoader": [("VAE", "VAE")], "VAEDecode": [("IMAGE", "IMAGE")], "LatentUpscaleBy": [("LATENT", "LATENT")]}
 LINK_IN = {"LoraHotswap": [("engine", "FASTLORA_ENGINE")], "PadDummyLora": [("engine", "FASTLORA_ENGINE")],
            "Generate": [("engine", "FASTLORA_ENGINE")], "SaveImage": [("images", "IMAGE")],
-           "OptimizedFluxLoader": []}
-SIZES = {"OptimizedFluxLoader": [340, 430], "LoraHotswap": [320, 110], "PadDummyLora": [320, 230],
-         "Generate": [340, 330], "SaveImage": [300, 320]}
+           "OptimizedFluxLoader": [], "DualCLIPLoader": [], "CLIPTextEncode": [("clip", "CLIP")],
+           "FluxGuidance": [("conditioning", "CONDITIONING")], "EmptySD3LatentImage": [],
+           "LoraLoaderModelOnly": [("model", "MODEL")],
+           "KSampler": [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                        ("latent_image", "LATENT")],
+           "VAELoader": [], "VAEDecode": [("samples", "LATENT"), ("vae", "VAE")],
+           "LatentUpscaleBy": [("samples", "LATENT")]}
+SIZES = {"OptimizedFluxLoader": [340, 460], "LoraHotswap": [320, 110], "PadDummyLora": [320, 230],
+         "Generate": [340, 330], "SaveImage": [300, 320], "DualCLIPLoader": [320, 130],
+         "CLIPTextEncode": [400, 200], "FluxGuidance": [320, 60], "EmptySD3LatentImage": [320, 110],
+         "LoraLoaderModelOnly": [320, 85], "KSampler": [320, 270], "VAELoader": [320, 60], "VAEDecode": [210, 50],
+         "LatentUpscaleBy": [320, 85]}
+# widget order in the UI (the frontend adds a "fixed"/"randomize" control after seeds)
+WIDGETS = {"LoraHotswap": ["lora_name", "strength"],
+           "SaveImage": ["filename_prefix"], "DualCLIPLoader": ["clip_name1", "clip_name2", "type", "device"],
+           "CLIPTextEncode": ["text"], "FluxGuidance": ["guidance"],
+           "EmptySD3LatentImage": ["width", "height", "batch_size"], "LoraLoaderModelOnly": ["lora_name", "strength_model"],
+           "KSampler": ["seed", "steps", "cfg", "sampler_name", "scheduler", "denoise"], "VAELoader": ["vae_name"],
+           "VAEDecode": [], "LatentUpscaleBy": ["upscale_method", "scale_by"]}
 
 
 def loader(**kw):
     d = {"source": "diffusers folder", "diffusers_model": "FLUX.1-dev", "transformer": "None", "clip_l": "None",
          "t5xxl": "None", "vae": "None", "quantization": "auto", "t5_quantization": "auto", "attention": "auto",
-         "compile": "regional", "offload": "none", "dtype": "bfloat16", "swap_strategy": "fused", "max_rank": 128}
+         "compile": "regional", "offload": "none", "dtype": "bfloat16", "swap_strategy": "fused", "max_rank": 128,
+         "components": COMPONENTS_ALL}
     d.update(kw)
     return d
 
@@ -41,16 +67,15 @@ def gen(**kw):
 def widgets(t, w):
     if t == "OptimizedFluxLoader":
         return [w[k] for k in LOADER_KEYS]
-    if t == "LoraHotswap":
-        return [w["lora_name"], w["strength"]]
     if t == "PadDummyLora":
         return [w[k] for k in PAD_KEYS]
     if t == "Generate":
         v = [w[k] for k in GEN_KEYS]
         return v[:2] + ["fixed"] + v[2:]
-    if t == "SaveImage":
-        return [w["filename_prefix"]]
-    raise KeyError(t)
+    if t == "KSampler":
+        v = [w[k] for k in WIDGETS[t]]
+        return v[:1] + ["fixed"] + v[1:]
+    return [w[k] for k in WIDGETS[t]]
 
 
 # Inputs that name a model file the user must have, and where ComfyUI looks for it. The loader reads
@@ -58,7 +83,8 @@ def widgets(t, w):
 FILE_INPUTS = {"diffusers_model": "models/diffusers", "transformer": "models/diffusion_models",
                "clip_l": "models/text_encoders", "t5xxl": "models/text_encoders", "vae": "models/vae",
                "lora_name": "models/loras", "lora_1": "models/loras", "lora_2": "models/loras",
-               "lora_3": "models/loras", "lora_4": "models/loras"}
+               "lora_3": "models/loras", "lora_4": "models/loras", "clip_name1": "models/text_encoders",
+               "clip_name2": "models/text_encoders", "vae_name": "models/vae"}
 
 
 def named_files(nodes):
@@ -99,7 +125,8 @@ def thumbnail(path, title, nodes, links):
     y0 = top + (size - top - margin - box_h - row_h * (len(rows) - 1)) / 2
     place = {nid: (margin + cols.index(pos[0]) * col_w, y0 + rows.index(pos[1]) * row_h)
              for nid, _t, pos, _w in nodes}
-    for src, dst in links:
+    for link in links:
+        src, dst = link[0], link[-2] if len(link) == 4 else link[1]
         (xa, ya), (xb, yb) = place[src], place[dst]
         if xa == xb:  # chained nodes stacked in one column: a vertical link
             draw.line([(xa + box_w / 2, ya + box_h), (xb + box_w / 2, yb)], fill=(170, 175, 110), width=3)
@@ -108,17 +135,25 @@ def thumbnail(path, title, nodes, links):
         draw.line([(xa + box_w, ya + box_h / 2), (mid, ya + box_h / 2), (mid, yb + box_h / 2), (xb, yb + box_h / 2)],
                   fill=(170, 175, 110), width=3)
     colours = {"OptimizedFluxLoader": (70, 90, 150), "LoraHotswap": (120, 70, 140), "PadDummyLora": (140, 90, 60),
-               "Generate": (60, 120, 90), "SaveImage": (80, 80, 80)}
+               "Generate": (60, 120, 90), "SaveImage": (80, 80, 80), "LoraLoaderModelOnly": (120, 70, 140),
+               "KSampler": (60, 120, 90)}
     labels = {"OptimizedFluxLoader": "Loader", "LoraHotswap": "LoRA", "PadDummyLora": "Pad slot",
-              "Generate": "Generate", "SaveImage": "Save"}
+              "Generate": "Generate", "SaveImage": "Save", "DualCLIPLoader": "CLIP", "CLIPTextEncode": "Text",
+              "FluxGuidance": "Guidance", "EmptySD3LatentImage": "Latent", "LoraLoaderModelOnly": "LoRA (native)",
+              "KSampler": "KSampler", "VAELoader": "VAE", "VAEDecode": "Decode", "LatentUpscaleBy": "Upscale"}
     for nid, t, _pos, w in nodes:
         x, y = place[nid]
         detail = {"OptimizedFluxLoader": [w.get("source", "")], "LoraHotswap": [f"strength {w.get('strength')}"],
                   "PadDummyLora": [w.get("target", "")], "Generate": [f"{w.get('steps')} steps"],
-                  "SaveImage": ["image"]}[t]
+                  "SaveImage": ["image"], "LoraLoaderModelOnly": [f"strength {w.get('strength_model')}"],
+                  "KSampler": [f"{w.get('steps')} steps, denoise {w.get('denoise')}"],
+                  "LatentUpscaleBy": [f"x{w.get('scale_by')}"]}.get(t, [])
+        if t == "OptimizedFluxLoader" and w.get("components") == COMPONENTS_TRANSFORMER:
+            detail.append("MODEL output")
         if t == "OptimizedFluxLoader" and w.get("swap_strategy") != "fused":
             detail.append(w["swap_strategy"])
-        draw.rounded_rectangle([x, y, x + box_w, y + box_h], radius=8, fill=colours[t], outline=(220, 220, 220))
+        draw.rounded_rectangle([x, y, x + box_w, y + box_h], radius=8, fill=colours.get(t, (80, 80, 80)),
+                               outline=(220, 220, 220))
         draw.text((x + 7, y + 8), labels[t], font=node_font, fill=(255, 255, 255))
         for i, text in enumerate(detail):
             while draw.textlength(text, font=small_font) > box_w - 12:
@@ -129,29 +164,35 @@ def thumbnail(path, title, nodes, links):
 
 
 def build(name, title, note, nodes, links):
-    """nodes: list of (id, type, pos, widgets); links: list of (from_id, to_id) (slot 0 -> slot 0)."""
+    """nodes: list of (id, type, pos, widgets); links: (from_id, to_id) joins output 0 to the first linked
+    input, (from_id, from_slot, to_id, input_name) any output to a named input."""
     ui_nodes, api, ui_links = [], {}, []
     by_id = {n[0]: n for n in nodes}
-    out_links = {n[0]: [] for n in nodes}
-    in_link = {}
-    for lid, (src, dst) in enumerate(links, start=1):
-        stype = OUT[by_id[src][1]][0][1]
-        ui_links.append([lid, src, 0, dst, 0, stype])
-        out_links[src].append(lid)
-        in_link[dst] = (lid, src)
+    out_links = {(n[0], s): [] for n in nodes for s in range(len(OUT[n[1]]))}
+    in_link = {}  # (dst, input name) -> (link id, src, src slot)
+    for lid, link in enumerate(links, start=1):
+        src, slot, dst, iname = link if len(link) == 4 else (link[0], 0, link[1], LINK_IN[by_id[link[1]][1]][0][0])
+        stype = OUT[by_id[src][1]][slot][1]
+        names = [n for n, _ in LINK_IN[by_id[dst][1]]]
+        ui_links.append([lid, src, slot, dst, names.index(iname), stype])
+        out_links[(src, slot)].append(lid)
+        in_link[(dst, iname)] = (lid, src, slot)
     for order, (nid, t, pos, w) in enumerate(nodes):
         inputs = []
         for iname, itype in LINK_IN[t]:
-            inputs.append({"name": iname, "type": itype, "link": in_link[nid][0] if nid in in_link else None})
+            found = in_link.get((nid, iname))
+            inputs.append({"name": iname, "type": itype, "link": found[0] if found else None})
         outputs = []
-        for oname, otype in OUT[t]:
-            outputs.append({"name": oname, "type": otype, "links": out_links[nid], "slot_index": 0})
+        for slot, (oname, otype) in enumerate(OUT[t]):
+            outputs.append({"name": oname, "type": otype, "links": out_links[(nid, slot)], "slot_index": slot})
         ui_nodes.append({"id": nid, "type": t, "pos": pos, "size": SIZES[t], "flags": {}, "order": order,
                          "mode": 0, "inputs": inputs, "outputs": outputs,
                          "properties": {"Node name for S&R": t}, "widgets_values": widgets(t, w)})
         api_inputs = dict(w)
-        if nid in in_link:
-            api_inputs[LINK_IN[t][0][0]] = [str(in_link[nid][1]), 0]
+        for iname, _ in LINK_IN[t]:
+            found = in_link.get((nid, iname))
+            if found:
+                api_inputs[iname] = [str(found[1]), found[2]]
         api[str(nid)] = {"class_type": t, "inputs": api_inputs, "_meta": {"title": t}}
     note_id = max(by_id) + 1
     ui_nodes.append({"id": note_id, "type": "MarkdownNote", "pos": [40, -340], "size": [760, 300], "flags": {},
@@ -231,3 +272,89 @@ build("flux_pad_dummy_lora", "FastLoRA: adapter slot for several LoRAs (PadDummy
        (7, "SaveImage", [1520, 0], {"filename_prefix": "FastLoRA_pad_A"}),
        (8, "SaveImage", [1520, 420], {"filename_prefix": "FastLoRA_pad_B"})],
       [(1, 2), (2, 3), (2, 4), (3, 5), (4, 6), (5, 7), (6, 8)])
+
+
+# -- the MODEL path: ComfyUI's standard Flux graph with FastLoRA's loader in place of UNETLoader --------------
+MODEL_NOTE = ("FastLoRA's loader (components = transformer only) replaces UNETLoader: its MODEL output is the "
+              "same optimised, compiled transformer. Your own DualCLIPLoader / CLIPTextEncode / VAE nodes do the "
+              "rest; ComfyUI's LoRA loaders work on it: their LoRA becomes FastLoRA's stack, swapped in place "
+              "right before sampling (no ComfyUI weight merge, no recompile). Changing only a LoRA or its strength "
+              "re-runs the LoRA node and the sampler, never the loader. ControlNet, block/attention patches and "
+              "TorchCompileModel are refused before sampling with what to do instead.")
+
+
+def model_loader():
+    return loader(source="single files", diffusers_model="None", transformer="flux1-dev.safetensors",
+                  components=COMPONENTS_TRANSFORMER)
+
+
+def text_nodes(first_id, y, prompt):
+    """DualCLIPLoader + positive/negative CLIPTextEncode + FluxGuidance, ids first_id..first_id+3."""
+    return [(first_id, "DualCLIPLoader", [40, y], {"clip_name1": "clip_l.safetensors",
+                                                   "clip_name2": "t5xxl_fp16.safetensors", "type": "flux",
+                                                   "device": "default"}),
+            (first_id + 1, "CLIPTextEncode", [420, y], {"text": prompt}),
+            (first_id + 2, "CLIPTextEncode", [420, y + 240], {"text": ""}),
+            (first_id + 3, "FluxGuidance", [860, y], {"guidance": 3.5})]
+
+
+def sampler(**kw):
+    d = {"seed": 42, "steps": 28, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}
+    d.update(kw)
+    return d
+
+
+PROMPT = "a photo of a red fox in a snowy forest, golden hour"
+
+build("flux_model_lora", "FastLoRA MODEL: standard Flux graph + a native LoRA loader",
+      MODEL_NOTE,
+      [(1, "OptimizedFluxLoader", [40, 300], model_loader()),
+       *text_nodes(2, -60, PROMPT),
+       (6, "LoraLoaderModelOnly", [420, 560], {"lora_name": "my_flux_lora.safetensors", "strength_model": 1.0}),
+       (7, "EmptySD3LatentImage", [860, 200], {"width": 1024, "height": 1024, "batch_size": 1}),
+       (8, "KSampler", [1240, 0], sampler()),
+       (9, "VAELoader", [860, 400], {"vae_name": "ae.safetensors"}),
+       (10, "VAEDecode", [1620, 0], {}),
+       (11, "SaveImage", [1880, 0], {"filename_prefix": "FastLoRA_model"})],
+      [(1, 1, 6, "model"), (2, 0, 3, "clip"), (2, 0, 4, "clip"), (3, 0, 5, "conditioning"),
+       (6, 0, 8, "model"), (5, 0, 8, "positive"), (4, 0, 8, "negative"), (7, 0, 8, "latent_image"),
+       (8, 0, 10, "samples"), (9, 0, 10, "vae"), (10, 0, 11, "images")])
+
+build("flux_model_lora_ab", "FastLoRA MODEL: A/B, one model, two LoRA loaders, two samplers",
+      MODEL_NOTE + " Both samplers share the one compiled transformer; each gets its own LoRA stack.",
+      [(1, "OptimizedFluxLoader", [40, 300], model_loader()),
+       *text_nodes(2, -60, PROMPT),
+       (6, "LoraLoaderModelOnly", [420, 560], {"lora_name": "lora_a.safetensors", "strength_model": 1.0}),
+       (7, "LoraLoaderModelOnly", [420, 700], {"lora_name": "lora_b.safetensors", "strength_model": 1.0}),
+       (8, "EmptySD3LatentImage", [860, 200], {"width": 1024, "height": 1024, "batch_size": 1}),
+       (9, "KSampler", [1240, 0], sampler()),
+       (10, "KSampler", [1240, 420], sampler()),
+       (11, "VAELoader", [860, 400], {"vae_name": "ae.safetensors"}),
+       (12, "VAEDecode", [1620, 0], {}),
+       (13, "VAEDecode", [1620, 420], {}),
+       (14, "SaveImage", [1880, 0], {"filename_prefix": "FastLoRA_model_A"}),
+       (15, "SaveImage", [1880, 420], {"filename_prefix": "FastLoRA_model_B"})],
+      [(1, 1, 6, "model"), (1, 1, 7, "model"), (2, 0, 3, "clip"), (2, 0, 4, "clip"), (3, 0, 5, "conditioning"),
+       (6, 0, 9, "model"), (5, 0, 9, "positive"), (4, 0, 9, "negative"), (8, 0, 9, "latent_image"),
+       (7, 0, 10, "model"), (5, 0, 10, "positive"), (4, 0, 10, "negative"), (8, 0, 10, "latent_image"),
+       (9, 0, 12, "samples"), (11, 0, 12, "vae"), (10, 0, 13, "samples"), (11, 0, 13, "vae"),
+       (12, 0, 14, "images"), (13, 0, 15, "images")])
+
+build("flux_model_hires_fix", "FastLoRA MODEL: hires fix, a second pass on the same compiled model",
+      MODEL_NOTE + " The second KSampler upscales the first pass's latent 1.5x and re-samples it at denoise 0.6 "
+      "with the same MODEL: one compiled transformer, the first new size compiles once more.",
+      [(1, "OptimizedFluxLoader", [40, 300], model_loader()),
+       *text_nodes(2, -60, PROMPT),
+       (6, "LoraLoaderModelOnly", [420, 560], {"lora_name": "my_flux_lora.safetensors", "strength_model": 1.0}),
+       (7, "EmptySD3LatentImage", [860, 200], {"width": 832, "height": 832, "batch_size": 1}),
+       (8, "KSampler", [1240, 0], sampler()),
+       (9, "LatentUpscaleBy", [1240, 300], {"upscale_method": "bislerp", "scale_by": 1.5}),
+       (10, "KSampler", [1620, 0], sampler(steps=20, denoise=0.6)),
+       (11, "VAELoader", [860, 400], {"vae_name": "ae.safetensors"}),
+       (12, "VAEDecode", [2000, 0], {}),
+       (13, "SaveImage", [2260, 0], {"filename_prefix": "FastLoRA_model_hires"})],
+      [(1, 1, 6, "model"), (2, 0, 3, "clip"), (2, 0, 4, "clip"), (3, 0, 5, "conditioning"),
+       (6, 0, 8, "model"), (5, 0, 8, "positive"), (4, 0, 8, "negative"), (7, 0, 8, "latent_image"),
+       (8, 0, 9, "samples"),
+       (6, 0, 10, "model"), (5, 0, 10, "positive"), (4, 0, 10, "negative"), (9, 0, 10, "latent_image"),
+       (10, 0, 12, "samples"), (11, 0, 12, "vae"), (12, 0, 13, "images")])

@@ -9,6 +9,11 @@ spread evenly over the tensor data). ``ctime`` and the inode change on any rewri
 even when a tool restores size and mtime; the fingerprint covers systems where ``st_ctime`` is the
 creation time (Windows) and copies that keep every timestamp. Only the newest version of a path
 stays in the cache.
+
+It also holds LoRAs that never were files (``put``): ComfyUI's LoRA loaders hand FastLoRA's MODEL
+their weights in memory. Each gets a path ``memory:<n>`` of its own, never reused, usable in a
+``LoraSpec`` like a file path, so the engine's declarative stacks, swaps and staging treat both kinds
+the same way.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ DEFAULT_MAX_BYTES = int(os.environ.get("FASTLORA_LORA_CACHE_MB", "4096")) * 1024
 FINGERPRINT_BLOCKS = 16
 FINGERPRINT_BLOCK_BYTES = 4096
 _MAX_HASHED_HEADER = 16 * 1024 * 1024
+MEMORY_PREFIX = "memory:"
 
 
 class FileKey(NamedTuple):
@@ -68,6 +74,8 @@ def _fingerprint(fh, size: int) -> str:  # type: ignore[no-untyped-def]
 def file_key(path: str) -> FileKey:
     """The current identity of the file at ``path`` (see module doc). Raises LoraFormatError when
     it does not exist."""
+    if path.startswith(MEMORY_PREFIX):  # an in-memory LoRA: its path is its identity
+        return FileKey(path, 0, 0, 0, 0, "memory")
     real = os.path.realpath(path)
     if os.path.isdir(real):
         raise LoraFormatError(f"LoRA path {path} is a folder, not a file. Choose the .safetensors file inside it.")
@@ -94,6 +102,7 @@ class LoraCache:
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
+        self._counter = 0
 
     def __len__(self) -> int:
         return len(self._items)
@@ -115,6 +124,11 @@ class LoraCache:
                 self._items.move_to_end(key)
                 self.hits += 1
                 return key, lora, True
+        if path.startswith(MEMORY_PREFIX):
+            raise LoraFormatError(
+                f"The in-memory LoRA {path} is no longer cached (FASTLORA_LORA_CACHE_MB is too small for the "
+                "LoRAs in use). Queue the workflow again; raise FASTLORA_LORA_CACHE_MB if this repeats."
+            )
         lora = read_lora(path)
         with self._lock:
             self.misses += 1
@@ -130,6 +144,23 @@ class LoraCache:
 
     def _drop(self, key: FileKey) -> None:
         self._bytes -= self._items.pop(key).nbytes()
+
+    def put(self, lora: NormalizedLora) -> str:
+        """Keep a LoRA built in memory; returns its new, never reused path ``memory:<n>``. Evicted
+        like files (least recently used first); ``has`` tells whether it is still here."""
+        with self._lock:
+            self._counter += 1
+            path = f"{MEMORY_PREFIX}{self._counter}"
+            self._items[file_key(path)] = lora
+            self._bytes += lora.nbytes()
+            while self._bytes > self.max_bytes and len(self._items) > 1:
+                self._drop(next(iter(self._items)))
+            return path
+
+    def has(self, path: str) -> bool:
+        """Whether an in-memory LoRA (``put``) is still cached."""
+        with self._lock:
+            return file_key(path) in self._items
 
     def clear(self) -> None:
         with self._lock:

@@ -810,3 +810,12 @@ def raise_if_unfit(path: str, problems: list[str], total: int) -> None:
             "Flux model of another size, or not for Flux.1 at all (Flux.2, SD3, Chroma ...): use a LoRA "
             "trained for this model. Nothing was changed."
         )
+
+
+def bfl_module_targets(name: str) -> tuple[tuple[str, ...], str | None, bool] | None:
+    """The diffusers module(s) a BFL-layout transformer module (``double_blocks.0.img_attn.qkv``)
+    covers, in row order: ``(modules, split, swap_halves)`` where ``split`` is ``"qkv"`` /
+    ``"linear1"`` for fused layers and ``swap_halves`` marks the final adaLN's (shift, scale) ->
+    (scale, shift) order. None for a name that is not a linear layer of Flux.1."""
+    found = _lookup(name, ("bfl",), False)
+    return None if found is None else found[1]

@@ -1,0 +1,155 @@
+"""ComfyUI LoRA patches on FastLoRA's MODEL -> the engine's LoRA stack.
+
+ComfyUI's LoRA loaders (``LoraLoader``, ``LoraLoaderModelOnly`` and every stacker built on
+``comfy.sd.load_lora_for_models``) map a file's keys to the model's BFL weight names and call
+``model.add_patches(patches, strength)`` on a clone. Each such call is one LoRA of the stack
+(:class:`PatchGroup`). Here it becomes one in-memory :class:`NormalizedLora` at strength 1 (kept in
+the engine's LoRA cache under a ``memory:<n>`` path) plus its strength, so sampling applies it with
+the engine's own swap: no ComfyUI weight merge, no recompile, and a strength change is a swap.
+
+Only plain LoRA patches can be represented that way: ``LoRAAdapter`` with up/down (and alpha), row
+offsets on fused weights, no per-patch function, no DoRA scale, no conv ``mid``, no reshape, and the
+model-merge multiplier ``strength_model`` at 1. Anything else is refused here, in the node that adds
+it, with what to do instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ._core import errors, specs
+from ._core import lora_bfl as bfl
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "diffusion_model."
+SUFFIX = ".weight"
+
+# What ComfyUI's other weight adapters are, for messages (comfy/weight_adapter/*.py).
+_ADAPTER_KINDS = {"loha": "LyCORIS LoHa", "lokr": "LyCORIS LoKr", "glora": "GLoRA", "oft": "OFT", "boft": "BOFT"}
+_HOW_TO = ("Use a plain LoRA (up/down weights) with this MODEL, or ComfyUI's own UNETLoader for this "
+           "graph.")
+
+
+class PatchRefused(errors.LoraError):
+    """A ComfyUI weight patch that FastLoRA's engine cannot apply exactly."""
+
+
+@dataclass(frozen=True)
+class PatchGroup:
+    """One ``add_patches`` call: the patches ComfyUI's loader built from one LoRA, and its strength."""
+
+    patches: Mapping[Any, Any]
+    strength: float
+    deltas: tuple[bfl.BflDelta, ...]
+
+
+def _describe_patch(value: Any) -> str:
+    name = getattr(value, "name", None)
+    if isinstance(name, str):
+        return _ADAPTER_KINDS.get(name, f"a '{name}' weight adapter")
+    if isinstance(value, tuple) and value and isinstance(value[0], str):
+        return {"diff": "a full weight difference ('diff': a model merge, or a LoRA file with .diff/.diff_b keys)",
+                "set": "a weight replacement ('set_weight')",
+                "model_as_lora": "a model used as a LoRA"}.get(value[0], f"a '{value[0]}' patch")
+    if isinstance(value, (tuple, list)) and len(value) == 1:
+        return "a full weight difference (a model merge, e.g. ModelMergeSimple)"
+    return f"a {type(value).__name__} patch"
+
+
+def deltas_of(patches: Mapping[Any, Any], strength_model: float) -> tuple[bfl.BflDelta, ...]:
+    """The low-rank deltas of one ``add_patches`` call, or PatchRefused naming the first patch that
+    cannot be applied exactly."""
+    if strength_model != 1.0:
+        raise PatchRefused(
+            f"A node scales this MODEL's own weights (strength_model={strength_model}, as model-merge nodes "
+            f"do); FastLoRA's MODEL only takes LoRAs. {_HOW_TO}")
+    out: list[bfl.BflDelta] = []
+    for k, value in patches.items():
+        key, offset, function = (k, None, None) if isinstance(k, str) else (k[0], k[1], k[2] if len(k) > 2 else None)
+        what = _describe_patch(value)
+        if type(value).__name__ != "LoRAAdapter":
+            raise PatchRefused(f"{key} gets {what}, which FastLoRA's engine cannot swap. {_HOW_TO}")
+        if not (key.startswith(PREFIX) and key.endswith(SUFFIX)):
+            raise PatchRefused(f"{key}: a LoRA on a bias or norm weight; FastLoRA swaps linear weights only. {_HOW_TO}")
+        up, down, alpha, mid, dora_scale, reshape = value.weights
+        if dora_scale is not None:
+            raise PatchRefused(f"{key}: a DoRA LoRA (dora_scale); FastLoRA's MODEL takes plain LoRAs. {_HOW_TO}")
+        if mid is not None or reshape is not None or function is not None:
+            raise PatchRefused(f"{key}: a LoRA with a conv 'mid' weight, reshape or weight function. {_HOW_TO}")
+        if offset is not None and offset[0] != 0:
+            raise PatchRefused(f"{key}: a LoRA on a column slice of the weight. {_HOW_TO}")
+        up2, down2 = up.flatten(start_dim=1), down.flatten(start_dim=1)
+        scale = float(alpha) / down2.shape[0] if alpha is not None else 1.0
+        rows = (int(offset[1]), int(offset[2])) if offset is not None else None
+        out.append(bfl.BflDelta(key[len(PREFIX):-len(SUFFIX)], up2, down2, scale, rows))
+    return tuple(out)
+
+
+def _version(t: torch.Tensor) -> int:
+    try:
+        return int(t._version)
+    except RuntimeError:  # inference tensors (ComfyUI loads files under inference_mode) have none
+        return 0
+
+
+class InMemoryLoras:
+    """Gives every distinct patch group one ``memory:<n>`` path in the engine's LoRA cache.
+
+    A group is the same LoRA when it holds the same tensor objects at the same places (ComfyUI's
+    loaders keep the file's tensors and build new adapters around them on every run), so running a
+    LoRA node again with another strength reuses the converted LoRA: only the strength changes. The
+    tensors are held here, so their ids cannot be reused by other tensors while an entry lives.
+    """
+
+    def __init__(self, max_entries: int = 32) -> None:
+        self.max_entries = max_entries
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[tuple[Any, ...], tuple[str, tuple[torch.Tensor, ...]]] = OrderedDict()
+
+    @staticmethod
+    def fingerprint(group: PatchGroup) -> tuple[Any, ...]:
+        items = []
+        for d in group.deltas:
+            items.append((d.module, d.rows, d.scale, id(d.up), _version(d.up), id(d.down), _version(d.down)))
+        return tuple(sorted(items, key=repr))
+
+    def path_for(self, group: PatchGroup, label: str, cache: Any, out_features: Mapping[str, int]) -> str:
+        """The cache path of ``group`` as one LoRA at strength 1 (converted on first use, or again when
+        the cache evicted it)."""
+        key = self.fingerprint(group)
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is not None and cache.has(hit[0]):
+                self._entries.move_to_end(key)
+                return hit[0]
+        lora = bfl.lora_from_bfl(group.deltas, label, out_features)
+        path = cache.put(lora)
+        held = tuple(t for d in group.deltas for t in (d.up, d.down))
+        with self._lock:
+            self._entries[key] = (path, held)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+        return path
+
+
+IN_MEMORY = InMemoryLoras()
+
+
+def stack_of(groups: tuple[PatchGroup, ...], engine: Any, out_features: Mapping[str, int]) -> specs.LoraStack:
+    """The engine LoRA stack for a MODEL's patch groups, in the order the loaders were chained."""
+    entries = []
+    for i, group in enumerate(groups):
+        if not group.deltas or group.strength == 0.0:
+            continue
+        label = f"LoRA #{i + 1} on this MODEL ({len(group.deltas)} weights)"
+        path = IN_MEMORY.path_for(group, label, engine.lora_cache, out_features)
+        entries.append(specs.LoraSpec(path, float(group.strength)))
+    return specs.LoraStack(tuple(entries))
