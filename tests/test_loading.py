@@ -29,7 +29,15 @@ from safetensors.torch import load_file, save_file
 
 from fastlora_core import loading
 from fastlora_core.errors import ModelLoadError, OptionsError
-from fastlora_core.loading import load_pipeline, read_header, write_single_files
+from fastlora_core.loading import (
+    keymaps,
+    load_pipeline,
+    read_header,
+    single_file,
+    tokenizers,
+    write_single_files,
+    writer,
+)
 from fastlora_core.specs import ModelSource
 from fastlora_core.tiny import build_tiny_pipeline
 
@@ -192,7 +200,7 @@ def test_fp8_t5_and_scaled_fp8_transformer(tiny: Any, root: Path) -> None:
     raw = load_file(str(files["transformer"]))
     deq = {k: (v.float() * raw[k[: -len("weight")] + "scale_weight"] if k[: -len("weight")] + "scale_weight" in raw else v)
            for k, v in raw.items() if not k.endswith("scale_weight") and k != "scaled_fp8"}
-    tr_expect, unknown = loading._bfl_to_diffusers(deq, 32)  # mapping checked against diffusers below
+    tr_expect, unknown = keymaps._bfl_to_diffusers(deq, 32)  # mapping checked against diffusers below
     assert not unknown
     assert_same_weights(tiny, pipe, {"text_encoder_2": t5_expect, "transformer": tr_expect})
     for name, w in tiny.transformer.state_dict().items():  # e4m3 keeps ~3 mantissa bits
@@ -257,7 +265,7 @@ def test_real_comfyui_tokenizers_when_available() -> None:
     if not (comfy / "comfy" / "sd1_tokenizer").is_dir():
         pytest.skip("no ComfyUI checkout")
     clip_d, t5_d = loading.find_tokenizer_dirs(comfy)
-    clip, t5 = loading._load_tokenizers(clip_d, t5_d, 77)
+    clip, t5 = tokenizers._load_tokenizers(clip_d, t5_d, 77)
     assert clip.model_max_length == 77  # ComfyUI's file says 8192
     assert clip("a photo of a cat").input_ids[0] == 49406 and len(t5) >= 32100
 
@@ -302,10 +310,10 @@ def test_bfl_mapping_matches_diffusers_converter() -> None:
     work = dict(bfl)
     theirs = convert_flux_transformer_checkpoint_to_diffusers(work)
     assert not work, f"synthetic BFL keys diffusers did not consume: {sorted(work)[:5]}"  # real key names
-    ours, unknown = loading._bfl_to_diffusers(dict(bfl), INNER)
+    ours, unknown = keymaps._bfl_to_diffusers(dict(bfl), INNER)
     assert not unknown and sorted(ours) == sorted(theirs)
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
-    back = loading._diffusers_to_bfl(theirs, 2, 2)  # the writer inverts diffusers' own conversion
+    back = writer._diffusers_to_bfl(theirs, 2, 2)  # the writer inverts diffusers' own conversion
     assert sorted(back) == sorted(bfl) and all(torch.equal(back[k], bfl[k]) for k in bfl)
 
 
@@ -317,11 +325,11 @@ def test_vae_mapping_matches_diffusers_converter() -> None:
     vae = AutoencoderKL(block_out_channels=(4, 8, 8), layers_per_block=2, latent_channels=4, norm_num_groups=2,
                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3)
     sd = vae.state_dict()
-    ldm = loading._diffusers_to_ldm_vae(sd, 3)
+    ldm = writer._diffusers_to_ldm_vae(sd, 3)
     assert "decoder.up.2.upsample.conv.weight" in ldm and "encoder.down.0.downsample.conv.weight" in ldm
     assert "encoder.down.0.block.0.nin_shortcut.weight" not in ldm and "encoder.down.1.block.0.nin_shortcut.weight" in ldm
     theirs = convert_ldm_vae_checkpoint(dict(ldm), dict(vae.config))
-    ours, unknown = loading._ldm_vae_to_diffusers(dict(ldm), 3)
+    ours, unknown = keymaps._ldm_vae_to_diffusers(dict(ldm), 3)
     assert not unknown
     for conv in (theirs, ours):
         assert sorted(conv) == sorted(sd) and all(torch.equal(conv[k], sd[k]) for k in sd)
@@ -331,10 +339,10 @@ def test_shipped_configs_build_real_sized_modules_on_meta() -> None:
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextConfig, T5Config
 
-    tr = loading._empty_module(lambda: FluxTransformer2DModel(**{
+    tr = single_file._empty_module(lambda: FluxTransformer2DModel(**{
         k: v for k, v in loading.load_shipped_config("flux1_dev_transformer").items() if not k.startswith("_")}))
     assert sum(p.numel() for p in tr.parameters()) == 11_901_408_320  # FLUX.1-dev
-    vae = loading._empty_module(lambda: AutoencoderKL(**{
+    vae = single_file._empty_module(lambda: AutoencoderKL(**{
         k: v for k, v in loading.load_shipped_config("ae").items() if not k.startswith("_")}))
     assert sum(p.numel() for p in vae.parameters()) == 83_819_683
     assert CLIPTextConfig(**loading.load_shipped_config("clip_l")).hidden_size == 768
@@ -456,8 +464,8 @@ def test_bad_source_raises_model_load_error(bad_sources: dict[str, tuple[ModelSo
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     source, words = bad_sources[case]
     built: list[str] = []
-    real = loading._build
-    monkeypatch.setattr(loading, "_build", lambda plan, dtype, dry_run: (built.append(plan.role) if not dry_run else None,
+    real = single_file._build
+    monkeypatch.setattr(single_file, "_build", lambda plan, dtype, dry_run: (built.append(plan.role) if not dry_run else None,
                                                                          real(plan, dtype, dry_run))[1])
     with pytest.raises(ModelLoadError) as info:
         load_pipeline(source, torch.float32)
@@ -468,7 +476,7 @@ def test_bad_source_raises_model_load_error(bad_sources: dict[str, tuple[ModelSo
 
 
 def test_no_tokenizer_anywhere(bfl: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(loading, "_comfyui_root", lambda: None)
+    monkeypatch.setattr(tokenizers, "_comfyui_root", lambda: None)
     source = ModelSource.from_single_files(**{k: v for k, v in bfl.items() if k != "tokenizer_dir"})
     with pytest.raises(ModelLoadError, match="No tokenizers.*tokenizer_dir"):
         load_pipeline(source, torch.float32)

@@ -1,0 +1,90 @@
+"""Model sources -> ``diffusers.FluxPipeline`` on CPU (ARCHITECTURE.md, decision 10).
+
+Two kinds of source (:class:`~fastlora_core.specs.ModelSource`):
+
+* a diffusers folder (``model_index.json`` + component subfolders), loaded with
+  ``FluxPipeline.from_pretrained(..., local_files_only=True)``;
+* the single files ComfyUI users have: a Flux transformer checkpoint (BFL key layout as in
+  ``flux1-dev.safetensors``, optionally under ``model.diffusion_model.``, or diffusers layout),
+  ``clip_l.safetensors``, ``t5xxl_*.safetensors`` and ``ae.safetensors``, plus tokenizers.
+
+Single files carry no configuration, so every width and layer count is derived from tensor shapes;
+what shapes cannot tell (attention heads of CLIP, rope axes for head dims other than 128, VAE
+scaling) comes from the shipped configs in ``fastlora_core/configs/`` (the public Flux.1 release)
+or, for files we wrote ourselves (tiny test models), from ``fastlora.*`` entries of the safetensors
+``__metadata__``. No hub is ever contacted.
+
+Validate before you build: :func:`load_pipeline` first reads the four safetensors headers (cheap: a
+few KB each), checks that every file is complete, recognises what each file is, derives every
+config, checks that the components fit each other, finds and loads the tokenizers, and converts the
+*header* shapes (meta tensors) through the same key mapping used for the real weights, comparing
+the result with the target modules' state dicts. Only then is a single weight read. Every problem
+raises :class:`~fastlora_core.errors.ModelLoadError` naming the file and saying what to do.
+
+:func:`write_single_files` is the inverse, used by tests and install smoke tests: it writes a
+pipeline as ComfyUI-style single files with its own, independent key mapping (diffusers -> BFL /
+LDM), optionally storing T5 or the transformer as float8 (``scaled_fp8`` too).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..errors import ModelLoadError, OptionsError
+from ..specs import ModelSource
+from .diffusers_folder import _load_diffusers
+from .header import Header, TensorInfo, describe_keys, read_header
+from .plans import CONFIG_DIR, META_AXES, META_COMPONENT, META_CONFIG, load_shipped_config
+from .single_file import _load_single_files
+from .tokenizers import find_tokenizer_dirs
+from .transformer_only import _load_transformer_only
+from .writer import write_single_files
+
+if TYPE_CHECKING:  # pragma: no cover
+    from diffusers import FluxPipeline
+
+__all__ = [
+    "CONFIG_DIR", "META_AXES", "META_COMPONENT", "META_CONFIG", "SUPPORTED_DTYPES", "Header", "TensorInfo",
+    "describe_keys", "find_tokenizer_dirs", "load_pipeline", "load_shipped_config", "read_header",
+    "write_single_files",
+]
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def load_pipeline(source: ModelSource, dtype: torch.dtype) -> FluxPipeline:
+    """Load a Flux pipeline from a diffusers folder or from ComfyUI single files.
+
+    Contract:
+        Returns a ``diffusers.FluxPipeline`` on CPU, every module in eval mode with
+        ``requires_grad=False``. Weights are in ``dtype`` (float32, float16 or bfloat16) whatever
+        their storage dtype (fp32/fp16/bf16/float8_e4m3fn, ComfyUI ``scaled_fp8`` included); like
+        ``from_pretrained``, T5's ``wo`` layers stay float32 when ``dtype`` is float16. Both source
+        kinds give identical modules for identical weights. The function keeps no state: a failure
+        leaves nothing behind and the next call starts afresh.
+
+    Failure modes (all :class:`ModelLoadError`, raised before any weight is read unless noted):
+        missing file or folder; folder without ``model_index.json``; a pipeline that is not Flux.1
+        text-to-image (Fill, Canny/Depth, Kontext, SDXL...); a file that is not safetensors (pickle,
+        GGUF, random bytes), truncated or corrupt; a checkpoint that is another model (SDXL, SD3,
+        Chroma, Flux.2, a LoRA), a Flux variant we cannot run, or quantised (NF4/int8/GGUF); clip_l
+        and t5xxl swapped; a VAE that is not the 16-channel Flux autoencoder; components that do not
+        fit each other; no tokenizers. Errors while reading weights (I/O) are also ModelLoadError.
+        An unsupported ``dtype`` raises :class:`OptionsError`.
+    """
+    if dtype not in SUPPORTED_DTYPES:
+        raise OptionsError(f"dtype={dtype} is not supported; use torch.bfloat16, torch.float16 or torch.float32.")
+    try:
+        source.validate()
+    except OptionsError as e:
+        raise ModelLoadError(str(e)) from None
+    if source.transformer_only:
+        return _load_transformer_only(source, dtype)
+    if source.kind == "diffusers":
+        assert source.diffusers_dir is not None
+        return _load_diffusers(Path(source.diffusers_dir), dtype)
+    return _load_single_files(source, dtype)
+

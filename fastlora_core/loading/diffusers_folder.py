@@ -1,0 +1,111 @@
+"""A diffusers Flux folder -> ``FluxPipeline``, after checking that it is a complete text-to-image
+Flux.1 folder with safetensors weights (every header is read first)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..errors import ModelLoadError
+from .header import read_header
+
+if TYPE_CHECKING:  # pragma: no cover
+    from diffusers import FluxPipeline
+
+logger = logging.getLogger(__name__)
+
+
+# -- diffusers folders ------------------------------------------------------------------------------
+
+_FLUX_VARIANT_PIPELINES = {
+    "FluxFillPipeline": "Flux.1 Fill (inpainting)",
+    "FluxControlPipeline": "Flux.1 Canny/Depth (control)",
+    "FluxKontextPipeline": "Flux.1 Kontext (image editing)",
+    "FluxPriorReduxPipeline": "Flux.1 Redux",
+    "FluxControlNetPipeline": "a Flux ControlNet pipeline",
+}
+_COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "vae", "scheduler", "tokenizer", "tokenizer_2")
+
+
+def _load_diffusers(folder: Path, dtype: torch.dtype) -> FluxPipeline:
+    if not folder.exists():
+        raise ModelLoadError(f"The diffusers folder {folder} does not exist. Check the path (ComfyUI: models/diffusers/<name>).")
+    if not folder.is_dir():
+        raise ModelLoadError(f"{folder} is a file, not a diffusers folder. For a single .safetensors checkpoint use "
+                             "the single-file loader (transformer, clip_l, t5xxl, vae).")
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        raise ModelLoadError(f"{folder} has no model_index.json, so it is not a diffusers pipeline folder. Use the "
+                             "folder of a diffusers Flux model (e.g. a download of FLUX.1-dev), or load single files.")
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        cls = str(index.get("_class_name", ""))
+    except (ValueError, AttributeError) as e:
+        raise ModelLoadError(f"{index_path} is not valid JSON ({e}). Restore the file.") from None
+    if cls in _FLUX_VARIANT_PIPELINES:
+        raise ModelLoadError(f"{folder} is {_FLUX_VARIANT_PIPELINES[cls]} ({cls}). FastLoRA runs text-to-image "
+                             "Flux.1 dev/schnell and their fine-tunes; use such a model.")
+    if cls != "FluxPipeline":
+        raise ModelLoadError(f"{folder} holds a {cls or 'unknown'} pipeline, not Flux.1 (FluxPipeline). Use a Flux.1 "
+                             "dev/schnell diffusers folder.")
+    missing = [c for c in _COMPONENTS if not (folder / c).is_dir()]
+    if missing:
+        raise ModelLoadError(f"{folder} is missing the component folder(s) {', '.join(missing)}. The download is "
+                             "incomplete; download the model again.")
+    tcfg_path = folder / "transformer" / "config.json"
+    try:
+        tcfg = json.loads(tcfg_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{tcfg_path} cannot be read ({e}). Download the model again.") from None
+    if tcfg.get("quantization_config"):
+        raise ModelLoadError(f"{folder} holds a pre-quantised transformer ({tcfg['quantization_config'].get('quant_method', '?')}). "
+                             "FastLoRA quantises the model itself; use the original bf16 weights.")
+    in_ch, out_ch = tcfg.get("in_channels", 64), tcfg.get("out_channels")
+    if out_ch is not None and out_ch != in_ch:
+        raise ModelLoadError(f"{folder} is a Flux variant with {in_ch} input and {out_ch} output channels (Fill/Canny/"
+                             "Depth). FastLoRA runs text-to-image Flux.1 dev/schnell; use such a model.")
+    for comp in ("transformer", "text_encoder", "text_encoder_2", "vae"):
+        files = sorted((folder / comp).glob("*.safetensors"))
+        if not files and not any((folder / comp).glob("*.bin")):
+            raise ModelLoadError(f"{folder / comp} has no weights (.safetensors). The download is incomplete; "
+                                 "download the model again.")
+        for f in files:
+            read_header(f, f"{comp} weights")
+    from diffusers import FluxPipeline
+
+    try:
+        pipe = FluxPipeline.from_pretrained(str(folder), **_dtype_kwarg(dtype), local_files_only=True)
+    except ModelLoadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - anything diffusers/transformers raise on a broken folder
+        raise ModelLoadError(f"The diffusers folder {folder} could not be loaded: {type(e).__name__}: {e}. Check that "
+                             "the download is complete and matches FLUX.1-dev's layout.") from None
+    _finish(pipe)
+    logger.info("loaded diffusers Flux pipeline from %s (%s)", folder, dtype)
+    return pipe
+
+
+def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """diffusers >= 0.42 takes ``dtype=`` and deprecates ``torch_dtype=``; older ones only know the latter."""
+    import inspect
+
+    from diffusers import DiffusionPipeline
+
+    src = inspect.getsource(DiffusionPipeline.from_pretrained)
+    return {"dtype": dtype} if 'kwargs.pop("dtype"' in src else {"torch_dtype": dtype}
+
+
+def _finish(pipe: Any) -> None:
+    pipe.to("cpu")
+    for name in ("transformer", "text_encoder", "text_encoder_2", "vae"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            module.eval().requires_grad_(False)
+
+
+
+

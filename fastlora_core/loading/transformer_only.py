@@ -1,0 +1,57 @@
+"""The transformer alone (for ComfyUI's own text encoders and VAE): a ``FluxPipeline`` whose text
+encoders, tokenizers and VAE are None, from a diffusers folder or a single transformer file, with
+the same checks as the full loaders and nothing else read."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..errors import ModelLoadError
+from ..specs import ModelSource
+from .diffusers_folder import _dtype_kwarg, _finish
+from .header import read_header
+from .plans import _plan_transformer, load_shipped_config
+from .single_file import _build
+
+if TYPE_CHECKING:  # pragma: no cover
+    from diffusers import FluxPipeline
+
+logger = logging.getLogger(__name__)
+
+
+def _load_transformer_only(source: ModelSource, dtype: torch.dtype) -> FluxPipeline:
+    """A FluxPipeline holding only the transformer and a scheduler (text encoders, tokenizers and VAE
+    are None): the same checks as the full loaders for the transformer, nothing else is read."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    if source.diffusers_dir:
+        folder = Path(source.diffusers_dir)
+        sub = folder / "transformer"
+        if not (sub / "config.json").is_file():
+            raise ModelLoadError(f"{folder} has no transformer/config.json, so it is not a diffusers Flux folder. "
+                                 "Use the folder of a diffusers Flux model, or a single transformer file.")
+        for f in sorted(sub.glob("*.safetensors")):
+            read_header(f, "transformer weights")
+        try:
+            transformer = FluxTransformer2DModel.from_pretrained(str(sub), **_dtype_kwarg(dtype), local_files_only=True)
+        except Exception as e:  # noqa: BLE001 - anything diffusers raises on a broken folder
+            raise ModelLoadError(f"The transformer in {folder} could not be loaded: {type(e).__name__}: {e}. Check "
+                                 "that the download is complete.") from None
+        guidance = bool(transformer.config.guidance_embeds)
+    else:
+        plan = _plan_transformer(read_header(source.transformer or "", "transformer"))
+        _build(plan, dtype, dry_run=True)
+        transformer = _build(plan, dtype, dry_run=False)
+        guidance = bool(plan.config["guidance_embeds"])
+    sched_name = "scheduler_dev" if guidance else "scheduler_schnell"
+    sched_cfg = {k: v for k, v in load_shipped_config(sched_name).items() if not k.startswith("_")}
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(sched_cfg), vae=None,
+                        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                        transformer=transformer)
+    _finish(pipe)
+    logger.info("loaded the Flux transformer alone (%s): %s", dtype, source.describe())
+    return pipe
