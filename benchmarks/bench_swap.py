@@ -23,7 +23,7 @@ def main() -> None:
     from diffusers import FluxTransformer2DModel
 
     from fastlora_core.lora.base import ResolvedEntry
-    from fastlora_core.lora.formats import flux_lora_targets
+    from fastlora_core.lora.fit import flux_lora_targets
     from fastlora_core.lora.fused import FusedStrategy
     from fastlora_core.lora.types import LoraLayer, NormalizedLora
     from fastlora_core.optimize import quantize_transformer

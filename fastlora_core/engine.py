@@ -159,7 +159,7 @@ class FluxEngine:
                 parts["text_encoder_2"] = pipe.text_encoder_2
             self.strategy: FusedStrategy | AdapterStrategy = FusedStrategy(parts, o.quantization, master_device)
             if o.quantization != "none":
-                from .lora.formats import flux_lora_targets
+                from .lora.fit import flux_lora_targets
 
                 # Before quantisation, from the weights as loaded (CPU): no copy when the masters
                 # stay in CPU RAM, one copy per layer when they go to the GPU.
@@ -290,7 +290,7 @@ class FluxEngine:
             rank = max_rank or self.options.max_rank
             targets: set[str] = set()
             if all_layers:
-                from .lora.formats import flux_lora_targets
+                from .lora.fit import flux_lora_targets
 
                 targets.update(flux_lora_targets(self.transformer))
             for path in lora_paths:

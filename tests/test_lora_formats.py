@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import save_file
 
 from fastlora_core.errors import LoraFormatError
-from fastlora_core.lora.formats import flux_lora_targets, read_lora, validate_against
+from fastlora_core.lora.fit import flux_lora_targets, validate_against
+from fastlora_core.lora.formats import read_lora
 from fastlora_core.lora.types import NormalizedLora
 from fastlora_core.tiny import TINY_TRANSFORMER_CONFIG
 

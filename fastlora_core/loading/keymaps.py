@@ -1,5 +1,12 @@
 """Key maps between the original Black Forest Labs (BFL) Flux layout and diffusers, and between the
 LDM autoencoder layout and diffusers (the loading direction).
+
+The BFL tables are the single description of how Flux.1's modules are named in each layout. Two
+readers use them: :func:`bfl_to_diffusers` (model checkpoints, ``loading.single_file``) and the
+LoRA reader (``lora/formats.py``), which maps each LoRA module the same way. The writer
+(``loading/writer.py``) has its own hand-written inverse on purpose: tests check this direction
+against diffusers' own converters and the writing direction by round trips, so one table cannot
+hide a mistake in both.
 """
 
 from __future__ import annotations
@@ -11,45 +18,86 @@ import torch
 
 logger = logging.getLogger(__name__)
 
+#: One BFL module: (diffusers module suffixes, split kind, swap the two row halves).
+#: Split kind ``"qkv"``: three equal row blocks; ``"linear1"``: ``[h, h, h, rows - 3h]`` with
+#: ``h`` the layer's input width (see :func:`split_sizes`). Swapped halves: BFL's final adaLN
+#: produces ``(shift, scale)``, diffusers' ``norm_out.linear`` ``(scale, shift)``.
+Entry = tuple[tuple[str, ...], str | None, bool]
 
-# --------------------------------------------------------------------------------------------------
-# Key mappings. BFL (original Flux) <-> diffusers, LDM autoencoder <-> diffusers.
-# Loading uses _bfl_to_diffusers / _ldm_vae_to_diffusers; writing uses the hand-written inverse
-# functions further down. tests/test_loading.py checks the loading direction against diffusers' own
-# converters and the writing direction by round trips.
-# --------------------------------------------------------------------------------------------------
+QKV = ("attn.to_q", "attn.to_k", "attn.to_v")
+ADD_QKV = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")
 
-_BFL_GLOBAL = {
-    "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
-    "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
-    "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
-    "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
-    "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
-    "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
-    "txt_in": "context_embedder",
-    "img_in": "x_embedder",
-    "final_layer.linear": "proj_out",
+#: Linear layers of a diffusers ``FluxTransformer2DModel``: double blocks, single blocks, the rest.
+DIFFUSERS_DOUBLE = (
+    *QKV, "attn.to_out.0", *ADD_QKV, "attn.to_add_out",
+    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+    "norm1.linear", "norm1_context.linear",
+)  # fmt: skip
+DIFFUSERS_SINGLE = (*QKV, "proj_mlp", "proj_out", "norm.linear")
+DIFFUSERS_GLOBAL = (
+    "x_embedder", "context_embedder",
+    "time_text_embed.timestep_embedder.linear_1", "time_text_embed.timestep_embedder.linear_2",
+    "time_text_embed.guidance_embedder.linear_1", "time_text_embed.guidance_embedder.linear_2",
+    "time_text_embed.text_embedder.linear_1", "time_text_embed.text_embedder.linear_2",
+    "norm_out.linear", "proj_out",
+)  # fmt: skip
+
+#: BFL block kind -> diffusers block prefix.
+BFL_BLOCKS = {"double_blocks": "transformer_blocks", "single_blocks": "single_transformer_blocks"}
+
+BFL_DOUBLE: dict[str, Entry] = {
+    "img_attn.qkv": (QKV, "qkv", False),
+    "img_attn.proj": (("attn.to_out.0",), None, False),
+    "img_mlp.0": (("ff.net.0.proj",), None, False),
+    "img_mlp.2": (("ff.net.2",), None, False),
+    "img_mod.lin": (("norm1.linear",), None, False),
+    "txt_attn.qkv": (ADD_QKV, "qkv", False),
+    "txt_attn.proj": (("attn.to_add_out",), None, False),
+    "txt_mlp.0": (("ff_context.net.0.proj",), None, False),
+    "txt_mlp.2": (("ff_context.net.2",), None, False),
+    "txt_mod.lin": (("norm1_context.linear",), None, False),
 }
-_BFL_DOUBLE = {
-    "img_mod.lin": "norm1.linear",
-    "txt_mod.lin": "norm1_context.linear",
-    "img_attn.proj": "attn.to_out.0",
-    "txt_attn.proj": "attn.to_add_out",
-    "img_mlp.0": "ff.net.0.proj",
-    "img_mlp.2": "ff.net.2",
-    "txt_mlp.0": "ff_context.net.0.proj",
-    "txt_mlp.2": "ff_context.net.2",
+BFL_SINGLE: dict[str, Entry] = {
+    "linear1": ((*QKV, "proj_mlp"), "linear1", False),
+    "linear2": (("proj_out",), None, False),
+    "modulation.lin": (("norm.linear",), None, False),
 }
-_BFL_DOUBLE_NORMS = {
+BFL_GLOBAL: dict[str, Entry] = {
+    "img_in": (("x_embedder",), None, False),
+    "txt_in": (("context_embedder",), None, False),
+    "time_in.in_layer": (("time_text_embed.timestep_embedder.linear_1",), None, False),
+    "time_in.out_layer": (("time_text_embed.timestep_embedder.linear_2",), None, False),
+    "vector_in.in_layer": (("time_text_embed.text_embedder.linear_1",), None, False),
+    "vector_in.out_layer": (("time_text_embed.text_embedder.linear_2",), None, False),
+    "guidance_in.in_layer": (("time_text_embed.guidance_embedder.linear_1",), None, False),
+    "guidance_in.out_layer": (("time_text_embed.guidance_embedder.linear_2",), None, False),
+    "final_layer.linear": (("proj_out",), None, False),
+    "final_layer.adaLN_modulation.1": (("norm_out.linear",), None, True),
+}
+#: RMSNorm scales of the checkpoints (not Linear layers, so no LoRA targets them).
+BFL_DOUBLE_NORMS = {
     "img_attn.norm.query_norm.scale": "attn.norm_q.weight",
     "img_attn.norm.key_norm.scale": "attn.norm_k.weight",
     "txt_attn.norm.query_norm.scale": "attn.norm_added_q.weight",
     "txt_attn.norm.key_norm.scale": "attn.norm_added_k.weight",
 }
-_BFL_SINGLE = {"modulation.lin": "norm.linear", "linear2": "proj_out"}
-_BFL_SINGLE_NORMS = {"norm.query_norm.scale": "attn.norm_q.weight", "norm.key_norm.scale": "attn.norm_k.weight"}
+BFL_SINGLE_NORMS = {"norm.query_norm.scale": "attn.norm_q.weight", "norm.key_norm.scale": "attn.norm_k.weight"}
 
 _BLOCK_RE = re.compile(r"^(double_blocks|single_blocks)\.(\d+)\.(.+)\.(weight|bias|scale)$")
+
+
+def split_sizes(split: str, rows: int, hidden: int) -> list[int] | None:
+    """Row counts of the parts of a fused ``qkv`` (three equal blocks) or ``linear1`` layer
+    (``Linear(hidden, 3 * hidden + mlp_hidden)``); None when ``rows`` cannot be split so."""
+    if split == "qkv":
+        return [rows // 3] * 3 if rows % 3 == 0 else None
+    return [hidden, hidden, hidden, rows - 3 * hidden] if rows > 3 * hidden else None
+
+
+def swap_halves(t: torch.Tensor) -> torch.Tensor:
+    """The two row halves exchanged: BFL ``(shift, scale)`` <-> diffusers ``(scale, shift)``."""
+    half = int(t.shape[0]) // 2
+    return torch.cat([t[half:], t[:half]], dim=0)
 
 
 def _bfl_to_diffusers(sd: dict[str, torch.Tensor], inner_dim: int) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -57,8 +105,8 @@ def _bfl_to_diffusers(sd: dict[str, torch.Tensor], inner_dim: int) -> tuple[dict
 
     ``qkv`` weights are split in three equal row blocks, ``linear1`` of single blocks into
     ``inner_dim`` x3 + the MLP rows, and the final adaLN's (shift, scale) halves are swapped to
-    diffusers' (scale, shift). Works on meta tensors too (dry run). Returns the converted dict and
-    the keys it did not recognise.
+    diffusers' (scale, shift) (all from the tables above). Works on meta tensors too (dry run).
+    Returns the converted dict and the keys it did not recognise.
     """
     out: dict[str, torch.Tensor] = {}
     unknown: list[str] = []
@@ -66,42 +114,26 @@ def _bfl_to_diffusers(sd: dict[str, torch.Tensor], inner_dim: int) -> tuple[dict
         m = _BLOCK_RE.match(key)
         if m is None:
             base, _, suffix = key.rpartition(".")
-            if base in _BFL_GLOBAL and suffix in ("weight", "bias"):
-                out[f"{_BFL_GLOBAL[base]}.{suffix}"] = t
-            elif base == "final_layer.adaLN_modulation.1" and suffix in ("weight", "bias"):
-                shift, scale = t.chunk(2, dim=0)
-                out[f"norm_out.linear.{suffix}"] = torch.cat([scale, shift], dim=0)
-            else:
-                unknown.append(key)
-            continue
-        kind, idx, name, suffix = m.groups()
-        if kind == "double_blocks":
-            pre = f"transformer_blocks.{idx}."
-            if f"{name}.{suffix}" in _BFL_DOUBLE_NORMS:
-                out[pre + _BFL_DOUBLE_NORMS[f"{name}.{suffix}"]] = t
-            elif name in _BFL_DOUBLE and suffix in ("weight", "bias"):
-                out[f"{pre}{_BFL_DOUBLE[name]}.{suffix}"] = t
-            elif name in ("img_attn.qkv", "txt_attn.qkv") and suffix in ("weight", "bias"):
-                q, k, v = t.chunk(3, dim=0)
-                names = ("to_q", "to_k", "to_v") if name.startswith("img") else (
-                    "add_q_proj", "add_k_proj", "add_v_proj")
-                for n, part in zip(names, (q, k, v)):
-                    out[f"{pre}attn.{n}.{suffix}"] = part
-            else:
-                unknown.append(key)
+            pre, entry = "", BFL_GLOBAL.get(base)
         else:
-            pre = f"single_transformer_blocks.{idx}."
-            if f"{name}.{suffix}" in _BFL_SINGLE_NORMS:
-                out[pre + _BFL_SINGLE_NORMS[f"{name}.{suffix}"]] = t
-            elif name in _BFL_SINGLE and suffix in ("weight", "bias"):
-                out[f"{pre}{_BFL_SINGLE[name]}.{suffix}"] = t
-            elif name == "linear1" and suffix in ("weight", "bias"):
-                mlp = t.shape[0] - 3 * inner_dim
-                q, k, v, proj_mlp = t.split([inner_dim, inner_dim, inner_dim, mlp], dim=0)
-                for n, part in zip(("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), (q, k, v, proj_mlp)):
-                    out[f"{pre}{n}.{suffix}"] = part
-            else:
-                unknown.append(key)
+            kind, idx, name, suffix = m.groups()
+            pre = f"{BFL_BLOCKS[kind]}.{idx}."
+            norms = BFL_DOUBLE_NORMS if kind == "double_blocks" else BFL_SINGLE_NORMS
+            if f"{name}.{suffix}" in norms:
+                out[pre + norms[f"{name}.{suffix}"]] = t
+                continue
+            entry = (BFL_DOUBLE if kind == "double_blocks" else BFL_SINGLE).get(name)
+        if entry is None or suffix not in ("weight", "bias"):
+            unknown.append(key)
+            continue
+        modules, split, swap = entry
+        sizes = split_sizes(split, int(t.shape[0]), inner_dim) if split else [int(t.shape[0])]
+        if sizes is None:
+            unknown.append(key)
+            continue
+        parts = t.split(sizes, dim=0) if split else (swap_halves(t) if swap else t,)
+        for module, part in zip(modules, parts):
+            out[f"{pre}{module}.{suffix}"] = part
     return out, unknown
 
 

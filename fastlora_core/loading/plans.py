@@ -100,15 +100,17 @@ def _count_blocks(keys: Iterable[str], prefix: str) -> int:
     return max(idx) + 1
 
 
-_TRANSFORMER_PREFIXES = ("", "model.diffusion_model.", "diffusion_model.", "transformer.", "model.")
+# Where a transformer checkpoint keeps its tensors ("" first: bare BFL or diffusers names). Not the
+# LoRA prefixes of lora/formats.py: LoRA files add PEFT's "base_model.model." and never a bare "model.".
+_CHECKPOINT_PREFIXES = ("", "model.diffusion_model.", "diffusion_model.", "transformer.", "model.")
 
 
 def _plan_transformer(h: Header) -> _Plan:
     role: Role = "transformer"
     keys = h.tensors
     _quantised(h, role)
-    bfl = _find_prefix(keys, ("double_blocks.0.img_attn.qkv.weight", "img_in.weight"), _TRANSFORMER_PREFIXES)
-    dif = _find_prefix(keys, ("x_embedder.weight",), _TRANSFORMER_PREFIXES)
+    bfl = _find_prefix(keys, ("double_blocks.0.img_attn.qkv.weight", "img_in.weight"), _CHECKPOINT_PREFIXES)
+    dif = _find_prefix(keys, ("x_embedder.weight",), _CHECKPOINT_PREFIXES)
     if bfl is None and dif is None:
         raise _fail(role, h, f"is {_describe(h)}, not a Flux.1 transformer.")
     layout = "bfl" if bfl is not None else "diffusers"

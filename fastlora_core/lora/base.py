@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .cache import FileKey
+from .fit import fit_problems, linear_modules, raise_if_unfit
 from .types import LoraLayer, NormalizedLora
 
 logger = logging.getLogger(__name__)
@@ -27,17 +28,7 @@ class ResolvedEntry:
 
 Contribution = tuple[tuple[FileKey, float], ...]
 
-
-def linear_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """Every linear-like module (plain, quantised, bitsandbytes or PEFT-wrapped) by its name in the
-    original model (PEFT's ``.base_layer`` suffix removed)."""
-    out: dict[str, torch.nn.Module] = {}
-    for name, module in model.named_modules():
-        if name.endswith(".base_layer") or ".lora_" in name:
-            continue
-        if hasattr(module, "base_layer") or isinstance(module, torch.nn.Linear):
-            out[name] = module
-    return out
+__all__ = ["Contribution", "ResolvedEntry", "check_targets_exist", "linear_modules", "per_layer"]
 
 
 def per_layer(entries: list[ResolvedEntry], part: str = "transformer") -> dict[str, list[tuple[ResolvedEntry, LoraLayer]]]:
@@ -51,9 +42,7 @@ def per_layer(entries: list[ResolvedEntry], part: str = "transformer") -> dict[s
 def check_targets_exist(entries: list[ResolvedEntry], modules: dict[str, torch.nn.Module], part: str) -> None:
     """Every target of ``part`` must be a linear layer of the model with matching shapes: a LoRA
     made for a Flux model of another size (or another model) is refused before anything is
-    written (``formats.fit_problems`` on the strategy's cached module map)."""
-    from .formats import fit_problems, raise_if_unfit
-
+    written (:func:`.fit.fit_problems` on the strategy's cached module map)."""
     for entry in entries:
         layers = getattr(entry.lora, part)
         raise_if_unfit(entry.lora.path, fit_problems(layers, modules), len(layers))

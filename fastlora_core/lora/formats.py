@@ -52,86 +52,54 @@ import torch
 
 from ..errors import LoraFormatError
 from ..filekind import sniff
+from ..loading.keymaps import (
+    ADD_QKV,
+    BFL_BLOCKS,
+    BFL_DOUBLE,
+    BFL_GLOBAL,
+    BFL_SINGLE,
+    DIFFUSERS_DOUBLE,
+    DIFFUSERS_GLOBAL,
+    DIFFUSERS_SINGLE,
+    QKV,
+    Entry,
+    split_sizes,
+    swap_halves,
+)
 from .types import LoraLayer, NormalizedLora
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SUPPORTED_FORMATS", "flux_lora_targets", "read_lora", "validate_against"]
+__all__ = ["SUPPORTED_FORMATS", "read_lora"]
 
 SUPPORTED_FORMATS: tuple[str, ...] = ("diffusers", "kohya", "xlabs", "bfl")
 
 _MAX_KEYS_IN_MESSAGE = 5
 
 # --------------------------------------------------------------------------------------------------
-# Module tables. Keys are (block kind, source suffix); block kind "" means a non-block layer.
+# Module tables (the BFL and diffusers ones live in loading/keymaps.py, shared with model loading).
+# Keys are (block kind, source suffix); block kind "" means a non-block layer.
 # Values: (diffusers module suffixes, split kind, swap the two row halves of up).
 # --------------------------------------------------------------------------------------------------
 
-_Entry = tuple[tuple[str, ...], str | None, bool]
+_Entry = Entry
 
-_DIFFUSERS_DOUBLE = (
-    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
-    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
-    "norm1.linear", "norm1_context.linear",
-)  # fmt: skip
-_DIFFUSERS_SINGLE = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out", "norm.linear")
-_DIFFUSERS_GLOBAL = (
-    "x_embedder", "context_embedder",
-    "time_text_embed.timestep_embedder.linear_1", "time_text_embed.timestep_embedder.linear_2",
-    "time_text_embed.guidance_embedder.linear_1", "time_text_embed.guidance_embedder.linear_2",
-    "time_text_embed.text_embedder.linear_1", "time_text_embed.text_embedder.linear_2",
-    "norm_out.linear", "proj_out",
-)  # fmt: skip
-
-_QKV = ("attn.to_q", "attn.to_k", "attn.to_v")
-_ADD_QKV = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")
-
-_BFL_DOUBLE: dict[str, _Entry] = {
-    "img_attn.qkv": (_QKV, "qkv", False),
-    "img_attn.proj": (("attn.to_out.0",), None, False),
-    "img_mlp.0": (("ff.net.0.proj",), None, False),
-    "img_mlp.2": (("ff.net.2",), None, False),
-    "img_mod.lin": (("norm1.linear",), None, False),
-    "txt_attn.qkv": (_ADD_QKV, "qkv", False),
-    "txt_attn.proj": (("attn.to_add_out",), None, False),
-    "txt_mlp.0": (("ff_context.net.0.proj",), None, False),
-    "txt_mlp.2": (("ff_context.net.2",), None, False),
-    "txt_mod.lin": (("norm1_context.linear",), None, False),
-}
-_BFL_SINGLE: dict[str, _Entry] = {
-    "linear1": ((*_QKV, "proj_mlp"), "linear1", False),
-    "linear2": (("proj_out",), None, False),
-    "modulation.lin": (("norm.linear",), None, False),
-}
-_BFL_GLOBAL: dict[str, _Entry] = {
-    "img_in": (("x_embedder",), None, False),
-    "txt_in": (("context_embedder",), None, False),
-    "time_in.in_layer": (("time_text_embed.timestep_embedder.linear_1",), None, False),
-    "time_in.out_layer": (("time_text_embed.timestep_embedder.linear_2",), None, False),
-    "vector_in.in_layer": (("time_text_embed.text_embedder.linear_1",), None, False),
-    "vector_in.out_layer": (("time_text_embed.text_embedder.linear_2",), None, False),
-    "guidance_in.in_layer": (("time_text_embed.guidance_embedder.linear_1",), None, False),
-    "guidance_in.out_layer": (("time_text_embed.guidance_embedder.linear_2",), None, False),
-    "final_layer.linear": (("proj_out",), None, False),
-    "final_layer.adaLN_modulation.1": (("norm_out.linear",), None, True),
-}
 _XLABS_DOUBLE: dict[str, _Entry] = {
-    "processor.qkv_lora1": (_QKV, "qkv", False),
+    "processor.qkv_lora1": (QKV, "qkv", False),
     "processor.proj_lora1": (("attn.to_out.0",), None, False),
-    "processor.qkv_lora2": (_ADD_QKV, "qkv", False),
+    "processor.qkv_lora2": (ADD_QKV, "qkv", False),
     "processor.proj_lora2": (("attn.to_add_out",), None, False),
 }
 _XLABS_SINGLE: dict[str, _Entry] = {
-    "processor.qkv_lora": (_QKV, "qkv", False),
+    "processor.qkv_lora": (QKV, "qkv", False),
     "processor.proj_lora": (("proj_out",), None, False),
 }
 
 # (layout, block kind in the file) -> diffusers block prefix
 _BLOCKS = {
     "diffusers": {"transformer_blocks": "transformer_blocks", "single_transformer_blocks": "single_transformer_blocks"},
-    "bfl": {"double_blocks": "transformer_blocks", "single_blocks": "single_transformer_blocks"},
-    "xlabs": {"double_blocks": "transformer_blocks", "single_blocks": "single_transformer_blocks"},
+    "bfl": BFL_BLOCKS,
+    "xlabs": BFL_BLOCKS,
 }
 
 
@@ -141,11 +109,11 @@ def _plain(names: Iterable[str]) -> dict[str, _Entry]:
 
 _TABLES: dict[str, dict[str, dict[str, _Entry]]] = {
     "diffusers": {
-        "transformer_blocks": _plain(_DIFFUSERS_DOUBLE),
-        "single_transformer_blocks": _plain(_DIFFUSERS_SINGLE),
-        "": _plain(_DIFFUSERS_GLOBAL),
+        "transformer_blocks": _plain(DIFFUSERS_DOUBLE),
+        "single_transformer_blocks": _plain(DIFFUSERS_SINGLE),
+        "": _plain(DIFFUSERS_GLOBAL),
     },
-    "bfl": {"double_blocks": _BFL_DOUBLE, "single_blocks": _BFL_SINGLE, "": _BFL_GLOBAL},
+    "bfl": {"double_blocks": BFL_DOUBLE, "single_blocks": BFL_SINGLE, "": BFL_GLOBAL},
     "xlabs": {"double_blocks": _XLABS_DOUBLE, "single_blocks": _XLABS_SINGLE, "": {}},
 }
 # kohya spells the same module names with "_" instead of "."
@@ -237,7 +205,7 @@ def _transformer_target(name: str, layouts: Iterable[str], underscore: bool, lab
     return _Target("transformer", modules, split, swap, label or layout)
 
 
-_TRANSFORMER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "base_model.model.", "transformer.")
+_LORA_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "base_model.model.", "transformer.")
 _DOTTED_LAYOUTS = ("diffusers", "bfl", "xlabs")
 
 
@@ -266,7 +234,7 @@ def _resolve(module_key: str) -> _Target | None:
         return _clip_target(k[len("text_encoders.clip_l.transformer."):], False, "bfl")
     if k.startswith("text_encoders.t5xxl.transformer."):
         return _t5_target(k[len("text_encoders.t5xxl.transformer."):], False, "bfl")
-    for prefix in _TRANSFORMER_PREFIXES:
+    for prefix in _LORA_PREFIXES:
         if k.startswith(prefix):
             k = k[len(prefix):]
             break
@@ -446,14 +414,6 @@ def _to_float(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(device="cpu", dtype=dtype, copy=True).contiguous()
 
 
-def _split_sizes(split: str, down: torch.Tensor, up: torch.Tensor) -> list[int] | None:
-    rows = int(up.shape[0])
-    if split == "qkv":
-        return [rows // 3] * 3 if rows % 3 == 0 else None
-    hidden = int(down.shape[1])  # linear1: Linear(hidden, 3 * hidden + mlp_hidden)
-    return [hidden, hidden, hidden, rows - 3 * hidden] if rows > 3 * hidden else None
-
-
 def _split_fused(down: torch.Tensor, up: torch.Tensor, sizes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Split a fused LoRA exactly: each part keeps ``down`` and takes its rows of ``up``.
 
@@ -500,7 +460,7 @@ def read_lora(path: str | os.PathLike[str]) -> NormalizedLora:
         * Tensors are float32, contiguous, on the CPU, and not shared with each other.
         * ``source_format`` is one of ``diffusers`` / ``kohya`` / ``xlabs`` / ``bfl``, or several
           joined by ``+`` for a file that mixes layouts.
-        * This does not check the LoRA against a model; call :func:`validate_against` for that.
+        * This does not check the LoRA against a model; call :func:`fastlora_core.lora.fit.validate_against` for that.
 
     Raises:
         LoraFormatError: the file is missing, empty, a pickle, truncated or corrupt, holds no LoRA,
@@ -610,7 +570,7 @@ def read_lora(path: str | os.PathLike[str]) -> NormalizedLora:
         scale = _scale(p, raw, group, target, rank, adapter_meta)
 
         if target.split is not None:
-            sizes = _split_sizes(target.split, down, up)
+            sizes = split_sizes(target.split, int(up.shape[0]), int(down.shape[1]))
             if sizes is None:
                 raise LoraFormatError(
                     f"LoRA file {p}: {group.up} has {int(up.shape[0])} rows, which cannot be split into "
@@ -625,8 +585,7 @@ def read_lora(path: str | os.PathLike[str]) -> NormalizedLora:
                         f"LoRA file {p}: {group.up} has an odd number of rows ({int(up.shape[0])}), but "
                         "final_layer.adaLN_modulation.1 holds (shift, scale) halves. Choose a Flux.1 LoRA."
                     )
-                half = int(up.shape[0]) // 2
-                up = torch.cat([up[half:], up[:half]], dim=0)  # (shift, scale) -> (scale, shift)
+                up = swap_halves(up)  # (shift, scale) -> (scale, shift)
             pieces = [(down, up)]
 
         part = parts[target.component]
@@ -695,121 +654,6 @@ def _scale(
     if meta.get("use_rslora"):
         return alpha_v / math.sqrt(rank)
     return alpha_v / rank
-
-
-# --------------------------------------------------------------------------------------------------
-# Model side
-# --------------------------------------------------------------------------------------------------
-
-
-def _linear_of(module: torch.nn.Module | None) -> torch.nn.Module | None:
-    """The ``nn.Linear`` behind a module: itself, or the ``base_layer`` of a PEFT LoRA wrapper."""
-    if module is None:
-        return None
-    if isinstance(module, torch.nn.Linear):
-        return module
-    base = getattr(module, "base_layer", None)
-    if isinstance(base, torch.nn.Linear):
-        return base
-    return None
-
-
-def _named_linears(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """Module name -> underlying Linear; names without torch.compile's ``_orig_mod.`` and without
-    PEFT's internals (``base_layer``, ``lora_A.<adapter>`` ...)."""
-    out: dict[str, torch.nn.Module] = {}
-    for name, module in model.named_modules():
-        name = name.removeprefix("_orig_mod.")
-        if name.endswith(".base_layer") or ".lora_" in name or name.startswith("lora_"):
-            continue
-        linear = _linear_of(module)
-        if linear is not None:
-            out[name] = linear
-    return out
-
-
-def _is_flux_target(name: str) -> bool:
-    found = _lookup(name, ("diffusers",), False)
-    return found is not None and found[1][0] == (name,)
-
-
-def flux_lora_targets(transformer: torch.nn.Module) -> list[str]:
-    """Every ``nn.Linear`` of a ``FluxTransformer2DModel`` that a Flux LoRA can target, in model order.
-
-    That is all Linear layers of ``transformer_blocks`` / ``single_transformer_blocks`` plus the
-    embedders (``x_embedder``, ``context_embedder``, ``time_text_embed.*``), ``norm_out.linear`` and
-    ``proj_out`` - exactly the names :func:`read_lora` can produce. Works on a plain model, a
-    ``torch.compile`` wrapper and a model already holding PEFT LoRA layers (the wrapped layers are
-    reported by their own name). Used to build the "all Flux layers" dummy adapter.
-    """
-    return [name for name in _named_linears(transformer) if _is_flux_target(name)]
-
-
-def validate_against(
-    lora: NormalizedLora,
-    transformer: torch.nn.Module,
-    text_encoder: torch.nn.Module | None = None,
-    text_encoder_2: torch.nn.Module | None = None,
-) -> None:
-    """Check that every layer of ``lora`` exists in the given model(s) with matching shapes.
-
-    ``down.shape[1]`` must equal the layer's ``in_features`` and ``up.shape[0]`` its
-    ``out_features``. Text-encoder parts are checked only when their model is given; CLIP names
-    (``text_model.encoder...``) also match a flattened ``CLIPTextModel`` (recent transformers has no
-    ``text_model`` level). Nothing is modified.
-
-    Raises:
-        LoraFormatError: naming the file and the first layers that are missing or do not fit,
-            saying that the LoRA was made for a Flux model of another size or not for Flux.1.
-    """
-    problems: list[str] = []
-    total = 0
-    checks: list[tuple[dict[str, LoraLayer], torch.nn.Module | None, str]] = [
-        (lora.transformer, transformer, ""),
-        (lora.text_encoder, text_encoder, "text_encoder."),
-        (lora.text_encoder_2, text_encoder_2, "text_encoder_2."),
-    ]
-    for layers, model, label in checks:
-        if model is None or not layers:
-            continue
-        total += len(layers)
-        problems += fit_problems(layers, _named_linears(model), label)
-    raise_if_unfit(lora.path, problems, total)
-
-
-def fit_problems(layers: Mapping[str, LoraLayer], linears: Mapping[str, torch.nn.Module],
-                 label: str = "") -> list[str]:
-    """One line per layer of ``layers`` that is missing from ``linears`` (name -> a linear-like
-    module with ``in_features``/``out_features``: plain, quantised or PEFT-wrapped) or has other
-    sizes. CLIP names ``text_model.encoder...`` also match a flattened ``CLIPTextModel``."""
-    problems: list[str] = []
-    for name, layer in layers.items():
-        linear = linears.get(name)
-        if linear is None and name.startswith("text_model."):
-            linear = linears.get(name.removeprefix("text_model."))
-        if linear is None:
-            problems.append(f"{label}{name}: no such layer in the model")
-            continue
-        in_f, out_f = int(linear.in_features), int(linear.out_features)  # type: ignore[arg-type]
-        if int(layer.down.shape[1]) != in_f or int(layer.up.shape[0]) != out_f:
-            problems.append(
-                f"{label}{name}: LoRA {int(layer.down.shape[1])}->{int(layer.up.shape[0])}, "
-                f"model {in_f}->{out_f}"
-            )
-    return problems
-
-
-def raise_if_unfit(path: str, problems: list[str], total: int) -> None:
-    """Raise LoraFormatError naming the file and the first problems (no-op when there are none)."""
-    if problems:
-        shown = "; ".join(problems[:_MAX_KEYS_IN_MESSAGE])
-        more = len(problems) - _MAX_KEYS_IN_MESSAGE
-        raise LoraFormatError(
-            f"LoRA file {path} does not fit this model: {len(problems)} of {total} layers are missing or "
-            f"have other sizes ({shown}{f' and {more} more' if more > 0 else ''}). This LoRA was made for a "
-            "Flux model of another size, or not for Flux.1 at all (Flux.2, SD3, Chroma ...): use a LoRA "
-            "trained for this model. Nothing was changed."
-        )
 
 
 def bfl_module_targets(name: str) -> tuple[tuple[str, ...], str | None, bool] | None:
