@@ -8,7 +8,8 @@ Phases (``cold``): full-size pipeline with random weights built on the GPU (T5-X
 transformer; the loader is replaced by this in-memory build, everything else is the engine's own code),
 random LoRA files written to disk (rank 16/64/128, diffusers format, 418 attention/MLP/single-block
 layers); baseline end-to-end image (bf16 eager pipeline + PEFT LoRA); then
-``registry.get_engine(source, EngineOptions())`` (the defaults; on an H100/H200 fp8, regional, fused):
+``FluxEngine.from_pipeline(pipe, EngineOptions())`` on that random pipeline (the defaults; on an
+H100/H200 fp8, regional, fused):
 time to first image (compile included), seconds per image, swaps from disk and from the RAM cache,
 a 22-swap sequence with ``engine.compiles`` and ``error_on_recompile``, peak memory.
 ``warm``: a new process, same cache folder: engine build + first image.
@@ -93,10 +94,8 @@ def run(args, RESULT, save):
     import torch
     import torch._dynamo
 
-    import fastlora_core.loading as loading
-    from fastlora_core import registry
-    from fastlora_core.engine import run_pipeline
-    from fastlora_core.specs import EngineOptions, GenerateRequest, LoraSpec, LoraStack, ModelSource
+    from fastlora_core.engine import FluxEngine, run_pipeline
+    from fastlora_core.specs import EngineOptions, GenerateRequest, LoraSpec, LoraStack
 
     which = [c for c in (args.engine_configs or "cold").split(",") if c]
     mode = which[0]
@@ -133,11 +132,9 @@ def run(args, RESULT, save):
     else:
         paths = json.loads((LORA_DIR / "paths.json").read_text())
 
-    loading.load_pipeline = lambda source, dtype: pipe  # the engine's loader, replaced by the random build
-    source = ModelSource(diffusers_dir="/tmp/random-flux-dev")
     torch.cuda.reset_peak_memory_stats()
     t_load = time.perf_counter()
-    engine = registry.get_engine(source, opts)
+    engine = FluxEngine.from_pipeline(pipe, opts, label="random-flux-dev")  # the random build, not a load
     torch.cuda.synchronize()
     res["engine_build_s"] = round(time.perf_counter() - t_load, 1)
     res["resolved_options"] = repr(engine.options)
@@ -236,9 +233,8 @@ def run_consumer24(args, res, save, cache):
     moved to system RAM before the cap is set, so the engine loads from RAM as it does from disk."""
     import torch
 
-    import fastlora_core.loading as loading
-    from fastlora_core import registry
-    from fastlora_core.specs import EngineOptions, GenerateRequest, LoraStack, ModelSource
+    from fastlora_core.engine import FluxEngine
+    from fastlora_core.specs import EngineOptions, GenerateRequest, LoraStack
 
     from .bench_flux import Inputs, run_loop, time_loops
 
@@ -256,13 +252,11 @@ def run_consumer24(args, res, save, cache):
     torch.cuda.reset_peak_memory_stats()
     res["memory_cap_gib"] = CONSUMER_GIB
     res["memory_fraction"] = round(frac, 4)
-    loading.load_pipeline = lambda source, dtype: pipe
-    source = ModelSource(diffusers_dir="/tmp/random-flux-dev-consumer")
     req = GenerateRequest(prompt="a photo of a cat on a red sofa", seed=0, steps=args.steps, width=1024, height=1024)
     stackA = LoraStack.of((paths["A64"], 1.0))
     try:
         t_load = time.perf_counter()
-        engine = registry.get_engine(source, opts)
+        engine = FluxEngine.from_pipeline(pipe, opts, label="random-flux-dev-consumer")
         torch.cuda.synchronize()
         res["engine_build_s"] = round(time.perf_counter() - t_load, 1)
         res["resolved_options"] = repr(engine.options)
@@ -319,10 +313,9 @@ def run_variant(args, res, save, cache, mode):
 
     import torch
 
-    import fastlora_core.loading as loading
     import fastlora_core.optimize as optimize
-    from fastlora_core import registry
-    from fastlora_core.specs import EngineOptions, GenerateRequest, LoraStack, ModelSource
+    from fastlora_core.engine import FluxEngine
+    from fastlora_core.specs import EngineOptions, GenerateRequest, LoraStack
 
     from .bench_flux import Inputs, profile_step, run_loop, time_loops
 
@@ -334,13 +327,11 @@ def run_variant(args, res, save, cache, mode):
     res["patch"] = patch
     pipe = build_pipeline()
     paths = lora_paths(pipe.transformer)
-    loading.load_pipeline = lambda source, dtype: pipe
-    source = ModelSource(diffusers_dir=f"/tmp/random-flux-dev-{mode}")
     req = GenerateRequest(prompt="a photo of a cat on a red sofa", seed=0, steps=args.steps, width=1024, height=1024)
     stackA = LoraStack.of((paths["A64"], 1.0))
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    engine = registry.get_engine(source, opts)
+    engine = FluxEngine.from_pipeline(pipe, opts, label=f"random-flux-dev-{mode}")
     res["resolved_options"] = repr(engine.options)
     r = engine.generate(req, stackA)
     res["first_image_s_incl_engine_build"] = round(time.perf_counter() - t0, 1)

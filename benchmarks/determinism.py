@@ -37,10 +37,9 @@ WORK = Path("/tmp/fastlora-determinism")
 def worker(args: argparse.Namespace) -> None:
     import torch
 
-    import fastlora_core.loading as loading
     from benchmarks.bench_engine import build_pipeline, write_loras
     from fastlora_core.engine import FluxEngine
-    from fastlora_core.specs import EngineOptions, GenerateRequest, LoraStack, ModelSource
+    from fastlora_core.specs import EngineOptions, GenerateRequest, LoraStack
 
     t0 = time.perf_counter()
     lora_file = WORK / "lora.json"
@@ -61,8 +60,7 @@ def worker(args: argparse.Namespace) -> None:
         paths = json.loads(lora_file.read_text())
         options = EngineOptions(compile_cache_dir=args.cache, deterministic=args.deterministic)
         size = 1024
-    loading.load_pipeline = lambda source, dtype: pipe  # the loader, replaced by the random build
-    engine = FluxEngine(ModelSource(diffusers_dir="/tmp/random-flux-dev"), options)
+    engine = FluxEngine.from_pipeline(pipe, options, label="random-flux-dev")
     stack = LoraStack.of((paths["A64"], 0.8))
     request = GenerateRequest(prompt="a photo of a cat on a red sofa", seed=7, steps=args.steps,
                               width=size, height=size, max_sequence_length=16 if args.tiny else 512)

@@ -15,6 +15,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -25,17 +26,15 @@ from .lora.cache import GLOBAL_CACHE, FileKey, LoraCache, file_key
 from .lora.fused import FusedStrategy
 from .lora.types import NormalizedLora
 from .optimize import (
-    DTYPES,
+    Resolved,
     apply_offload,
-    check_device_support,
     compile_transformer,
     configure_compile_cache,
     dynamo_compile_count,
     inductor_determinism,
     quantize_t5,
     quantize_transformer,
-    resolve_device,
-    resolve_options,
+    resolve,
     set_attention,
 )
 from .specs import EngineKey, EngineOptions, GenerateRequest, LoraStack, ModelSource
@@ -103,17 +102,23 @@ class FluxEngine:
     """
 
     def __init__(self, source: ModelSource, options: EngineOptions | None = None,
-                 lora_cache: LoraCache | None = None) -> None:
+                 lora_cache: LoraCache | None = None, *, resolved: Resolved | None = None,
+                 pipeline: Any = None) -> None:
+        """Load ``source`` and optimise it as ``options`` say.
+
+        ``resolved``: ``optimize.resolve(options)`` when the caller already made it (the registry
+        does, to refuse impossible options before releasing anything); made here otherwise.
+        ``pipeline``: use this already loaded ``FluxPipeline`` instead of loading ``source`` (see
+        :meth:`from_pipeline`).
+        """
         options = options or EngineOptions()
         source.validate()
-        options.validate()
         self.key = EngineKey(source, options)  # what was asked for (``auto`` stays ``auto``)
         self.source = source
-        self.device = resolve_device(options)
-        # what is used: ``auto`` choices resolved for this device
-        self.options = options = resolve_options(options, self.device)
-        check_device_support(options, self.device)
-        self.dtype = DTYPES[options.dtype]
+        resolved = resolved or resolve(options)
+        self.device = resolved.device
+        self.options = options = resolved.options  # what is used: ``auto`` choices resolved
+        self.dtype = resolved.dtype
         self.lora_cache = lora_cache if lora_cache is not None else GLOBAL_CACHE
         self._lock = threading.RLock()
         self.compiles = 0
@@ -130,9 +135,11 @@ class FluxEngine:
         if options.compile != "off":
             configure_compile_cache(options)
         t0 = time.perf_counter()
-        from .loading import load_pipeline
+        if pipeline is None:
+            from .loading import load_pipeline
 
-        pipe = load_pipeline(source, self.dtype)
+            pipeline = load_pipeline(source, self.dtype)
+        pipe, pipeline = pipeline, None
         try:
             self._optimise(pipe)
         except BaseException:
@@ -141,6 +148,16 @@ class FluxEngine:
             raise
         self.load_seconds = time.perf_counter() - t0
         logger.info("engine ready in %.1f s (%s, %s)", self.load_seconds, source.describe(), options)
+
+    @classmethod
+    def from_pipeline(cls, pipe: Any, options: EngineOptions | None = None, *, label: str = "in-memory pipeline",
+                      lora_cache: LoraCache | None = None) -> FluxEngine:
+        """An engine around a ``diffusers.FluxPipeline`` you already hold (on the CPU, in the
+        options' dtype, e.g. random weights built by a benchmark): optimised, compiled and swapped
+        exactly like a loaded one. ``label`` names it in logs and in ``engine.key`` (a
+        ``ModelSource`` whose ``diffusers_dir`` is the label; nothing is read from it). Not
+        registered in the registry."""
+        return cls(ModelSource(diffusers_dir=label), options, lora_cache, pipeline=pipe)
 
     # -- building ------------------------------------------------------------------------------
     def _optimise(self, pipe) -> None:  # type: ignore[no-untyped-def]

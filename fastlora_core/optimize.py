@@ -20,7 +20,8 @@ from .specs import EngineOptions
 
 logger = logging.getLogger(__name__)
 
-DTYPES: dict[str, torch.dtype] = {
+#: ``EngineOptions.dtype`` names -> torch dtypes (``specs.DTYPES`` lists the names).
+TORCH_DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
     "float32": torch.float32,
@@ -114,6 +115,26 @@ def resolve_options(options: EngineOptions, device: torch.device) -> EngineOptio
         logger.warning("compile=%s -> off: %s. Images are the same, only slower; install it and "
                        "restart to compile.", options.compile, why)
     return dataclasses.replace(options, **changes)  # type: ignore[arg-type]
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+    """What an engine runs with: the options with every ``auto`` choice resolved for ``device``, the
+    device itself and the torch dtype. Made once by :func:`resolve` and passed down."""
+
+    options: EngineOptions
+    device: torch.device
+    dtype: torch.dtype
+
+
+def resolve(options: EngineOptions) -> Resolved:
+    """The one place where options meet the device: the device is chosen, ``auto`` choices resolved
+    (:func:`resolve_options`) and the device-dependent checks run (:func:`check_device_support`).
+    Raises OptionsError saying what to change; reads no weight."""
+    device = resolve_device(options)
+    resolved = resolve_options(options, device)
+    check_device_support(resolved, device)
+    return Resolved(resolved, device, TORCH_DTYPES[resolved.dtype])
 
 
 def check_device_support(options: EngineOptions, device: torch.device) -> None:

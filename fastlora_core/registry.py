@@ -12,7 +12,7 @@ import threading
 
 from . import deps
 from .engine import FluxEngine
-from .optimize import check_device_support, resolve_device
+from .optimize import resolve
 from .specs import EngineKey, EngineOptions, ModelSource
 
 logger = logging.getLogger(__name__)
@@ -28,15 +28,14 @@ def get_engine(source: ModelSource, options: EngineOptions | None = None) -> Flu
     options = options or EngineOptions()
     deps.require()
     source.validate()
-    options.validate()
-    check_device_support(options, resolve_device(options))
+    resolved = resolve(options)  # device checks before anything is released
     key = EngineKey(source, options)
     with _lock:
         engine = _engines.get(key)
         if engine is not None and not engine.released:
             return engine
         release_all()
-        engine = FluxEngine(source, options)
+        engine = FluxEngine(source, options, resolved=resolved)
         _engines[key] = engine
         return engine
 

@@ -1,8 +1,9 @@
 """Immutable, hashable specifications: what to load, how to optimise it, which LoRAs to apply.
 
 Specs are plain frozen dataclasses so they can key the engine registry and travel between
-ComfyUI nodes by value. ``EngineOptions.validate()`` checks every combination before any weight is
-read; device-dependent checks (does this GPU do fp8?) happen in ``resolve()``.
+ComfyUI nodes by value. An ``EngineOptions`` checks every combination when it is made, before any
+weight is read; device-dependent checks (does this GPU do fp8?) and the ``auto`` choices happen
+once, in ``optimize.resolve``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from .errors import OptionsError
 
@@ -23,15 +24,15 @@ Offload = Literal["none", "model", "sequential"]
 DType = Literal["bfloat16", "float16", "float32"]
 SwapStrategy = Literal["fused", "adapter"]
 
-QUANTIZATIONS: tuple[str, ...] = ("auto", "none", "fp8", "fp8_weight_only", "int8_weight_only")
-T5_QUANTIZATIONS: tuple[str, ...] = ("auto", "none", "nf4", "int8")
-ATTENTIONS: tuple[str, ...] = (
-    "auto", "sdpa", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math", "flash_attn",
-)
-COMPILE_MODES: tuple[str, ...] = ("off", "full", "regional")
-OFFLOADS: tuple[str, ...] = ("none", "model", "sequential")
-DTYPES: tuple[str, ...] = ("bfloat16", "float16", "float32")
-SWAP_STRATEGIES: tuple[str, ...] = ("fused", "adapter")
+# The choices, derived from the types above (one list per option: the CLI, the nodes' combos and
+# validation all read these).
+QUANTIZATIONS: tuple[str, ...] = get_args(Quantization)
+T5_QUANTIZATIONS: tuple[str, ...] = get_args(T5Quantization)
+ATTENTIONS: tuple[str, ...] = get_args(Attention)
+COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
+OFFLOADS: tuple[str, ...] = get_args(Offload)
+DTYPES: tuple[str, ...] = get_args(DType)  # names; optimize.TORCH_DTYPES maps them to torch dtypes
+SWAP_STRATEGIES: tuple[str, ...] = get_args(SwapStrategy)
 
 
 @dataclass(frozen=True)
@@ -136,8 +137,9 @@ class EngineOptions:
         ``nf4`` on GPUs with less than 30 GiB (24 GB cards: the T5 shrinks from 9.5 to ~3 GB and
         the fp8 pipeline fits, 17.9 GiB peak measured) when bitsandbytes is installed and nothing is
         offloaded, ``none`` otherwise.
-    attention: ``auto`` picks the fastest available kernel and logs it; explicit choices fail
-        clearly when unavailable.
+    attention: ``auto`` is PyTorch's SDPA with its own kernel dispatch (on Hopper it already
+        picks cuDNN / flash; nothing is probed or timed); explicit choices fail clearly when
+        unavailable.
     compile: ``full`` compiles the whole transformer, ``regional`` each repeated block (much
         faster to compile, nearly the same speed).
     offload: ``model`` moves whole components to the GPU when used; ``sequential`` streams layers.
@@ -165,8 +167,14 @@ class EngineOptions:
     dynamic_shapes: bool = False
     deterministic: bool = False
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
-        """Static checks that need no device. Raises OptionsError saying what to change."""
+        """Static checks that need no device, run when the options are made (so an
+        ``EngineOptions`` that exists is valid, as torchao's configs are). Raises OptionsError
+        saying what to change.
+        Device-dependent checks and the ``auto`` choices: ``optimize.resolve``."""
         for name, value, allowed in (
             ("quantization", self.quantization, QUANTIZATIONS),
             ("t5_quantization", self.t5_quantization, T5_QUANTIZATIONS),

@@ -35,16 +35,17 @@ CPU = EngineOptions(dtype="float32", device="cpu", compile="off")
 )
 def test_impossible_options_are_refused_before_loading(tiny_source: ModelSource, changes: dict,
                                                        needle: str) -> None:
-    options = dataclasses.replace(CPU, **changes)
-    with pytest.raises(OptionsError, match=needle):
-        FluxEngine(tiny_source, options)
+    with pytest.raises(OptionsError, match=needle):  # static problems: when the options are made
+        FluxEngine(tiny_source, dataclasses.replace(CPU, **changes))
 
 
 def test_options_are_hashable_and_validated_statically() -> None:
     a = EngineOptions(quantization="fp8", compile="regional")
     assert hash(a) == hash(EngineOptions(quantization="fp8", compile="regional"))
     with pytest.raises(OptionsError, match="what|offload"):
-        EngineOptions(quantization="int8_weight_only", offload="model").validate()
+        EngineOptions(quantization="int8_weight_only", offload="model")  # valid by construction
+    with pytest.raises(OptionsError, match="max_rank"):
+        EngineOptions(max_rank=0)
     with pytest.raises(OptionsError, match="steps"):
         GenerateRequest(steps=0).validate()
     with pytest.raises(OptionsError, match="multiple of 16"):
@@ -136,6 +137,17 @@ def test_model_source_needs_all_four_single_files() -> None:
 
 
 # -- generation ------------------------------------------------------------------------------------
+def test_engine_from_a_pipeline_serves_that_pipeline_like_a_loaded_one(tiny_source: ModelSource,
+                                                                        tiny_request: GenerateRequest) -> None:
+    from fastlora_core.loading import load_pipeline
+
+    loaded = FluxEngine(tiny_source, CPU).generate(tiny_request).images
+    pipe = load_pipeline(tiny_source, torch.float32)
+    engine = FluxEngine.from_pipeline(pipe, CPU, label="tiny in memory")
+    assert engine.pipe is pipe and engine.key.source.describe() == "tiny in memory"
+    assert torch.equal(engine.generate(tiny_request).images, loaded)
+
+
 def test_same_seed_same_image_and_other_seed_other_image(tiny_source: ModelSource,
                                                          tiny_request: GenerateRequest) -> None:
     engine = FluxEngine(tiny_source, CPU)
