@@ -277,8 +277,9 @@ class FluxEngine:
                 torch.cuda.synchronize(self.device)
             self.loaded_stack, self._loaded_keys = stack, keys
             ms = (time.perf_counter() - t0) * 1000
-            logger.info("LoRA stack %s applied in %.1f ms (read %.1f ms, to GPU %.1f ms; %s, %d layers)",
-                        stack.describe(), ms, read_ms, stage_ms, self.strategy.name, layers)
+            staged = f", to {self.device.type.upper()} {stage_ms:.1f} ms" if self.device.type != "cpu" else ""
+            logger.info("LoRA stack %s applied in %.1f ms (read %.1f ms%s; %s, %d layers)",
+                        stack.describe(), ms, read_ms, staged, self.strategy.name, layers)
             return SwapReport(self.strategy.name, stack.describe(), ms, True, layers, from_cache, warnings,
                               read_ms, stage_ms)
 

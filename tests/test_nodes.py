@@ -353,6 +353,15 @@ def test_cancel_acts_between_transformer_blocks_within_a_step(pack: Any, models_
     assert torch.equal(img, reference(base, specs.LoraStack.of(lora_path(models_dir, "fastlora-tiny-style"))))
 
 
+def test_swap_log_on_a_cpu_has_no_gpu_transfer(pack: Any, caplog: pytest.LogCaptureFixture) -> None:
+    (base,) = run(pack, "OptimizedFluxLoader", **LOADER)
+    (a,) = run(pack, "LoraHotswap", engine=base, lora_name="fastlora-tiny-wide.safetensors", strength=0.3)
+    with caplog.at_level(logging.INFO):
+        run(pack, "Generate", engine=a, **gen_inputs())
+    (line,) = [r.getMessage() for r in caplog.records if "applied in" in r.getMessage()]
+    assert "fastlora-tiny-wide.safetensors" in line and "read " in line and "GPU" not in line, line
+
+
 def test_previews_send_one_progress_event_per_step(pack: Any, comfy: Any) -> None:
     args = comfy.cli_args.args
     events: list[tuple[int, int, Any]] = []
