@@ -107,9 +107,11 @@ def test_input_schemas_list_the_right_files(pack: Any) -> None:
     schema = pack.NODE_CLASS_MAPPINGS["OptimizedFluxLoader"].INPUT_TYPES()
     loader = {**schema["required"], **schema["optional"]}
     assert loader["diffusers_model"][0] == ["None", "fastlora-tiny-flux"]
-    assert loader["transformer"][0] == ["None", "flux1-dev.safetensors"]
-    assert loader["clip_l"][0] == loader["t5xxl"][0] == ["None", "clip_l.safetensors", "t5xxl_fp16.safetensors"]
-    assert loader["vae"][0] == ["None", "ae.safetensors"]
+    assert loader["transformer"][0] == ["None", "fastlora-tiny-flux.safetensors", "flux1-dev.safetensors"]
+    assert loader["clip_l"][0] == loader["t5xxl"][0] == [
+        "None", "clip_l.safetensors", "fastlora-tiny-clip_l.safetensors", "fastlora-tiny-t5xxl.safetensors",
+        "t5xxl_fp16.safetensors"]
+    assert loader["vae"][0] == ["None", "ae.safetensors", "fastlora-tiny-ae.safetensors"]
     assert loader["compile"][0] == ["off", "full", "regional"]
     assert loader["swap_strategy"][1]["default"] == "fused"
     files = sorted(f"{n}.safetensors" for n in LORAS)
