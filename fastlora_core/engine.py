@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from . import cancel
 from .errors import EngineReleasedError, LoraFitError, OptionsError, out_of_memory
 from .lora.adapter import AdapterStrategy
 from .lora.base import ResolvedEntry
@@ -128,6 +129,7 @@ class FluxEngine:
         self._gpu_loras: OrderedDict[FileKey, NormalizedLora] = OrderedDict()
         self._master_device_before_offload: torch.device | None = None
         self._preview_map: torch.Tensor | None = None
+        self._cancel = cancel.CheckHolder()  # check_cancel of the generation in progress
         self.attention = "sdpa"
         self.released = False
         self.offloaded = False
@@ -196,6 +198,8 @@ class FluxEngine:
             self.strategy.refresh_modules()
         self.attention = set_attention(transformer, o.attention, self.device)
         apply_offload(pipe, o.offload, self.device)
+        if o.compile != "full":  # a full graph cannot call back into Python between blocks
+            cancel.install(transformer, self._cancel)
         pipe.set_progress_bar_config(disable=True)
 
     @staticmethod
@@ -290,8 +294,9 @@ class FluxEngine:
                 torch.cuda.synchronize(self.device)
             self.loaded_stack, self._loaded_keys = stack, keys
             ms = (time.perf_counter() - t0) * 1000
-            logger.info("LoRA stack %s applied in %.1f ms (read %.1f ms, to GPU %.1f ms; %s, %d layers)",
-                        stack.describe(), ms, read_ms, stage_ms, self.strategy.name, layers)
+            staged = f", to {self.device.type.upper()} {stage_ms:.1f} ms" if self.device.type != "cpu" else ""
+            logger.info("LoRA stack %s applied in %.1f ms (read %.1f ms%s; %s, %d layers)",
+                        stack.describe(), ms, read_ms, staged, self.strategy.name, layers)
             return SwapReport(self.strategy.name, stack.describe(), ms, True, layers, from_cache, warnings,
                               read_ms, stage_ms)
 
@@ -333,10 +338,13 @@ class FluxEngine:
     # -- generation ----------------------------------------------------------------------------
     def generate(self, request: GenerateRequest, stack: LoraStack | None = None,
                  on_step: StepCallback | None = None,
-                 on_preview: PreviewCallback | None = None) -> GenerateResult:
+                 on_preview: PreviewCallback | None = None,
+                 check_cancel: Callable[[], None] | None = None) -> GenerateResult:
         """Sample images. ``stack`` (when given) is applied first. ``on_step(step, total)`` runs
         after every step; an exception it raises stops sampling and propagates, leaving the engine
-        usable. ``on_preview(step, total, rgb)`` (optional) gets a cheap preview of the first image
+        usable. ``check_cancel()`` runs before every transformer block (``compile`` regional or off;
+        between steps only with full) and stops sampling the same way, so Cancel acts within a
+        fraction of a step. ``on_preview(step, total, rgb)`` (optional) gets a cheap preview of the first image
         after every step: float32 ``[h, w, 3]`` in 0..1 at latent resolution, from a linear
         latent-to-RGB map fitted once with this engine's VAE. Same request and stack -> same images."""
         request.validate()
@@ -354,12 +362,15 @@ class FluxEngine:
             t0 = time.perf_counter()
 
             def callback(pipe, i, t, kwargs):  # type: ignore[no-untyped-def]
+                if check_cancel is not None:
+                    check_cancel()
                 if on_step is not None:
                     on_step(i + 1, request.steps)
                 if on_preview is not None:
                     on_preview(i + 1, request.steps, self.latent_preview(kwargs["latents"], request))
                 return {}
 
+            self._cancel.check = check_cancel
             try:
                 with inductor_determinism(self.options.deterministic):
                     images = run_pipeline(self.pipe, request, callback)
@@ -368,6 +379,8 @@ class FluxEngine:
                 raise out_of_memory(
                     f"generating {request.batch} image(s) at {request.width}x{request.height}", exc, self.options
                 ) from exc
+            finally:
+                self._cancel.check = None
             seconds = time.perf_counter() - t0
             new = dynamo_compile_count() - before
             self.compiles += new

@@ -73,4 +73,15 @@ def out_of_memory(what: str, exc: BaseException, options: object | None = None) 
     if len(tips) == 1:
         tips.append("close other GPU programs or unload other models first")
     _OOM.__name__ = _OOM.__qualname__ = "EngineOutOfMemoryError"
+    _OOM.__module__ = PUBLIC_MODULE
     return _OOM(f"Out of device memory while {what}. The engine is still usable. To fit: {'; '.join(tips)}. ({exc})")
+
+
+# ComfyUI names an error by its class's ``__module__`` (execution.full_type_name), and it imports a
+# custom node folder under its path ("/home/me/ComfyUI/custom_nodes/ComfyUI-FastLoRA"), so the UI and
+# the API would show "/home/me/.../ComfyUI-FastLoRA.fastlora_core.errors.LoraFormatError". Every
+# error class of this module (keep this loop last) is named after the package instead.
+PUBLIC_MODULE = "fastlora_core.errors"
+for _cls in list(globals().values()):
+    if isinstance(_cls, type) and issubclass(_cls, FastLoraError):
+        _cls.__module__ = PUBLIC_MODULE

@@ -100,6 +100,33 @@ def apply_overrides(graph: dict[str, Any], sets: Sequence[str]) -> dict[str, Any
     return graph
 
 
+def tiny_overrides(graph: dict[str, Any], compile: str = "off") -> list[str]:
+    """``--set`` overrides (``--tiny``) that point any FastLoRA workflow at the tiny model written by
+    ``python -m fastlora_core write-tiny ComfyUI/models --comfy``: the loader keeps its ``source``
+    and gets the tiny diffusers folder and the tiny single files, CPU-friendly options (no
+    quantisation, ``compile``, float32); LoRA nodes get the tiny LoRAs in turn; Generate gets a
+    size and step count that finish in seconds on a CPU."""
+    from .tiny_names import TINY_DIFFUSERS_NAME, TINY_LORA_NAMES, TINY_SINGLE_FILES, TINY_SIZE, TINY_STEPS
+
+    sets: list[str] = []
+    lora_i = 0
+    for nid, node in sorted(graph.items(), key=lambda kv: (len(kv[0]), kv[0])):
+        kind = node.get("class_type")
+        if kind == "OptimizedFluxLoader":
+            sets.append(f"{nid}.diffusers_model={TINY_DIFFUSERS_NAME}")
+            sets += [f"{nid}.{name}={file}" for name, (_folder, file) in TINY_SINGLE_FILES.items()]
+            sets += [f"{nid}.quantization=none", f"{nid}.t5_quantization=none", f"{nid}.compile={compile}",
+                     f"{nid}.offload=none", f"{nid}.dtype=float32"]
+        elif kind == "LoraHotswap":
+            sets.append(f"{nid}.lora_name={TINY_LORA_NAMES[lora_i % len(TINY_LORA_NAMES)]}.safetensors")
+            lora_i += 1
+        elif kind == "PadDummyLora":
+            sets += [f"{nid}.lora_{i + 1}={name}.safetensors" for i, name in enumerate(TINY_LORA_NAMES[:3])]
+        elif kind == "Generate":
+            sets += [f"{nid}.steps={TINY_STEPS}", f"{nid}.width={TINY_SIZE}", f"{nid}.height={TINY_SIZE}"]
+    return sets
+
+
 # -- HTTP ---------------------------------------------------------------------------------------------
 class Client:
     def __init__(self, server: str, timeout: float = 30.0) -> None:
@@ -398,6 +425,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--server", default="127.0.0.1:8188", help="ComfyUI host:port (default 127.0.0.1:8188)")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="NODE_ID.INPUT=VALUE",
                         help="override an input (repeatable); VALUE is JSON when it parses, else a string")
+    parser.add_argument("--tiny", action="store_true",
+                        help="run on the tiny model of `python -m fastlora_core write-tiny MODELS --comfy` "
+                             "(any workflow, seconds on a CPU); --set still overrides")
     parser.add_argument("--out", default="headless-output", help="folder for the downloaded images")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the run")
     parser.add_argument("--poll", action="store_true", help="poll /history instead of using the websocket")
@@ -406,7 +436,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     try:
-        graph = apply_overrides(load_workflow(args.workflow), args.sets)
+        graph = load_workflow(args.workflow)
+        graph = apply_overrides(graph, (tiny_overrides(graph) if args.tiny else []) + args.sets)
         if args.print_prompt:
             print(json.dumps(graph, indent=2))
             return EXIT_OK

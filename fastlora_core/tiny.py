@@ -15,6 +15,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .tiny_names import TINY_DIFFUSERS_NAME, TINY_SINGLE_FILES, TINY_TOKENIZERS
+
+__all__ = ["TINY_DIFFUSERS_NAME", "TINY_LORAS", "build_tiny_pipeline", "write_comfy_tree", "write_tiny_loras",
+           "write_tiny_model"]
+
 logger = logging.getLogger(__name__)
 
 TINY_TRANSFORMER_CONFIG: dict[str, object] = {
@@ -31,7 +36,6 @@ TINY_TRANSFORMER_CONFIG: dict[str, object] = {
     "guidance_embeds": True,
 }
 
-TINY_DIFFUSERS_NAME = "fastlora-tiny-flux"
 
 # LoRA target groups of the tiny model, by diffusers module name.
 ATTN_TARGETS = (
@@ -61,7 +65,7 @@ SINGLE_TARGETS = (
 )
 EMBED_TARGETS = ("x_embedder", "context_embedder", "proj_out")
 
-# The demo / smoke-test LoRAs: different ranks and targets on purpose.
+# The demo / smoke-test LoRAs: different ranks and targets on purpose (names: tiny_names.TINY_LORA_NAMES).
 TINY_LORAS: dict[str, dict[str, object]] = {
     "fastlora-tiny-style": {"targets": ATTN_TARGETS, "rank": 4, "seed": 1},
     "fastlora-tiny-character": {"targets": ATTN_TARGETS + MLP_TARGETS, "rank": 8, "seed": 2},
@@ -243,13 +247,67 @@ def write_tiny_loras(
     return out
 
 
+# ComfyUI's bundled tokenizers (comfy/sd1_tokenizer, comfy/text_encoders/t5_tokenizer), which the
+# pack uses for single files: the tiny text encoders of the single files take their token ids.
+COMFY_CLIP_VOCAB = 49408  # CLIP-L: ids up to <|endoftext|> = 49407
+COMFY_CLIP_BOS, COMFY_CLIP_EOS = 49406, 49407
+COMFY_T5_VOCAB = 32128  # T5-XXL (sentencepiece 32000 + 100 extra ids, padded)
+
+
+def _with_comfy_vocab(pipe, seed: int):  # type: ignore[no-untyped-def]
+    """``pipe`` with text encoders wide enough for ComfyUI's real CLIP-L / T5 tokenizers (new
+    embedding rows random, seeded) and CLIP's real start/end token ids, so the single files run
+    with the tokenizers ComfyUI ships."""
+    torch.manual_seed(seed + 10)
+    clip, t5 = pipe.text_encoder, pipe.text_encoder_2
+    clip.resize_token_embeddings(COMFY_CLIP_VOCAB, mean_resizing=False)
+    t5.resize_token_embeddings(COMFY_T5_VOCAB, mean_resizing=False)
+    clip.config.bos_token_id, clip.config.eos_token_id = COMFY_CLIP_BOS, COMFY_CLIP_EOS
+    clip.config.pad_token_id = COMFY_CLIP_EOS
+    for module in clip.modules():  # the module that pools at the end token keeps its own copy
+        if hasattr(module, "eos_token_id"):
+            module.eos_token_id = COMFY_CLIP_EOS
+    return pipe
+
+
+def write_comfy_single_files(models_dir: str | Path, seed: int = 0) -> dict[str, Path]:
+    """Write the tiny Flux as the four single files a ComfyUI user has (``TINY_SINGLE_FILES``:
+    BFL-layout transformer in ``diffusion_models``, CLIP-L and T5 in ``text_encoders``, the
+    autoencoder in ``vae``) plus the tiny tokenizers in ``fastlora-tiny-tokenizers/`` (ComfyUI uses
+    its bundled ones). Returns ``{"transformer", "clip_l", "t5xxl", "vae", "tokenizer_dir"} -> Path``."""
+    import shutil
+    import tempfile
+
+    from .loading import write_single_files
+
+    models_dir = Path(models_dir)
+    pipe = _with_comfy_vocab(build_tiny_pipeline(seed), seed)
+    out: dict[str, Path] = {}
+    with tempfile.TemporaryDirectory(prefix="fastlora-tiny-") as tmp:
+        written = write_single_files(pipe, tmp, "bfl")
+        for role, (folder, name) in TINY_SINGLE_FILES.items():
+            target = models_dir / folder / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(written[role]), target)
+            out[role] = target
+        tokenizers = models_dir / TINY_TOKENIZERS
+        shutil.rmtree(tokenizers, ignore_errors=True)
+        shutil.move(str(written["tokenizer_dir"]), tokenizers)
+        out["tokenizer_dir"] = tokenizers
+    logger.info("wrote tiny Flux single files under %s", models_dir)
+    return out
+
+
 def write_comfy_tree(models_dir: str | Path, seed: int = 0) -> dict[str, object]:
-    """Write the tiny model into a ComfyUI ``models/`` tree: ``diffusers/fastlora-tiny-flux`` and
-    ``loras/fastlora-tiny-*.safetensors``. Returns what was written."""
+    """Write the tiny model into a ComfyUI ``models/`` tree: ``diffusers/fastlora-tiny-flux``, the
+    same model as single files (``write_comfy_single_files``) and ``loras/fastlora-tiny-*.safetensors``,
+    so every shipped workflow (diffusers folder or single files) runs on it. Returns what was written."""
     models_dir = Path(models_dir)
     model_dir = write_tiny_model(models_dir / "diffusers" / TINY_DIFFUSERS_NAME, seed)
+    singles = write_comfy_single_files(models_dir, seed)
     loras = write_tiny_loras(models_dir / "loras")
-    manifest = {"diffusers": str(model_dir), "loras": {k: str(v) for k, v in loras.items()}}
+    manifest = {"diffusers": str(model_dir), "single_files": {k: str(v) for k, v in singles.items()},
+                "loras": {k: str(v) for k, v in loras.items()}}
     (models_dir / "fastlora-tiny.json").write_text(json.dumps(manifest, indent=2))
     return manifest
 

@@ -127,9 +127,11 @@ def is_loaded(wrapper: Any) -> bool:
 # -- progress and cancel (comfy.utils / comfy.model_management) -----------------------------------
 def progress_callbacks(total: int) -> tuple[Callable[[int, int], None],
                                             Callable[[int, int, Any], None] | None]:
-    """``(on_step, on_preview)`` sharing one ComfyUI progress bar. ``on_preview`` is None when
-    ComfyUI runs with ``--preview-method none`` (its default) or has no preview settings; otherwise
-    it sends the engine's RGB preview ``[h, w, 3]`` (0..1) as ComfyUI's JPEG preview."""
+    """``(on_step, on_preview)`` sharing one ComfyUI progress bar, one progress event per step.
+    ``on_preview`` is None when ComfyUI runs with ``--preview-method none`` (its default) or has no
+    preview settings, and ``on_step`` sends the event; otherwise ``on_preview`` sends it, with the
+    engine's RGB preview ``[h, w, 3]`` (0..1) as ComfyUI's JPEG preview (the engine calls both after
+    every step), and ``on_step`` only checks for Cancel."""
     import comfy.model_management as mm
     import comfy.utils
 
@@ -147,13 +149,24 @@ def progress_callbacks(total: int) -> tuple[Callable[[int, int], None],
         return on_step, None
     size = int(getattr(args, "preview_size", 512))
 
+    def check_only(step: int, steps: int) -> None:
+        mm.throw_exception_if_processing_interrupted()
+
     def on_preview(step: int, steps: int, rgb: Any) -> None:
         from PIL import Image
 
         image = Image.fromarray((rgb.numpy() * 255).round().clip(0, 255).astype("uint8"))
         bar.update_absolute(step, steps, ("JPEG", image, size))
 
-    return on_step, on_preview
+    return check_only, on_preview
+
+
+def cancel_check() -> Callable[[], None]:
+    """Raises ComfyUI's InterruptProcessingException once the user pressed Cancel (the engine calls
+    it between transformer blocks)."""
+    import comfy.model_management as mm
+
+    return mm.throw_exception_if_processing_interrupted
 
 
 def interrupt_exception_type() -> type[BaseException] | None:

@@ -423,7 +423,7 @@ class Generate:
         t0 = time.perf_counter()
         try:
             on_step, on_preview = bridge.progress_callbacks(int(steps))
-            result = flux.generate(request, handle.stack, on_step, on_preview)
+            result = flux.generate(request, handle.stack, on_step, on_preview, bridge.cancel_check())
         except errors.GenerationCancelled as exc:
             interrupt = _interrupt_of(exc)
             if interrupt is not None:

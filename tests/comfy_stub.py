@@ -214,21 +214,41 @@ def _utils(mm: types.ModuleType) -> types.ModuleType:
     return m
 
 
+def _cli_args() -> types.ModuleType:
+    """``comfy.cli_args``: the preview settings (``--preview-method``, default none; ``--preview-size``)."""
+    import enum
+
+    m = types.ModuleType("comfy.cli_args")
+
+    class LatentPreviewMethod(enum.Enum):
+        NoPreviews = "none"
+        Auto = "auto"
+        Latent2RGB = "latent2rgb"
+        TAESD = "taesd"
+
+    m.LatentPreviewMethod = LatentPreviewMethod  # type: ignore[attr-defined]
+    m.args = types.SimpleNamespace(preview_method=LatentPreviewMethod.NoPreviews, preview_size=512)  # type: ignore[attr-defined]
+    return m
+
+
 def install(models_dir: str | os.PathLike[str]) -> types.SimpleNamespace:
     """Install the fake ComfyUI modules; returns them."""
     mm = _model_management()
     utils = _utils(mm)
+    cli_args = _cli_args()
     comfy = types.ModuleType("comfy")
     comfy.__path__ = []  # type: ignore[attr-defined]
     comfy.model_management = mm  # type: ignore[attr-defined]
     comfy.utils = utils  # type: ignore[attr-defined]
+    comfy.cli_args = cli_args  # type: ignore[attr-defined]
     fp = _folder_paths(Path(models_dir))
-    sys.modules.update({"comfy": comfy, "comfy.model_management": mm, "comfy.utils": utils, "folder_paths": fp})
-    return types.SimpleNamespace(model_management=mm, utils=utils, folder_paths=fp)
+    sys.modules.update({"comfy": comfy, "comfy.model_management": mm, "comfy.utils": utils,
+                        "comfy.cli_args": cli_args, "folder_paths": fp})
+    return types.SimpleNamespace(model_management=mm, utils=utils, cli_args=cli_args, folder_paths=fp)
 
 
 def uninstall() -> None:
-    for name in ("comfy", "comfy.model_management", "comfy.utils", "folder_paths"):
+    for name in ("comfy", "comfy.model_management", "comfy.utils", "comfy.cli_args", "folder_paths"):
         sys.modules.pop(name, None)
 
 

@@ -54,7 +54,28 @@ def test_write_tiny_comfy_tree(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert (models / "diffusers" / "fastlora-tiny-flux" / "model_index.json").exists()
     loras = sorted(p.name for p in (models / "loras").iterdir())
     assert "fastlora-tiny-style.safetensors" in loras and len(loras) >= 3
-    assert json.loads(capsys.readouterr().out)["diffusers"].endswith("fastlora-tiny-flux")
+    manifest = json.loads(capsys.readouterr().out)
+    assert manifest["diffusers"].endswith("fastlora-tiny-flux")
+    # the same model as the single files a ComfyUI user has, where ComfyUI looks for them
+    singles = manifest["single_files"]
+    assert singles == {"transformer": str(models / "diffusion_models" / "fastlora-tiny-flux.safetensors"),
+                       "clip_l": str(models / "text_encoders" / "fastlora-tiny-clip_l.safetensors"),
+                       "t5xxl": str(models / "text_encoders" / "fastlora-tiny-t5xxl.safetensors"),
+                       "vae": str(models / "vae" / "fastlora-tiny-ae.safetensors"),
+                       "tokenizer_dir": str(models / "fastlora-tiny-tokenizers")}
+    import torch
+
+    from fastlora_core.loading import load_pipeline
+    from fastlora_core.specs import ModelSource
+
+    files = load_pipeline(ModelSource.from_single_files(**singles), torch.float32)
+    folder = load_pipeline(ModelSource.from_diffusers(manifest["diffusers"]), torch.float32)
+    for name in ("transformer", "vae"):
+        a, b = getattr(files, name).state_dict(), getattr(folder, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    # text encoders take the token ids of ComfyUI's bundled CLIP-L and T5 tokenizers
+    assert files.text_encoder.get_input_embeddings().num_embeddings == 49408
+    assert files.text_encoder_2.get_input_embeddings().num_embeddings == 32128
 
 
 def test_lora_argument_parsing() -> None:

@@ -7,7 +7,9 @@ import asyncio
 import importlib.util
 import json
 import logging
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -68,3 +70,34 @@ def test_a_route_served_by_something_else_is_left_alone(prompt_server: Any,
     prompt_server.app.add_routes(prompt_server.routes)
     assert pack.nodes.ROUTES_REGISTERED is False and set(pack.NODE_CLASS_MAPPINGS)
     assert any("already served" in r.getMessage() for r in caplog.records)
+
+
+def test_error_type_names_do_not_contain_the_install_folder(tmp_path: Path) -> None:
+    """ComfyUI imports the pack under its folder's path and names errors ``module.qualname``
+    (execution.full_type_name); the UI must show ``fastlora_core.errors.LoraFormatError``."""
+    install = tmp_path / "custom_nodes" / "ComfyUI-FastLoRA.v2"
+    install.parent.mkdir()
+    install.symlink_to(comfy_stub.ROOT, target_is_directory=True)
+    code = textwrap.dedent(f"""
+        import importlib.util, sys
+        path = {str(install)!r}
+        name = path.replace(".", "_x_")  # what ComfyUI's load_custom_node does
+        spec = importlib.util.spec_from_file_location(name, path + "/__init__.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        errors = sys.modules[name + ".fastlora_core.errors"]
+        def full_type_name(klass):  # ComfyUI's execution.full_type_name
+            return klass.__module__ + "." + klass.__qualname__
+        classes = [v for v in vars(errors).values() if isinstance(v, type) and issubclass(v, errors.FastLoraError)]
+        names = [full_type_name(c) for c in classes]
+        names.append(full_type_name(type(errors.out_of_memory("testing", RuntimeError("x")))))
+        print("NAMES", " ".join(names))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = next(x for x in proc.stdout.splitlines() if x.startswith("NAMES ")).split()[1:]
+    assert "fastlora_core.errors.LoraFormatError" in names and len(names) >= 9
+    assert all(n.startswith("fastlora_core.errors.") for n in names), names
+    assert names[-1] == "fastlora_core.errors.EngineOutOfMemoryError"

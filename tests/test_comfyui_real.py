@@ -39,7 +39,6 @@ pytestmark = [
     pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout to run these"),
 ]
 logger = logging.getLogger(__name__)
-TINY_LORAS = ["fastlora-tiny-style", "fastlora-tiny-character", "fastlora-tiny-wide", "fastlora-tiny-single"]
 # The MODEL-path graphs need ComfyUI's own CLIP and VAE nodes: tests/test_comfyui_model_server.py runs them.
 API_FILES = sorted(p for p in (ROOT / "workflows" / "api").glob("*.json") if not p.stem.startswith("flux_model_"))
 
@@ -106,6 +105,7 @@ def server(comfy_base: Path) -> Iterator[headless.Client]:
         (custom / name).symlink_to(ROOT, target_is_directory=True)
     config = base / "extra_model_paths.yaml"
     config.write_text(f"fastlora_test:\n  base_path: {models}\n  diffusers: diffusers\n  loras: loras\n"
+                      f"  diffusion_models: diffusion_models\n  text_encoders: text_encoders\n  vae: vae\n"
                       f"  custom_nodes: {custom}\n")
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastlora" / "comfyui-test"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -151,24 +151,8 @@ def server(comfy_base: Path) -> Iterator[headless.Client]:
 
 
 def tiny_overrides(graph: dict[str, Any], compile: str = "off") -> list[str]:
-    """--set arguments that point a workflow at the tiny model: 64x64, 2 steps, CPU-friendly options."""
-    sets: list[str] = []
-    lora_i = 0
-    for nid, node in sorted(graph.items(), key=lambda kv: int(kv[0])):
-        kind = node["class_type"]
-        if kind == "OptimizedFluxLoader":
-            sets += [f"{nid}.source=diffusers folder", f"{nid}.diffusers_model=fastlora-tiny-flux",
-                     f"{nid}.transformer=None", f"{nid}.clip_l=None", f"{nid}.t5xxl=None", f"{nid}.vae=None",
-                     f"{nid}.quantization=none", f"{nid}.t5_quantization=none", f"{nid}.compile={compile}",
-                     f"{nid}.offload=none", f"{nid}.dtype=float32"]
-        elif kind == "LoraHotswap":
-            sets.append(f"{nid}.lora_name={TINY_LORAS[lora_i % len(TINY_LORAS)]}.safetensors")
-            lora_i += 1
-        elif kind == "PadDummyLora":
-            sets += [f"{nid}.lora_{i + 1}={name}.safetensors" for i, name in enumerate(TINY_LORAS[:3])]
-        elif kind == "Generate":
-            sets += [f"{nid}.steps=2", f"{nid}.width=64", f"{nid}.height=64"]
-    return sets
+    """What ``headless --tiny`` sets (the README's smoke path): the tiny model, 64x64, 2 steps."""
+    return headless.tiny_overrides(graph, compile)
 
 
 def run(client: headless.Client, path: Path, sets: list[str], out: Path) -> headless.RunResult:
@@ -203,9 +187,17 @@ def test_a_second_copy_of_the_pack_is_logged_not_fatal(server: headless.Client, 
 
 
 @pytest.mark.parametrize("path", API_FILES, ids=lambda p: p.stem)
-def test_every_api_workflow_runs_on_the_tiny_model(server: headless.Client, path: Path, tmp_path: Path) -> None:
+def test_every_api_workflow_runs_on_the_tiny_model(server: headless.Client, path: Path, tmp_path: Path,
+                                                  record_property: Any) -> None:
+    """Every shipped workflow, as it is (the 24 GB one reads single files), through the README's
+    smoke path (headless --tiny)."""
     graph = headless.load_workflow(path)
+    t0 = time.monotonic()
     result = run(server, path, tiny_overrides(graph), tmp_path)
+    record_property("seconds", round(time.monotonic() - t0, 1))  # reported, never asserted
+    loader = next(n for n in graph.values() if n["class_type"] == "OptimizedFluxLoader")
+    if loader["inputs"]["source"] == "single files":  # ComfyUI's single-file path, its own tokenizers
+        assert "transformer=" in stats(server)["engines"][0]["source"]
     saves = [n for n in graph.values() if n["class_type"] == "SaveImage"]
     assert len(result.images) == len(saves)
     for image in result.images:
@@ -273,16 +265,19 @@ def test_refused_workflow_reports_comfyui_node_errors(server: headless.Client) -
 
 def test_cli_exit_codes(server: headless.Client, tmp_path: Path) -> None:
     path = ROOT / "workflows" / "api" / "flux_lora_basic.json"
-    sets = [a for s in tiny_overrides(headless.load_workflow(path)) for a in ("--set", s)]
+    sets = ["--tiny"]  # the README's smoke path
     cmd = [sys.executable, "-m", "fastlora_core.headless", "--server", f"{server.host}:{server.port}", str(path)]
     ok = subprocess.run(cmd + sets + ["--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
     assert ok.returncode == 0, ok.stderr
     assert Path(ok.stdout.strip().splitlines()[-1]).exists()
     assert "step 2/2" in ok.stderr
+    assert ok.stderr.count("step 1/2") == 1, ok.stderr  # one progress event per step, previews on
     bad = subprocess.run(cmd + sets + ["--set", "3.width=65", "--out", str(tmp_path)], capture_output=True,
                          text=True, cwd=ROOT)
     assert bad.returncode == headless.EXIT_FAILED, bad.stderr
     assert "node 3 (Generate)" in bad.stderr and "multiple of 16" in bad.stderr
+    # the error type is the package's, not the install folder's
+    assert "fastlora_core.errors.OptionsError" in bad.stderr and "custom_nodes" not in bad.stderr, bad.stderr
     assert bad.stderr.rstrip().splitlines()[-1].startswith("error: ComfyUI error in node 3")
 
 

@@ -107,9 +107,11 @@ def test_input_schemas_list_the_right_files(pack: Any) -> None:
     schema = pack.NODE_CLASS_MAPPINGS["OptimizedFluxLoader"].INPUT_TYPES()
     loader = {**schema["required"], **schema["optional"]}
     assert loader["diffusers_model"][0] == ["None", "fastlora-tiny-flux"]
-    assert loader["transformer"][0] == ["None", "flux1-dev.safetensors"]
-    assert loader["clip_l"][0] == loader["t5xxl"][0] == ["None", "clip_l.safetensors", "t5xxl_fp16.safetensors"]
-    assert loader["vae"][0] == ["None", "ae.safetensors"]
+    assert loader["transformer"][0] == ["None", "fastlora-tiny-flux.safetensors", "flux1-dev.safetensors"]
+    assert loader["clip_l"][0] == loader["t5xxl"][0] == [
+        "None", "clip_l.safetensors", "fastlora-tiny-clip_l.safetensors", "fastlora-tiny-t5xxl.safetensors",
+        "t5xxl_fp16.safetensors"]
+    assert loader["vae"][0] == ["None", "ae.safetensors", "fastlora-tiny-ae.safetensors"]
     assert loader["compile"][0] == ["off", "full", "regional"]
     assert loader["swap_strategy"][1]["default"] == "fused"
     files = sorted(f"{n}.safetensors" for n in LORAS)
@@ -322,6 +324,69 @@ def test_cancel_stops_within_a_step_and_next_run_works(pack: Any, models_dir: Pa
     assert torch.equal(img, reference(base, specs.LoraStack.of(lora_path(models_dir, "fastlora-tiny-single"))))
 
 
+def test_cancel_acts_between_transformer_blocks_within_a_step(pack: Any, models_dir: Path, comfy: Any) -> None:
+    """Cancel pressed while the first (double) block of step 1 runs: the next block never starts
+    (before, the whole step ran first: minutes per step for Flux on a CPU)."""
+    from fastlora_core import registry, specs
+
+    mm = comfy.model_management
+    (base,) = run(pack, "OptimizedFluxLoader", **LOADER)
+    (a,) = run(pack, "LoraHotswap", engine=base, lora_name="fastlora-tiny-style.safetensors", strength=1.0)
+    transformer = registry.peek(base.key).transformer
+    blocks: list[str] = []
+
+    def press_cancel(module: Any, args: Any, output: Any) -> None:
+        blocks.append("double")
+        mm.interrupt_current_processing(True)
+
+    hooks = [transformer.transformer_blocks[0].register_forward_hook(press_cancel),
+             transformer.single_transformer_blocks[0].register_forward_hook(lambda *_: blocks.append("single"))]
+    logged = len(comfy.utils.progress_log)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            run(pack, "Generate", engine=a, **gen_inputs(steps=4))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert blocks == ["double"], blocks
+    assert comfy.utils.progress_log[logged:] == []  # step 1 never finished
+    assert mm.interrupt_processing is False  # consumed, as ComfyUI expects
+    (img,) = run(pack, "Generate", engine=a, **gen_inputs())
+    assert torch.equal(img, reference(base, specs.LoraStack.of(lora_path(models_dir, "fastlora-tiny-style"))))
+
+
+def test_swap_log_on_a_cpu_has_no_gpu_transfer(pack: Any, caplog: pytest.LogCaptureFixture) -> None:
+    (base,) = run(pack, "OptimizedFluxLoader", **LOADER)
+    (a,) = run(pack, "LoraHotswap", engine=base, lora_name="fastlora-tiny-wide.safetensors", strength=0.3)
+    with caplog.at_level(logging.INFO):
+        run(pack, "Generate", engine=a, **gen_inputs())
+    (line,) = [r.getMessage() for r in caplog.records if "applied in" in r.getMessage()]
+    assert "fastlora-tiny-wide.safetensors" in line and "read " in line and "GPU" not in line, line
+
+
+def test_previews_send_one_progress_event_per_step(pack: Any, comfy: Any) -> None:
+    args = comfy.cli_args.args
+    events: list[tuple[int, int, Any]] = []
+    real_hook = comfy.utils.PROGRESS_BAR_HOOK
+
+    def record(value: int, total: int, preview: Any) -> None:
+        events.append((value, total, preview))
+        real_hook(value, total, preview)
+
+    (base,) = run(pack, "OptimizedFluxLoader", **LOADER)
+    comfy.utils.set_progress_bar_global_hook(record)
+    args.preview_method = comfy.cli_args.LatentPreviewMethod.Latent2RGB
+    try:
+        run(pack, "Generate", engine=base, **gen_inputs(steps=3))
+    finally:
+        args.preview_method = comfy.cli_args.LatentPreviewMethod.NoPreviews
+        comfy.utils.set_progress_bar_global_hook(real_hook)
+    assert [(v, t) for v, t, _ in events] == [(1, 3), (2, 3), (3, 3)]
+    for _v, _t, preview in events:
+        kind, image, size = preview
+        assert kind == "JPEG" and image.mode == "RGB" and size == 512
+
+
 def test_comfy_unload_frees_the_engine_and_next_run_rebuilds(pack: Any, models_dir: Path, comfy: Any) -> None:
     """``POST /free {"unload_models": true}`` and OOM recovery call unload_all_models()."""
     from fastlora_core import registry
@@ -413,6 +478,38 @@ def test_pad_dummy_lora_adapter_compiled_swaps_without_recompiling(pack: Any, mo
     assert engine.compiles == compiles, "a LoRA swap recompiled"
     assert torch.equal(first, again) and torch.equal(first, images["fastlora-tiny-style"])
     assert not torch.equal(images["fastlora-tiny-style"], images["fastlora-tiny-wide"])
+
+
+@pytest.mark.slow
+def test_cancel_between_blocks_keeps_the_regional_compile(pack: Any) -> None:
+    """The block check runs outside the compiled blocks: a cancel mid-step and the runs after it
+    compile nothing new and give the same image."""
+    from fastlora_core import registry, specs
+
+    (base,) = run(pack, "OptimizedFluxLoader", **{**LOADER, "compile": "regional"})
+    (first,) = run(pack, "Generate", engine=base, **gen_inputs())
+    engine = registry.peek(base.key)
+    compiles = engine.compiles
+    assert compiles > 0
+
+    class Stop(Exception):
+        pass
+
+    calls = [0]
+
+    def stop_at_the_second_block() -> None:
+        calls[0] += 1
+        if calls[0] == 2:
+            raise Stop
+
+    g = gen_inputs()
+    request = specs.GenerateRequest(prompt=g["prompt"], seed=g["seed"], steps=g["steps"], guidance=g["guidance"],
+                                    width=g["width"], height=g["height"])
+    with pytest.raises(Stop), torch.inference_mode():
+        engine.generate(request, base.stack, check_cancel=stop_at_the_second_block)
+    (again,) = run(pack, "Generate", engine=base, **gen_inputs())
+    assert calls[0] == 2 and engine.compiles == compiles, "the cancel check recompiled"
+    assert torch.equal(first, again)
 
 
 # -- import without ComfyUI ---------------------------------------------------------------------------

@@ -251,3 +251,28 @@ def test_model_workflows_sample_the_loader_model_through_native_lora_loaders(pat
         src = api[ks["inputs"]["model"][0]]
         assert src["class_type"] == "LoraLoaderModelOnly"
         assert src["inputs"]["model"] == [loaders[0], 1]
+
+
+@pytest.mark.parametrize("path", sorted(p for p in API_DIR.glob("*.json") if not p.stem.startswith("flux_model_")),
+                         ids=lambda p: p.stem)
+def test_tiny_overrides_point_every_workflow_at_the_tiny_model(path: Path) -> None:
+    """``headless --tiny`` (the README's smoke path) leaves no node naming a file the tiny tree lacks
+    and keeps each loader's source (the 24 GB workflow then reads the tiny single files)."""
+    from fastlora_core import headless, tiny, tiny_names
+
+    assert tiny_names.TINY_LORA_NAMES == tuple(tiny.TINY_LORAS)
+    graph = headless.load_workflow(path)
+    smoke = headless.apply_overrides(graph, headless.tiny_overrides(graph))
+    tiny_files = {file for _folder, file in tiny_names.TINY_SINGLE_FILES.values()}
+    loras = {f"{name}.safetensors" for name in tiny_names.TINY_LORA_NAMES} | {"None"}
+    for nid, node in smoke.items():
+        inputs, kind = node["inputs"], node["class_type"]
+        if kind == "OptimizedFluxLoader":
+            assert inputs["source"] == graph[nid]["inputs"]["source"]
+            assert inputs["diffusers_model"] == tiny_names.TINY_DIFFUSERS_NAME
+            assert {inputs[k] for k in ("transformer", "clip_l", "t5xxl", "vae")} == tiny_files
+            assert (inputs["quantization"], inputs["compile"], inputs["dtype"]) == ("none", "off", "float32")
+        elif kind in ("LoraHotswap", "PadDummyLora"):
+            assert {v for k, v in inputs.items() if k.startswith("lora_")} <= loras
+        elif kind == "Generate":
+            assert (inputs["width"], inputs["height"], inputs["steps"]) == (64, 64, 2)
