@@ -12,7 +12,6 @@ import gc
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,10 +21,9 @@ import torch
 from . import cancel
 from .errors import EngineReleasedError, LoraFitError, OptionsError, out_of_memory
 from .lora.adapter import AdapterStrategy
-from .lora.base import ResolvedEntry
-from .lora.cache import GLOBAL_CACHE, FileKey, LoraCache, file_key
+from .lora.base import ResolvedEntry, SwapStrategy
+from .lora.cache import GLOBAL_CACHE, DeviceLoraCache, FileKey, LoraCache, file_key
 from .lora.fused import FusedStrategy
-from .lora.types import NormalizedLora
 from .optimize import (
     Resolved,
     apply_offload,
@@ -126,8 +124,8 @@ class FluxEngine:
         self._compiled = False
         self.loaded_stack = LoraStack()
         self._loaded_keys: tuple[FileKey, ...] = ()  # identity of the loaded stack's files
-        self._gpu_loras: OrderedDict[FileKey, NormalizedLora] = OrderedDict()
-        self._master_device_before_offload: torch.device | None = None
+        # LoRAs staged on the GPU, next to the RAM cache they come from
+        self.device_loras = DeviceLoraCache(self.device, self.dtype, enabled=options.offload == "none")
         self._preview_map: torch.Tensor | None = None
         self._cancel = cancel.CheckHolder()  # check_cancel of the generation in progress
         self.attention = "sdpa"
@@ -176,13 +174,14 @@ class FluxEngine:
                 parts["text_encoder"] = pipe.text_encoder
             if o.t5_quantization == "none" and pipe.text_encoder_2 is not None:
                 parts["text_encoder_2"] = pipe.text_encoder_2
-            self.strategy: FusedStrategy | AdapterStrategy = FusedStrategy(parts, o.quantization, master_device)
+            fused = FusedStrategy(parts, o.quantization, master_device)
             if o.quantization != "none":
                 from .lora.fit import flux_lora_targets
 
                 # Before quantisation, from the weights as loaded (CPU): no copy when the masters
                 # stay in CPU RAM, one copy per layer when they go to the GPU.
-                self.strategy.capture_hp_masters(transformer, flux_lora_targets(transformer))
+                fused.capture_hp_masters(transformer, flux_lora_targets(transformer))
+            self.strategy: SwapStrategy = fused
         else:
             self.strategy = AdapterStrategy(transformer, o.max_rank, self.dtype)
         # Quantise layer by layer *while* moving to the device, then move the rest: the bf16
@@ -194,8 +193,7 @@ class FluxEngine:
         quantize_transformer(transformer, o.quantization, target)
         if o.offload == "none":
             pipe.to(self.device)
-        if isinstance(self.strategy, FusedStrategy):
-            self.strategy.refresh_modules()
+        self.strategy.model_moved()
         self.attention = set_attention(transformer, o.attention, self.device)
         apply_offload(pipe, o.offload, self.device)
         if o.compile != "full":  # a full graph cannot call back into Python between blocks
@@ -238,36 +236,12 @@ class FluxEngine:
             t0 = time.perf_counter()
             key, lora, hit = self.lora_cache.lookup(spec.path, current)
             t1 = time.perf_counter()
-            was_staged = key in self._gpu_loras
-            staged = self._staged(key, lora)
-            if not was_staged and staged is not lora:  # a new copy on the GPU: wait for it
-                torch.cuda.synchronize(self.device)
+            staged = self.device_loras.stage(key, lora)
             read_s += t1 - t0
             stage_s += time.perf_counter() - t1
             from_cache = from_cache and hit
             entries.append(ResolvedEntry(key, staged, spec.strength))
         return entries, from_cache, read_s * 1000, stage_s * 1000
-
-    def _staged(self, key: FileKey, lora: NormalizedLora) -> NormalizedLora:
-        """On a GPU, the recently used LoRAs are kept on the device (engine dtype), so swapping
-        back to one copies nothing over PCIe. Bounded by ``gpu_lora_cache_bytes``."""
-        if self.device.type != "cuda" or self.options.offload != "none":
-            return lora
-        staged = self._gpu_loras.get(key)
-        if staged is None:
-            for old in [k for k in self._gpu_loras if k.path == key.path]:  # a rewritten file's old version
-                del self._gpu_loras[old]
-            staged = lora.to(self.device, self.dtype)
-            self._gpu_loras[key] = staged
-            budget = self.gpu_lora_cache_bytes()
-            while len(self._gpu_loras) > 1 and sum(x.nbytes() for x in self._gpu_loras.values()) > budget:
-                self._gpu_loras.popitem(last=False)
-        self._gpu_loras.move_to_end(key)
-        return staged
-
-    def gpu_lora_cache_bytes(self) -> int:
-        total = torch.cuda.get_device_properties(self.device).total_memory
-        return min(8 * 2**30, total // 20)
 
     def apply(self, stack: LoraStack) -> SwapReport:
         """Make the weights match ``stack``. Raises LoraError (format or fit) with the engine
@@ -307,8 +281,8 @@ class FluxEngine:
         Fused strategy: nothing to do (no rank or target limit). Raises LoraError for bad files."""
         with self._lock:
             self._check_usable()
-            if not isinstance(self.strategy, AdapterStrategy):
-                return {"strategy": "fused", "changed": False, "targets": 0, "rank": 0}
+            if not self.strategy.uses_slot:
+                return {"strategy": self.strategy.name, "changed": False, "targets": 0, "rank": 0}
             rank = max_rank or self.options.max_rank
             targets: set[str] = set()
             if all_layers:
@@ -322,8 +296,6 @@ class FluxEngine:
                     raise LoraFitError(
                         f"{path}: rank {lora.max_rank} is above max_rank {rank}. Raise max_rank."
                     )
-            if rank > self.strategy.max_rank:
-                self.strategy.max_rank = rank
             changed = self.strategy.prepare_slot(frozenset(targets), rank)
             if changed:
                 # The slot starts empty: re-apply whatever stack was loaded.
@@ -332,8 +304,8 @@ class FluxEngine:
                     self.apply(previous)
                 if self._compiled:
                     logger.warning("adapter slot changed after compilation: the next run recompiles once")
-            return {"strategy": "adapter", "changed": changed,
-                    "targets": len(self.strategy.slot_targets), "rank": self.strategy.slot_rank}
+            return {"strategy": self.strategy.name, "changed": changed,
+                    "targets": self.strategy.slot_size()[0], "rank": self.strategy.slot_size()[1]}
 
     # -- generation ----------------------------------------------------------------------------
     def generate(self, request: GenerateRequest, stack: LoraStack | None = None,
@@ -483,10 +455,8 @@ class FluxEngine:
                 self.release()
                 return
             self.pipe.to("cpu")
-            self._gpu_loras.clear()
-            self._master_device_before_offload = getattr(self.strategy, "master_device", None)
-            if isinstance(self.strategy, FusedStrategy):
-                self.strategy.move_masters("cpu")
+            self.device_loras.clear()
+            self.strategy.offload()
             self.offloaded = True
             self._free_memory()
 
@@ -494,8 +464,7 @@ class FluxEngine:
         with self._lock:
             if self.offloaded:
                 self.pipe.to(self.device)
-                if isinstance(self.strategy, FusedStrategy) and self._master_device_before_offload is not None:
-                    self.strategy.move_masters(self._master_device_before_offload)
+                self.strategy.reload()
                 self.offloaded = False
 
     def release(self) -> None:
@@ -504,7 +473,7 @@ class FluxEngine:
             if self.released:
                 return
             self.released = True
-            self._gpu_loras.clear()
+            self.device_loras.clear()
             for attr in ("pipe", "transformer", "strategy"):
                 if hasattr(self, attr):
                     delattr(self, attr)

@@ -37,7 +37,8 @@ def _stack(loras: dict[str, str], *items: tuple[str, float]) -> LoraStack:
 @pytest.mark.skipif(not _fp8_ok(), reason="fp8 needs compute capability >= 8.9")
 def test_fp8_fused_swaps_requantise_exactly_without_recompiling(
         tiny_source: ModelSource, tiny_loras: dict[str, str], tiny_request: GenerateRequest) -> None:
-    from fastlora_core.optimize import clone_quantized, torchao_config
+    from fastlora_core.lora.quantized import clone_quantized
+    from fastlora_core.optimize import torchao_config
 
     engine = FluxEngine(tiny_source, dataclasses.replace(GPU, quantization="fp8"))
     base = engine.generate(tiny_request, LoraStack()).images
@@ -56,7 +57,7 @@ def test_fp8_fused_swaps_requantise_exactly_without_recompiling(
             images[stack] = result.images
     assert torch.equal(images[LoraStack()], base)
     engine.apply(_stack(tiny_loras, ("style", 0.7)))
-    staged = engine._gpu_loras[engine.lora_cache.get(tiny_loras["fastlora-tiny-style"])[0]]
+    staged = engine.device_loras[engine.lora_cache.get(tiny_loras["fastlora-tiny-style"])[0]]
     layer = staged.transformer[name]
     master = engine.strategy._hp_master[name]
     merged = master.clone().addmm_(layer.up.to(master.dtype), layer.down.to(master.dtype), alpha=0.7 * layer.scale)

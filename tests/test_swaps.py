@@ -270,7 +270,7 @@ def test_text_encoder_part_applied_with_fused_and_reported_with_adapter(
 
 def test_fused_requantises_touched_layers_and_restores_original_bytes(
         tiny_source: ModelSource, tiny_loras: dict[str, str], tiny_request: GenerateRequest) -> None:
-    from fastlora_core.optimize import clone_quantized, requantize_like
+    from fastlora_core.lora.quantized import clone_quantized, requantize_like
 
     engine = FluxEngine(tiny_source, dataclasses.replace(CPU, quantization="int8_weight_only"))
     name = "transformer_blocks.0.attn.to_q"

@@ -26,15 +26,16 @@ import re
 import torch
 
 from ..errors import LoraFitError
-from .base import ResolvedEntry, check_targets_exist, linear_modules, per_layer
+from .base import ResolvedEntry, SwapStrategy, check_targets_exist, linear_modules, per_layer
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_NAME = "fastlora"
 
 
-class AdapterStrategy:
+class AdapterStrategy(SwapStrategy):
     name = "adapter"
+    uses_slot = True
 
     def __init__(self, transformer: torch.nn.Module, max_rank: int, dtype: torch.dtype) -> None:
         self.transformer = transformer
@@ -47,6 +48,9 @@ class AdapterStrategy:
         self._active: dict[str, bool] = {}
 
     # -- slot ---------------------------------------------------------------------------------
+    def slot_size(self) -> tuple[int, int]:
+        return len(self.slot_targets), self.slot_rank
+
     def has_slot(self) -> bool:
         return bool(self.slot_targets)
 
@@ -55,9 +59,9 @@ class AdapterStrategy:
 
     def prepare_slot(self, targets: frozenset[str], rank: int) -> bool:
         """Make sure a slot covers ``targets`` at ``rank``. Returns True when the module structure
-        changed (a compiled model will recompile once). Existing weights in the slot are zeroed."""
-        if rank > self.max_rank:
-            raise LoraFitError(f"slot rank {rank} is above max_rank={self.max_rank}; raise max_rank.")
+        changed (a compiled model will recompile once). Existing weights in the slot are zeroed.
+        A ``rank`` above ``max_rank`` raises it (the engine checked the LoRAs against ``rank``)."""
+        self.max_rank = max(self.max_rank, rank)
         unknown = sorted(t for t in targets if t not in self._modules)
         if unknown:
             raise LoraFitError(f"cannot build an adapter slot on unknown layers: {', '.join(unknown[:3])}")

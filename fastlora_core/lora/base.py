@@ -1,10 +1,13 @@
-"""What both swap strategies share: a resolved stack, target lookup and the dry-run validation."""
+"""What both swap strategies share: their interface (:class:`SwapStrategy`, all the engine knows of
+them), a resolved stack, target lookup and the dry-run validation."""
 
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -28,7 +31,52 @@ class ResolvedEntry:
 
 Contribution = tuple[tuple[FileKey, float], ...]
 
-__all__ = ["Contribution", "ResolvedEntry", "check_targets_exist", "linear_modules", "per_layer"]
+__all__ = ["Contribution", "ResolvedEntry", "SwapStrategy", "check_targets_exist", "linear_modules", "per_layer"]
+
+
+class SwapStrategy(ABC):
+    """How a LoRA stack gets into the model. The engine calls only these methods (never asks which
+    strategy it holds); a new strategy implements :meth:`validate` and :meth:`apply` and overrides
+    the hooks it needs.
+
+    Contract of :meth:`apply`: the weights end up as the stack says, in place (a compiled graph
+    sees them without recompiling); a failure restores the previous stack before it propagates.
+    """
+
+    name: ClassVar[str]
+    #: Whether swaps go through a pre-built slot of fixed targets and rank (PEFT layers) that
+    #: :meth:`prepare_slot` sizes; False: any rank and target swaps with no preparation.
+    uses_slot: ClassVar[bool] = False
+
+    @abstractmethod
+    def validate(self, entries: list[ResolvedEntry]) -> list[str]:
+        """Dry run before anything is written; returns warnings. Raises LoraError when the stack
+        cannot be applied."""
+
+    @abstractmethod
+    def apply(self, entries: list[ResolvedEntry]) -> int:
+        """Make the weights match ``entries``; returns how many layers were written."""
+
+    def model_moved(self) -> None:
+        """The model was quantised or moved to its device: refresh anything cached about it."""
+        return None
+
+    def offload(self) -> None:
+        """The engine moved its weights to CPU RAM (ComfyUI unload): follow with any state."""
+        return None
+
+    def reload(self) -> None:
+        """The engine moved its weights back to the device: undo :meth:`offload`."""
+        return None
+
+    def prepare_slot(self, targets: frozenset[str], rank: int) -> bool:
+        """Size the slot (``uses_slot`` strategies) to cover ``targets`` at ``rank``; True when the
+        module structure changed (a compiled model recompiles once). Nothing to do otherwise."""
+        return False
+
+    def slot_size(self) -> tuple[int, int]:
+        """(number of targets, rank) of the slot; (0, 0) without one."""
+        return 0, 0
 
 
 def per_layer(entries: list[ResolvedEntry], part: str = "transformer") -> dict[str, list[tuple[ResolvedEntry, LoraLayer]]]:

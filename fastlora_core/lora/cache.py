@@ -26,6 +26,8 @@ import threading
 from collections import OrderedDict
 from typing import NamedTuple
 
+import torch
+
 from ..errors import LoraFormatError
 from .types import NormalizedLora
 
@@ -169,3 +171,48 @@ class LoraCache:
 
 
 GLOBAL_CACHE = LoraCache()
+
+
+class DeviceLoraCache:
+    """The device-side neighbour of :class:`LoraCache`: recently used LoRAs kept on a GPU in the
+    engine's dtype, so swapping back to one copies nothing over PCIe. Bounded by
+    :meth:`budget_bytes` (at most 8 GiB, 1/20 of the GPU); the least recently used go first, never
+    the one just staged. Only the newest version of a path is kept. On a CPU (or with offload) it
+    hands LoRAs through unchanged."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, enabled: bool = True) -> None:
+        self.device = device
+        self.dtype = dtype
+        self.enabled = enabled and device.type == "cuda"
+        self._loras: OrderedDict[FileKey, NormalizedLora] = OrderedDict()
+
+    def __contains__(self, key: FileKey) -> bool:
+        return key in self._loras
+
+    def __getitem__(self, key: FileKey) -> NormalizedLora:
+        return self._loras[key]
+
+    def budget_bytes(self) -> int:
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        return min(8 * 2**30, total // 20)
+
+    def stage(self, key: FileKey, lora: NormalizedLora) -> NormalizedLora:
+        """``lora`` on the device (a cached copy when there is one); ``lora`` itself when disabled.
+        A new copy is synchronised before it is returned, so its transfer is over."""
+        if not self.enabled:
+            return lora
+        staged = self._loras.get(key)
+        if staged is None:
+            for old in [k for k in self._loras if k.path == key.path]:  # a rewritten file's old version
+                del self._loras[old]
+            staged = lora.to(self.device, self.dtype)
+            torch.cuda.synchronize(self.device)
+            self._loras[key] = staged
+            budget = self.budget_bytes()
+            while len(self._loras) > 1 and sum(x.nbytes() for x in self._loras.values()) > budget:
+                self._loras.popitem(last=False)
+        self._loras.move_to_end(key)
+        return staged
+
+    def clear(self) -> None:
+        self._loras.clear()

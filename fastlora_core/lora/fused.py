@@ -21,17 +21,13 @@ import logging
 import torch
 
 from ..errors import LoraError
-from ..optimize import clone_quantized, copy_into_quantized, requantize_like, restore_quantized
-from .base import Contribution, ResolvedEntry, check_targets_exist, linear_modules, per_layer
+from .base import Contribution, ResolvedEntry, SwapStrategy, check_targets_exist, linear_modules, per_layer
+from .quantized import clone_quantized, copy_into_quantized, is_quantized, requantize_like, restore_quantized
 
 logger = logging.getLogger(__name__)
 
 
-def _is_quantized(w: torch.Tensor) -> bool:
-    return type(w) is not torch.Tensor and type(w) is not torch.nn.Parameter and hasattr(w, "__tensor_flatten__")
-
-
-class FusedStrategy:
+class FusedStrategy(SwapStrategy):
     name = "fused"
 
     def __init__(self, models: dict[str, torch.nn.Module], quantization: str = "none",
@@ -50,6 +46,7 @@ class FusedStrategy:
         self._entries: list[ResolvedEntry] = []
         self._fast_fp8: bool | None = None  # None: not checked yet
         self._scratch: torch.Tensor | None = None
+        self._device_before_offload: torch.device | None = None
 
     # -- set-up -------------------------------------------------------------------------------
     def capture_hp_masters(self, transformer: torch.nn.Module, names: list[str]) -> None:
@@ -81,6 +78,18 @@ class FusedStrategy:
         self._orig = {k: ({n: t.to(device) for n, t in v.items()} if isinstance(v, dict) else v.to(device))
                       for k, v in self._orig.items()}
         self.master_device = torch.device(device)
+
+    def model_moved(self) -> None:
+        self.refresh_modules()
+
+    def offload(self) -> None:
+        self._device_before_offload = self.master_device
+        self.move_masters("cpu")
+
+    def reload(self) -> None:
+        if self._device_before_offload is not None:
+            self.move_masters(self._device_before_offload)
+            self._device_before_offload = None
 
     # -- the contract -------------------------------------------------------------------------
     def validate(self, entries: list[ResolvedEntry]) -> list[str]:
@@ -180,7 +189,7 @@ class FusedStrategy:
         part, name = key
         module = self._modules[part][name]
         weight = module.weight  # type: ignore[union-attr]
-        quantized = _is_quantized(weight)
+        quantized = is_quantized(weight)
         if key not in self._orig:
             self._orig[key] = clone_quantized(weight, self.master_device) if quantized else \
                 weight.detach().to(self.master_device, copy=True)
