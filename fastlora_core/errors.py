@@ -40,10 +40,6 @@ class EngineReleasedError(FastLoraError, RuntimeError):
     while this call waited for it. Get a new engine from the registry."""
 
 
-class GenerationCancelled(FastLoraError):
-    """Generation was stopped by the caller's cancellation hook. The engine stays usable."""
-
-
 class EngineOutOfMemoryError(FastLoraError, MemoryError):
     """The device ran out of memory. The engine is left usable (previous LoRA stack intact); the
     message says which options reduce memory. Also a ``torch.OutOfMemoryError`` (see

@@ -169,14 +169,6 @@ def cancel_check() -> Callable[[], None]:
     return mm.throw_exception_if_processing_interrupted
 
 
-def interrupt_exception_type() -> type[BaseException] | None:
-    try:
-        import comfy.model_management as mm
-    except ImportError:
-        return None
-    return getattr(mm, "InterruptProcessingException", None)
-
-
 # -- HTTP route (server.PromptServer) -------------------------------------------------------------
 # Attribute of ``PromptServer.instance`` holding the route's current payload and the pack folder it
 # comes from. Every copy of the pack that ComfyUI imports (a clone plus a Manager install, a renamed

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-import weakref
 from typing import Any
 
 from . import comfy_bridge as bridge
@@ -37,7 +36,6 @@ _DEFAULTS = specs.EngineOptions()
 
 # Counters shown by GET /fastlora/stats (and used by the real-ComfyUI tests).
 STATS: dict[str, Any] = {"builds": 0, "generates": 0, "last": None}
-_prepared_slots: weakref.WeakKeyDictionary[FluxEngine, SlotSpec] = weakref.WeakKeyDictionary()
 
 
 def _engine_input() -> tuple[str, dict[str, str]]:
@@ -84,17 +82,6 @@ def engine_for(key: specs.EngineKey) -> FluxEngine:
         STATS["builds"] += 1
         memory.prune()  # the registry released the previous engine, if any
     return engine
-
-
-def _interrupt_of(exc: BaseException) -> BaseException | None:
-    """ComfyUI's InterruptProcessingException hidden behind a core GenerationCancelled, if any."""
-    kind = bridge.interrupt_exception_type()
-    seen: BaseException | None = exc
-    while seen is not None and kind is not None:
-        if isinstance(seen, kind):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
 
 
 def stats() -> dict[str, Any]:
@@ -414,21 +401,15 @@ class Generate:
         handle = engine
         flux = engine_for(handle.key)
         memory.ensure_loaded(flux)
-        if handle.slot is not None and _prepared_slots.get(flux) != handle.slot:
+        if handle.slot is not None:  # the engine knows its slot: a covered request changes nothing
             info = flux.prepare_slot(handle.slot.lora_paths, handle.slot.all_layers, handle.slot.max_rank)
-            _prepared_slots[flux] = handle.slot
-            logger.info("FastLoRA: adapter slot %s", info)
+            if info["changed"]:
+                logger.info("FastLoRA: adapter slot %s", info)
         request = specs.GenerateRequest(prompt=prompt, seed=int(seed), steps=int(steps), guidance=float(guidance),
                                         width=int(width), height=int(height), batch=int(batch))
         t0 = time.perf_counter()
-        try:
-            on_step, on_preview = bridge.progress_callbacks(int(steps))
-            result = flux.generate(request, handle.stack, on_step, on_preview, bridge.cancel_check())
-        except errors.GenerationCancelled as exc:
-            interrupt = _interrupt_of(exc)
-            if interrupt is not None:
-                raise interrupt from None
-            raise
+        on_step, on_preview = bridge.progress_callbacks(int(steps))
+        result = flux.generate(request, handle.stack, on_step, on_preview, bridge.cancel_check())
         STATS["generates"] += 1
         STATS["last"] = {
             "seconds": round(time.perf_counter() - t0, 4),
