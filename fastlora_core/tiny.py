@@ -17,9 +17,6 @@ from safetensors.torch import save_file
 
 from .tiny_names import TINY_DIFFUSERS_NAME, TINY_SINGLE_FILES, TINY_TOKENIZERS
 
-__all__ = ["TINY_DIFFUSERS_NAME", "TINY_LORAS", "build_tiny_pipeline", "write_comfy_tree", "write_tiny_loras",
-           "write_tiny_model"]
-
 logger = logging.getLogger(__name__)
 
 TINY_TRANSFORMER_CONFIG: dict[str, object] = {
@@ -35,7 +32,6 @@ TINY_TRANSFORMER_CONFIG: dict[str, object] = {
     "axes_dims_rope": [4, 4, 8],
     "guidance_embeds": True,
 }
-
 
 # LoRA target groups of the tiny model, by diffusers module name.
 ATTN_TARGETS = (

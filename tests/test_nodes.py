@@ -330,7 +330,7 @@ def test_cancel_acts_between_transformer_blocks_within_a_step(pack: Any, models_
     from fastlora_core import registry, specs
 
     mm = comfy.model_management
-    (base,) = run(pack, "OptimizedFluxLoader", **LOADER)
+    base, _model = run(pack, "OptimizedFluxLoader", **LOADER)
     (a,) = run(pack, "LoraHotswap", engine=base, lora_name="fastlora-tiny-style.safetensors", strength=1.0)
     transformer = registry.peek(base.key).transformer
     blocks: list[str] = []
@@ -356,7 +356,7 @@ def test_cancel_acts_between_transformer_blocks_within_a_step(pack: Any, models_
 
 
 def test_swap_log_on_a_cpu_has_no_gpu_transfer(pack: Any, caplog: pytest.LogCaptureFixture) -> None:
-    (base,) = run(pack, "OptimizedFluxLoader", **LOADER)
+    base, _model = run(pack, "OptimizedFluxLoader", **LOADER)
     (a,) = run(pack, "LoraHotswap", engine=base, lora_name="fastlora-tiny-wide.safetensors", strength=0.3)
     with caplog.at_level(logging.INFO):
         run(pack, "Generate", engine=a, **gen_inputs())
@@ -373,7 +373,7 @@ def test_previews_send_one_progress_event_per_step(pack: Any, comfy: Any) -> Non
         events.append((value, total, preview))
         real_hook(value, total, preview)
 
-    (base,) = run(pack, "OptimizedFluxLoader", **LOADER)
+    base, _model = run(pack, "OptimizedFluxLoader", **LOADER)
     comfy.utils.set_progress_bar_global_hook(record)
     args.preview_method = comfy.cli_args.LatentPreviewMethod.Latent2RGB
     try:
@@ -486,7 +486,7 @@ def test_cancel_between_blocks_keeps_the_regional_compile(pack: Any) -> None:
     compile nothing new and give the same image."""
     from fastlora_core import registry, specs
 
-    (base,) = run(pack, "OptimizedFluxLoader", **{**LOADER, "compile": "regional"})
+    base, _model = run(pack, "OptimizedFluxLoader", **{**LOADER, "compile": "regional"})
     (first,) = run(pack, "Generate", engine=base, **gen_inputs())
     engine = registry.peek(base.key)
     compiles = engine.compiles
