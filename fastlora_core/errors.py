@@ -32,7 +32,8 @@ class LoraFormatError(LoraError):
 
 
 class LoraFitError(LoraError):
-    """A valid LoRA that does not fit the prepared adapter slot (rank above max_rank, new targets)."""
+    """A valid LoRA that does not fit: layers the model lacks or has in other sizes (a LoRA for another
+    model), or the prepared adapter slot (rank above max_rank, new targets)."""
 
 
 class EngineReleasedError(FastLoraError, RuntimeError):

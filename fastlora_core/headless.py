@@ -174,7 +174,7 @@ class Client:
             answer = self.request("POST", "/prompt", {"prompt": graph, "client_id": client_id})
         except HeadlessError as exc:
             if isinstance(exc.details, dict):
-                raise HeadlessError(format_refusal(exc.details), EXIT_REFUSED, exc.details) from None
+                raise HeadlessError(format_refusal(exc.details), EXIT_REFUSED, exc.details) from exc
             raise
         if answer.get("node_errors"):
             raise HeadlessError(format_refusal(answer), EXIT_REFUSED, answer)

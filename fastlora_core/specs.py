@@ -249,8 +249,8 @@ class LoraSpec:
             if isinstance(strength, bool):
                 raise TypeError("a bool is not a strength")
             value = float(strength)
-        except (TypeError, ValueError):
-            raise OptionsError(f"LoRA {Path(resolved).name}: strength={strength!r} is not a number.") from None
+        except (TypeError, ValueError) as exc:
+            raise OptionsError(f"LoRA {Path(resolved).name}: strength={strength!r} is not a number.") from exc
         return cls(resolved, value)
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fastlora_core.errors import LoraFormatError
+from fastlora_core.errors import LoraFitError, LoraFormatError
 from fastlora_core.lora.fit import flux_lora_targets, validate_against
 from fastlora_core.lora.formats import read_lora
 from fastlora_core.lora.types import NormalizedLora
@@ -274,13 +274,13 @@ def test_validate_against_ok_and_mismatch(tmp_path: Path, transformer: torch.nn.
 
     wide_ref = km.make_reference(_transformer(CONFIG_WIDE), seed=2)
     wide = read_lora(_save(tmp_path, "wide.safetensors", km.to_bfl(wide_ref)))
-    with pytest.raises(LoraFormatError, match=r"wide\.safetensors.*another size"):
+    with pytest.raises(LoraFitError, match=r"wide\.safetensors.*another size"):
         validate_against(wide, transformer)
 
     extra = {"transformer.transformer_blocks.7.attn.to_q.lora_A.weight": torch.zeros(2, 32),
              "transformer.transformer_blocks.7.attn.to_q.lora_B.weight": torch.zeros(32, 2)}
     deep = read_lora(_save(tmp_path, "deep.safetensors", extra))
-    with pytest.raises(LoraFormatError, match=r"deep\.safetensors.*transformer_blocks\.7\.attn\.to_q: no such layer"):
+    with pytest.raises(LoraFitError, match=r"deep\.safetensors.*transformer_blocks\.7\.attn\.to_q: no such layer"):
         validate_against(deep, transformer)
 
 

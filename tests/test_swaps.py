@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from fastlora_core.engine import FluxEngine
-from fastlora_core.errors import LoraError, LoraFitError, LoraFormatError
+from fastlora_core.errors import LoraFitError, LoraFormatError
 from fastlora_core.reference import reference_images
 from fastlora_core.specs import EngineOptions, GenerateRequest, LoraStack, ModelSource
 
@@ -144,7 +144,7 @@ def _bad_lora_files(tmp_path: Path, engine: FluxEngine, loras: dict[str, str]) -
         "another model family": (str(sdxl), LoraFormatError, "sdxl.safetensors"),
         "Flux of another size": (_random_lora(tmp_path / "big.safetensors", engine,
                                               ["transformer_blocks.0.attn.to_q"], 4, (3072, 3072)),
-                                 LoraError, "another size|3072"),
+                                 LoraFitError, "another size|3072"),
     }
 
 

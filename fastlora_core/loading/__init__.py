@@ -80,7 +80,7 @@ def load_pipeline(source: ModelSource, dtype: torch.dtype) -> FluxPipeline:
     try:
         source.validate()
     except OptionsError as e:
-        raise ModelLoadError(str(e)) from None
+        raise ModelLoadError(str(e)) from e
     if source.transformer_only:
         return _load_transformer_only(source, dtype)
     if source.kind == "diffusers":

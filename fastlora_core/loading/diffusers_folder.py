@@ -45,7 +45,7 @@ def _load_diffusers(folder: Path, dtype: torch.dtype) -> FluxPipeline:
         index = json.loads(index_path.read_text(encoding="utf-8"))
         cls = str(index.get("_class_name", ""))
     except (ValueError, AttributeError) as e:
-        raise ModelLoadError(f"{index_path} is not valid JSON ({e}). Restore the file.") from None
+        raise ModelLoadError(f"{index_path} is not valid JSON ({e}). Restore the file.") from e
     if cls in _FLUX_VARIANT_PIPELINES:
         raise ModelLoadError(f"{folder} is {_FLUX_VARIANT_PIPELINES[cls]} ({cls}). FastLoRA runs text-to-image "
                              "Flux.1 dev/schnell and their fine-tunes; use such a model.")
@@ -60,7 +60,7 @@ def _load_diffusers(folder: Path, dtype: torch.dtype) -> FluxPipeline:
     try:
         tcfg = json.loads(tcfg_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"{tcfg_path} cannot be read ({e}). Download the model again.") from None
+        raise ModelLoadError(f"{tcfg_path} cannot be read ({e}). Download the model again.") from e
     if tcfg.get("quantization_config"):
         raise ModelLoadError(f"{folder} holds a pre-quantised transformer ({tcfg['quantization_config'].get('quant_method', '?')}). "
                              "FastLoRA quantises the model itself; use the original bf16 weights.")
@@ -83,7 +83,7 @@ def _load_diffusers(folder: Path, dtype: torch.dtype) -> FluxPipeline:
         raise
     except Exception as e:  # noqa: BLE001 - anything diffusers/transformers raise on a broken folder
         raise ModelLoadError(f"The diffusers folder {folder} could not be loaded: {type(e).__name__}: {e}. Check that "
-                             "the download is complete and matches FLUX.1-dev's layout.") from None
+                             "the download is complete and matches FLUX.1-dev's layout.") from e
     _finish(pipe)
     logger.info("loaded diffusers Flux pipeline from %s (%s)", folder, dtype)
     return pipe

@@ -129,7 +129,7 @@ def read_header(path: str | os.PathLike[str], role: str = "model") -> Header:
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise ModelLoadError(
             f"The {label} is not a valid .safetensors file ({e}). Download it again or use another copy."
-        ) from None
+        ) from e
     expected = 8 + n + end
     if size < expected:
         raise ModelLoadError(
@@ -156,7 +156,7 @@ def read_header(path: str | os.PathLike[str], role: str = "model") -> Header:
             if set(sf.keys()) != set(tensors):
                 raise ValueError("tensor list differs from header")
     except Exception as e:  # noqa: BLE001 - any failure here means the file cannot be read
-        raise ModelLoadError(f"The {label} cannot be read by safetensors ({e}). Download it again.") from None
+        raise ModelLoadError(f"The {label} cannot be read by safetensors ({e}). Download it again.") from e
     return Header(p, tensors, {str(k): str(v) for k, v in metadata.items()})
 
 

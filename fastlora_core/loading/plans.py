@@ -145,7 +145,7 @@ def _plan_transformer(h: Header) -> _Plan:
             guidance = any(k.startswith("time_text_embed.guidance_embedder.") for k in sub)
             mlp_key = "transformer_blocks.0.ff.net.0.proj.weight" if n_double else None
     except ValueError as e:
-        raise _fail(role, h, f"is damaged: {e}.", "Download it again.") from None
+        raise _fail(role, h, f"is damaged: {e}.", "Download it again.") from e
     head_dim = need(qn)[0]
     inner, in_ch = img_in[0], img_in[1]
     out_ch = final[0]
@@ -229,7 +229,7 @@ def _plan_clip(h: Header) -> _Plan:
         layers = _count_blocks(sub, "encoder.layers.")
         inter = sub["encoder.layers.0.mlp.fc1.weight"][0]
     except (KeyError, ValueError) as e:
-        raise _fail(role, h, f"is an incomplete CLIP text encoder (missing {e}).", "Download clip_l.safetensors again.") from None
+        raise _fail(role, h, f"is an incomplete CLIP text encoder (missing {e}).", "Download clip_l.safetensors again.") from e
     real = load_shipped_config("clip_l")
     meta = _meta_json(h, META_CONFIG)
     config = dict(real)
@@ -273,7 +273,7 @@ def _plan_t5(h: Header) -> _Plan:
         q = sub["encoder.block.0.layer.0.SelfAttention.q.weight"]
         layers = _count_blocks(sub, "encoder.block.")
     except (KeyError, ValueError) as e:
-        raise _fail(role, h, f"is an incomplete T5 encoder (missing {e}).", "Download the T5 file again.") from None
+        raise _fail(role, h, f"is an incomplete T5 encoder (missing {e}).", "Download the T5 file again.") from e
     buckets, heads = rel
     ff = "encoder.block.0.layer.1.DenseReluDense."
     gated = ff + "wi_0.weight" in sub
@@ -326,7 +326,7 @@ def _plan_vae(h: Header) -> _Plan:
         latent = sub["decoder.conv_in.weight"][1]
         out_ch = sub["decoder.conv_out.weight"][0]
     except (KeyError, ValueError) as e:
-        raise _fail(role, h, f"is an incomplete autoencoder (missing {e}).", "Download ae.safetensors again.") from None
+        raise _fail(role, h, f"is an incomplete autoencoder (missing {e}).", "Download ae.safetensors again.") from e
     meta = _meta_json(h, META_CONFIG)
     real = load_shipped_config("ae")
     if enc_out != 2 * latent:

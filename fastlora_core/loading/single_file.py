@@ -188,7 +188,7 @@ def _build(plan: _Plan, dtype: torch.dtype, dry_run: bool) -> torch.nn.Module | 
     except ModelLoadError:
         raise
     except Exception as e:  # noqa: BLE001 - I/O or decoding failure while reading
-        raise _fail(plan.role, plan.header, f"could not be read ({e}).", "Download it again.") from None
+        raise _fail(plan.role, plan.header, f"could not be read ({e}).", "Download it again.") from e
     sd = _adapt_to_module(plan, module, sd)
     _check_against(plan, module, sd)
     if plan.role == "t5xxl" and "shared.weight" in sd:

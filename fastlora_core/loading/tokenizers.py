@@ -93,12 +93,12 @@ def _load_tokenizers(clip_d: Path, t5_d: Path, clip_max_len: int) -> tuple[Any, 
         clip_tok = (clip_cls or transformers.CLIPTokenizer).from_pretrained(str(clip_d), local_files_only=True)
     except Exception as e:  # noqa: BLE001
         raise ModelLoadError(f"The CLIP tokenizer in {clip_d} cannot be loaded ({e}). Use ComfyUI's "
-                             "comfy/sd1_tokenizer or a diffusers Flux folder's tokenizer/.") from None
+                             "comfy/sd1_tokenizer or a diffusers Flux folder's tokenizer/.") from e
     try:
         t5_tok = (t5_cls or transformers.T5Tokenizer).from_pretrained(str(t5_d), local_files_only=True)
     except Exception as e:  # noqa: BLE001
         raise ModelLoadError(f"The T5 tokenizer in {t5_d} cannot be loaded ({e}). Use ComfyUI's "
-                             "comfy/text_encoders/t5_tokenizer or a diffusers Flux folder's tokenizer_2/.") from None
+                             "comfy/text_encoders/t5_tokenizer or a diffusers Flux folder's tokenizer_2/.") from e
     if clip_tok.model_max_length > clip_max_len:
         # ComfyUI's sd1_tokenizer says 8192; the pipeline pads CLIP prompts to model_max_length.
         clip_tok.model_max_length = clip_max_len

@@ -40,7 +40,7 @@ def _load_transformer_only(source: ModelSource, dtype: torch.dtype) -> FluxPipel
             transformer = FluxTransformer2DModel.from_pretrained(str(sub), **_dtype_kwarg(dtype), local_files_only=True)
         except Exception as e:  # noqa: BLE001 - anything diffusers raises on a broken folder
             raise ModelLoadError(f"The transformer in {folder} could not be loaded: {type(e).__name__}: {e}. Check "
-                                 "that the download is complete.") from None
+                                 "that the download is complete.") from e
         guidance = bool(transformer.config.guidance_embeds)
     else:
         plan = _plan_transformer(read_header(source.transformer or "", "transformer"))

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ..errors import LoraFormatError
+from ..errors import LoraFitError
 from .formats import _MAX_KEYS_IN_MESSAGE, _lookup
 from .types import LoraLayer, NormalizedLora
 
@@ -64,7 +64,7 @@ def validate_against(
     ``text_model`` level). Nothing is modified.
 
     Raises:
-        LoraFormatError: naming the file and the first layers that are missing or do not fit,
+        LoraFitError: naming the file and the first layers that are missing or do not fit,
             saying that the LoRA was made for a Flux model of another size or not for Flux.1.
     """
     problems: list[str] = []
@@ -105,11 +105,11 @@ def fit_problems(layers: Mapping[str, LoraLayer], linears: Mapping[str, torch.nn
 
 
 def raise_if_unfit(path: str, problems: list[str], total: int) -> None:
-    """Raise LoraFormatError naming the file and the first problems (no-op when there are none)."""
+    """Raise LoraFitError naming the file and the first problems (no-op when there are none)."""
     if problems:
         shown = "; ".join(problems[:_MAX_KEYS_IN_MESSAGE])
         more = len(problems) - _MAX_KEYS_IN_MESSAGE
-        raise LoraFormatError(
+        raise LoraFitError(
             f"LoRA file {path} does not fit this model: {len(problems)} of {total} layers are missing or "
             f"have other sizes ({shown}{f' and {more} more' if more > 0 else ''}). This LoRA was made for a "
             "Flux model of another size, or not for Flux.1 at all (Flux.2, SD3, Chroma ...): use a LoRA "
