@@ -117,11 +117,11 @@ def test_default_options_quantise_to_fp8_on_this_gpu(tiny_source: ModelSource, t
     assert engine.key.options.quantization == "auto" and engine.options.quantization == "fp8"
     weight = engine.transformer.transformer_blocks[0].attn.to_q.weight
     assert type(weight).__name__ == "Float8Tensor"
-    total_gib = torch.cuda.get_device_properties(engine.device).total_memory / 2**30
-    import importlib.util
+    # The T5 rule is unit-tested against faked devices (test_engine.py); here: the engine runs with
+    # exactly what resolve() chooses for this real GPU.
+    from fastlora_core.optimize import resolve
 
-    small = total_gib < 30 and importlib.util.find_spec("bitsandbytes") is not None
-    assert engine.options.t5_quantization == ("nf4" if small else "none")
+    assert engine.options == resolve(EngineOptions(compile="off")).options
     images = engine.generate(tiny_request).images
     assert images.shape == (1, 64, 64, 3) and bool(torch.isfinite(images).all())
 
