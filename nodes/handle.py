@@ -1,7 +1,7 @@
 """The value that travels on ``FASTLORA_ENGINE`` links.
 
 A handle is immutable data: which engine (``EngineKey``), which LoRA stack is wanted, and which
-adapter slot to prepare. Nodes return new handles and never touch the engine (ARCHITECTURE.md,
+adapter slot to prepare. Nodes return new handles and never touch the engine (docs/ARCHITECTURE.md,
 decision 1): ComfyUI hands cached outputs to several consumers by reference, so only ``Generate``
 turns a handle into engine state, right before it samples.
 """

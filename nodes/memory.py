@@ -1,4 +1,4 @@
-"""Make FastLoRA engines visible to ComfyUI's memory manager (ARCHITECTURE.md, decision 8).
+"""Make FastLoRA engines visible to ComfyUI's memory manager (docs/ARCHITECTURE.md, decision 8).
 
 ComfyUI frees memory only through the models in ``comfy.model_management.current_loaded_models``:
 "Unload models" (``POST /free``), out-of-memory recovery and loading another model all end in

@@ -1,4 +1,4 @@
-"""LoRA file formats -> NormalizedLora, verified by per-layer weight deltas (ARCHITECTURE decision 9).
+"""LoRA file formats -> NormalizedLora, verified by per-layer weight deltas (docs/ARCHITECTURE.md, decision 9).
 
 One reference LoRA (every Linear of a tiny 2+2-block Flux transformer, CLIP and T5 layers, varied
 ranks and alphas) is written in every layout by ``tests/lora_keymaps.py`` (an independent key

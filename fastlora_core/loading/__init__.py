@@ -1,4 +1,4 @@
-"""Model sources -> ``diffusers.FluxPipeline`` on CPU (ARCHITECTURE.md, decision 10).
+"""Model sources -> ``diffusers.FluxPipeline`` on CPU (docs/ARCHITECTURE.md, decision 10).
 
 Two kinds of source (:class:`~fastlora_core.specs.ModelSource`):
 

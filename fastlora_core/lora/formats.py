@@ -23,7 +23,7 @@ the non-block layers (``img_in``, ``txt_in``, ``time_in``, ``vector_in``, ``guid
 ``final_layer``) of kohya and BFL ``lora_down`` files without a warning (their converted keys lack
 the ``transformer.`` prefix and are filtered out later), discards ``final_layer`` alphas (delta off
 by ``rank / alpha``) and does not recognise BFL files with ``lora_A`` / ``lora_B`` names (loads
-nothing). This module maps every layout directly and exactly instead (ARCHITECTURE.md decision 9);
+nothing). This module maps every layout directly and exactly instead (docs/ARCHITECTURE.md, decision 9);
 the tests compare per-layer ``scale * up @ down`` against the source LoRA for every layout.
 
 Mapping rules: a fused ``qkv`` / ``linear1`` LoRA maps exactly onto the split diffusers layers -
