@@ -457,7 +457,8 @@ def read_lora(path: str | os.PathLike[str]) -> NormalizedLora:
           ``alpha / rank``, or ``alpha / sqrt(rank)`` for rsLoRA metadata, 1.0 without alpha).
           Fused ``qkv`` / ``linear1`` modules are split into the diffusers layers; widths come from
           the tensor shapes, so any Flux size works.
-        * Tensors are float32, contiguous, on the CPU, and not shared with each other.
+        * Tensors keep the file's floating dtype (fp32, bf16 or fp16; anything else becomes fp32),
+          contiguous, on the CPU, and not shared with each other.
         * ``source_format`` is one of ``diffusers`` / ``kohya`` / ``xlabs`` / ``bfl``, or several
           joined by ``+`` for a file that mixes layouts.
         * This does not check the LoRA against a model; call :func:`fastlora_core.lora.fit.validate_against` for that.
