@@ -23,6 +23,7 @@ demo: venv
 
 test: venv
 	$(PY) -m ruff check .
+	$(PY) -m mypy  # settings and files: [tool.mypy] in pyproject.toml
 	$(PY) -m pytest -q
 
 lint: venv

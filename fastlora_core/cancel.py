@@ -60,5 +60,5 @@ def uninstall(transformer: torch.nn.Module) -> None:
     for name in BLOCK_LISTS:
         blocks = getattr(transformer, name, None)
         if isinstance(blocks, CheckedBlocks):
-            blocks.__class__ = torch.nn.ModuleList
+            blocks.__class__ = torch.nn.ModuleList  # type: ignore[assignment]
             blocks.__dict__.pop("_fastlora_holder", None)

@@ -37,7 +37,7 @@ from .specs import (
 logger = logging.getLogger("fastlora_core")
 
 
-def _save_images(images, folder: Path, stem: str) -> list[str]:  # type: ignore[no-untyped-def]
+def _save_images(images, folder: Path, stem: str) -> list[str]:
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -118,7 +118,7 @@ def run_demo(out: Path, compile_mode: str = "regional", strategies: tuple[str, .
     }
     total_recompiles = 0
     for strategy in strategies:
-        options = EngineOptions(dtype="float32", device="cpu", compile=compile_mode,
+        options = EngineOptions(dtype="float32", device="cpu", compile=compile_mode,  # type: ignore[arg-type]
                                 swap_strategy=strategy, max_rank=32)  # type: ignore[arg-type]
         engine = registry.get_engine(source, options)
         slot = None
@@ -157,12 +157,12 @@ def run_demo(out: Path, compile_mode: str = "regional", strategies: tuple[str, .
                 run["refused"] = {"file": Path(refused).name, "error": str(exc),
                                   "unchanged_after_refusal": bool(torch.equal(before, after))}
         run["engine_compiles"] = engine.compiles
-        summary["runs"].append(run)  # type: ignore[union-attr]
+        summary["runs"].append(run)  # type: ignore[attr-defined]
         registry.release_all()
     summary["recompiles"] = total_recompiles
     summary["tolerance"] = 1e-4
     summary["all_within_tolerance"] = all(
-        s["max_abs_diff"] <= 1e-4 for r in summary["runs"] for s in r["swaps"]  # type: ignore[index, union-attr]
+        s["max_abs_diff"] <= 1e-4 for r in summary["runs"] for s in r["swaps"]  # type: ignore[attr-defined]
     )
     summary["total_s"] = round(time.perf_counter() - t0, 2)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -172,7 +172,7 @@ def run_demo(out: Path, compile_mode: str = "regional", strategies: tuple[str, .
 def print_demo_summary(summary: dict[str, object], out: Path) -> None:
     w = sys.stdout.write
     w(f"\nFastLoRA demo (tiny random Flux on {summary['device']}, compile={summary['compile']})\n")
-    for run in summary["runs"]:  # type: ignore[union-attr]
+    for run in summary["runs"]:  # type: ignore[attr-defined]
         w(f"\nstrategy={run['strategy']}: load {run['load_s']} s, first image {run['first_image_s']} s "
           f"({run['warmup_compiles']} graphs compiled)\n")
         w(f"  {'swap':<38} {'swap_ms':>8} {'compiles':>8} {'max_abs_diff':>13} {'lora_effect':>11}\n")

@@ -73,7 +73,7 @@ class GenerateResult:
     swap: SwapReport | None = None
 
 
-def run_pipeline(pipe, request: GenerateRequest, callback=None) -> torch.Tensor:  # type: ignore[no-untyped-def]
+def run_pipeline(pipe, request: GenerateRequest, callback=None) -> torch.Tensor:
     """Sample with a FluxPipeline exactly as the engine does (also used for reference images).
     Returns float32 ``[B, H, W, C]`` in 0..1 on the CPU."""
     generator = torch.Generator(device="cpu").manual_seed(request.seed)
@@ -160,7 +160,7 @@ class FluxEngine:
         return cls(ModelSource(diffusers_dir=label), options, lora_cache, pipeline=pipe)
 
     # -- building ------------------------------------------------------------------------------
-    def _optimise(self, pipe) -> None:  # type: ignore[no-untyped-def]
+    def _optimise(self, pipe) -> None:
         o = self.options
         transformer = pipe.transformer
         for module in self._modules(pipe):
@@ -201,7 +201,7 @@ class FluxEngine:
         pipe.set_progress_bar_config(disable=True)
 
     @staticmethod
-    def _modules(pipe) -> list[torch.nn.Module]:  # type: ignore[no-untyped-def]
+    def _modules(pipe) -> list[torch.nn.Module]:
         """The pipeline's weight-holding modules that were loaded (a transformer-only engine has one)."""
         return [m for m in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.vae) if m is not None]
 
@@ -333,7 +333,7 @@ class FluxEngine:
             before = dynamo_compile_count()
             t0 = time.perf_counter()
 
-            def callback(pipe, i, t, kwargs):  # type: ignore[no-untyped-def]
+            def callback(pipe, i, t, kwargs):
                 if check_cancel is not None:
                     check_cancel()
                 if on_step is not None:

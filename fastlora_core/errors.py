@@ -52,7 +52,7 @@ def out_of_memory(what: str, exc: BaseException, options: object | None = None) 
     (resolved) ``options``, only changes that are not already in effect are suggested."""
     import torch
 
-    class _OOM(EngineOutOfMemoryError, torch.OutOfMemoryError):  # type: ignore[misc]
+    class _OOM(EngineOutOfMemoryError, torch.OutOfMemoryError):
         pass
 
     def opt(name: str, default: str) -> str:

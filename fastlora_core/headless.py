@@ -232,7 +232,7 @@ class WebSocket:
                 raise ConnectionError("websocket handshake: connection closed")
             buf += chunk
         head, self._buf = buf.split(b"\r\n\r\n", 1)
-        self._opcode, self._parts = 1, []
+        self._opcode, self._parts = 1, []  # type: ignore[var-annotated]
         lines = head.decode("latin-1").split("\r\n")
         if " 101 " not in lines[0] + " ":
             raise ConnectionError(f"websocket handshake refused: {lines[0]}")

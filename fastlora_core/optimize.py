@@ -251,7 +251,7 @@ def set_attention(transformer: torch.nn.Module, choice: str, device: torch.devic
     return choice
 
 
-def torchao_config(mode: str):  # type: ignore[no-untyped-def]
+def torchao_config(mode: str):
     """The torchao quantisation config for our ``quantization`` option."""
     from torchao.quantization import (
         Float8DynamicActivationFloat8WeightConfig,
@@ -364,10 +364,10 @@ def inductor_determinism(enabled: bool) -> contextlib.AbstractContextManager[obj
         logger.warning("deterministic=True: this torch has no inductor deterministic mode; images may "
                        "differ slightly between processes")
         return contextlib.nullcontext()
-    return inductor_config.patch(deterministic=True)  # type: ignore[no-any-return]
+    return inductor_config.patch(deterministic=True)
 
 
-def apply_offload(pipe, mode: str, device: torch.device) -> None:  # type: ignore[no-untyped-def]
+def apply_offload(pipe, mode: str, device: torch.device) -> None:
     if mode == "model":
         pipe.enable_model_cpu_offload(device=device)
     elif mode == "sequential":

@@ -18,14 +18,14 @@ def reference_images(source: ModelSource, stack: LoraStack, request: GenerateReq
     from .loading import load_pipeline
 
     pipe = load_pipeline(source, dtype)
-    pipe.set_progress_bar_config(disable=True)
+    pipe.set_progress_bar_config(disable=True)  # type: ignore[attr-defined]
     names: list[str] = []
     weights: list[float] = []
     for i, spec in enumerate(stack.active()):
         name = f"ref{i}"
-        pipe.load_lora_weights(spec.path, adapter_name=name)
+        pipe.load_lora_weights(spec.path, adapter_name=name)  # type: ignore[attr-defined]
         names.append(name)
         weights.append(spec.strength)
     if names:
-        pipe.set_adapters(names, weights)
+        pipe.set_adapters(names, weights)  # type: ignore[attr-defined]
     return run_pipeline(pipe, request)

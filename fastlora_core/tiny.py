@@ -74,7 +74,7 @@ TINY_LORAS: dict[str, dict[str, object]] = {
 }
 
 
-def _clip_tokenizer():  # type: ignore[no-untyped-def]
+def _clip_tokenizer():
     from transformers import CLIPTokenizer
 
     vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
@@ -92,7 +92,7 @@ def _clip_tokenizer():  # type: ignore[no-untyped-def]
     )
 
 
-def _t5_tokenizer():  # type: ignore[no-untyped-def]
+def _t5_tokenizer():
     from transformers import T5Tokenizer
 
     letters = "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"
@@ -102,7 +102,7 @@ def _t5_tokenizer():  # type: ignore[no-untyped-def]
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
 
 
-def build_tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):  # type: ignore[no-untyped-def]
+def build_tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     """A FluxPipeline with random weights, deterministic for a given seed."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
@@ -110,7 +110,7 @@ def build_tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):  # t
     clip_tok = _clip_tokenizer()
     t5_tok = _t5_tokenizer()
     torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(**TINY_TRANSFORMER_CONFIG)  # type: ignore[arg-type]
+    transformer = FluxTransformer2DModel(**TINY_TRANSFORMER_CONFIG)
     torch.manual_seed(seed + 1)
     clip = CLIPTextModel(
         CLIPTextConfig(
@@ -130,7 +130,7 @@ def build_tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):  # t
     )
     torch.manual_seed(seed + 2)
     t5 = T5EncoderModel(
-        T5Config(
+        T5Config(  # type: ignore[call-arg]
             vocab_size=len(t5_tok),
             d_model=32,
             d_kv=8,
@@ -167,7 +167,7 @@ def build_tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):  # t
                                                 max_image_seq_len=4096)
     # Inference modules: eval mode (the tiny T5 has dropout) and no gradients, as from_pretrained gives.
     for module in (transformer, clip, t5, vae):
-        module.eval().requires_grad_(False)
+        module.eval().requires_grad_(False)  # type: ignore[union-attr]
     pipe = FluxPipeline(
         scheduler=scheduler,
         text_encoder=clip,
@@ -177,7 +177,7 @@ def build_tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):  # t
         vae=vae,
         transformer=transformer,
     )
-    return pipe.to(dtype)
+    return pipe.to(dtype)  # type: ignore[attr-defined]
 
 
 def write_tiny_model(folder: str | Path, seed: int = 0) -> Path:
@@ -195,7 +195,7 @@ def module_shapes(transformer: torch.nn.Module, names: Iterable[str]) -> dict[st
     out: dict[str, tuple[int, int]] = {}
     for n in names:
         m = mods[n]
-        out[n] = (m.out_features, m.in_features)  # type: ignore[union-attr]
+        out[n] = (m.out_features, m.in_features)
     return out
 
 
@@ -231,7 +231,7 @@ def write_tiny_loras(
     if transformer is None:
         from diffusers import FluxTransformer2DModel
 
-        transformer = FluxTransformer2DModel(**TINY_TRANSFORMER_CONFIG)  # type: ignore[arg-type]
+        transformer = FluxTransformer2DModel(**TINY_TRANSFORMER_CONFIG)  # type: ignore[assignment]
     out: dict[str, Path] = {}
     for name in names or list(TINY_LORAS):
         spec = TINY_LORAS[name]
@@ -250,7 +250,7 @@ COMFY_CLIP_BOS, COMFY_CLIP_EOS = 49406, 49407
 COMFY_T5_VOCAB = 32128  # T5-XXL (sentencepiece 32000 + 100 extra ids, padded)
 
 
-def _with_comfy_vocab(pipe, seed: int):  # type: ignore[no-untyped-def]
+def _with_comfy_vocab(pipe, seed: int):
     """``pipe`` with text encoders wide enough for ComfyUI's real CLIP-L / T5 tokenizers (new
     embedding rows random, seeded) and CLIP's real start/end token ids, so the single files run
     with the tokenizers ComfyUI ships."""
@@ -305,7 +305,7 @@ def write_comfy_tree(models_dir: str | Path, seed: int = 0) -> dict[str, object]
     manifest = {"diffusers": str(model_dir), "single_files": {k: str(v) for k, v in singles.items()},
                 "loras": {k: str(v) for k, v in loras.items()}}
     (models_dir / "fastlora-tiny.json").write_text(json.dumps(manifest, indent=2))
-    return manifest
+    return manifest  # type: ignore[return-value]
 
 
 # ComfyUI's model detection (comfy/model_detection.py at a125cd84) fixes Flux's widths (hidden 3072,
@@ -333,14 +333,14 @@ def write_comfy_tiny_transformer(path: str | Path, seed: int = 0, dtype: torch.d
     ``COMFY_TINY_TRANSFORMER_CONFIG``), as ``dtype`` (bf16 weights load exactly into float32)."""
     from diffusers import FluxTransformer2DModel
 
-    from .loading import _diffusers_to_bfl
+    from .loading.writer import _diffusers_to_bfl
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     cfg = COMFY_TINY_TRANSFORMER_CONFIG
-    model = FluxTransformer2DModel(**cfg)  # type: ignore[arg-type]
-    sd = _diffusers_to_bfl(model.state_dict(), int(cfg["num_layers"]), int(cfg["num_single_layers"]))  # type: ignore[call-overload]
+    model = FluxTransformer2DModel(**cfg)
+    sd = _diffusers_to_bfl(model.state_dict(), int(cfg["num_layers"]), int(cfg["num_single_layers"]))  # type: ignore[attr-defined,call-overload]
     del model
     save_file({k: v.to(dtype).contiguous() for k, v in sd.items()}, str(path))
     logger.info("wrote ComfyUI-loadable tiny Flux transformer to %s", path)

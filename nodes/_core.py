@@ -8,16 +8,16 @@ module is called ``nodes``) falls back to the top-level ``fastlora_core``.
 from __future__ import annotations
 
 try:
-    from ..fastlora_core import errors, loading, registry, specs  # type: ignore[import-not-found]
-    from ..fastlora_core.engine import FluxEngine, GenerateResult  # type: ignore[import-not-found]
-    from ..fastlora_core.lora import base as lora_base  # type: ignore[import-not-found]
-    from ..fastlora_core.lora import bfl as lora_bfl  # type: ignore[import-not-found]
+    from ..fastlora_core import errors, loading, registry, specs
+    from ..fastlora_core.engine import FluxEngine, GenerateResult
+    from ..fastlora_core.lora import base as lora_base
+    from ..fastlora_core.lora import bfl as lora_bfl
 except ImportError as exc:  # pragma: no cover - only when `nodes` is imported top-level
     if "relative import" not in str(exc):
         raise
-    from fastlora_core import errors, loading, registry, specs  # type: ignore[no-redef]
-    from fastlora_core.engine import FluxEngine, GenerateResult  # type: ignore[no-redef]
-    from fastlora_core.lora import base as lora_base  # type: ignore[no-redef]
-    from fastlora_core.lora import bfl as lora_bfl  # type: ignore[no-redef]
+    from fastlora_core import errors, loading, registry, specs
+    from fastlora_core.engine import FluxEngine, GenerateResult
+    from fastlora_core.lora import base as lora_base
+    from fastlora_core.lora import bfl as lora_bfl
 
 __all__ = ["FluxEngine", "GenerateResult", "errors", "loading", "lora_base", "lora_bfl", "registry", "specs"]

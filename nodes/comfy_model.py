@@ -62,7 +62,7 @@ def bfl_shapes(transformer: torch.nn.Module, dtype: torch.dtype) -> dict[str, to
             continue
         sd[name.replace(".base_layer.", ".")] = torch.empty(tuple(t.shape), dtype=dtype, device="meta")
     cfg = transformer.config
-    return loading._diffusers_to_bfl(sd, int(cfg.num_layers), int(cfg.num_single_layers))
+    return loading._diffusers_to_bfl(sd, int(cfg.num_layers), int(cfg.num_single_layers))  # type: ignore[arg-type,union-attr]
 
 
 class EngineDiffusionModel(torch.nn.Module):
@@ -83,7 +83,7 @@ class EngineDiffusionModel(torch.nn.Module):
         self.guidance_embed = bool(cfg.guidance_embeds)
         self.vec_in_dim = int(cfg.pooled_projection_dim)
         self._shapes = bfl_shapes(engine.transformer, engine.dtype)
-        self.out_features = {n: int(m.out_features) for n, m in _linears(engine.transformer).items()}
+        self.out_features = {n: int(m.out_features) for n, m in _linears(engine.transformer).items()}  # type: ignore[arg-type]
 
     @property
     def engine(self) -> FluxEngine:
@@ -177,7 +177,7 @@ def _define_patcher_class() -> type:
     import comfy.patcher_extension
     import comfy.utils
 
-    class FastLoraModelPatcher(comfy.model_patcher.ModelPatcher):  # type: ignore[misc, name-defined]
+    class FastLoraModelPatcher(comfy.model_patcher.ModelPatcher):
         """A ModelPatcher whose weights belong to a FastLoRA engine (see the module docstring)."""
 
         fastlora_groups: tuple[lora_patches.PatchGroup, ...] = ()
@@ -348,8 +348,8 @@ def _outer_sample(executor: Any, *args: Any, **kwargs: Any) -> Any:
         problems = refusals(patcher, getattr(guider, "conds", {}), guider.model_options)
         if problems:
             raise ModelPathRefused("FastLoRA MODEL cannot run this graph as wired:\n- " + "\n- ".join(problems))
-        patcher.fastlora_engine  # noqa: B018 - rebuild a released engine before ComfyUI loads models
-        patcher.fastlora_stack()  # convert new LoRAs now: a bad one fails before any model is loaded
+        patcher.fastlora_engine  # type: ignore[attr-defined]  # noqa: B018 - rebuild a released engine before ComfyUI loads models
+        patcher.fastlora_stack()  # type: ignore[attr-defined]  # convert new LoRAs now: a bad one fails before any model is loaded
     return executor(*args, **kwargs)
 
 

@@ -274,8 +274,8 @@ class OptimizedFluxLoader:
         model_source = _model_source(source, {"diffusers_model": diffusers_model, "transformer": transformer,
                                               "clip_l": clip_l, "t5xxl": t5xxl, "vae": vae}, components)
         options = specs.EngineOptions(
-            quantization=quantization, t5_quantization=t5_quantization, attention=attention,  # type: ignore[arg-type]
-            compile=compile, offload=offload, dtype=dtype, swap_strategy=swap_strategy,  # type: ignore[arg-type]
+            quantization=quantization, t5_quantization=t5_quantization, attention=attention,
+            compile=compile, offload=offload, dtype=dtype, swap_strategy=swap_strategy,
             max_rank=int(max_rank), device=_device_option(),
         )
         key = specs.EngineKey(model_source, options)

@@ -497,3 +497,11 @@ def test_good_source_loads_after_failures(tiny: Any, bfl: dict[str, Path], diffu
         pipe = load_pipeline(source, torch.float32)
         assert_same_weights(tiny, pipe)
         assert_same_image(generate(pipe), reference_image)
+
+
+def test_comfy_tiny_transformer_is_written_in_bfl_layout(tmp_path: Path) -> None:
+    """write-tiny's ComfyUI transformer goes through the writer's BFL mapping (loading.writer)."""
+    from fastlora_core.tiny import write_comfy_tiny_transformer
+
+    path = write_comfy_tiny_transformer(tmp_path / "tiny-comfy.safetensors")
+    assert "double_blocks.0.img_attn.qkv.weight" in read_header(path).tensors

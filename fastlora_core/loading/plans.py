@@ -44,7 +44,7 @@ def load_shipped_config(name: str) -> dict[str, Any]:
 @cache
 def _read_shipped_config(name: str) -> dict[str, Any]:
     with open(CONFIG_DIR / f"{name}.json", encoding="utf-8") as f:
-        return json.load(f)  # type: ignore[no-any-return]
+        return json.load(f)
 
 
 

@@ -51,12 +51,12 @@ def _factory(plan: _Plan, dtype: torch.dtype) -> Callable[[], torch.nn.Module]:
     if plan.role == "transformer":
         from diffusers import FluxTransformer2DModel
 
-        return lambda: FluxTransformer2DModel(**plan.config)
+        return lambda: FluxTransformer2DModel(**plan.config)  # type: ignore[return-value]
     if plan.role == "vae":
         from diffusers import AutoencoderKL
 
         cfg = {k: v for k, v in plan.config.items() if not k.startswith("_")}
-        return lambda: AutoencoderKL(**cfg)
+        return lambda: AutoencoderKL(**cfg)  # type: ignore[return-value]
     if plan.role == "clip_l":
         from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -195,7 +195,7 @@ def _build(plan: _Plan, dtype: torch.dtype, dry_run: bool) -> torch.nn.Module | 
         sd["encoder.embed_tokens.weight"] = sd["shared.weight"]  # keep the tie: one tensor
     module.load_state_dict(sd, strict=True, assign=True)
     if plan.role == "t5xxl":
-        module.encoder.embed_tokens = module.shared  # type: ignore[attr-defined]
+        module.encoder.embed_tokens = module.shared  # type: ignore[union-attr]
     left = [n for n, p in module.named_parameters() if p.is_meta] + [n for n, b in module.named_buffers() if b.is_meta]
     if left:  # pragma: no cover - guarded by _check_against
         raise _fail(plan.role, plan.header, f"left {len(left)} tensors unset ({left[0]}).", "Report this as a bug.")

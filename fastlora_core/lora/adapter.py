@@ -83,13 +83,13 @@ class AdapterStrategy(SwapStrategy):
                 module = self._modules[name]
                 a = module.lora_A[ADAPTER_NAME]  # type: ignore[index]
                 b = module.lora_B[ADAPTER_NAME]  # type: ignore[index]
-                device = a.weight.device
+                device = a.weight.device  # type: ignore[union-attr]
                 a.to(device=device, dtype=self.dtype)
                 b.to(device=device, dtype=self.dtype)
-                a.weight.zero_()
-                b.weight.zero_()
-                a.weight.requires_grad_(False)
-                b.weight.requires_grad_(False)
+                a.weight.zero_()  # type: ignore[union-attr]
+                b.weight.zero_()  # type: ignore[union-attr]
+                a.weight.requires_grad_(False)  # type: ignore[union-attr]
+                b.weight.requires_grad_(False)  # type: ignore[union-attr]
                 self._lora_layers[name] = module
         self.slot_targets = frozenset(targets)
         self.slot_rank = rank
@@ -103,7 +103,7 @@ class AdapterStrategy(SwapStrategy):
         for name, module in self._lora_layers.items():
             parent_name, _, child = name.rpartition(".")
             parent = mods[parent_name] if parent_name else self.transformer
-            setattr(parent, child, module.base_layer)  # type: ignore[union-attr]
+            setattr(parent, child, module.base_layer)
         self._lora_layers = {}
         self.slot_targets = frozenset()
         self.slot_rank = 0
@@ -167,8 +167,8 @@ class AdapterStrategy(SwapStrategy):
                         new[name] = None
                     continue
                 module = self._lora_layers[name]
-                a = module.lora_A[ADAPTER_NAME].weight  # type: ignore[index]
-                b = module.lora_B[ADAPTER_NAME].weight  # type: ignore[index]
+                a = module.lora_A[ADAPTER_NAME].weight  # type: ignore[index,union-attr]
+                b = module.lora_B[ADAPTER_NAME].weight  # type: ignore[index,union-attr]
                 a_new = torch.zeros_like(a)
                 b_new = torch.zeros_like(b)
                 r0 = 0
@@ -181,8 +181,8 @@ class AdapterStrategy(SwapStrategy):
                 new[name] = (a_new, b_new)
             for name, pair in new.items():
                 module = self._lora_layers[name]
-                a = module.lora_A[ADAPTER_NAME].weight  # type: ignore[index]
-                b = module.lora_B[ADAPTER_NAME].weight  # type: ignore[index]
+                a = module.lora_A[ADAPTER_NAME].weight  # type: ignore[index,union-attr]
+                b = module.lora_B[ADAPTER_NAME].weight  # type: ignore[index,union-attr]
                 if pair is None:
                     a.zero_()
                     b.zero_()

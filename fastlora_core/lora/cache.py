@@ -54,7 +54,7 @@ class FileKey(NamedTuple):
     fingerprint: str
 
 
-def _fingerprint(fh, size: int) -> str:  # type: ignore[no-untyped-def]
+def _fingerprint(fh, size: int) -> str:
     """blake2b of the safetensors header and of blocks spread over the data (any file: its start)."""
     h = hashlib.blake2b(digest_size=16)
     head = fh.read(8)

@@ -17,6 +17,7 @@ Contract:
 from __future__ import annotations
 
 import logging
+from typing import cast
 
 import torch
 
@@ -54,7 +55,7 @@ class FusedStrategy(SwapStrategy):
         so merged weights are re-quantised from full precision."""
         mods = dict(transformer.named_modules())
         for n in names:
-            w = mods[n].weight  # type: ignore[union-attr]
+            w = mods[n].weight
             # No copy when already there: quantisation replaces the module's parameter and leaves
             # this tensor untouched, so the master simply keeps the original alive.
             self._hp_master[n] = w.detach().to(self.master_device)
@@ -176,7 +177,7 @@ class FusedStrategy(SwapStrategy):
 
     def _restore(self, key: tuple[str, str]) -> None:
         part, name = key
-        weight = self._modules[part][name].weight  # type: ignore[union-attr]
+        weight = self._weight(part, name)
         saved = self._orig.get(key)
         if saved is None:
             return
@@ -185,10 +186,13 @@ class FusedStrategy(SwapStrategy):
         else:
             weight.copy_(saved)
 
+    def _weight(self, part: str, name: str) -> torch.Tensor:
+        """The weight of a target layer (a plain or torchao tensor; typed, as nn.Module attributes are not)."""
+        return cast(torch.Tensor, self._modules[part][name].weight)
+
     def _write(self, key: tuple[str, str], items: list) -> None:
         part, name = key
-        module = self._modules[part][name]
-        weight = module.weight  # type: ignore[union-attr]
+        weight = self._weight(part, name)
         quantized = is_quantized(weight)
         if key not in self._orig:
             self._orig[key] = clone_quantized(weight, self.master_device) if quantized else \
@@ -198,11 +202,11 @@ class FusedStrategy(SwapStrategy):
             return
         device = weight.device
         if quantized:
-            master = self._hp_master.get(name)  # type: ignore[assignment]
+            master = self._hp_master.get(name)
             if master is None:
                 raise LoraError(f"layer {name} is quantised but has no high-precision master copy")
-            merged = self._merged_hp(master, items, device)  # type: ignore[arg-type]
-            if self._triton_fp8(weight, master):  # type: ignore[arg-type]
+            merged = self._merged_hp(master, items, device)
+            if self._triton_fp8(weight, master):
                 from ..kernels import rowwise_fp8_quant_into
 
                 names, _ = weight.__tensor_flatten__()  # type: ignore[attr-defined]
