@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import LoraFitError
-from .formats import bfl_module_targets
+from .targets import bfl_module_targets
 from .types import LoraLayer, NormalizedLora
 
 

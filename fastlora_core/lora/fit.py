@@ -8,7 +8,8 @@ from collections.abc import Mapping
 import torch
 
 from ..errors import LoraFitError
-from .formats import _MAX_KEYS_IN_MESSAGE, _lookup
+from .formats import _MAX_KEYS_IN_MESSAGE
+from .targets import _lookup
 from .types import LoraLayer, NormalizedLora
 
 
