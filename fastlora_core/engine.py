@@ -30,7 +30,6 @@ from .optimize import (
     compile_transformer,
     configure_compile_cache,
     dynamo_compile_count,
-    inductor_determinism,
     quantize_t5,
     quantize_transformer,
     resolve,
@@ -344,8 +343,7 @@ class FluxEngine:
 
             self._cancel.check = check_cancel
             try:
-                with inductor_determinism(self.options.deterministic):
-                    images = run_pipeline(self.pipe, request, callback)
+                images = run_pipeline(self.pipe, request, callback)
             except torch.OutOfMemoryError as exc:
                 self._free_memory()
                 raise out_of_memory(

@@ -5,7 +5,6 @@ compilation and offload. Each function states what it needs from the device and 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
@@ -349,22 +348,6 @@ def compile_transformer(transformer: torch.nn.Module, mode: str, dynamic: bool) 
         transformer.compile_repeated_blocks(**kwargs)  # type: ignore[operator]
     elif mode != "off":
         raise OptionsError(f"unknown compile mode {mode!r}")
-
-
-def inductor_determinism(enabled: bool) -> contextlib.AbstractContextManager[object]:
-    """Context for running the compiled transformer. With ``enabled``, inductor compiles in its
-    deterministic mode: kernels whose variants differ in numerics (reduction block sizes) are not
-    chosen by timing them on the device, so every process picks the same variant and the same
-    request gives the same image. Part of the compile-cache key: both modes are cached side by side."""
-    import torch._inductor.config as inductor_config
-
-    if not enabled:
-        return contextlib.nullcontext()
-    if not hasattr(inductor_config, "deterministic"):
-        logger.warning("deterministic=True: this torch has no inductor deterministic mode; images may "
-                       "differ slightly between processes")
-        return contextlib.nullcontext()
-    return inductor_config.patch(deterministic=True)
 
 
 def apply_offload(pipe, mode: str, device: torch.device) -> None:

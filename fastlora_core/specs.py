@@ -148,10 +148,6 @@ class EngineOptions:
     max_rank: adapter slot rank (``adapter`` strategy only).
     device: ``auto`` (cuda when available) or an explicit torch device string.
     compile_cache_dir: persistent inductor cache; empty means the per-user default.
-    deterministic: compile with inductor's deterministic mode (no timing-based choice between
-        kernel variants that sum in another order), so the same request gives the same image in
-        every process sharing the compile cache. See the README's "Reproducible images" section
-        for the measured differences and cost.
     """
 
     quantization: Quantization = "auto"
@@ -165,7 +161,6 @@ class EngineOptions:
     device: str = "auto"
     compile_cache_dir: str = ""
     dynamic_shapes: bool = False
-    deterministic: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -186,9 +181,6 @@ class EngineOptions:
         ):
             if value not in allowed:
                 raise OptionsError(f"{name}={value!r} is not one of {', '.join(allowed)}.")
-        for name in ("dynamic_shapes", "deterministic"):
-            if not isinstance(getattr(self, name), bool):
-                raise OptionsError(f"{name}={getattr(self, name)!r} must be True or False.")
         if not isinstance(self.max_rank, int) or not 1 <= self.max_rank <= 1024:
             raise OptionsError(f"max_rank={self.max_rank!r} must be an integer between 1 and 1024.")
         if self.quantization not in ("none", "auto") and self.offload != "none":

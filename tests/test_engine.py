@@ -341,29 +341,6 @@ def test_compile_cache_goes_to_the_configured_folder(tiny_source: ModelSource, t
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "default" / "inductor")
 
 
-def test_deterministic_option_runs_in_inductors_deterministic_mode(
-        tiny_source: ModelSource, tiny_request: GenerateRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """deterministic=True compiles and runs the transformer with inductor's deterministic mode on
-    (tests/test_gpu.py shows the effect on the GPU); the default leaves it off."""
-    import torch._inductor.config as inductor_config
-
-    from fastlora_core import engine as engine_module
-
-    seen: list[bool] = []
-    real = engine_module.run_pipeline
-
-    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
-        seen.append(bool(inductor_config.deterministic))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(engine_module, "run_pipeline", spy)
-    FluxEngine(tiny_source, dataclasses.replace(CPU, deterministic=True)).generate(tiny_request)
-    FluxEngine(tiny_source, CPU).generate(tiny_request)
-    assert seen == [True, False] and not inductor_config.deterministic
-    with pytest.raises(OptionsError, match="deterministic"):
-        dataclasses.replace(CPU, deterministic="yes").validate()  # type: ignore[arg-type]
-
-
 def test_previews_arrive_every_step_and_change_nothing(tiny_source: ModelSource,
                                                        tiny_request: GenerateRequest) -> None:
     engine = FluxEngine(tiny_source, CPU)
