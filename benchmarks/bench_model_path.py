@@ -60,7 +60,6 @@ def main(comfy_dir: str, out_path: str, skip_native: bool = False) -> None:
     sys.modules[PACK] = pack
     spec.loader.exec_module(pack)
     loading = sys.modules[f"{PACK}.fastlora_core.loading"]
-    registry = sys.modules[f"{PACK}.fastlora_core.registry"]
     pspecs = sys.modules[f"{PACK}.fastlora_core.specs"]
     comfy_model = sys.modules[f"{PACK}.nodes.comfy_model"]
     from benchmarks.bench_flux import FLUX_DEV, target_names
@@ -94,7 +93,7 @@ def main(comfy_dir: str, out_path: str, skip_native: bool = False) -> None:
         lora_paths[label] = f"/tmp/bench-model-lora-{label}.safetensors"
         save_file(sd, lora_paths[label])
         del sd
-    bfl = {k: v.cpu() for k, v in loading._diffusers_to_bfl(transformer.state_dict(), config["num_layers"],
+    bfl = {k: v.cpu() for k, v in loading.writer._diffusers_to_bfl(transformer.state_dict(), config["num_layers"],
                                                                  config["num_single_layers"]).items()}
     transformer.to("cpu")
     if cuda:
@@ -171,13 +170,13 @@ def main(comfy_dir: str, out_path: str, skip_native: bool = False) -> None:
                                                if not k.startswith("_")})
     pipe = FluxPipeline(scheduler=sched, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
                         tokenizer_2=None, transformer=transformer)
-    loading.load_pipeline = lambda source, dtype: pipe  # the in-memory random weights instead of a file
     reset_peak()
     t0 = time.perf_counter()
     options = pspecs.EngineOptions(device="cuda") if cuda else pspecs.EngineOptions(device="cpu", dtype="float32",
                                                                                      compile="off")
-    key = pspecs.EngineKey(pspecs.ModelSource.transformer_alone("/tmp/random-flux1-dev.safetensors"), options)
-    engine = registry.get_engine(key.source, key.options)
+    engine = sys.modules[f"{PACK}.fastlora_core.engine"].FluxEngine.from_pipeline(pipe, options,
+                                                                                   label="random Flux.1-dev")
+    key = engine.key
     RESULT["engine_build_s"] = round(time.perf_counter() - t0, 1)
     RESULT["engine_options"] = repr(engine.options)
     model = comfy_model.model_patcher(key, engine)

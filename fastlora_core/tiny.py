@@ -333,7 +333,7 @@ def write_comfy_tiny_transformer(path: str | Path, seed: int = 0, dtype: torch.d
     ``COMFY_TINY_TRANSFORMER_CONFIG``), as ``dtype`` (bf16 weights load exactly into float32)."""
     from diffusers import FluxTransformer2DModel
 
-    from .loading import _diffusers_to_bfl
+    from .loading.writer import _diffusers_to_bfl
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
