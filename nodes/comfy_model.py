@@ -61,7 +61,7 @@ def bfl_shapes(transformer: torch.nn.Module, dtype: torch.dtype) -> dict[str, to
         if ".lora_" in name or "lora_magnitude" in name:  # adapter-strategy PEFT layers
             continue
         sd[name.replace(".base_layer.", ".")] = torch.empty(tuple(t.shape), dtype=dtype, device="meta")
-    cfg = transformer.config
+    cfg: Any = transformer.config  # diffusers FrozenDict (typed as a Module attribute)
     return loading.writer._diffusers_to_bfl(sd, int(cfg.num_layers), int(cfg.num_single_layers))
 
 
