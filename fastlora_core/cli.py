@@ -61,6 +61,8 @@ def _add_engine_options(p: argparse.ArgumentParser, defaults: EngineOptions) -> 
     p.add_argument("--max-rank", type=int, default=defaults.max_rank)
     p.add_argument("--device", default=defaults.device)
     p.add_argument("--compile-cache-dir", default="")
+    p.add_argument("--deterministic", action="store_true",
+                   help="same request, same image in every process (slower: see EngineOptions.deterministic)")
 
 
 def _options_from(args: argparse.Namespace) -> EngineOptions:
@@ -68,7 +70,7 @@ def _options_from(args: argparse.Namespace) -> EngineOptions:
         quantization=args.quantization, t5_quantization=args.t5_quantization,
         attention=args.attention, compile=args.compile, offload=args.offload, dtype=args.dtype,
         swap_strategy=args.swap_strategy, max_rank=args.max_rank, device=args.device,
-        compile_cache_dir=args.compile_cache_dir,
+        compile_cache_dir=args.compile_cache_dir, deterministic=args.deterministic,
     )
 
 

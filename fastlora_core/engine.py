@@ -30,9 +30,11 @@ from .optimize import (
     compile_transformer,
     configure_compile_cache,
     dynamo_compile_count,
+    enable_deterministic,
     quantize_t5,
     quantize_transformer,
     resolve,
+    restore_deterministic,
     set_attention,
 )
 from .specs import EngineKey, EngineOptions, GenerateRequest, LoraStack, ModelSource
@@ -131,6 +133,7 @@ class FluxEngine:
         self.released = False
         self.offloaded = False
 
+        self._deterministic_before = enable_deterministic() if options.deterministic else None
         if options.compile != "off":
             configure_compile_cache(options)
         t0 = time.perf_counter()
@@ -144,6 +147,8 @@ class FluxEngine:
         except BaseException:
             del pipe
             self._free_memory()
+            if self._deterministic_before is not None:
+                restore_deterministic(self._deterministic_before)
             raise
         self.load_seconds = time.perf_counter() - t0
         logger.info("engine ready in %.1f s (%s, %s)", self.load_seconds, source.describe(), options)
@@ -476,6 +481,8 @@ class FluxEngine:
                 if hasattr(self, attr):
                     delattr(self, attr)
             self._free_memory()
+            if self._deterministic_before is not None:
+                restore_deterministic(self._deterministic_before)
             logger.info("engine released: %s", self.source.describe())
 
     @staticmethod

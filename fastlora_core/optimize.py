@@ -350,6 +350,29 @@ def compile_transformer(transformer: torch.nn.Module, mode: str, dynamic: bool) 
         raise OptionsError(f"unknown compile mode {mode!r}")
 
 
+def enable_deterministic() -> tuple[bool, bool]:
+    """Switch PyTorch's deterministic algorithms on for the process (``EngineOptions.deterministic``)
+    and return the previous ``(enabled, warn_only)`` so :func:`restore_deterministic` can undo it.
+
+    ``torch.use_deterministic_algorithms`` is used rather than inductor's own ``deterministic``
+    setting because dynamo restores that setting from the global flag after tracing each frame: with
+    regional compilation only the first block class would compile deterministically. The global flag
+    also makes inductor skip timing-based choices between kernel variants (which sum in another
+    order), which is what made the first image of a process and other processes differ on the H200.
+    ``CUBLAS_WORKSPACE_CONFIG`` is set when unset (it takes effect for cuBLAS handles made later).
+    """
+    previous = (torch.are_deterministic_algorithms_enabled(),
+                torch.is_deterministic_algorithms_warn_only_enabled())
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    logger.info("deterministic=True: PyTorch's deterministic algorithms are on for this process")
+    return previous
+
+
+def restore_deterministic(previous: tuple[bool, bool]) -> None:
+    torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
 def apply_offload(pipe, mode: str, device: torch.device) -> None:
     if mode == "model":
         pipe.enable_model_cpu_offload(device=device)

@@ -363,3 +363,17 @@ def test_int8_t5_quantises_every_t5_linear(tiny_source: ModelSource, tiny_reques
     layers = [m for m in engine.pipe.text_encoder_2.modules() if isinstance(m, torch.nn.Linear)]
     assert layers and all(isinstance(m, bnb.nn.Linear8bitLt) and m.weight.dtype == torch.int8 for m in layers)
     assert engine.generate(tiny_request).images.shape == (1, 64, 64, 3)
+
+
+def test_deterministic_option_switches_deterministic_algorithms_on_until_release(
+        tiny_source: ModelSource, tiny_request: GenerateRequest) -> None:
+    """``deterministic=True`` is process-wide PyTorch state (EngineOptions docstring): on while the
+    engine lives, back to what it was when it is released."""
+    assert not torch.are_deterministic_algorithms_enabled()
+    engine = FluxEngine(tiny_source, EngineOptions(device="cpu", dtype="float32", compile="off", deterministic=True))
+    try:
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.equal(engine.generate(tiny_request).images, engine.generate(tiny_request).images)
+    finally:
+        engine.release()
+    assert not torch.are_deterministic_algorithms_enabled()

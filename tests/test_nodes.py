@@ -136,13 +136,14 @@ def test_loader_refuses_incomplete_sources(pack: Any) -> None:
 # values by position, so workflows saved before the advanced group existed must still map.
 HISTORIC_LOADER_ORDER = ["source", "diffusers_model", "transformer", "clip_l", "t5xxl", "vae", "quantization",
                          "t5_quantization", "attention", "compile", "offload", "dtype", "swap_strategy", "max_rank"]
-RARELY_TOUCHED = {"t5_quantization", "attention", "compile", "offload", "dtype", "swap_strategy", "max_rank"}
+RARELY_TOUCHED = {"t5_quantization", "attention", "compile", "offload", "dtype", "swap_strategy", "max_rank",
+                  "deterministic"}
 
 
 def test_loader_keeps_widget_order_and_folds_rare_options_into_an_advanced_group(pack: Any) -> None:
     schema = pack.NODE_CLASS_MAPPINGS["OptimizedFluxLoader"].INPUT_TYPES()
     ordered = [*schema["required"], *schema.get("optional", {})]  # ComfyUI's front end: required, then optional
-    assert ordered == HISTORIC_LOADER_ORDER + ["components"]  # new inputs only ever go at the end
+    assert ordered == HISTORIC_LOADER_ORDER + ["components", "deterministic"]  # new inputs only ever go at the end
     specs = {**schema["required"], **schema["optional"]}
     advanced = {name for name, spec in specs.items() if spec[1].get("advanced")}
     assert advanced == RARELY_TOUCHED

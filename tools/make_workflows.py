@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw, ImageFont
 ROOT = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[1]
 LOADER_KEYS = ["source", "diffusers_model", "transformer", "clip_l", "t5xxl", "vae", "quantization",
                "t5_quantization", "attention", "compile", "offload", "dtype", "swap_strategy", "max_rank",
-               "components"]
+               "components", "deterministic"]
 COMPONENTS_ALL = "everything (Generate + MODEL)"
 COMPONENTS_TRANSFORMER = "transformer only (MODEL)"
 GEN_KEYS = ["prompt", "seed", "steps", "guidance", "width", "height", "batch"]
@@ -52,7 +52,7 @@ def loader(**kw):
     d = {"source": "diffusers folder", "diffusers_model": "FLUX.1-dev", "transformer": "None", "clip_l": "None",
          "t5xxl": "None", "vae": "None", "quantization": "auto", "t5_quantization": "auto", "attention": "auto",
          "compile": "regional", "offload": "none", "dtype": "bfloat16", "swap_strategy": "fused", "max_rank": 128,
-         "components": COMPONENTS_ALL}
+         "components": COMPONENTS_ALL, "deterministic": False}
     d.update(kw)
     return d
 
