@@ -276,3 +276,15 @@ def test_tiny_overrides_point_every_workflow_at_the_tiny_model(path: Path) -> No
             assert {v for k, v in inputs.items() if k.startswith("lora_")} <= loras
         elif kind == "Generate":
             assert (inputs["width"], inputs["height"], inputs["steps"]) == (64, 64, 2)
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
+def test_no_node_overlaps_another(path: Path) -> None:
+    """Nodes drawn at their stored size never cover each other (Generate's live preview needs its
+    height: issue 16, a preview grew the node over the neighbouring branch)."""
+    boxes = [(n["id"], n["pos"][0], n["pos"][1], n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+             for n in json.loads(path.read_text())["nodes"]]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            overlap = a[1] < b[3] and b[1] < a[3] and a[2] < b[4] and b[2] < a[4]
+            assert not overlap, f"nodes {a[0]} and {b[0]} overlap in {path.name}"

@@ -34,8 +34,10 @@ LINK_IN = {"LoraHotswap": [("engine", "FASTLORA_ENGINE")], "PadDummyLora": [("en
                         ("latent_image", "LATENT")],
            "VAELoader": [], "VAEDecode": [("samples", "LATENT"), ("vae", "VAE")],
            "LatentUpscaleBy": [("samples", "LATENT")]}
+# Generate is tall enough for its live preview: ComfyUI's front end (1.27) draws the preview widget at least
+# 220 px high below the widgets, whatever the image size, so branches below it start lower.
 SIZES = {"OptimizedFluxLoader": [340, 460], "LoraHotswap": [320, 110], "PadDummyLora": [320, 230],
-         "Generate": [340, 330], "SaveImage": [300, 320], "DualCLIPLoader": [320, 130],
+         "Generate": [340, 560], "SaveImage": [300, 320], "DualCLIPLoader": [320, 130],
          "CLIPTextEncode": [400, 200], "FluxGuidance": [320, 60], "EmptySD3LatentImage": [320, 110],
          "LoraLoaderModelOnly": [320, 85], "KSampler": [320, 270], "VAELoader": [320, 60], "VAEDecode": [210, 50],
          "LatentUpscaleBy": [320, 85]}
@@ -195,7 +197,9 @@ def build(name, title, note, nodes, links):
                 api_inputs[iname] = [str(found[1]), found[2]]
         api[str(nid)] = {"class_type": t, "inputs": api_inputs, "_meta": {"title": t}}
     note_id = max(by_id) + 1
-    ui_nodes.append({"id": note_id, "type": "MarkdownNote", "pos": [40, -340], "size": [760, 300], "flags": {},
+    top = min(pos[1] for _nid, _t, pos, _w in nodes)  # the note sits 40 px above the highest node
+    ui_nodes.append({"id": note_id, "type": "MarkdownNote", "pos": [40, min(0, top) - 340], "size": [760, 300],
+                     "flags": {},
                      "order": len(nodes), "mode": 0, "inputs": [], "outputs": [],
                      "properties": {}, "widgets_values": [f"## {title}\n\n{note}\n\n{files_note(nodes)}"],
                      "color": "#432", "bgcolor": "#653"})
@@ -225,11 +229,11 @@ build("flux_lora_ab", "FastLoRA: A/B two LoRAs in one graph",
       "samples, so the two images differ only by the LoRA (same seed).",
       [(1, "OptimizedFluxLoader", [40, 0], loader()),
        (2, "LoraHotswap", [420, 0], {"lora_name": "lora_a.safetensors", "strength": 1.0}),
-       (3, "LoraHotswap", [420, 420], {"lora_name": "lora_b.safetensors", "strength": 1.0}),
+       (3, "LoraHotswap", [420, 640], {"lora_name": "lora_b.safetensors", "strength": 1.0}),
        (4, "Generate", [780, 0], gen()),
-       (5, "Generate", [780, 420], gen()),
+       (5, "Generate", [780, 640], gen()),
        (6, "SaveImage", [1160, 0], {"filename_prefix": "FastLoRA_A"}),
-       (7, "SaveImage", [1160, 420], {"filename_prefix": "FastLoRA_B"})],
+       (7, "SaveImage", [1160, 640], {"filename_prefix": "FastLoRA_B"})],
       [(1, 2), (1, 3), (2, 4), (3, 5), (4, 6), (5, 7)])
 
 build("flux_lora_stack", "FastLoRA: a stack of two LoRAs",
@@ -266,11 +270,11 @@ build("flux_pad_dummy_lora", "FastLoRA: adapter slot for several LoRAs (PadDummy
                                       "lora_2": "lora_b.safetensors", "lora_3": "lora_c.safetensors",
                                       "lora_4": "None", "max_rank": 0}),
        (3, "LoraHotswap", [780, 0], {"lora_name": "lora_a.safetensors", "strength": 1.0}),
-       (4, "LoraHotswap", [780, 420], {"lora_name": "lora_b.safetensors", "strength": 1.0}),
+       (4, "LoraHotswap", [780, 640], {"lora_name": "lora_b.safetensors", "strength": 1.0}),
        (5, "Generate", [1140, 0], gen()),
-       (6, "Generate", [1140, 420], gen()),
+       (6, "Generate", [1140, 640], gen()),
        (7, "SaveImage", [1520, 0], {"filename_prefix": "FastLoRA_pad_A"}),
-       (8, "SaveImage", [1520, 420], {"filename_prefix": "FastLoRA_pad_B"})],
+       (8, "SaveImage", [1520, 640], {"filename_prefix": "FastLoRA_pad_B"})],
       [(1, 2), (2, 3), (2, 4), (3, 5), (4, 6), (5, 7), (6, 8)])
 
 
