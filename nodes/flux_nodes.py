@@ -223,7 +223,7 @@ class OptimizedFluxLoader:
                                       "cards), none elsewhere. nf4 saves ~7 GB, int8 ~5 GB, none keeps full "
                                       "precision."),
             "attention": _combo(specs.ATTENTIONS, o.attention,
-                                "Attention kernel. auto picks the fastest available and logs it; explicit "
+                                "Attention kernel. auto uses PyTorch SDPA's own kernel choice (nothing is probed); explicit "
                                 "choices fail clearly when unavailable."),
             "compile": _combo(specs.COMPILE_MODES, o.compile,
                               "torch.compile: regional compiles each repeated block (fast to compile, "
