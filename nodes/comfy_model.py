@@ -62,7 +62,7 @@ def bfl_shapes(transformer: torch.nn.Module, dtype: torch.dtype) -> dict[str, to
             continue
         sd[name.replace(".base_layer.", ".")] = torch.empty(tuple(t.shape), dtype=dtype, device="meta")
     cfg: Any = transformer.config  # diffusers FrozenDict (typed as a Module attribute)
-    return loading.writer._diffusers_to_bfl(sd, int(cfg.num_layers), int(cfg.num_single_layers))
+    return loading.diffusers_to_bfl(sd, int(cfg.num_layers), int(cfg.num_single_layers))
 
 
 class EngineDiffusionModel(torch.nn.Module):

@@ -41,6 +41,7 @@ from .plans import CONFIG_DIR, META_AXES, META_COMPONENT, META_CONFIG, load_ship
 from .single_file import _load_single_files
 from .tokenizers import find_tokenizer_dirs
 from .transformer_only import _load_transformer_only
+from .writer import _diffusers_to_bfl as diffusers_to_bfl
 from .writer import write_single_files
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -48,7 +49,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "CONFIG_DIR", "META_AXES", "META_COMPONENT", "META_CONFIG", "SUPPORTED_DTYPES", "Header", "TensorInfo",
-    "describe_keys", "find_tokenizer_dirs", "load_pipeline", "load_shipped_config", "read_header",
+    "describe_keys", "diffusers_to_bfl", "find_tokenizer_dirs", "load_pipeline", "load_shipped_config", "read_header",
     "write_single_files",
 ]
 
