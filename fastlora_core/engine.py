@@ -112,7 +112,6 @@ class FluxEngine:
         :meth:`from_pipeline`).
         """
         options = options or EngineOptions()
-        source.validate()
         self.key = EngineKey(source, options)  # what was asked for (``auto`` stays ``auto``)
         self.source = source
         resolved = resolved or resolve(options)

@@ -27,7 +27,6 @@ def get_engine(source: ModelSource, options: EngineOptions | None = None) -> Flu
     raises ``DependencyError`` naming it (instead of a bare ModuleNotFoundError mid-load)."""
     options = options or EngineOptions()
     deps.require()
-    source.validate()
     resolved = resolve(options)  # device checks before anything is released
     key = EngineKey(source, options)
     with _lock:

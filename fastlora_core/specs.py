@@ -48,6 +48,10 @@ class ModelSource:
     or the ``transformer`` file) and no text encoder or VAE. Such an engine cannot ``generate``;
     it serves the transformer to an outside sampler (ComfyUI's MODEL path, where the user's own
     CLIP and VAE nodes do the rest).
+
+    Valid by construction (``__post_init__`` runs :meth:`validate`): a ``ModelSource`` that exists
+    names one complete source, so no layer below checks it again. Whether the files exist and fit is
+    the loader's job (it reads them).
     """
 
     diffusers_dir: str | None = None
@@ -57,6 +61,9 @@ class ModelSource:
     vae: str | None = None
     tokenizer_dir: str | None = None
     transformer_only: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     @classmethod
     def from_diffusers(cls, path: str | os.PathLike[str]) -> ModelSource:

@@ -73,7 +73,6 @@ def engine_for(key: specs.EngineKey) -> FluxEngine:
     first asking ComfyUI to make room for it."""
     engine = registry.peek(key)
     if engine is None:
-        key.source.validate()  # options are valid by construction
         memory.prune()
         device = bridge.torch_device()
         bridge.free_memory(_bytes_on_disk(key.source) * 1.2, device)

@@ -131,9 +131,11 @@ def test_engine_reports_the_quantization_it_resolved(tiny_source: ModelSource,
 
 def test_model_source_needs_all_four_single_files() -> None:
     with pytest.raises(OptionsError, match="missing: clip_l, t5xxl, vae"):
-        ModelSource(transformer="/x/flux.safetensors").validate()
+        ModelSource(transformer="/x/flux.safetensors")
     with pytest.raises(OptionsError, match="not both"):
-        ModelSource(diffusers_dir="/x", vae="/y").validate()
+        ModelSource(diffusers_dir="/x", vae="/y")
+    with pytest.raises(OptionsError, match="exactly one"):
+        ModelSource(transformer="/x/flux.safetensors", vae="/y", transformer_only=True)
 
 
 # -- generation ------------------------------------------------------------------------------------

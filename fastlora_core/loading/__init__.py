@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..errors import ModelLoadError, OptionsError
+from ..errors import OptionsError
 from ..specs import ModelSource
 from .diffusers_folder import _load_diffusers
 from .header import Header, TensorInfo, describe_keys, read_header
@@ -78,10 +78,6 @@ def load_pipeline(source: ModelSource, dtype: torch.dtype) -> FluxPipeline:
     """
     if dtype not in SUPPORTED_DTYPES:
         raise OptionsError(f"dtype={dtype} is not supported; use torch.bfloat16, torch.float16 or torch.float32.")
-    try:
-        source.validate()
-    except OptionsError as e:
-        raise ModelLoadError(str(e)) from e
     if source.transformer_only:
         return _load_transformer_only(source, dtype)
     if source.kind == "diffusers":
