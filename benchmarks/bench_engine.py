@@ -35,7 +35,7 @@ def build_pipeline():
 
     from fastlora_core.tiny import _clip_tokenizer, _t5_tokenizer
 
-    from .bench_flux import FLUX_DEV
+    from .fullsize import FLUX_DEV
 
     def cfg(name):
         d = json.loads((CFG / name).read_text())
@@ -63,7 +63,7 @@ def write_loras(transformer):
     import torch
     from safetensors.torch import save_file
 
-    from .bench_flux import make_lora, target_names
+    from .fullsize import make_lora, target_names
 
     LORA_DIR.mkdir(parents=True, exist_ok=True)
     names = target_names(transformer)
@@ -166,7 +166,7 @@ def run(args, RESULT, save):
     # transformer-only loop through the engine's compiled transformer (same inputs as bench_flux)
     import torch._inductor.config as ic
 
-    from .bench_flux import Inputs, profile_step, run_loop, time_loops
+    from .fullsize import Inputs, profile_step, run_loop, time_loops
 
     res["inductor_flags"] = {k: getattr(ic, k, None) for k in
                              ("coordinate_descent_tuning", "coordinate_descent_check_all_directions",
@@ -236,7 +236,7 @@ def run_consumer24(args, res, save, cache):
     from fastlora_core.engine import FluxEngine
     from fastlora_core.specs import EngineOptions, GenerateRequest, LoraStack
 
-    from .bench_flux import Inputs, run_loop, time_loops
+    from .fullsize import Inputs, run_loop, time_loops
 
     opts = EngineOptions(quantization="fp8", t5_quantization="nf4", compile="regional", swap_strategy="adapter",
                          compile_cache_dir=cache)
@@ -317,7 +317,7 @@ def run_variant(args, res, save, cache, mode):
     from fastlora_core.engine import FluxEngine
     from fastlora_core.specs import EngineOptions, GenerateRequest, LoraStack
 
-    from .bench_flux import Inputs, profile_step, run_loop, time_loops
+    from .fullsize import Inputs, profile_step, run_loop, time_loops
 
     overrides, patch = VARIANTS[mode]
     if patch == "text_stream_bf16":

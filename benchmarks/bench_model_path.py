@@ -62,7 +62,7 @@ def main(comfy_dir: str, out_path: str, skip_native: bool = False) -> None:
     loading = sys.modules[f"{PACK}.fastlora_core.loading"]
     pspecs = sys.modules[f"{PACK}.fastlora_core.specs"]
     comfy_model = sys.modules[f"{PACK}.nodes.comfy_model"]
-    from benchmarks.bench_flux import FLUX_DEV, target_names
+    from benchmarks.fullsize import FLUX_DEV, target_names
     from fastlora_core.tiny import COMFY_TINY_TRANSFORMER_CONFIG
 
     dev = "cuda" if cuda else "cpu"
