@@ -1,6 +1,6 @@
 """FastLoRA's MODEL output vs ComfyUI's own model, side by side in one process on one GPU.
 
-    python -m benchmarks.bench_model_path COMFYUI_DIR OUT.json
+    python -m benchmarks.bench_model_path COMFYUI_DIR OUT.json [--paths native_bf16,native_fp8_fast,...]
 
 Full-size Flux.1-dev with random weights (built on the GPU), rank-64 LoRAs on the 418 attention/MLP
 layers (diffusers format files, as bench_flux writes them), 1024x1024, 28 steps, euler / simple, CFG 1,
@@ -8,8 +8,11 @@ conditioning built directly (T5 512 tokens, pooled CLIP). Both paths go through 
 ``comfy.sd.load_lora_for_models`` (what LoraLoaderModelOnly calls) and ``comfy.sample.sample`` (what
 KSampler calls, without the preview callback). Paths:
 
-- native: ``comfy.sd.load_diffusion_model_state_dict`` of the same weights in bf16 (UNETLoader,
+- native_bf16: ``comfy.sd.load_diffusion_model_state_dict`` of the same weights in bf16 (UNETLoader,
   weight_dtype default), ComfyUI merging the LoRA itself;
+- native_fp8_fast: the same with UNETLoader's ``fp8_e4m3fn_fast`` (fp8 weights, ``fp8_optimizations``);
+- native_fp8_fast_compile: that model through ComfyUI's ``TorchCompileModel`` (inductor), as its
+  users pair them;
 - ours, MODEL: the engine with its default options (fp8, regional compile, fused) built transformer-only,
   its MODEL from ``nodes/comfy_model.py``;
 - ours, Generate's sampling loop: the engine's FluxPipeline denoising the same conditioning
@@ -40,7 +43,11 @@ def save(out: Path) -> None:
     out.write_text(json.dumps(RESULT, indent=2))
 
 
-def main(comfy_dir: str, out_path: str, skip_native: bool = False) -> None:
+NATIVE_PATHS = ("native_bf16", "native_fp8_fast", "native_fp8_fast_compile")
+PATHS = (*NATIVE_PATHS, "ours")
+
+
+def main(comfy_dir: str, out_path: str, paths: tuple[str, ...] = PATHS) -> None:
     out = Path(out_path)
     sys.path[:0] = [comfy_dir, str(ROOT)]
     import comfy.cli_args
@@ -93,7 +100,7 @@ def main(comfy_dir: str, out_path: str, skip_native: bool = False) -> None:
         lora_paths[label] = f"/tmp/bench-model-lora-{label}.safetensors"
         save_file(sd, lora_paths[label])
         del sd
-    bfl = {k: v.cpu() for k, v in loading.writer._diffusers_to_bfl(transformer.state_dict(), config["num_layers"],
+    bfl = {k: v.cpu() for k, v in loading.diffusers_to_bfl(transformer.state_dict(), config["num_layers"],
                                                                  config["num_single_layers"]).items()}
     transformer.to("cpu")
     if cuda:
@@ -127,6 +134,25 @@ def main(comfy_dir: str, out_path: str, skip_native: bool = False) -> None:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
 
+    def profiled(fn: Any) -> dict[str, Any]:
+        """One image under the profiler: wall time vs summed GPU kernel time (the difference is time
+        the GPU waited for Python), and the CPU ops that took longest, with their call counts."""
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        sync()
+        t = time.perf_counter()
+        with profile(activities=acts) as prof:
+            fn()
+            sync()
+        wall = time.perf_counter() - t
+        ev = prof.key_averages()
+        kernel_us = sum(getattr(e, "self_device_time_total", 0) for e in ev) if cuda else 0
+        top = sorted(ev, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
+        return {"wall_s": round(wall, 3), "kernel_s": round(kernel_us / 1e6, 3),
+                "top_cpu": [{"op": e.key[:80], "count": e.count, "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 1)}
+                            for e in top]}
+
     def with_lora(model: Any, which: str, strength: float) -> Any:
         return comfy.sd.load_lora_for_models(model, None, loras[which], strength, 0)[0]
 
@@ -151,16 +177,34 @@ def main(comfy_dir: str, out_path: str, skip_native: bool = False) -> None:
         res["peak_gib"] = peak()
         save(out)
 
-    # -- native: ComfyUI's own bf16 model --------------------------------------------------------
-    if not skip_native:
+    # -- native: ComfyUI's own model, as UNETLoader loads it ---------------------------------------
+    from torch._dynamo.utils import counters
+
+    def graphs() -> int:
+        return int(counters["stats"]["unique_graphs"])
+
+    for name in (p for p in NATIVE_PATHS if p in paths):
+        fp8 = cuda and name != "native_bf16"  # UNETLoader weight_dtype=fp8_e4m3fn_fast
         t0 = time.perf_counter()
-        native = comfy.sd.load_diffusion_model_state_dict(bfl, {"dtype": dtype})
-        RESULT["native_load_s"] = round(time.perf_counter() - t0, 1)
-        timed_path("native_bf16", native, lambda: 0)
+        native = comfy.sd.load_diffusion_model_state_dict(
+            dict(bfl), {"dtype": torch.float8_e4m3fn, "fp8_optimizations": True} if fp8 else {"dtype": dtype})
+        # (a copy: ComfyUI's loader takes keys out of the dict it is given)
+        RESULT[f"{name}_load_s"] = round(time.perf_counter() - t0, 1)
+        if name.endswith("_compile"):  # what the TorchCompileModel node does (backend inductor)
+            from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+            native = native.clone()
+            set_torch_compile_wrapper(model=native, backend="inductor")
+        timed_path(name, native, graphs)
         del native
-    mm.unload_all_models()
-    mm.cleanup_models_gc()
+        mm.unload_all_models()
+        mm.cleanup_models_gc()
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
     del bfl
+    if "ours" not in paths:
+        return
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
@@ -182,6 +226,10 @@ def main(comfy_dir: str, out_path: str, skip_native: bool = False) -> None:
     model = comfy_model.model_patcher(key, engine)
     timed_path("ours_model", model, lambda: engine.compiles)
     RESULT["ours_model"]["last_swap"] = comfy_model.STATS["last"]
+    steady_model = with_lora(model, "A", 1.0)
+    sample(steady_model)
+    RESULT["ours_model"]["profile"] = profiled(lambda: sample(steady_model))
+    save(out)
 
     # -- ours: Generate's sampling loop on the same compiled transformer ----------------------------
     res = RESULT.setdefault("ours_generate_loop", {})
@@ -191,8 +239,6 @@ def main(comfy_dir: str, out_path: str, skip_native: bool = False) -> None:
     pooled = positive[0][1]["pooled_output"].to(dev, dtype)
     times = []
     c0 = engine.compiles
-    from torch._dynamo.utils import counters
-
     u0 = int(counters["stats"]["unique_graphs"])
     for i in range(3):
         sync()
@@ -203,10 +249,28 @@ def main(comfy_dir: str, out_path: str, skip_native: bool = False) -> None:
         sync()
         times.append(round(time.perf_counter() - t, 3))
     res["s_per_image"] = times
+
+    def generate_once() -> None:
+        with torch.inference_mode():
+            pipe(prompt_embeds=ctx, pooled_prompt_embeds=pooled, height=size, width=size, num_inference_steps=steps,
+                 guidance_scale=3.5, output_type="latent", generator=torch.Generator("cpu").manual_seed(0))
+
+    res["profile"] = profiled(generate_once)
     res["new_graphs"] = int(counters["stats"]["unique_graphs"]) - u0 + (engine.compiles - c0)
     res["peak_gib_total"] = peak()
     save(out)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], skip_native="--skip-native" in sys.argv[3:])
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("comfy_dir")
+    ap.add_argument("out")
+    ap.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated, of {', '.join(PATHS)}")
+    ap.add_argument("--skip-native", action="store_true", help="same as --paths ours")
+    a = ap.parse_args()
+    chosen = ("ours",) if a.skip_native else tuple(a.paths.split(","))
+    if unknown := set(chosen) - set(PATHS):
+        ap.error(f"unknown paths {sorted(unknown)}; choose from {', '.join(PATHS)}")
+    main(a.comfy_dir, a.out, chosen)
