@@ -100,14 +100,31 @@ def apply_overrides(graph: dict[str, Any], sets: Sequence[str]) -> dict[str, Any
     return graph
 
 
+#: ComfyUI's own model-loading nodes: the tiny model written by ``write-tiny --comfy`` is not for them.
+COMFY_MODEL_LOADERS = frozenset({"CLIPLoader", "DualCLIPLoader", "TripleCLIPLoader", "VAELoader", "UNETLoader",
+                                 "CheckpointLoaderSimple"})
+
+
 def tiny_overrides(graph: dict[str, Any], compile: str = "off") -> list[str]:
     """``--set`` overrides (``--tiny``) that point any FastLoRA workflow at the tiny model written by
     ``python -m fastlora_core write-tiny ComfyUI/models --comfy``: the loader keeps its ``source``
     and gets the tiny diffusers folder and the tiny single files, CPU-friendly options (no
     quantisation, ``compile``, float32); LoRA nodes get the tiny LoRAs in turn; Generate gets a
-    size and step count that finish in seconds on a CPU."""
+    size and step count that finish in seconds on a CPU.
+
+    Graphs that load text encoders or a VAE with ComfyUI's own nodes (the MODEL-path workflows) are
+    refused (``HeadlessError``, exit 2): ComfyUI builds CLIP-L and T5-XXL at their full sizes, so
+    the tiny text encoders cannot stand in, and a run would fail later with a less clear error."""
     from .tiny_names import TINY_DIFFUSERS_NAME, TINY_LORA_NAMES, TINY_SINGLE_FILES, TINY_SIZE, TINY_STEPS
 
+    native = sorted({f"{n.get('class_type')} (node {nid})" for nid, n in graph.items()
+                     if n.get("class_type") in COMFY_MODEL_LOADERS})
+    if native:
+        raise HeadlessError(
+            f"--tiny cannot run this workflow: it loads models with ComfyUI's own nodes ({', '.join(native)}), "
+            "which cannot load the tiny Flux (ComfyUI builds CLIP-L and T5-XXL at full size). Run it with "
+            "your real clip_l, t5xxl and ae files (without --tiny), or smoke-test FastLoRA's own workflows "
+            "(flux_lora_*, flux_24gb_consumer, flux_pad_dummy_lora).", EXIT_REFUSED)
     sets: list[str] = []
     lora_i = 0
     for nid, node in sorted(graph.items(), key=lambda kv: (len(kv[0]), kv[0])):
@@ -427,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="override an input (repeatable); VALUE is JSON when it parses, else a string")
     parser.add_argument("--tiny", action="store_true",
                         help="run on the tiny model of `python -m fastlora_core write-tiny MODELS --comfy` "
-                             "(any workflow, seconds on a CPU); --set still overrides")
+                             "(FastLoRA's own workflows, seconds on a CPU); --set still overrides")
     parser.add_argument("--out", default="headless-output", help="folder for the downloaded images")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the run")
     parser.add_argument("--poll", action="store_true", help="poll /history instead of using the websocket")

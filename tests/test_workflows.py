@@ -278,6 +278,18 @@ def test_tiny_overrides_point_every_workflow_at_the_tiny_model(path: Path) -> No
             assert (inputs["width"], inputs["height"], inputs["steps"]) == (64, 64, 2)
 
 
+@pytest.mark.parametrize("path", sorted(API_DIR.glob("flux_model_*.json")), ids=lambda p: p.stem)
+def test_tiny_refuses_model_path_workflows_with_what_to_do(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's smoke loop must not die on a MODEL-path graph with a late ComfyUI validation error:
+    ``--tiny`` says at once why it cannot run it (ComfyUI's own CLIP/VAE loaders) and what to do."""
+    from fastlora_core import headless
+
+    rc = headless.main([str(path), "--tiny", "--server", "127.0.0.1:9", "--print-prompt"])
+    err = capsys.readouterr().err
+    assert rc == headless.EXIT_REFUSED
+    assert "DualCLIPLoader" in err and "VAELoader" in err and "real clip_l, t5xxl and ae" in err
+
+
 @pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
 def test_no_node_overlaps_another(path: Path) -> None:
     """Nodes drawn at their stored size never cover each other (Generate's live preview needs its
