@@ -333,11 +333,41 @@ def model_patcher(key: specs.EngineKey, engine: FluxEngine) -> Any:
     model = config.get_model(shapes, "", device=engine.device)
     config.unet_config.pop("disable_unet_model_creation", None)
     model.diffusion_model = adapter
+    model.extra_conds = _conditioning_on_device(model)
     cpu = torch.device("cpu")
     patcher = patcher_class()(model, load_device=engine.device, offload_device=cpu)
     patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _outer_sample)
     _BASE_PATCHERS[key] = patcher
     return patcher
+
+
+#: Conditioning tensors the model casts to its device and dtype in every call (model_base._apply_model).
+DEVICE_CONDS = ("c_crossattn", "y", "guidance")
+
+
+def _conditioning_on_device(model: Any) -> Any:
+    """``model.extra_conds`` that hands the sampler its text conditioning already on the model's
+    device and in its dtype. ComfyUI keeps conditioning on the CPU and casts it to the device in
+    every model call; from pageable memory that copy (the T5 context: 512 x 4096 floats) waits for
+    the GPU's queue, so the GPU idles while Python prepares the next step: measured on the H200 as
+    +5.8 % per image against Generate's loop on the same compiled transformer (issue 9). Casting
+    once, when the sampler encodes the conditioning, turns those per-step casts into no-ops; the
+    values are the same (the same cast, done once)."""
+    encode = model.extra_conds
+
+    def extra_conds(**kwargs: Any) -> dict[str, Any]:
+        out = encode(**kwargs)
+        device, dtype = kwargs.get("device"), model.get_dtype()
+        if device is None:
+            return out
+        for name in DEVICE_CONDS:
+            cond = out.get(name)
+            tensor = getattr(cond, "cond", None)
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+                out[name] = cond._copy_with(tensor.to(device=device, dtype=dtype))
+        return out
+
+    return extra_conds
 
 
 # -- refusals, before the first step ---------------------------------------------------------------

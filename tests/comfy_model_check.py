@@ -143,6 +143,11 @@ def main(comfy_dir: str, work: str, out_path: str, compile_mode: str) -> None:
                                        if getattr(engine.pipe, k) is not None)
     results["model_config"] = [type(native.model.model_config).__name__, type(ours.model.model_config).__name__]
     results["model_sampling_shift"] = [float(native.model.model_sampling.shift), float(ours.model.model_sampling.shift)]
+    # the sampler gets the text conditioning already in the model's dtype (cast once, not every step)
+    conds = ours.model.extra_conds(cross_attn=ctx.double(), pooled_output=pooled.double(), guidance=3.5,
+                                   device=torch.device("cpu"), noise=torch.zeros(1, 16, 8, 8))
+    results["encoded_cond_dtypes"] = {k: str(conds[k].cond.dtype) for k in ("c_crossattn", "y", "guidance")}
+    results["model_dtype"] = str(ours.model.get_dtype())
 
     lora_loader = comfy_nodes.LoraLoaderModelOnly()
 
