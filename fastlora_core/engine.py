@@ -294,6 +294,7 @@ class FluxEngine:
                 targets.update(flux_lora_targets(self.transformer))
             for path in lora_paths:
                 _, lora = self.lora_cache.get(path)
+                self.strategy.check_layer_kinds([lora])
                 targets.update(lora.transformer)
                 if lora.max_rank > rank:
                     raise LoraFitError(

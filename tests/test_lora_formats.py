@@ -337,19 +337,38 @@ ERROR_CASES = {
                                         up=".lora_B.weight")}), r"does not understand.*to_qq"),
     "leftover_nonlora_key": (lambda tmp, ref: _save(tmp, "extra.safetensors", {
         **FLUX_OK, "lora_unet_double_blocks_0_img_attn_proj.scale_weight": torch.ones(1)}), r"scale_weight"),
-    "nonzero_diff": (lambda tmp, ref: _save(tmp, "diff.safetensors", {
-        **FLUX_OK, "diffusion_model.img_in.diff_b": torch.ones(32)}), r"full weight or bias differences.*diff_b"),
-    "lokr": (lambda tmp, ref: _save(tmp, "lokr.safetensors", {
+    "nonzero_diff_on_a_norm": (lambda tmp, ref: _save(tmp, "diff.safetensors", {
+        **FLUX_OK, "diffusion_model.double_blocks.0.img_attn.norm.key_norm.diff_b": torch.ones(16)}),
+        r"not linear layers.*key_norm\.diff_b"),
+    "oft": (lambda tmp, ref: _save(tmp, "oft.safetensors", {
+        "lycoris_transformer_blocks_0_attn_to_q.oft_blocks": torch.ones(4, 8, 8)}), r"OFT.*oft_blocks"),
+    "boft": (lambda tmp, ref: _save(tmp, "boft.safetensors", {
+        "base_model.model.transformer_blocks.0.attn.to_q.boft_R": torch.ones(1, 4, 8, 8)}), r"BOFT"),
+    "glora": (lambda tmp, ref: _save(tmp, "glora.safetensors", {
+        "lora_unet_double_blocks_0_img_attn_proj.a1.weight": torch.ones(2, 32),
+        "lora_unet_double_blocks_0_img_attn_proj.a2.weight": torch.ones(32, 2)}), r"GLoRA"),
+    "ia3": (lambda tmp, ref: _save(tmp, "ia3.safetensors", {
+        "transformer.transformer_blocks.0.attn.to_q.ia3_l": torch.ones(32, 1)}), r"\(IA\)\^3"),
+    "lokr_incomplete": (lambda tmp, ref: _save(tmp, "lokr.safetensors", {
+        "lycoris_transformer_blocks_0_attn_to_q.lokr_w1": torch.ones(4, 4)}), r"incomplete.*lokr.*w2"),
+    "lokr_mixed_with_loha": (lambda tmp, ref: _save(tmp, "mixed.safetensors", {
         "lycoris_transformer_blocks_0_attn_to_q.lokr_w1": torch.ones(4, 4),
-        "lycoris_transformer_blocks_0_attn_to_q.lokr_w2": torch.ones(8, 8)}), r"LoKr.*not support"),
-    "loha": (lambda tmp, ref: _save(tmp, "loha.safetensors", {
+        "lycoris_transformer_blocks_0_attn_to_q.lokr_w2": torch.ones(8, 8),
+        "lycoris_transformer_blocks_0_attn_to_q.hada_w1_a": torch.ones(32, 2)}), r"mixes loha and lokr"),
+    "loha_factors_do_not_fit": (lambda tmp, ref: _save(tmp, "loha.safetensors", {
         "lora_unet_double_blocks_0_img_attn_proj.hada_w1_a": torch.ones(32, 2),
-        "lora_unet_double_blocks_0_img_attn_proj.hada_w1_b": torch.ones(2, 32)}), r"LoHa.*not support"),
-    "dora_kohya": (lambda tmp, ref: _save(tmp, "dora.safetensors", {
-        **FLUX_OK, "lora_unet_double_blocks_0_img_attn_proj.dora_scale": torch.ones(1, 32)}), r"DoRA.*not support"),
-    "dora_peft": (lambda tmp, ref: _save(tmp, "dora2.safetensors", {
-        **_pair("transformer.proj_out", down=".lora_A.weight", up=".lora_B.weight", n_out=16),
-        "transformer.proj_out.lora_magnitude_vector": torch.ones(16)}), r"DoRA.*not support"),
+        "lora_unet_double_blocks_0_img_attn_proj.hada_w1_b": torch.ones(2, 32),
+        "lora_unet_double_blocks_0_img_attn_proj.hada_w2_a": torch.ones(32, 2),
+        "lora_unet_double_blocks_0_img_attn_proj.hada_w2_b": torch.ones(3, 32)}), r"do not fit together"),
+    "dora_scale_shape": (lambda tmp, ref: _save(tmp, "dora.safetensors", {
+        **FLUX_OK, "lora_unet_double_blocks_0_img_attn_proj.dora_scale": torch.ones(2, 32)}),
+        r"dora_scale has shape \(2, 32\)"),
+    "dora_in_axis_on_fused_qkv": (lambda tmp, ref: _save(tmp, "doraqkv.safetensors", {
+        **_pair("lora_unet_double_blocks_0_img_attn_qkv", n_out=96),
+        "lora_unet_double_blocks_0_img_attn_qkv.dora_scale": torch.ones(1, 32)}), r"per-input-column.*fused"),
+    "dora_peft_metadata_without_magnitudes": (lambda tmp, ref: _save(
+        tmp, "dora3.safetensors", _pair("transformer.proj_out", down=".lora_A.weight", up=".lora_B.weight", n_out=16),
+        metadata={"lora_adapter_metadata": json.dumps({"transformer.use_dora": True})}), r"holds no DoRA magnitudes"),
     "flux_control": (lambda tmp, ref: _save(tmp, "canny.safetensors", {
         **_pair("double_blocks.0.img_attn.proj", down=".lora_A.weight", up=".lora_B.weight"),
         "double_blocks.0.img_attn.norm.query_norm.scale": torch.ones(16)}), r"Flux Control"),

@@ -16,17 +16,25 @@ Contract:
 - The new tensors are computed in full before the first copy, so a failure while computing (bad
   data, out of memory) leaves the slot untouched.
 - Text-encoder parts are reported as ignored (the slot covers the transformer only).
+- LyCORIS LoKr / LoHa, DoRA and full-delta files (dense layers) are refused with advice to use
+  ``fused``: a LoKr / LoHa / diff delta is not a low-rank product (as a LoRA it would need a rank up
+  to the layer's width), and DoRA's rescaling depends on the merged weight, which an unmerged PEFT
+  LoRA layer never forms.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import cast
 
 import torch
 
 from ..errors import LoraFitError
 from .base import ResolvedEntry, SwapStrategy, check_targets_exist, linear_modules, per_layer
+from .types import DenseLayer, LoraLayer, NormalizedLora
 
 logger = logging.getLogger(__name__)
 
@@ -110,12 +118,32 @@ class AdapterStrategy(SwapStrategy):
         self._modules = linear_modules(self.transformer)
 
     # -- the contract -------------------------------------------------------------------------
-    @staticmethod
-    def stack_ranks(entries: list[ResolvedEntry]) -> dict[str, int]:
-        return {name: sum(layer.rank for _, layer in items)
+    def _low_rank_layers(self, entries: list[ResolvedEntry]) -> dict[str, list[tuple[ResolvedEntry, LoraLayer]]]:
+        """:func:`per_layer` of the transformer part, after :meth:`check_layer_kinds` (so every layer
+        is a :class:`LoraLayer`)."""
+        self.check_layer_kinds([e.lora for e in entries])
+        return {name: [(e, cast(LoraLayer, layer)) for e, layer in items]
                 for name, items in per_layer(entries).items()}
 
+    def stack_ranks(self, entries: list[ResolvedEntry]) -> dict[str, int]:
+        return {name: sum(layer.rank for _, layer in items)
+                for name, items in self._low_rank_layers(entries).items()}
+
+    def check_layer_kinds(self, loras: Sequence[NormalizedLora]) -> None:
+        """Refuse LoRAs whose transformer part has dense (LoKr / LoHa / DoRA / diff) layers, which
+        the slot cannot hold; the message names the files, their types and the fix."""
+        bad = [lora for lora in loras if any(isinstance(layer, DenseLayer) for layer in lora.transformer.values())]
+        if bad:
+            what = "; ".join(f"{Path(lora.path).name} ({', '.join(lora.dense_kinds())})" for lora in bad)
+            raise LoraFitError(
+                f"{what}: swap_strategy=adapter holds low-rank LoRA layers only, and these layers are not "
+                "low-rank LoRA products (or need the merged weight, as DoRA does). Use swap_strategy=fused "
+                "(the default), which merges them into the weights with no recompilation. The previous "
+                "LoRAs stay active."
+            )
+
     def validate(self, entries: list[ResolvedEntry]) -> list[str]:
+        self.check_layer_kinds([e.lora for e in entries])
         warnings = []
         for e in entries:
             if e.lora.text_encoder or e.lora.text_encoder_2:
@@ -157,7 +185,7 @@ class AdapterStrategy(SwapStrategy):
                 return 0
             ranks = self.stack_ranks(used)
             self.prepare_slot(frozenset(ranks), self.max_rank)
-        layers = per_layer(used)
+        layers = self._low_rank_layers(used)
         new: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
         with torch.no_grad():
             for name in self.slot_targets:
@@ -192,3 +220,4 @@ class AdapterStrategy(SwapStrategy):
                     b.copy_(pair[1])
                     self._active[name] = True
         return len(new)
+

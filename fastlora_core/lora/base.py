@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -13,7 +14,7 @@ import torch
 
 from .cache import FileKey
 from .fit import fit_problems, linear_modules, raise_if_unfit
-from .types import LoraLayer, NormalizedLora
+from .types import Layer, NormalizedLora
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,13 @@ class SwapStrategy(ABC):
         """The engine moved its weights back to the device: undo :meth:`offload`."""
         return None
 
+    def check_layer_kinds(self, loras: Sequence[NormalizedLora]) -> None:
+        """Raise LoraFitError when a LoRA holds layers this strategy can never apply (whatever its
+        slot), naming the files and what to use instead. A strategy that refuses a layer kind calls
+        it from :meth:`validate`; the engine also calls it on the files planned for
+        :meth:`prepare_slot`, so a slot is never sized for them. Accepts everything by default."""
+        return None
+
     def prepare_slot(self, targets: frozenset[str], rank: int) -> bool:
         """Size the slot (``uses_slot`` strategies) to cover ``targets`` at ``rank``; True when the
         module structure changed (a compiled model recompiles once). Nothing to do otherwise."""
@@ -79,8 +87,8 @@ class SwapStrategy(ABC):
         return 0, 0
 
 
-def per_layer(entries: list[ResolvedEntry], part: str = "transformer") -> dict[str, list[tuple[ResolvedEntry, LoraLayer]]]:
-    layers: dict[str, list[tuple[ResolvedEntry, LoraLayer]]] = {}
+def per_layer(entries: list[ResolvedEntry], part: str = "transformer") -> dict[str, list[tuple[ResolvedEntry, Layer]]]:
+    layers: dict[str, list[tuple[ResolvedEntry, Layer]]] = {}
     for entry in entries:
         for name, layer in getattr(entry.lora, part).items():
             layers.setdefault(name, []).append((entry, layer))

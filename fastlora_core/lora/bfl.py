@@ -18,7 +18,7 @@ import torch
 
 from ..errors import LoraFitError
 from .targets import bfl_module_targets
-from .types import LoraLayer, NormalizedLora
+from .types import Layer, LoraLayer, NormalizedLora
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ def lora_from_bfl(deltas: Iterable[BflDelta], label: str, out_features: Mapping[
         shown = "; ".join(problems[:5])
         raise LoraFitError(f"{label} does not fit this Flux transformer ({len(problems)} problem(s): {shown}). Use a "
                            "LoRA made for Flux.1 with this model's size. Nothing was changed.")
-    layers: dict[str, LoraLayer] = {}
+    layers: dict[str, Layer] = {}
     for module, items in parts.items():
         if len(items) == 1:
             layers[module] = items[0]

@@ -10,7 +10,7 @@ import torch
 from ..errors import LoraFitError
 from .formats import _MAX_KEYS_IN_MESSAGE
 from .targets import _lookup
-from .types import LoraLayer, NormalizedLora
+from .types import DenseLayer, Layer, NormalizedLora
 
 
 def linear_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -59,10 +59,10 @@ def validate_against(
 ) -> None:
     """Check that every layer of ``lora`` exists in the given model(s) with matching shapes.
 
-    ``down.shape[1]`` must equal the layer's ``in_features`` and ``up.shape[0]`` its
-    ``out_features``. Text-encoder parts are checked only when their model is given; CLIP names
-    (``text_model.encoder...``) also match a flattened ``CLIPTextModel`` (recent transformers has no
-    ``text_model`` level). Nothing is modified.
+    Every layer's ``in_features`` / ``out_features`` must equal the model layer's (and a bias
+    delta needs a layer with a bias). Text-encoder parts are checked only when their model is
+    given; CLIP names (``text_model.encoder...``) also match a flattened ``CLIPTextModel`` (recent
+    transformers has no ``text_model`` level). Nothing is modified.
 
     Raises:
         LoraFitError: naming the file and the first layers that are missing or do not fit,
@@ -70,7 +70,7 @@ def validate_against(
     """
     problems: list[str] = []
     total = 0
-    checks: list[tuple[dict[str, LoraLayer], torch.nn.Module | None, str]] = [
+    checks: list[tuple[dict[str, Layer], torch.nn.Module | None, str]] = [
         (lora.transformer, transformer, ""),
         (lora.text_encoder, text_encoder, "text_encoder."),
         (lora.text_encoder_2, text_encoder_2, "text_encoder_2."),
@@ -83,11 +83,13 @@ def validate_against(
     raise_if_unfit(lora.path, problems, total)
 
 
-def fit_problems(layers: Mapping[str, LoraLayer], linears: Mapping[str, torch.nn.Module],
+def fit_problems(layers: Mapping[str, Layer], linears: Mapping[str, torch.nn.Module],
                  label: str = "") -> list[str]:
     """One line per layer of ``layers`` that is missing from ``linears`` (name -> a linear-like
-    module with ``in_features``/``out_features``: plain, quantised or PEFT-wrapped) or has other
-    sizes. CLIP names ``text_model.encoder...`` also match a flattened ``CLIPTextModel``."""
+    module with ``in_features``/``out_features``: plain, quantised or PEFT-wrapped), has other
+    sizes, or has a bias delta (``diff_b``) where the model's layer has no bias. A bias-only layer
+    has no input width (``in_features`` -1) and is checked on its output rows. CLIP names
+    ``text_model.encoder...`` also match a flattened ``CLIPTextModel``."""
     problems: list[str] = []
     for name, layer in layers.items():
         linear = linears.get(name)
@@ -97,11 +99,15 @@ def fit_problems(layers: Mapping[str, LoraLayer], linears: Mapping[str, torch.nn
             problems.append(f"{label}{name}: no such layer in the model")
             continue
         in_f, out_f = int(linear.in_features), int(linear.out_features)  # type: ignore[arg-type]
-        if int(layer.down.shape[1]) != in_f or int(layer.up.shape[0]) != out_f:
+        lora_in = layer.in_features
+        if (lora_in >= 0 and lora_in != in_f) or layer.out_features != out_f:
             problems.append(
-                f"{label}{name}: LoRA {int(layer.down.shape[1])}->{int(layer.up.shape[0])}, "
+                f"{label}{name}: LoRA {lora_in if lora_in >= 0 else '?'}->{layer.out_features}, "
                 f"model {in_f}->{out_f}"
             )
+        elif isinstance(layer, DenseLayer) and layer.bias is not None \
+                and getattr(getattr(linear, "base_layer", linear), "bias", None) is None:
+            problems.append(f"{label}{name}: the LoRA changes its bias (diff_b), but the model's layer has none")
     return problems
 
 

@@ -32,6 +32,13 @@ from the tensor shapes (``hidden = down.in_features``, rows ``[h, h, h, rows - 3
 Flux.1-dev constants. BFL ``final_layer.adaLN_modulation.1`` produces ``(shift, scale)`` while
 diffusers ``norm_out.linear`` produces ``(scale, shift)``; the two row halves of ``up`` are swapped.
 
+Beyond low-rank LoRAs, every layout above may hold LyCORIS LoKr / LoHa modules, DoRA magnitudes
+(``dora_scale``, PEFT's ``lora_magnitude_vector``) and full deltas (``diff`` / ``diff_b``): their keys
+are grouped here like a LoRA's and turned into :class:`~fastlora_core.lora.types.DenseLayer` by
+``lora/lycoris.py`` (the maths and norm conventions are documented there); a fused ``qkv`` /
+``linear1`` module is split by rows of its delta. OFT / BOFT, GLoRA, (IA)^3, VeRA, norm-tuning
+and Flux Control files are refused, naming the type.
+
 Every key of the file is either consumed or reported: unknown keys raise :class:`LoraFormatError`.
 The only keys skipped are all-zero ``diff`` / ``diff_b`` / LoRA-bias tensors, which have no effect
 (logged at INFO).
@@ -45,7 +52,7 @@ import math
 import os
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -56,8 +63,9 @@ from ..loading.keymaps import (
     split_sizes,
     swap_halves,
 )
+from . import lycoris
 from .targets import _resolve, _Target
-from .types import LoraLayer, NormalizedLora
+from .types import Layer, LoraLayer, NormalizedLora, file_float
 
 logger = logging.getLogger(__name__)
 
@@ -81,17 +89,20 @@ _ROLE_SUFFIXES: tuple[tuple[str, str], ...] = (
     (".down.weight", "down"),  # XLabs
     (".up.weight", "up"),  # XLabs
     (".alpha", "alpha"),
+    *lycoris.ROLE_SUFFIXES,  # LoKr / LoHa / DoRA / diff (lora/lycoris.py)
 )
 # Keys that carry no LoRA product but are harmless when all zero (ComfyUI / ai-toolkit extras).
-_ZERO_OK_SUFFIXES = (".diff", ".diff_b", ".lora_B.bias", ".lora_up.bias", ".bias")
+_ZERO_OK_SUFFIXES = (".lora_B.bias", ".lora_up.bias", ".bias")
+_DIFF_ROLES = ("diff", "diff_b")
 
+# Adapter types FastLoRA cannot apply (the README's LoRA types table lists them).
 _UNSUPPORTED: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"lokr_(w|t)"), "a LyCORIS LoKr"),
-    (re.compile(r"hada_(w|t)"), "a LyCORIS LoHa"),
-    (re.compile(r"\.oft_"), "a LyCORIS OFT/BOFT"),
+    (re.compile(r"\.oft_(blocks|diag|r)\b|\.oft_R\b"), "a LyCORIS / PEFT OFT"),
+    (re.compile(r"\.boft_"), "a PEFT BOFT"),
     (re.compile(r"\.(a1|a2|b1|b2)\.weight$"), "a LyCORIS GLoRA"),
     (re.compile(r"\.(w_norm|b_norm)$"), "a LyCORIS norm-tuning"),
-    (re.compile(r"dora_scale|lora_magnitude_vector"), "a DoRA"),
+    (re.compile(r"\.ia3_l\b|\.on_input$"), "an (IA)^3"),
+    (re.compile(r"\.vera_lambda_[bd]\b"), "a PEFT VeRA"),
     (re.compile(r"(query_norm|key_norm)\.scale$|\.norm_(added_)?[qk]\.weight$"), "a Flux Control (Canny/Depth) LoRA"),
 )
 
@@ -232,14 +243,6 @@ def _pattern_value(patterns: object, module: str) -> float | None:
     return None
 
 
-def _to_float(t: torch.Tensor) -> torch.Tensor:
-    """An independent CPU copy in the file's floating dtype (fp32/bf16/fp16 are kept: converting a
-    bf16 LoRA to fp32 would double its RAM and transfer cost and add no information); anything else
-    (fp8 storage...) becomes fp32."""
-    dtype = t.dtype if t.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
-    return t.detach().to(device="cpu", dtype=dtype, copy=True).contiguous()
-
-
 def _split_fused(down: torch.Tensor, up: torch.Tensor, sizes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Split a fused LoRA exactly: each part keeps ``down`` and takes its rows of ``up``.
 
@@ -267,9 +270,16 @@ class _Group:
     down: str | None = None
     up: str | None = None
     alpha: str | None = None
+    more: dict[str, str] = field(default_factory=dict)  # LoKr / LoHa / DoRA / diff roles -> key
 
     def keys(self) -> list[str]:
-        return [k for k in (self.down, self.up, self.alpha) if k is not None]
+        return [k for k in (self.down, self.up, self.alpha, *self.more.values()) if k is not None]
+
+    def add(self, role: str, key: str) -> None:
+        if role in ("down", "up", "alpha"):
+            setattr(self, role, key)
+        else:
+            self.more[role] = key
 
 
 def read_lora(path: str | os.PathLike[str]) -> NormalizedLora:
@@ -279,21 +289,24 @@ def read_lora(path: str | os.PathLike[str]) -> NormalizedLora:
         * Every tensor key of the file is consumed, or the call fails: nothing is dropped silently
           (all-zero ``diff`` / ``diff_b`` / bias keys, which change nothing, are skipped with an INFO
           log). Text-encoder layers go to ``text_encoder`` (CLIP-L) / ``text_encoder_2`` (T5).
-        * For every layer, ``scale * up @ down`` equals the delta the file describes (``scale`` =
-          ``alpha / rank``, or ``alpha / sqrt(rank)`` for rsLoRA metadata, 1.0 without alpha).
-          Fused ``qkv`` / ``linear1`` modules are split into the diffusers layers; widths come from
-          the tensor shapes, so any Flux size works.
+        * For every low-rank layer (:class:`LoraLayer`), ``scale * up @ down`` equals the delta the
+          file describes (``scale`` = ``alpha / rank``, or ``alpha / sqrt(rank)`` for rsLoRA
+          metadata, 1.0 without alpha). LoKr / LoHa / DoRA / diff modules become
+          :class:`DenseLayer` (see ``lora/lycoris.py``). Fused ``qkv`` / ``linear1`` modules are
+          split into the diffusers layers; widths come from the tensor shapes, so any Flux size works.
         * Tensors keep the file's floating dtype (fp32, bf16 or fp16; anything else becomes fp32),
-          contiguous, on the CPU, and not shared with each other.
+          contiguous, on the CPU, and not shared with each other (except that the parts of a split
+          LoKr / LoHa share its factors).
         * ``source_format`` is one of ``diffusers`` / ``kohya`` / ``xlabs`` / ``bfl``, or several
           joined by ``+`` for a file that mixes layouts.
         * This does not check the LoRA against a model; call :func:`fastlora_core.lora.fit.validate_against` for that.
 
     Raises:
         LoraFormatError: the file is missing, empty, a pickle, truncated or corrupt, holds no LoRA,
-            is a LoRA for another model family, is of an unsupported type (LyCORIS LoKr/LoHa/OFT,
-            DoRA, Flux Control), has keys that are not understood, a down without its up (or the
-            reverse), inconsistent ranks, or two entries for the same layer. The message names the
+            is a LoRA for another model family, is of an unsupported type (OFT / BOFT, GLoRA, (IA)^3,
+            VeRA, norm-tuning, Flux Control), has keys that are not understood, a down without its up
+            (or the reverse), inconsistent ranks, incomplete or misshapen LoKr / LoHa / DoRA factors,
+            or two entries for the same layer. The message names the
             file, the first offending keys, and what to do.
     """
     p = Path(os.fspath(path))
@@ -310,10 +323,11 @@ def read_lora(path: str | os.PathLike[str]) -> NormalizedLora:
             )
     adapter_meta = _adapter_metadata(metadata, p)
     for component, meta in adapter_meta.items():
-        if meta.get("use_dora"):
+        if meta.get("use_dora") and not any(k.endswith(".lora_magnitude_vector") or
+                                            k.endswith(".lora_magnitude_vector.weight") for k in keys):
             raise LoraFormatError(
-                f"LoRA file {p} is a DoRA ({component}.use_dora in its metadata), which FastLoRA does not "
-                "support. Use a plain LoRA, or convert this file to a plain LoRA first."
+                f"LoRA file {p} says it is a DoRA ({component}.use_dora in its metadata) but holds no DoRA "
+                "magnitudes (lora_magnitude_vector). The file is incomplete: save or download it again."
             )
 
     groups: dict[str, _Group] = {}
@@ -321,30 +335,35 @@ def read_lora(path: str | os.PathLike[str]) -> NormalizedLora:
     skipped: list[str] = []
     full_diffs: list[str] = []
     for key in keys:
-        if key.endswith(_ZERO_OK_SUFFIXES) and _split_role(key) is None:
-            (full_diffs if torch.any(raw[key]) else skipped).append(key)
-            continue
         split = _split_role(key)
+        if (split is None and key.endswith(_ZERO_OK_SUFFIXES)) or (split is not None and split[1] in _DIFF_ROLES):
+            if not torch.any(raw[key]):
+                skipped.append(key)  # changes nothing
+                continue
+            if split is None:
+                full_diffs.append(key)
+                continue
         if split is None:
             unknown.append(key)
             continue
         module_key, role = split
-        group = groups.setdefault(module_key, _Group())
-        setattr(group, role, key)
+        groups.setdefault(module_key, _Group()).add(role, key)
 
     targets: dict[str, _Target] = {}
     for module_key, group in groups.items():
         target = _resolve(module_key)
-        if target is None:
-            unknown.extend(group.keys())
-        else:
+        if target is not None:
             targets[module_key] = target
+        elif set(group.more) <= set(_DIFF_ROLES) and not (group.down or group.up or group.alpha):
+            full_diffs.extend(group.keys())  # e.g. a norm's scale: not a linear layer
+        else:
+            unknown.extend(group.keys())
 
     if full_diffs:
         raise LoraFormatError(
-            f"LoRA file {p} holds full weight or bias differences ({_first(full_diffs)}), which FastLoRA does "
-            "not support (only low-rank LoRA weights). Use a LoRA without diff/diff_b/bias tensors, or "
-            "merge this one into the model with another tool."
+            f"LoRA file {p} holds full weight or bias differences for layers that are not linear layers of "
+            f"Flux.1 ({_first(full_diffs)}: norms, embeddings or LoRA biases), which FastLoRA cannot apply. "
+            "Use a LoRA without these tensors, or merge this one into the model with another tool."
         )
     if unknown:
         family = _guess_family(unknown)
@@ -367,62 +386,26 @@ def read_lora(path: str | os.PathLike[str]) -> NormalizedLora:
     if skipped:
         logger.info("%s: skipped %d all-zero diff/bias keys (no effect): %s", p, len(skipped), _first(skipped))
 
-    parts: dict[str, dict[str, LoraLayer]] = {"transformer": {}, "text_encoder": {}, "text_encoder_2": {}}
+    parts: dict[str, dict[str, Layer]] = {"transformer": {}, "text_encoder": {}, "text_encoder_2": {}}
     origin: dict[tuple[str, str], str] = {}
     layouts: set[str] = set()
     te_layouts: set[str] = set()
     for module_key in sorted(targets):
         target = targets[module_key]
         group = groups[module_key]
-        if group.down is None or group.up is None:
-            have, missing = (group.keys(), "up (lora_B/lora_up)" if group.up is None else "down (lora_A/lora_down)")
-            raise LoraFormatError(
-                f"LoRA file {p} is incomplete: {module_key} has no {missing} weight (found: {_first(have)}). "
-                "The file is damaged or was saved wrongly: download it again."
-            )
-        down = _to_float(raw[group.down])
-        up = _to_float(raw[group.up])
-        if down.ndim != 2 or up.ndim != 2:
-            raise LoraFormatError(
-                f"LoRA file {p}: {group.down} / {group.up} have shapes {tuple(down.shape)} / {tuple(up.shape)}; "
-                "a Flux.1 LoRA has 2-D weights (convolution LoRAs belong to other model families). "
-                "Choose a Flux.1 LoRA."
-            )
-        rank = int(down.shape[0])
-        if int(up.shape[1]) != rank or rank == 0:
-            raise LoraFormatError(
-                f"LoRA file {p}: {group.down} has rank {rank} but {group.up} has rank {int(up.shape[1])}. "
-                "The file is damaged or not a LoRA: download it again."
-            )
-        scale = _scale(p, raw, group, target, rank, adapter_meta)
-
-        if target.split is not None:
-            sizes = split_sizes(target.split, int(up.shape[0]), int(down.shape[1]))
-            if sizes is None:
-                raise LoraFormatError(
-                    f"LoRA file {p}: {group.up} has {int(up.shape[0])} rows, which cannot be split into "
-                    f"{', '.join(target.modules)} (in_features {int(down.shape[1])}). This LoRA was not made "
-                    "for a Flux.1 model: choose a Flux.1 LoRA."
-                )
-            pieces = _split_fused(down, up, sizes)
+        pieces: list[Layer]
+        if group.more:  # LoKr / LoHa / DoRA / diff: a dense delta (lora/lycoris.py)
+            pieces = _dense_pieces(p, raw, module_key, group, target, adapter_meta)
         else:
-            if target.swap_halves:
-                if up.shape[0] % 2:
-                    raise LoraFormatError(
-                        f"LoRA file {p}: {group.up} has an odd number of rows ({int(up.shape[0])}), but "
-                        "final_layer.adaLN_modulation.1 holds (shift, scale) halves. Choose a Flux.1 LoRA."
-                    )
-                up = swap_halves(up)  # (shift, scale) -> (scale, shift)
-            pieces = [(down, up)]
-
+            pieces = _low_rank_pieces(p, raw, module_key, group, target, adapter_meta)
         part = parts[target.component]
-        for module, (d, u) in zip(target.modules, pieces):
+        for module, layer in zip(target.modules, pieces):
             if module in part:
                 raise LoraFormatError(
                     f"LoRA file {p} has two entries for the layer {module}: {origin[(target.component, module)]} "
                     f"and {module_key}. The file mixes two LoRAs or layouts; choose a clean LoRA file."
                 )
-            part[module] = LoraLayer(down=d, up=u, scale=scale)
+            part[module] = layer
             origin[(target.component, module)] = module_key
         (layouts if target.component == "transformer" else te_layouts).add(target.layout)
 
@@ -445,6 +428,100 @@ def read_lora(path: str | os.PathLike[str]) -> NormalizedLora:
     )
 
 
+def _low_rank(p: Path, raw: Mapping[str, torch.Tensor], module_key: str, group: _Group, target: _Target,
+              adapter_meta: Mapping[str, Mapping[str, object]]) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(down, up, scale)`` of a LoRA module, checked."""
+    if group.down is None or group.up is None:
+        have, missing = (group.keys(), "up (lora_B/lora_up)" if group.up is None else "down (lora_A/lora_down)")
+        raise LoraFormatError(
+            f"LoRA file {p} is incomplete: {module_key} has no {missing} weight (found: {_first(have)}). "
+            "The file is damaged or was saved wrongly: download it again."
+        )
+    down = file_float(raw[group.down])
+    up = file_float(raw[group.up])
+    if down.ndim != 2 or up.ndim != 2:
+        raise LoraFormatError(
+            f"LoRA file {p}: {group.down} / {group.up} have shapes {tuple(down.shape)} / {tuple(up.shape)}; "
+            "a Flux.1 LoRA has 2-D weights (convolution LoRAs belong to other model families). "
+            "Choose a Flux.1 LoRA."
+        )
+    rank = int(down.shape[0])
+    if int(up.shape[1]) != rank or rank == 0:
+        raise LoraFormatError(
+            f"LoRA file {p}: {group.down} has rank {rank} but {group.up} has rank {int(up.shape[1])}. "
+            "The file is damaged or not a LoRA: download it again."
+        )
+    return down, up, _scale(p, raw, group, target, rank, adapter_meta)
+
+
+def _low_rank_pieces(p: Path, raw: Mapping[str, torch.Tensor], module_key: str, group: _Group, target: _Target,
+                     adapter_meta: Mapping[str, Mapping[str, object]]) -> list[Layer]:
+    """A LoRA module as one :class:`LoraLayer` per target module (fused qkv / linear1 split)."""
+    down, up, scale = _low_rank(p, raw, module_key, group, target, adapter_meta)
+    if target.split is not None:
+        sizes = split_sizes(target.split, int(up.shape[0]), int(down.shape[1]))
+        if sizes is None:
+            raise LoraFormatError(
+                f"LoRA file {p}: {group.up} has {int(up.shape[0])} rows, which cannot be split into "
+                f"{', '.join(target.modules)} (in_features {int(down.shape[1])}). This LoRA was not made "
+                "for a Flux.1 model: choose a Flux.1 LoRA."
+            )
+        return [LoraLayer(d, u, scale) for d, u in _split_fused(down, up, sizes)]
+    if target.swap_halves:
+        if up.shape[0] % 2:
+            raise LoraFormatError(
+                f"LoRA file {p}: {group.up} has an odd number of rows ({int(up.shape[0])}), but "
+                "final_layer.adaLN_modulation.1 holds (shift, scale) halves. Choose a Flux.1 LoRA."
+            )
+        up = swap_halves(up)  # (shift, scale) -> (scale, shift)
+    return [LoraLayer(down, up, scale)]
+
+
+def _dense_pieces(p: Path, raw: Mapping[str, torch.Tensor], module_key: str, group: _Group, target: _Target,
+                  adapter_meta: Mapping[str, Mapping[str, object]]) -> list[Layer]:
+    """A LoKr / LoHa / DoRA / diff module as one :class:`DenseLayer` per target module: the rows of
+    a fused qkv / linear1 delta are split like a LoRA's ``up``, BFL's swapped halves likewise."""
+    low = _low_rank(p, raw, module_key, group, target, adapter_meta) if (group.down or group.up) else None
+    alpha = None
+    if group.alpha is not None and low is None:
+        alpha = _alpha_value(p, raw, group.alpha)
+    layer = lycoris.read_module(p, module_key, raw, group.more, low, alpha)
+    rows, in_f = layer.shape
+    segments: list[tuple[tuple[int, int], ...]] | None = None
+    if target.split is not None:
+        # A bias-only (diff_b) module has no input width: only qkv (equal thirds) splits without it.
+        sizes = split_sizes(target.split, rows, in_f) if in_f > 0 or target.split == "qkv" else None
+        if sizes is None:
+            raise LoraFormatError(
+                f"LoRA file {p}: {module_key} changes {rows} rows, which cannot be split into "
+                f"{', '.join(target.modules)} (in_features {in_f}). This LoRA was not made for a Flux.1 "
+                "model: choose a Flux.1 LoRA."
+            )
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        segments = [((a, a + n),) for a, n in zip(starts, sizes)]
+    elif target.swap_halves:
+        if rows % 2:
+            raise LoraFormatError(
+                f"LoRA file {p}: {module_key} changes an odd number of rows ({rows}), but "
+                "final_layer.adaLN_modulation.1 holds (shift, scale) halves. Choose a Flux.1 LoRA."
+            )
+        segments = [((rows // 2, rows), (0, rows // 2))]  # (shift, scale) -> (scale, shift)
+    return list(lycoris.cut(p, module_key, layer, segments))
+
+
+def _alpha_value(path: Path, raw: Mapping[str, torch.Tensor], key: str) -> float:
+    alpha_t = raw[key]
+    if alpha_t.numel() != 1:
+        raise LoraFormatError(
+            f"LoRA file {path}: {key} should be one number but has shape {tuple(alpha_t.shape)}. "
+            "The file is damaged or not a LoRA: download it again."
+        )
+    alpha = float(alpha_t.reshape(()).to(torch.float64).item())
+    if not math.isfinite(alpha):
+        raise LoraFormatError(f"LoRA file {path}: {key} is {alpha}. The file is damaged: download it again.")
+    return alpha
+
+
 def _scale(
     path: Path,
     raw: Mapping[str, torch.Tensor],
@@ -455,16 +532,7 @@ def _scale(
 ) -> float:
     """``alpha / rank`` from the ``.alpha`` key, else from diffusers metadata, else 1.0."""
     if group.alpha is not None:
-        alpha_t = raw[group.alpha]
-        if alpha_t.numel() != 1:
-            raise LoraFormatError(
-                f"LoRA file {path}: {group.alpha} should be one number but has shape {tuple(alpha_t.shape)}. "
-                "The file is damaged or not a LoRA: download it again."
-            )
-        alpha = float(alpha_t.reshape(()).to(torch.float64).item())
-        if not math.isfinite(alpha):
-            raise LoraFormatError(f"LoRA file {path}: {group.alpha} is {alpha}. The file is damaged: download it again.")
-        return alpha / rank
+        return _alpha_value(path, raw, group.alpha) / rank
     meta = adapter_meta.get(target.component) if target.layout == "diffusers" else None
     if not meta:
         return 1.0

@@ -12,6 +12,11 @@ Contract:
   anyway (e.g. out of memory), every layer written in this call is restored and the previous stack
   re-applied before the error propagates: no half-swapped weights.
 - No rank or target limit; stacks are sums.
+- Dense layers (LyCORIS LoKr / LoHa, full ``diff``, DoRA: :class:`~fastlora_core.lora.types.DenseLayer`)
+  add ``strength * lycoris.contribution(layer, W)``, rebuilt in float32 on the weight's device from
+  the original weight ``W`` (the high-precision master for quantised weights: DoRA's norm is taken
+  there), and the sum is rounded once. A bias delta (``diff_b``) is added to the layer's bias the
+  same way, restored exactly from its own saved original.
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ from typing import cast
 import torch
 
 from ..errors import LoraError
+from . import lycoris
 from .base import Contribution, ResolvedEntry, SwapStrategy, check_targets_exist, linear_modules, per_layer
 from .quantized import clone_quantized, copy_into_quantized, is_quantized, requantize_like, restore_quantized
+from .types import DenseLayer
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +48,8 @@ class FusedStrategy(SwapStrategy):
         self.refresh_modules()
         # Exact originals of touched layers: plain tensors, or a quantised weight's inner tensors.
         self._orig: dict[tuple[str, str], torch.Tensor | dict[str, torch.Tensor]] = {}
+        # Exact original biases of layers whose bias a ``diff_b`` changed.
+        self._orig_bias: dict[tuple[str, str], torch.Tensor] = {}
         # High-precision masters of quantised transformer layers, captured before quantisation.
         self._hp_master: dict[str, torch.Tensor] = {}
         self._current: dict[tuple[str, str], Contribution] = {}
@@ -78,6 +87,7 @@ class FusedStrategy(SwapStrategy):
         self._hp_master = {n: t.to(device) for n, t in self._hp_master.items()}
         self._orig = {k: ({n: t.to(device) for n, t in v.items()} if isinstance(v, dict) else v.to(device))
                       for k, v in self._orig.items()}
+        self._orig_bias = {k: v.to(device) for k, v in self._orig_bias.items()}
         self.master_device = torch.device(device)
 
     def model_moved(self) -> None:
@@ -133,8 +143,8 @@ class FusedStrategy(SwapStrategy):
         try:
             with torch.no_grad():
                 for key in sorted(todo):
+                    written.append(key)  # first: a write that fails halfway is rolled back too
                     self._write(key, wanted.get(key, []))
-                    written.append(key)
         except Exception:
             logger.exception("fused swap failed; restoring the previous weights")
             self._rollback(written)
@@ -176,6 +186,10 @@ class FusedStrategy(SwapStrategy):
                     self._current.pop(key, None)
 
     def _restore(self, key: tuple[str, str]) -> None:
+        self._restore_bias(key)
+        self._restore_weight(key)
+
+    def _restore_weight(self, key: tuple[str, str]) -> None:
         part, name = key
         weight = self._weight(part, name)
         saved = self._orig.get(key)
@@ -190,6 +204,31 @@ class FusedStrategy(SwapStrategy):
         """The weight of a target layer (a plain or torchao tensor; typed, as nn.Module attributes are not)."""
         return cast(torch.Tensor, self._modules[part][name].weight)
 
+    def _bias(self, part: str, name: str) -> torch.Tensor:
+        """The bias of a target layer (checked to exist by validation when a ``diff_b`` targets it)."""
+        return cast(torch.Tensor, self._modules[part][name].bias)
+
+    def _restore_bias(self, key: tuple[str, str]) -> None:
+        saved = self._orig_bias.get(key)
+        if saved is not None:
+            self._bias(*key).copy_(saved)
+
+    def _write_bias(self, key: tuple[str, str], items: list) -> None:
+        """bias = original + sum(strength * diff_b), in float32, rounded once; the original when no
+        layer of the stack changes it."""
+        biased = [(e.strength, layer.bias) for e, layer in items
+                  if isinstance(layer, DenseLayer) and layer.bias is not None]
+        if not biased:
+            self._restore_bias(key)
+            return
+        bias = self._bias(*key)
+        if key not in self._orig_bias:
+            self._orig_bias[key] = bias.detach().to(self.master_device, copy=True)
+        new = self._orig_bias[key].to(device=bias.device, dtype=torch.float32, copy=True)
+        for strength, delta in biased:
+            new.add_(delta.to(device=bias.device, dtype=torch.float32), alpha=strength)
+        bias.copy_(new.to(bias.dtype))
+
     def _write(self, key: tuple[str, str], items: list) -> None:
         part, name = key
         weight = self._weight(part, name)
@@ -197,8 +236,10 @@ class FusedStrategy(SwapStrategy):
         if key not in self._orig:
             self._orig[key] = clone_quantized(weight, self.master_device) if quantized else \
                 weight.detach().to(self.master_device, copy=True)
+        self._write_bias(key, items)
+        items = [(e, layer) for e, layer in items if not isinstance(layer, DenseLayer) or layer.has_weight_delta]
         if not items:
-            self._restore(key)
+            self._restore_weight(key)
             return
         device = weight.device
         if quantized:
@@ -216,27 +257,48 @@ class FusedStrategy(SwapStrategy):
             return
         # Plain weights: accumulate in float32, round once to the weight's dtype.
         new = self._orig[key].to(device=device, dtype=torch.float32, copy=True)  # type: ignore[union-attr]
-        for entry, layer in items:
-            up = layer.up.to(device=device, dtype=torch.float32)
-            down = layer.down.to(device=device, dtype=torch.float32)
-            new.addmm_(up, down, alpha=entry.strength * layer.scale)
+        _accumulate(new, new.clone() if _has_dense(items) else new, items)
         weight.copy_(new.to(weight.dtype))
 
     def _merged_hp(self, master: torch.Tensor, items: list, device: torch.device) -> torch.Tensor:
         """``master + sum(strength * scale * up @ down)`` in the master's dtype (bf16 for fp8), in a
-        reused scratch buffer on the weight's device: the exact input torchao would quantise."""
+        reused scratch buffer on the weight's device: the exact input torchao would quantise. With a
+        dense layer in the stack the sum is taken in float32 against the master and rounded once."""
         need = master.numel()
         if (self._scratch is None or self._scratch.numel() < need or self._scratch.device != device
                 or self._scratch.dtype != master.dtype):
             self._scratch = torch.empty(need, device=device, dtype=master.dtype)
         buf = self._scratch[:need].view(master.shape)
         src = master.to(device, non_blocking=True)  # no copy when the master is on this device
+        if _has_dense(items):  # float32 accumulation against the master, rounded once
+            acc = src.to(torch.float32, copy=True)
+            _accumulate(acc, src.to(torch.float32), items)
+            buf.copy_(acc)
+            return buf
         for i, (entry, layer) in enumerate(items):
             up = layer.up.to(device=device, dtype=master.dtype)
             down = layer.down.to(device=device, dtype=master.dtype)
             # The first term reads the master straight into the buffer: one pass instead of two.
             torch.addmm(src if i == 0 else buf, up, down, alpha=entry.strength * layer.scale, out=buf)
         return buf
+
+
+def _has_dense(items: list) -> bool:
+    return any(isinstance(layer, DenseLayer) for _, layer in items)
+
+
+def _accumulate(acc: torch.Tensor, original: torch.Tensor, items: list) -> None:
+    """``acc += sum(strength * delta)`` in float32: ``addmm`` for a LoRA, the dense contribution
+    (computed against ``original``, the layer's unmodified float32 weight) for the others."""
+    for entry, layer in items:
+        if isinstance(layer, DenseLayer):
+            delta = lycoris.contribution(layer, original)
+            if delta is not None:
+                acc.add_(delta, alpha=entry.strength)
+        else:
+            up = layer.up.to(device=acc.device, dtype=torch.float32)
+            down = layer.down.to(device=acc.device, dtype=torch.float32)
+            acc.addmm_(up, down, alpha=entry.strength * layer.scale)
 
 
 def _triton_fp8_self_check(device: torch.device) -> bool:
