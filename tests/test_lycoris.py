@@ -399,3 +399,34 @@ def test_adapter_strategy_refuses_dense_layers_with_advice(
         with pytest.raises(LoraFitError, match="swap_strategy=fused"):
             engine.prepare_slot([ref.path])
     assert torch.equal(engine.generate(tiny_request, good).images, before)
+
+
+def test_quantised_weights_merge_from_the_master_and_restore_exactly(
+        tiny_source: ModelSource, tiny_request: GenerateRequest, tmp_path: Path) -> None:
+    """int8 weights: LoKr + DoRA are merged against the high-precision master (DoRA's norm too) and
+    re-quantised; the result is within one quantisation step of the reference weight, and an
+    empty stack restores the original bytes."""
+    from fastlora_core.lora.quantized import clone_quantized
+
+    plain = FluxEngine(tiny_source, CPU)
+    original = _weights(plain)
+    lokr = _make(tmp_path, plain.transformer, "lokr")
+    dora = _make(tmp_path, plain.transformer, "lora-dora", seed=6)
+    engine = FluxEngine(tiny_source, dataclasses.replace(CPU, quantization="int8_weight_only"))
+    modules = dict(engine.transformer.named_modules())
+    before = {n: clone_quantized(modules[n].weight, "cpu") for n in dora.trained}
+    image = engine.generate(tiny_request).images
+    engine.apply(LoraStack.of((lokr.path, 0.5), (dora.path, -0.7)))
+    want = dict(original)
+    for ref, s in ((lokr, 0.5), (dora, -0.7)):
+        for n, w in ref.trained.items():
+            want[n] = want[n] + s * (w - original[n])
+    for n in dora.trained:
+        step = float(want[n].abs().amax() / 127)
+        got = modules[n].weight.dequantize()
+        assert float((got - want[n]).abs().max()) <= 1.01 * step, n
+        assert float((want[n] - original[n]).abs().max()) > 3 * step, f"{n}: the merge is not visible in int8"
+    engine.apply(LoraStack())
+    for n, saved in before.items():
+        assert all(torch.equal(v, saved[k]) for k, v in clone_quantized(modules[n].weight, "cpu").items()), n
+    assert torch.equal(engine.generate(tiny_request).images, image)

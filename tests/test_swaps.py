@@ -100,6 +100,10 @@ def test_refused_loras_leave_the_compiled_engine_serving_the_previous_stack(
     before = engine.generate(tiny_request, good).images
     bad_files = _bad_lora_files(tmp_path, engine, tiny_loras)
     if engine.options.swap_strategy == "adapter":
+        lokr = tmp_path / "lokr.safetensors"
+        save_file({"lycoris_transformer_blocks_0_attn_to_q.lokr_w1": torch.randn(4, 4),
+                   "lycoris_transformer_blocks_0_attn_to_q.lokr_w2": torch.randn(8, 8)}, str(lokr))
+        bad_files["LoKr under adapter"] = (str(lokr), LoraFitError, r"lokr\.safetensors \(LoKr\).*swap_strategy=fused")
         bad_files["rank above max_rank"] = (_random_lora(tmp_path / "r64.safetensors", engine,
                                                          ["transformer_blocks.0.attn.to_q"], rank=64),
                                             LoraFitError, "max_rank")
@@ -138,7 +142,15 @@ def _bad_lora_files(tmp_path: Path, engine: FluxEngine, loras: dict[str, str]) -
     sdxl = tmp_path / "sdxl.safetensors"
     save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 8),
                "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(8, 4)}, str(sdxl))
+    oft = tmp_path / "oft.safetensors"
+    save_file({"lycoris_transformer_blocks_0_attn_to_q.oft_blocks": torch.zeros(4, 8, 8),
+               "lycoris_transformer_blocks_0_attn_to_q.alpha": torch.tensor(1.0)}, str(oft))
+    glora = tmp_path / "glora.safetensors"
+    save_file({f"lora_unet_double_blocks_0_img_attn_proj.{k}.weight": torch.ones(2, 2) for k in ("a1", "a2", "b1", "b2")},
+              str(glora))
     return {
+        "OFT (a type FastLoRA cannot apply)": (str(oft), LoraFormatError, "oft.safetensors.*OFT"),
+        "GLoRA (a type FastLoRA cannot apply)": (str(glora), LoraFormatError, "glora.safetensors.*GLoRA"),
         "missing file": (str(tmp_path / "nope.safetensors"), LoraFormatError, "not found"),
         "corrupt file": (str(corrupt), LoraFormatError, "corrupt.safetensors"),
         "another model family": (str(sdxl), LoraFormatError, "sdxl.safetensors"),
