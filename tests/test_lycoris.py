@@ -430,3 +430,54 @@ def test_quantised_weights_merge_from_the_master_and_restore_exactly(
     for n, saved in before.items():
         assert all(torch.equal(v, saved[k]) for k, v in clone_quantized(modules[n].weight, "cpu").items()), n
     assert torch.equal(engine.generate(tiny_request).images, image)
+
+
+# --------------------------------------------------------------------------------------------------
+# A second reference: ComfyUI's own loader (comfy/lora.py + comfy/weight_adapter), when available
+# --------------------------------------------------------------------------------------------------
+
+
+def _comfy_merged(comfyui_dir: str, path: str, names: list[str], original: dict[str, torch.Tensor],
+                  strength: float) -> dict[str, torch.Tensor]:
+    """What ComfyUI's LoRA loader makes of the file: ``load_lora`` groups the keys into adapters,
+    each adapter's ``calculate_weight`` patches the original weight (float32).
+
+    Not compared: DoRA with per-output-row norms (LyCORIS' default), for which ComfyUI (checked at
+    a125cd84) divides by the norm of the *original* weight rows where LyCORIS' forward and PEFT use
+    the merged weight (``weight_decompose`` in comfy/weight_adapter/base.py); we follow the trainers.
+    """
+    import sys
+
+    from safetensors.torch import load_file
+
+    if comfyui_dir not in sys.path:
+        sys.path.insert(0, comfyui_dir)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    import comfy.lora
+
+    to_load = {"lycoris_" + n.replace(".", "_"): n for n in names}
+    patches = comfy.lora.load_lora(load_file(path), to_load, log_missing=True)
+    out = {}
+    for name, adapter in patches.items():
+        out[name] = adapter.calculate_weight(original[name].clone(), name, strength, 1.0, None, lambda w: w)
+    return out
+
+
+@pytest.mark.comfyui
+@pytest.mark.parametrize("config", ["lokr", "lokr-decompose-both", "loha", "lora-dora-per-input"])
+def test_same_weights_as_comfyui(tiny_source: ModelSource, tmp_path: Path, config: str) -> None:
+    import os
+
+    comfyui_dir = os.environ.get("COMFYUI_DIR")
+    if not comfyui_dir:
+        pytest.skip("set COMFYUI_DIR to a ComfyUI checkout")
+    engine = FluxEngine(tiny_source, CPU)
+    original = _weights(engine)
+    ref = _make(tmp_path, engine.transformer, config)
+    for s in STRENGTHS:
+        comfy = _comfy_merged(comfyui_dir, ref.path, list(original), original, s)
+        assert set(comfy) == set(ref.trained)
+        engine.apply(LoraStack.of((ref.path, s)))
+        _assert_weights(engine, comfy, original, f"{config} at {s} vs ComfyUI")

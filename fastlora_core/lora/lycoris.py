@@ -34,6 +34,10 @@ with the norm taken on the original weight the engine holds (the bf16 master for
   default ``wd_on_out``), or ``[1, in]`` = norms of the input columns; ``eps`` = float32 eps.
 * PEFT ``lora_magnitude_vector``: shape ``[out]``, norms of the output rows, no eps.
 
+ComfyUI's loader (checked at a125cd84) agrees with this for LoKr, LoHa and per-input-column DoRA
+at every strength, but for per-output-row DoRA it divides by the norm of the original rows ``||W||``
+instead of ``||W + dW||``; LyCORIS' training forward and PEFT use the merged weight, as we do.
+
 Strength ``s`` interpolates between the original and the DoRA weight, ``W + s * (DoRA(W) - W)``,
 as ComfyUI's loader does. (PEFT instead scales ``dW`` inside the norm, and lycoris-lora 4.x's
 merge helper gives ``W + dW`` at strength 0; all three agree at strength 1.) In a stack every
