@@ -437,37 +437,55 @@ def test_quantised_weights_merge_from_the_master_and_restore_exactly(
 # --------------------------------------------------------------------------------------------------
 
 
-def _comfy_merged(comfyui_dir: str, path: str, names: list[str], original: dict[str, torch.Tensor],
-                  strength: float) -> dict[str, torch.Tensor]:
+_COMFY_SCRIPT = """
+import sys
+from safetensors.torch import load_file, save_file
+comfyui_dir, weights_path, out_path, strengths, *lora_paths = sys.argv[1:]
+sys.path.insert(0, comfyui_dir)
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+import comfy.lora
+original = load_file(weights_path)
+to_load = {"lycoris_" + n.replace(".", "_"): n for n in original}
+out = {}
+for i, lora_path in enumerate(lora_paths):
+    patches = comfy.lora.load_lora(load_file(lora_path), to_load, log_missing=True)
+    for s in strengths.split(","):
+        for n, a in patches.items():
+            out[f"{i}|{s}|{n}"] = a.calculate_weight(original[n].clone(), n, float(s), 1.0, None, lambda w: w)
+out = {k: v.contiguous() for k, v in out.items()}
+save_file(out, out_path)
+"""
+
+
+def _comfy_merged(comfyui_dir: str, paths: list[str], original: dict[str, torch.Tensor],
+                  strengths: tuple[float, ...], tmp_path: Path) -> list[dict[float, dict[str, torch.Tensor]]]:
     """What ComfyUI's LoRA loader makes of the file: ``load_lora`` groups the keys into adapters,
-    each adapter's ``calculate_weight`` patches the original weight (float32).
+    each adapter's ``calculate_weight`` patches the original weight (float32). Run in a separate
+    process: the real ``comfy`` package must not meet the tests' ComfyUI stub.
 
     Not compared: DoRA with per-output-row norms (LyCORIS' default), for which ComfyUI (checked at
     a125cd84) divides by the norm of the *original* weight rows where LyCORIS' forward and PEFT use
     the merged weight (``weight_decompose`` in comfy/weight_adapter/base.py); we follow the trainers.
     """
+    import subprocess
     import sys
 
     from safetensors.torch import load_file
 
-    if comfyui_dir not in sys.path:
-        sys.path.insert(0, comfyui_dir)
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
-    import comfy.lora
-
-    to_load = {"lycoris_" + n.replace(".", "_"): n for n in names}
-    patches = comfy.lora.load_lora(load_file(path), to_load, log_missing=True)
-    out = {}
-    for name, adapter in patches.items():
-        out[name] = adapter.calculate_weight(original[name].clone(), name, strength, 1.0, None, lambda w: w)
-    return out
+    weights, out = tmp_path / "original.safetensors", tmp_path / "comfy.safetensors"
+    save_file({n: w.contiguous() for n, w in original.items()}, str(weights))
+    subprocess.run([sys.executable, "-c", _COMFY_SCRIPT, comfyui_dir, str(weights), str(out),
+                    ",".join(map(str, strengths)), *paths], check=True, cwd=tmp_path, timeout=300)
+    merged: list[dict[float, dict[str, torch.Tensor]]] = [{s: {} for s in strengths} for _ in paths]
+    for key, w in load_file(str(out)).items():
+        i, s, name = key.split("|")
+        merged[int(i)][float(s)][name] = w
+    return merged
 
 
 @pytest.mark.comfyui
-@pytest.mark.parametrize("config", ["lokr", "lokr-decompose-both", "loha", "lora-dora-per-input"])
-def test_same_weights_as_comfyui(tiny_source: ModelSource, tmp_path: Path, config: str) -> None:
+def test_same_weights_as_comfyui(tiny_source: ModelSource, tmp_path: Path) -> None:
     import os
 
     comfyui_dir = os.environ.get("COMFYUI_DIR")
@@ -475,9 +493,12 @@ def test_same_weights_as_comfyui(tiny_source: ModelSource, tmp_path: Path, confi
         pytest.skip("set COMFYUI_DIR to a ComfyUI checkout")
     engine = FluxEngine(tiny_source, CPU)
     original = _weights(engine)
-    ref = _make(tmp_path, engine.transformer, config)
-    for s in STRENGTHS:
-        comfy = _comfy_merged(comfyui_dir, ref.path, list(original), original, s)
-        assert set(comfy) == set(ref.trained)
-        engine.apply(LoraStack.of((ref.path, s)))
-        _assert_weights(engine, comfy, original, f"{config} at {s} vs ComfyUI")
+    configs = ["lokr", "lokr-decompose-both", "loha", "lora-dora-per-input"]
+    refs = [_make(tmp_path, engine.transformer, c) for c in configs]
+    merged = _comfy_merged(comfyui_dir, [r.path for r in refs], original, STRENGTHS, tmp_path)
+    for config, ref, comfy_by_strength in zip(configs, refs, merged):
+        for s in STRENGTHS:
+            comfy = comfy_by_strength[s]
+            assert set(comfy) == set(ref.trained), config
+            engine.apply(LoraStack.of((ref.path, s)))
+            _assert_weights(engine, comfy, original, f"{config} at {s} vs ComfyUI")
