@@ -321,6 +321,35 @@ def test_full_diff_file_changes_weights_and_biases(tiny_source: ModelSource, tmp
     assert all(torch.equal(lin[n].bias, b) for n, b in original_bias.items()), "biases not restored exactly"
 
 
+def test_staged_copies_of_dense_layers(tiny_source: ModelSource, tmp_path: Path) -> None:
+    """The engine's GPU staging (``DeviceLoraCache``) copies a LoRA with ``NormalizedLora.to`` and
+    budgets it with ``nbytes``: a dense layer's factors and bias delta move to the engine's dtype
+    (same values), DoRA's magnitude stays float32 (it divides a norm), and every tensor is counted."""
+    engine = FluxEngine(tiny_source, CPU)
+    lin = _linears(engine.transformer)
+    dora = read_lora(_make(tmp_path, engine.transformer, "lokr-dora").path)
+    diff = tmp_path / "diff.safetensors"
+    save_file({"diffusion_model.img_in.diff": torch.randn(lin["x_embedder"].weight.shape),
+               "diffusion_model.img_in.diff_b": torch.randn(lin["x_embedder"].bias.shape)}, str(diff))
+    for lora in (dora, read_lora(str(diff))):
+        staged = lora.to("cpu", torch.float16)
+        tensors = []
+        for name, layer in staged.transformer.items():
+            src = lora.transformer[name]
+            assert isinstance(layer, DenseLayer) and isinstance(src, DenseLayer)
+            assert (layer.kind, layer.scale, layer.shape, layer.rows) == (src.kind, src.scale, src.shape, src.rows)
+            for k, t in layer.factors.items():
+                assert t.dtype == torch.float16 and torch.equal(t, src.factors[k].to(torch.float16)), (name, k)
+            if src.magnitude is not None:
+                assert layer.magnitude is not None and layer.magnitude.dtype == torch.float32
+                assert torch.equal(layer.magnitude, src.magnitude)
+            if src.bias is not None:
+                assert layer.bias is not None and torch.equal(layer.bias, src.bias.to(torch.float16))
+            tensors += [*layer.factors.values(), *(t for t in (layer.magnitude, layer.bias) if t is not None)]
+        assert staged.nbytes() == sum(t.numel() * t.element_size() for t in tensors) > 0
+    assert any(layer.magnitude is not None for layer in dora.transformer.values())
+
+
 # --------------------------------------------------------------------------------------------------
 # The compiled engine: images, stacks, zero recompiles, refusals
 # --------------------------------------------------------------------------------------------------
