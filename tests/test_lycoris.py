@@ -112,7 +112,7 @@ def _assert_weights(engine: FluxEngine, expected: dict[str, torch.Tensor], origi
                     label: str) -> None:
     now = _weights(engine)
     for name, want in expected.items():
-        diff = float((now[name] - want).abs().max())
+        diff = float((now[name] - want).detach().abs().max())
         assert diff <= W_TOL, f"{label}: {name} differs from the reference by {diff}"
     for name in set(now) - set(expected):
         assert torch.equal(now[name], original[name]), f"{label}: untouched layer {name} changed"
