@@ -504,3 +504,17 @@ def test_comfy_tiny_transformer_is_written_in_bfl_layout(tmp_path: Path) -> None
 
     path = write_comfy_tiny_transformer(tmp_path / "tiny-comfy.safetensors")
     assert "double_blocks.0.img_attn.qkv.weight" in read_header(path).tensors
+
+
+@pytest.mark.parametrize(("version", "keyword"), [("0.35.2", "torch_dtype"), ("0.41.0", "torch_dtype"),
+                                                  ("0.42.1", "dtype"), ("0.43.0.dev0", "dtype"), ("1.0.0", "dtype")])
+def test_from_pretrained_dtype_keyword_follows_the_diffusers_version(monkeypatch: pytest.MonkeyPatch, version: str,
+                                                                      keyword: str) -> None:
+    """diffusers 0.42 renamed ``torch_dtype=`` to ``dtype=`` (the old name warns); older releases only
+    know ``torch_dtype=``. Chosen from the version number, not by reading diffusers' source."""
+    import diffusers
+
+    from fastlora_core.loading.diffusers_folder import _dtype_kwarg
+
+    monkeypatch.setattr(diffusers, "__version__", version)
+    assert _dtype_kwarg(torch.float32) == {keyword: torch.float32}

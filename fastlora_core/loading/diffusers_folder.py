@@ -89,14 +89,16 @@ def _load_diffusers(folder: Path, dtype: torch.dtype) -> FluxPipeline:
     return pipe
 
 
+#: The first diffusers release whose ``from_pretrained`` takes ``dtype=`` (and deprecates ``torch_dtype=``).
+DTYPE_KEYWORD_SINCE = (0, 42)
+
+
 def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
-    """diffusers >= 0.42 takes ``dtype=`` and deprecates ``torch_dtype=``; older ones only know the latter."""
-    import inspect
+    """``from_pretrained``'s dtype keyword for the installed diffusers, from its version number."""
+    import diffusers
 
-    from diffusers import DiffusionPipeline
-
-    src = inspect.getsource(DiffusionPipeline.from_pretrained)
-    return {"dtype": dtype} if 'kwargs.pop("dtype"' in src else {"torch_dtype": dtype}
+    major, minor = (int(part) for part in diffusers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= DTYPE_KEYWORD_SINCE else {"torch_dtype": dtype}
 
 
 def _finish(pipe: Any) -> None:
