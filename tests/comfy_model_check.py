@@ -175,6 +175,25 @@ def main(comfy_dir: str, work: str, out_path: str, compile_mode: str) -> None:
                                                     {"samples": torch.zeros(1, 16, 8, 8)})[0]
             return out["samples"].clone()
 
+    def custom(model: Any, steps: int = 3) -> torch.Tensor:
+        """SamplerCustom (noise added, CFG 2 with the negative) with the Karras sigmas of BasicScheduler."""
+        import comfy_extras.nodes_custom_sampler as cs
+
+        with torch.inference_mode():
+            sigmas = cs.BasicScheduler().get_sigmas(model, "karras", steps, 1.0)[0]
+            out = cs.SamplerCustom().sample(model, True, 3, 2.0, positive, negative,
+                                            cs.KSamplerSelect().get_sampler("euler_ancestral")[0], sigmas,
+                                            {"samples": torch.zeros(1, 16, 8, 8)})[0]
+            return out["samples"].clone()
+
+    def advanced(model: Any, steps: int = 4) -> torch.Tensor:
+        """KSamplerAdvanced: steps 1..3 of 4 with leftover noise returned (a two-stage graph's first half)."""
+        with torch.inference_mode():
+            out = comfy_nodes.KSamplerAdvanced().sample(model, "enable", 9, steps, 1.0, "euler", "simple", positive,
+                                                        negative, {"samples": torch.zeros(1, 16, 8, 8)}, 1, 3,
+                                                        "enable")[0]
+            return out["samples"].clone()
+
     def shifted(model: Any) -> Any:
         import comfy_extras.nodes_model_advanced as ma
 
@@ -213,6 +232,8 @@ def main(comfy_dir: str, work: str, out_path: str, compile_mode: str) -> None:
         compare("noise_mask", [("a", 1.0)], latent={"samples": image_latent.clone(), "noise_mask": mask}, denoise=0.8)
         compare("size_80x48", [("b", 0.5)], latent={"samples": torch.zeros(1, 16, 6, 10)})
         compare("sampler_custom_advanced", [("a", 1.0)], fn=custom_advanced)
+        compare("sampler_custom", [("b", 0.8)], fn=custom)
+        compare("ksampler_advanced", [("a", 1.0)], fn=advanced)
         compare("model_sampling_flux", [("b", 1.0)], wrap=shifted)
 
         # A -> B -> A on our MODEL, bit for bit, without compiling again

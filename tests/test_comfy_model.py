@@ -48,7 +48,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 SCENARIOS = ["no_lora", "lora_bfl_1.0", "lora_bfl_0.5", "lora_bfl_-0.7", "lora_diffusers_1.0", "stack_two",
              "img2img_0.6", "cfg_3_negative", "dpmpp_2m_karras", "batch_2", "noise_mask", "size_80x48",
-             "sampler_custom_advanced", "model_sampling_flux"]
+             "sampler_custom_advanced", "sampler_custom", "ksampler_advanced", "model_sampling_flux"]
 
 
 @pytest.mark.parametrize("name", SCENARIOS)
