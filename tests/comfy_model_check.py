@@ -54,7 +54,7 @@ def load_pack() -> Any:
 def write_loras(folder: Path, shapes: dict[str, tuple[int, ...]]) -> dict[str, Path]:
     """Tiny-model LoRAs in the layouts ComfyUI's loaders map differently: BFL names on fused
     weights (qkv, linear1, final adaLN), diffusers names (row slices of fused weights), plus a DoRA
-    and a LoKr file that must be refused."""
+    and a LoKr file that must be refused, and the first file with one NaN."""
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(5)
@@ -92,6 +92,11 @@ def write_loras(folder: Path, shapes: dict[str, tuple[int, ...]]) -> dict[str, P
     save_file({"diffusion_model.double_blocks.0.img_attn.proj.lokr_w1": torch.randn(64, 64, generator=g) * 0.01,
                "diffusion_model.double_blocks.0.img_attn.proj.lokr_w2": torch.randn(48, 48, generator=g) * 0.01},
               str(out["lokr"]))
+    poisoned = dict(bfl)
+    poisoned["diffusion_model.img_in.lora_down.weight"] = poisoned["diffusion_model.img_in.lora_down.weight"].clone()
+    poisoned["diffusion_model.img_in.lora_down.weight"][0, 0] = float("nan")
+    out["nan"] = folder / "tiny-nan.safetensors"
+    save_file(poisoned, str(out["nan"]))
     return out
 
 
@@ -291,6 +296,7 @@ def main(comfy_dir: str, work: str, out_path: str, compile_mode: str) -> None:
         refused("dora", lambda: lora_loader.load_lora_model_only(ours, loras["dora"].name, 1.0))
         refused("lokr", lambda: lora_loader.load_lora_model_only(ours, loras["lokr"].name, 1.0))
         refused("model_merge", model_merge)
+        refused("nan_lora", lambda: sample(with_loras(ours, [("nan", 1.0)]), steps=1))
         after = sample(with_loras(ours, [("a", 1.0)]))
         results["usable_after_refusals"] = bool(torch.equal(after, a1))
         results["engine_compiles"] = engine.compiles

@@ -92,3 +92,23 @@ def test_strengths_within_comfyuis_range_are_accepted(tiny_loras: dict[str, str]
     path = tiny_loras["fastlora-tiny-style"]
     for s in (-MAX_LORA_STRENGTH, -1, 0, 0.5, 1, MAX_LORA_STRENGTH):
         assert LoraSpec.of(path, s).strength == float(s)
+
+
+def test_finite_check_fast_path_never_hides_a_bad_value_or_flags_a_good_one() -> None:
+    """first_non_finite sums first (NaN and infinities propagate through a sum) and checks element
+    by element only when the sum is not finite: huge finite values whose float32 sum overflows are
+    still accepted, one NaN or inf among millions is still found, fp8 tensors are read."""
+    from fastlora_core.lora.formats import first_non_finite
+
+    huge = torch.full((4,), 3.0e38, dtype=torch.bfloat16)  # sum overflows float32, values are finite
+    assert first_non_finite({"a": huge, "b": torch.zeros(3)}) is None
+    big = torch.randn(1000, 1000, dtype=torch.bfloat16)
+    big[517, 3] = float("nan")
+    assert first_non_finite({"z": torch.ones(2), "w": big}) == ("w", 1, "NaN")
+    neg = torch.zeros(10, dtype=torch.float16)
+    neg[2] = float("-inf")
+    assert first_non_finite({"n": neg}) == ("n", 1, "infinite")
+    fp8 = torch.randn(64, 64).to(torch.float8_e4m3fn)
+    assert first_non_finite({"q": fp8}) is None
+    assert first_non_finite({"q": torch.full((4,), float("nan")).to(torch.float8_e4m3fn)}) == ("q", 4, "NaN")
+    assert first_non_finite({"i": torch.arange(5)}) is None  # integers have no NaN

@@ -95,6 +95,7 @@ def test_a_b_a_is_bit_identical_without_compiling(report: dict[str, Any]) -> Non
     ("dora", ["DoRA", "plain LoRA"]),
     ("lokr", ["LoKr", "plain LoRA"]),
     ("model_merge", ["strength_model", "only takes LoRAs"]),
+    ("nan_lora", ["LoraFormatError", "NaN", "every image black"]),
 ])
 def test_what_cannot_be_mapped_is_refused_with_what_to_do(report: dict[str, Any], name: str, words: list[str]) -> None:
     message = report["refusals"][name]

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import LoraFitError
+from ..errors import LoraFitError, LoraFormatError
+from .formats import first_non_finite
 from .targets import bfl_module_targets
 from .types import Layer, LoraLayer, NormalizedLora
 
@@ -33,6 +34,19 @@ class BflDelta:
     down: torch.Tensor  # [rank, in_features]
     scale: float = 1.0
     rows: tuple[int, int] | None = None
+
+
+def check_finite(deltas: Iterable[BflDelta], label: str) -> None:
+    """Refuse NaN or infinite values in the deltas (merged, they make every image black); once per
+    distinct LoRA, as a file's values are checked once when it is read."""
+    found = first_non_finite({f"{d.module}.{part}": t for d in deltas for part, t in (("up", d.up), ("down", d.down))})
+    if found is not None:
+        key, count, what = found
+        raise LoraFormatError(
+            f"{label}: {key} holds {count} {what} value(s). Applied, it would turn every image black. The "
+            "LoRA file in that loader is damaged or was saved from a diverged training run: download it again "
+            "or use another checkpoint of this LoRA. Nothing was changed."
+        )
 
 
 def lora_from_bfl(deltas: Iterable[BflDelta], label: str, out_features: Mapping[str, int]) -> NormalizedLora:

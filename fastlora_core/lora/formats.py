@@ -195,22 +195,39 @@ def _load_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return tensors, metadata
 
 
-def _check_finite(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
-    """Refuse NaN or infinite values: merged into the model they make every image black (NaN).
-    Runs once per file version (the RAM cache keeps the checked result)."""
+def first_non_finite(tensors: Mapping[str, torch.Tensor]) -> tuple[str, int, str] | None:
+    """``(key, count, "NaN" | "infinite")`` of the first tensor (by key) holding NaN or infinite
+    values, or None when every floating-point value is finite.
+
+    Fast path: a float32 sum is finite whenever every value is (NaN and infinities propagate
+    through a sum), and a sum costs a fraction of an element-wise ``isfinite`` on the CPU (0.07 s
+    vs 1.1 s for a 630 MB rank-64 Flux LoRA on 2 cores); only a tensor whose sum is not finite (bad
+    values, or finite values overflowing float32) is checked element by element."""
     for key in sorted(tensors):
         t = tensors[key]
-        if not t.is_floating_point():
+        if not t.is_floating_point() or t.numel() == 0:
+            continue
+        if math.isfinite(float(t.float().sum() if t.element_size() == 1 else t.sum(dtype=torch.float32))):
             continue
         finite = torch.isfinite(t.float() if t.element_size() == 1 else t)
         if not bool(finite.all()):
             bad = t[~finite]
-            what = "NaN" if bool(bad.isnan().any()) else "infinite"
-            raise LoraFormatError(
-                f"LoRA file {path}: tensor {key} holds {bad.numel()} {what} value(s) (of {t.numel()}). "
-                "Applied, it would turn every image black. The file is damaged or was saved from a "
-                "diverged training run: download it again or use another checkpoint of this LoRA."
-            )
+            return key, int(bad.numel()), "NaN" if bool(bad.isnan().any()) else "infinite"
+    return None
+
+
+def _check_finite(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Refuse NaN or infinite values: merged into the model they make every image black (NaN).
+    Runs once per file version (the RAM cache keeps the checked result)."""
+    found = first_non_finite(tensors)
+    if found is not None:
+        key, count, what = found
+        total = tensors[key].numel()
+        raise LoraFormatError(
+            f"LoRA file {path}: tensor {key} holds {count} {what} value(s) (of {total}). "
+            "Applied, it would turn every image black. The file is damaged or was saved from a "
+            "diverged training run: download it again or use another checkpoint of this LoRA."
+        )
 
 
 def _adapter_metadata(metadata: Mapping[str, str], path: Path) -> dict[str, dict[str, object]]:
