@@ -257,7 +257,7 @@ class FusedStrategy(SwapStrategy):
             return
         # Plain weights: accumulate in float32, round once to the weight's dtype.
         new = self._orig[key].to(device=device, dtype=torch.float32, copy=True)  # type: ignore[union-attr]
-        _accumulate(new, new.clone() if _has_dense(items) else new, items)
+        _accumulate(new, new.clone() if _has_dora(items) else new, items)
         weight.copy_(new.to(weight.dtype))
 
     def _merged_hp(self, master: torch.Tensor, items: list, device: torch.device) -> torch.Tensor:
@@ -272,7 +272,7 @@ class FusedStrategy(SwapStrategy):
         src = master.to(device, non_blocking=True)  # no copy when the master is on this device
         if _has_dense(items):  # float32 accumulation against the master, rounded once
             acc = src.to(torch.float32, copy=True)
-            _accumulate(acc, src.to(torch.float32), items)
+            _accumulate(acc, src.to(torch.float32) if _has_dora(items) else acc, items)
             buf.copy_(acc)
             return buf
         for i, (entry, layer) in enumerate(items):
@@ -287,9 +287,16 @@ def _has_dense(items: list) -> bool:
     return any(isinstance(layer, DenseLayer) for _, layer in items)
 
 
+def _has_dora(items: list) -> bool:
+    """Whether a layer's contribution depends on the original weight (DoRA's norm): only then does
+    the accumulation need a separate unmodified float32 copy of it."""
+    return any(isinstance(layer, DenseLayer) and layer.magnitude is not None for _, layer in items)
+
+
 def _accumulate(acc: torch.Tensor, original: torch.Tensor, items: list) -> None:
     """``acc += sum(strength * delta)`` in float32: ``addmm`` for a LoRA, the dense contribution
-    (computed against ``original``, the layer's unmodified float32 weight) for the others."""
+    (computed against ``original``, the layer's unmodified float32 weight) for the others. Without
+    DoRA in ``items`` no contribution reads ``original`` beyond its device: pass ``acc`` itself."""
     for entry, layer in items:
         if isinstance(layer, DenseLayer):
             delta = lycoris.contribution(layer, original)
