@@ -237,26 +237,23 @@ def main(comfy_dir: str, out_path: str, paths: tuple[str, ...] = PATHS) -> None:
         engine.apply(pspecs.LoraStack.of((lora_paths["A"], 1.0)))
     ctx = positive[0][0].to(dev, dtype)
     pooled = positive[0][1]["pooled_output"].to(dev, dtype)
+
+    def generate_once(seed: int = 0) -> None:
+        with torch.inference_mode():
+            pipe(prompt_embeds=ctx, pooled_prompt_embeds=pooled, height=size, width=size, num_inference_steps=steps,
+                 guidance_scale=3.5, output_type="latent", generator=torch.Generator("cpu").manual_seed(seed))
+
     times = []
-    c0 = engine.compiles
-    u0 = int(counters["stats"]["unique_graphs"])
+    c0, u0 = engine.compiles, graphs()
     for i in range(3):
         sync()
         t = time.perf_counter()
-        with torch.inference_mode():
-            pipe(prompt_embeds=ctx, pooled_prompt_embeds=pooled, height=size, width=size, num_inference_steps=steps,
-                 guidance_scale=3.5, output_type="latent", generator=torch.Generator("cpu").manual_seed(i))
+        generate_once(i)
         sync()
         times.append(round(time.perf_counter() - t, 3))
     res["s_per_image"] = times
-
-    def generate_once() -> None:
-        with torch.inference_mode():
-            pipe(prompt_embeds=ctx, pooled_prompt_embeds=pooled, height=size, width=size, num_inference_steps=steps,
-                 guidance_scale=3.5, output_type="latent", generator=torch.Generator("cpu").manual_seed(0))
-
     res["profile"] = profiled(generate_once)
-    res["new_graphs"] = int(counters["stats"]["unique_graphs"]) - u0 + (engine.compiles - c0)
+    res["new_graphs"] = graphs() - u0 + (engine.compiles - c0)
     res["peak_gib_total"] = peak()
     save(out)
 
