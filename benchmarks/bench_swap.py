@@ -87,9 +87,6 @@ def main() -> None:
                                    None, magnitude, "out", float(torch.finfo(torch.float32).eps))
         return NormalizedLora(f"dora{seed}", "kohya", layers)
 
-    def nbytes(lo: NormalizedLora) -> int:
-        return lo.nbytes()
-
     def timed(stacks: list[list[ResolvedEntry]]) -> dict[str, object]:
         times = []
         for i in range(args.swaps):
@@ -114,7 +111,7 @@ def main() -> None:
         a = [ResolvedEntry((f"{p}a", 0, 0), makers[p](1 + j), 1.0) for j, p in enumerate(parts)]
         b = [ResolvedEntry((f"{p}b", 0, 0), makers[p](11 + j), 1.0) for j, p in enumerate(parts)]
         torch.cuda.reset_peak_memory_stats()
-        kinds[kind] = {"bytes_per_file": [nbytes(e.lora) for e in a], **timed([a, b])}
+        kinds[kind] = {"bytes_per_file": [e.lora.nbytes() for e in a], **timed([a, b])}
         print(kind, json.dumps(kinds[kind]), flush=True)
         del a, b
         torch.cuda.empty_cache()
