@@ -19,9 +19,10 @@ from typing import Any
 import torch
 
 from . import cancel
-from .errors import EngineReleasedError, LoraFitError, OptionsError, out_of_memory
+from .errors import EngineReleasedError, LoraFitError, LoraFormatError, OptionsError, out_of_memory
 from .lora.adapter import AdapterStrategy
 from .lora.base import ResolvedEntry, SwapStrategy
+from .lora.bfl import check_values
 from .lora.cache import GLOBAL_CACHE, DeviceLoraCache, FileKey, LoraCache, file_key
 from .lora.fused import FusedStrategy
 from .optimize import (
@@ -230,8 +231,8 @@ class FluxEngine:
     # -- LoRA ----------------------------------------------------------------------------------
     def _resolve(self, stack: LoraStack, keys: tuple[FileKey, ...]) -> tuple[list[ResolvedEntry], bool, float, float]:
         """The stack's LoRAs (``keys``: their files' current identity), read (or taken from the RAM
-        cache) and staged on the device; also whether all came from the cache and the milliseconds
-        spent reading and staging."""
+        cache) and staged on the device, a LoRA built in memory checked for NaN / infinities there;
+        also whether all came from the cache and the milliseconds spent reading and staging."""
         entries = []
         from_cache = True
         read_s = stage_s = 0.0
@@ -240,6 +241,13 @@ class FluxEngine:
             key, lora, hit = self.lora_cache.lookup(spec.path, current)
             t1 = time.perf_counter()
             staged = self.device_loras.stage(key, lora)
+            if not lora.values_checked:  # built in memory (ComfyUI's loaders): checked once, where staged
+                try:
+                    check_values(staged)
+                except LoraFormatError:
+                    self.device_loras.drop(key)
+                    raise
+                self.lora_cache.mark_checked(key)
             read_s += t1 - t0
             stage_s += time.perf_counter() - t1
             from_cache = from_cache and hit

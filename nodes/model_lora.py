@@ -122,15 +122,14 @@ class InMemoryLoras:
         return tuple(sorted(items, key=repr))
 
     def path_for(self, group: PatchGroup, label: str, cache: Any, out_features: Mapping[str, int]) -> str:
-        """The cache path of ``group`` as one LoRA at strength 1 (checked for NaN / infinite values and
-        converted on first use, or again when the cache evicted it)."""
+        """The cache path of ``group`` as one LoRA at strength 1 (converted on first use, or again when
+        the cache evicted it; the engine checks its values for NaN / infinities when it stages it)."""
         key = self.fingerprint(group)
         with self._lock:
             hit = self._entries.get(key)
             if hit is not None and cache.has(hit[0]):
                 self._entries.move_to_end(key)
                 return hit[0]
-        bfl.check_finite(group.deltas, label)
         lora = bfl.lora_from_bfl(group.deltas, label, out_features)
         path = cache.put(lora)
         held = tuple(t for d in group.deltas for t in (d.up, d.down))

@@ -55,3 +55,35 @@ def test_in_memory_lora_swaps_like_its_file_and_back_exactly(tiny_dir: Path, tin
     assert report.changed and report.stack == [{"file": path, "strength": 0.7}]
     assert torch.equal(in_memory, from_file) and not torch.equal(in_memory, base)
     assert torch.equal(back, base)
+
+
+def test_in_memory_lora_values_are_checked_once_before_any_weight_changes(tiny_dir: Path,
+                                                                          tiny_loras: dict[str, str]) -> None:
+    """A LoRA built in memory (ComfyUI's loaders) is checked for NaN / infinities by the engine where
+    it is staged: a bad one is refused with its label, the weights stay as they were, and it is
+    refused again next time; a good one is checked once (marked in the cache) and applied."""
+    from dataclasses import replace
+
+    from fastlora_core.errors import LoraFormatError
+    from fastlora_core.lora.types import LoraLayer
+
+    engine = registry.get_engine(ModelSource.transformer_alone(tiny_dir), CPU)
+    x = inputs(engine, seed=2)
+    good = replace(read_lora(tiny_loras["fastlora-tiny-wide"]), path="LoRA #1 on this MODEL", values_checked=False)
+    name, layer = next(iter(good.transformer.items()))
+    assert isinstance(layer, LoraLayer)
+    up = layer.up.clone()
+    up[0, 0] = float("nan")
+    bad = replace(good, path="LoRA #2 on this MODEL", transformer={**good.transformer, name: replace(layer, up=up)})
+    bad_path, good_path = engine.lora_cache.put(bad), engine.lora_cache.put(good)
+    with torch.inference_mode():
+        engine.prepare_external(LoraStack())
+        base = engine.run_transformer(**x)
+        for _ in range(2):
+            with pytest.raises(LoraFormatError, match=rf"LoRA #2 on this MODEL: {name}.up holds 1 NaN"):
+                engine.prepare_external(LoraStack((LoraSpec(bad_path, 1.0),)))
+            assert torch.equal(engine.run_transformer(**x), base)
+        assert not engine.lora_cache.get(good_path)[1].values_checked
+        engine.prepare_external(LoraStack((LoraSpec(good_path, 1.0),)))
+        assert engine.lora_cache.get(good_path)[1].values_checked
+        assert not torch.equal(engine.run_transformer(**x), base)

@@ -92,11 +92,14 @@ def test_in_memory_loras_get_their_own_paths_and_a_clear_error_once_evicted() ->
 @pytest.mark.parametrize(("value", "word"), [(float("nan"), "NaN"), (float("inf"), "infinite")])
 def test_non_finite_deltas_are_refused_with_the_label(value: float, word: str) -> None:
     """A LoRA reaching the MODEL path through ComfyUI's loaders is checked like a file: NaN or
-    infinite values would make every image black."""
-    from fastlora_core.lora.bfl import check_finite
+    infinite values would make every image black. It comes out of the conversion marked unchecked
+    (the engine checks its staged copy) and the check names the loader's label and the layer."""
+    from fastlora_core.lora.bfl import check_values
 
     down = rand(2, H, seed=2)
     down[1, 3] = value
-    with pytest.raises(LoraFormatError, match=f"LoRA #3 on this MODEL: img_in.down holds 1 {word}"):
-        check_finite([BflDelta("img_in", rand(H, 2, seed=1), down)], "LoRA #3 on this MODEL")
-    check_finite([BflDelta("img_in", rand(H, 2, seed=1), rand(2, H, seed=2))], "fine")  # no error
+    bad = lora_from_bfl([BflDelta("img_in", rand(H, 2, seed=1), down)], "LoRA #3 on this MODEL", OUT)
+    assert not bad.values_checked
+    with pytest.raises(LoraFormatError, match=f"LoRA #3 on this MODEL: x_embedder.down holds 1 {word}"):
+        check_values(bad)
+    check_values(lora_from_bfl([BflDelta("img_in", rand(H, 2, seed=1), rand(2, H, seed=2))], "fine", OUT))

@@ -36,14 +36,16 @@ class BflDelta:
     rows: tuple[int, int] | None = None
 
 
-def check_finite(deltas: Iterable[BflDelta], label: str) -> None:
-    """Refuse NaN or infinite values in the deltas (merged, they make every image black); once per
-    distinct LoRA, as a file's values are checked once when it is read."""
-    found = first_non_finite({f"{d.module}.{part}": t for d in deltas for part, t in (("up", d.up), ("down", d.down))})
+def check_values(lora: NormalizedLora) -> None:
+    """Refuse NaN or infinite values in a LoRA built by :func:`lora_from_bfl` (merged, they make
+    every image black). The engine calls this once per distinct LoRA, on its copy staged on the GPU
+    (a sum per tensor there costs a few ms; on the CPU it is ~30-70 ms for a rank-64 Flux LoRA), as a
+    file's values are checked once when it is read."""
+    found = first_non_finite(lora.tensors())
     if found is not None:
         key, count, what = found
         raise LoraFormatError(
-            f"{label}: {key} holds {count} {what} value(s). Applied, it would turn every image black. The "
+            f"{lora.path}: {key} holds {count} {what} value(s). Applied, it would turn every image black. The "
             "LoRA file in that loader is damaged or was saved from a diverged training run: download it again "
             "or use another checkpoint of this LoRA. Nothing was changed."
         )
@@ -106,4 +108,4 @@ def lora_from_bfl(deltas: Iterable[BflDelta], label: str, out_features: Mapping[
         dtype = items[0].up.dtype
         ups = [(layer.up.float() * layer.scale).to(dtype) for layer in items]
         layers[module] = LoraLayer(torch.cat([layer.down for layer in items]).to(dtype), torch.cat(ups, dim=1), 1.0)
-    return NormalizedLora(label, "comfyui", layers)
+    return NormalizedLora(label, "comfyui", layers, values_checked=False)

@@ -24,11 +24,13 @@ import os
 import struct
 import threading
 from collections import OrderedDict
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
 
 from ..errors import LoraFormatError
+from .staging import PinnedStager
 from .types import NormalizedLora
 
 logger = logging.getLogger(__name__)
@@ -159,6 +161,14 @@ class LoraCache:
                 self._drop(next(iter(self._items)))
             return path
 
+    def mark_checked(self, key: FileKey) -> None:
+        """Record that the values of the in-memory LoRA under ``key`` were found finite, so they are
+        not checked again (see ``NormalizedLora.values_checked``)."""
+        with self._lock:
+            lora = self._items.get(key)
+            if lora is not None and not lora.values_checked:
+                self._items[key] = replace(lora, values_checked=True)
+
     def has(self, path: str) -> bool:
         """Whether an in-memory LoRA (``put``) is still cached."""
         with self._lock:
@@ -185,6 +195,8 @@ class DeviceLoraCache:
         self.dtype = dtype
         self.enabled = enabled and device.type == "cuda"
         self._loras: OrderedDict[FileKey, NormalizedLora] = OrderedDict()
+        #: packs a LoRA's tensors through reusable pinned chunks (None: one ``tensor.to`` each)
+        self.stager: PinnedStager | None = PinnedStager(device) if self.enabled else None
 
     def __contains__(self, key: FileKey) -> bool:
         return key in self._loras
@@ -205,7 +217,7 @@ class DeviceLoraCache:
         if staged is None:
             for old in [k for k in self._loras if k.path == key.path]:  # a rewritten file's old version
                 del self._loras[old]
-            staged = lora.to(self.device, self.dtype)
+            staged = lora.to(self.device, self.dtype, copy_many=self.stager)
             torch.cuda.synchronize(self.device)
             self._loras[key] = staged
             budget = self.budget_bytes()
@@ -213,6 +225,10 @@ class DeviceLoraCache:
                 self._loras.popitem(last=False)
         self._loras.move_to_end(key)
         return staged
+
+    def drop(self, key: FileKey) -> None:
+        """Forget the staged copy of ``key`` (a LoRA refused after staging)."""
+        self._loras.pop(key, None)
 
     def clear(self) -> None:
         self._loras.clear()

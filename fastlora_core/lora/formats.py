@@ -202,17 +202,24 @@ def first_non_finite(tensors: Mapping[str, torch.Tensor]) -> tuple[str, int, str
     Fast path: a float32 sum is finite whenever every value is (NaN and infinities propagate
     through a sum), and a sum costs a fraction of an element-wise ``isfinite`` on the CPU (0.07 s
     vs 1.1 s for a 630 MB rank-64 Flux LoRA on 2 cores); only a tensor whose sum is not finite (bad
-    values, or finite values overflowing float32) is checked element by element."""
-    for key in sorted(tensors):
-        t = tensors[key]
-        if not t.is_floating_point() or t.numel() == 0:
-            continue
-        if math.isfinite(float(t.float().sum() if t.element_size() == 1 else t.sum(dtype=torch.float32))):
-            continue
+    values, or finite values overflowing float32) is checked element by element. The sums are read
+    back together (one device synchronisation for tensors on a GPU)."""
+    keys = [k for k in sorted(tensors) if tensors[k].is_floating_point() and tensors[k].numel() > 0]
+    if not keys:
+        return None
+    sums = [(t.float().sum() if t.element_size() == 1 else t.sum(dtype=torch.float32))
+            for t in (tensors[k] for k in keys)]
+    by_device: dict[torch.device, list[int]] = {}
+    for i, s in enumerate(sums):
+        by_device.setdefault(s.device, []).append(i)
+    suspect = sorted(i for idx in by_device.values()
+                     for i, ok in zip(idx, torch.stack([sums[i] for i in idx]).isfinite().tolist()) if not ok)
+    for i in suspect:
+        t = tensors[keys[i]]
         finite = torch.isfinite(t.float() if t.element_size() == 1 else t)
         if not bool(finite.all()):
             bad = t[~finite]
-            return key, int(bad.numel()), "NaN" if bool(bad.isnan().any()) else "infinite"
+            return keys[i], int(bad.numel()), "NaN" if bool(bad.isnan().any()) else "infinite"
     return None
 
 

@@ -7,10 +7,13 @@ LoRA with DoRA weight decomposition: a dense delta computed at apply time, ``fus
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 import torch
+
+#: ``fn(tensor, target dtype) -> tensor``: what :meth:`NormalizedLora.map` applies to each tensor.
+TensorMap = Callable[[torch.Tensor, torch.dtype], torch.Tensor]
 
 
 def file_float(t: torch.Tensor) -> torch.Tensor:
@@ -49,8 +52,12 @@ class LoraLayer:
     def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return (self.up.to(dtype) @ self.down.to(dtype)) * self.scale
 
+    def map(self, fn: TensorMap, dtype: torch.dtype) -> LoraLayer:
+        """This layer with ``fn(tensor, target dtype)`` applied to each tensor (both in ``dtype``)."""
+        return LoraLayer(fn(self.down, dtype), fn(self.up, dtype), self.scale)
+
     def to(self, device: torch.device | str, dtype: torch.dtype) -> LoraLayer:
-        return LoraLayer(self.down.to(device, dtype), self.up.to(device, dtype), self.scale)
+        return self.map(lambda t, dt: t.to(device, dt), dtype)
 
     def nbytes(self) -> int:
         return self.down.numel() * self.down.element_size() + self.up.numel() * self.up.element_size()
@@ -106,14 +113,19 @@ class DenseLayer:
         name = {"lora": "LoRA", "lokr": "LoKr", "loha": "LoHa", "diff": "full diff", "bias": "bias diff"}[self.kind]
         return name + (" + DoRA" if self.magnitude is not None else "")
 
-    def to(self, device: torch.device | str, dtype: torch.dtype) -> DenseLayer:
-        """Factors in ``dtype`` on ``device``; the DoRA magnitude stays float32 (it divides a norm)."""
+    def map(self, fn: TensorMap, dtype: torch.dtype) -> DenseLayer:
+        """This layer with ``fn(tensor, target dtype)`` applied to each tensor: factors and bias in
+        ``dtype``, the DoRA magnitude in float32 (it divides a norm)."""
         return replace(
             self,
-            factors={k: t.to(device, dtype) for k, t in self.factors.items()},
-            magnitude=None if self.magnitude is None else self.magnitude.to(device, torch.float32),
-            bias=None if self.bias is None else self.bias.to(device, dtype),
+            factors={k: fn(t, dtype) for k, t in self.factors.items()},
+            magnitude=None if self.magnitude is None else fn(self.magnitude, torch.float32),
+            bias=None if self.bias is None else fn(self.bias, dtype),
         )
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> DenseLayer:
+        """Factors in ``dtype`` on ``device``; the DoRA magnitude stays float32."""
+        return self.map(lambda t, dt: t.to(device, dt), dtype)
 
     def nbytes(self) -> int:
         tensors = [*self.factors.values(), self.magnitude, self.bias]
@@ -140,6 +152,9 @@ class NormalizedLora:
     transformer: dict[str, Layer]
     text_encoder: dict[str, Layer] = field(default_factory=dict)
     text_encoder_2: dict[str, Layer] = field(default_factory=dict)
+    #: False for a LoRA built in memory whose values were not yet checked for NaN / infinities (the
+    #: engine checks its staged copy, on the GPU where that is nearly free); files are checked when read.
+    values_checked: bool = True
 
     @property
     def max_rank(self) -> int:
@@ -156,14 +171,48 @@ class NormalizedLora:
     def targets(self) -> frozenset[str]:
         return frozenset(self.transformer)
 
-    def to(self, device: torch.device | str, dtype: torch.dtype) -> NormalizedLora:
-        """A copy with every tensor on ``device`` in ``dtype`` (staging for fast swaps)."""
+    def map(self, fn: TensorMap, dtype: torch.dtype) -> NormalizedLora:
+        """A copy with ``fn(tensor, target dtype)`` applied to every tensor, always in the same order
+        (the layers' own dtype rules give the target: ``dtype``, DoRA magnitudes float32)."""
 
-        def move(part: dict[str, Layer]) -> dict[str, Layer]:
-            return {n: layer.to(device, dtype) for n, layer in part.items()}
+        def part(layers: dict[str, Layer]) -> dict[str, Layer]:
+            return {n: layer.map(fn, dtype) for n, layer in layers.items()}
 
-        return NormalizedLora(self.path, self.source_format, move(self.transformer),
-                              move(self.text_encoder), move(self.text_encoder_2))
+        return replace(self, transformer=part(self.transformer), text_encoder=part(self.text_encoder),
+                       text_encoder_2=part(self.text_encoder_2))
+
+    def to(self, device: torch.device | str, dtype: torch.dtype,
+           copy_many: Callable[[list[tuple[torch.Tensor, torch.dtype]]], list[torch.Tensor]] | None = None,
+           ) -> NormalizedLora:
+        """A copy with every tensor on ``device`` in ``dtype`` (staging for fast swaps).
+
+        ``copy_many``: moves all tensors in one go (a list of ``(tensor, target dtype)`` in
+        :meth:`map`'s order -> the moved tensors, e.g. :class:`~.staging.PinnedStager`); one
+        ``tensor.to`` per tensor without it."""
+        if copy_many is None:
+            return self.map(lambda t, dt: t.to(device, dt), dtype)
+        wanted: list[tuple[torch.Tensor, torch.dtype]] = []
+
+        def record(t: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+            wanted.append((t, dt))
+            return t
+
+        self.map(record, dtype)
+        moved = iter(copy_many(wanted))
+        return self.map(lambda t, dt: next(moved), dtype)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor by a readable name (``transformer_blocks.0.attn.to_q.up``...), for checks."""
+        out: dict[str, torch.Tensor] = {}
+        for part in (self.transformer, self.text_encoder, self.text_encoder_2):
+            for name, layer in part.items():
+                if isinstance(layer, LoraLayer):
+                    out[f"{name}.down"], out[f"{name}.up"] = layer.down, layer.up
+                else:
+                    out.update({f"{name}.{k}": t for k, t in layer.factors.items()})
+                    out.update({f"{name}.{k}": t for k, t in (("magnitude", layer.magnitude), ("bias", layer.bias))
+                                if t is not None})
+        return out
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for part in (self.transformer, self.text_encoder, self.text_encoder_2)

@@ -1,0 +1,139 @@
+"""Memory tiers: the engine on an H200 capped like a 24 GB or a 16 GB card.
+
+    python -m benchmarks.bench_tiers --out DIR [--tiers 24gb_fused,16gb_fused,16gb_offload,16gb_adapter]
+                                     [--budget 300]
+
+Each tier runs in its own process: the full-size random Flux.1-dev pipeline is built on the GPU
+(``bench_engine.build_pipeline``; rank-64 LoRA files from ``bench_engine.lora_paths``), moved to system
+RAM, then GPU memory is capped with ``torch.cuda.set_per_process_memory_fraction`` (what a card of
+that size leaves to PyTorch after its CUDA context: 23.5 GiB for 24 GB, 15.5 GiB for 16 GB) and the
+engine is built from RAM with the tier's options. Recorded: engine build, first image (cold compile
+cache of its own), two more images, the transformer loop, swaps between two rank-64 LoRAs from the
+RAM cache, peak allocated / reserved GPU memory, and whether it fit (an OOM is recorded, not
+raised). The 16 GB tiers run in order and stop at the first that fits (``--all`` runs them all).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+#: tier -> (cap in GiB, EngineOptions overrides)
+TIERS: dict[str, tuple[float, dict[str, object]]] = {
+    "24gb_fused": (23.5, {"quantization": "fp8", "t5_quantization": "nf4", "swap_strategy": "fused"}),
+    "16gb_fused": (15.5, {"quantization": "fp8", "t5_quantization": "nf4", "swap_strategy": "fused"}),
+    "16gb_offload": (15.5, {"quantization": "fp8", "t5_quantization": "nf4", "swap_strategy": "fused",
+                            "offload": "model"}),
+    "16gb_adapter": (15.5, {"quantization": "fp8", "t5_quantization": "nf4", "swap_strategy": "adapter",
+                            "max_rank": 64, "offload": "model"}),
+}
+SIXTEEN = ("16gb_fused", "16gb_offload", "16gb_adapter")
+
+
+def worker(tier: str, out: Path, steps: int) -> None:
+    import torch
+
+    from fastlora_core.engine import FluxEngine
+    from fastlora_core.specs import EngineOptions, GenerateRequest, LoraStack
+
+    from .bench_engine import build_pipeline, lora_paths
+    from .fullsize import Inputs, run_loop, time_loops
+
+    cap, overrides = TIERS[tier]
+    res: dict[str, object] = {"tier": tier, "cap_gib": cap, "device": torch.cuda.get_device_name(),
+                              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+    def save() -> None:
+        out.write_text(json.dumps(res, indent=1, default=str))
+
+    opts = EngineOptions(compile="regional", compile_cache_dir=f"/tmp/fastlora-tiers-cache-{tier}", **overrides)  # type: ignore[arg-type]
+    res["options"] = repr(opts)
+    pipe = build_pipeline()
+    paths = lora_paths(pipe.transformer)
+    pipe.to("cpu")
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(cap * 2**30 / total, 0)
+    torch.cuda.reset_peak_memory_stats()
+    save()
+    req = GenerateRequest(prompt="a photo of a cat on a red sofa", seed=0, steps=steps, width=1024, height=1024)
+    stack_a = LoraStack.of((paths["A64"], 1.0))
+    try:
+        t0 = time.perf_counter()
+        engine = FluxEngine.from_pipeline(pipe, opts, label=f"random-flux-dev-{tier}")
+        del pipe
+        torch.cuda.synchronize()
+        res["engine_build_s"] = round(time.perf_counter() - t0, 1)
+        res["resolved_options"] = repr(engine.options)
+        res["masters_on"] = str(getattr(engine.strategy, "master_device", "-"))
+        res["peak_gib_after_build"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        save()
+        t0 = time.perf_counter()
+        r = engine.generate(req, stack_a)
+        res["first_image_s"] = round(time.perf_counter() - t0, 1)
+        res["first_image_compiles"] = r.new_compiles
+        save()
+        res["e2e_s_per_image"] = [round(engine.generate(req, stack_a).seconds, 3) for _ in range(2)]
+        save()
+        reps = [engine.apply(LoraStack.of((paths[k], 1.0))) for k in ("B64", "A64", "B64", "A64")]
+        res["swap_r64_ms"] = [round(x.swap_ms, 1) for x in reps]
+        res["image_after_swap_s"] = round(engine.generate(req, LoraStack.of((paths["B64"], 0.6))).seconds, 3)
+        if engine.options.offload == "none":
+            with torch.inference_mode():
+                inp = Inputs(steps=steps)
+                res["transformer_loop"] = time_loops(lambda: run_loop(engine.transformer, inp), 2)
+        res["compiles_total"] = engine.compiles
+        res["fits"] = True
+    except Exception as exc:  # noqa: BLE001 - an OOM (torch's, or the engine's wrapped one) is a result here
+        oom = isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+        res["fits"] = False if oom else None
+        res["oom" if oom else "error"] = f"{type(exc).__name__}: {exc}"[:1500]
+    res["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    res["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+    save()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--tiers", default="24gb_fused,16gb_fused,16gb_offload,16gb_adapter")
+    ap.add_argument("--all", action="store_true", help="run every 16 GB tier, not only up to the first that fits")
+    ap.add_argument("--budget", type=float, default=300, help="seconds; a tier is skipped when < 60 s are left")
+    ap.add_argument("--steps", type=int, default=28)
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if a.worker:
+        worker(a.worker, out / f"{a.worker}.json", a.steps)
+        return
+    deadline = time.time() + a.budget
+    fitted16 = False
+    for tier in [t for t in a.tiers.split(",") if t]:
+        if tier in SIXTEEN and fitted16 and not a.all:
+            continue
+        left = deadline - time.time()
+        if left < 60:
+            print(f"skip {tier}: {left:.0f} s left", flush=True)
+            continue
+        print(f"tier {tier}", flush=True)
+        cmd = [sys.executable, "-m", "benchmarks.bench_tiers", "--out", str(out), "--worker", tier,
+               "--steps", str(a.steps)]
+        try:
+            subprocess.run(cmd, timeout=left, env=dict(os.environ))
+        except subprocess.TimeoutExpired:
+            print(f"{tier}: timed out", flush=True)
+        f = out / f"{tier}.json"
+        data = json.loads(f.read_text()) if f.exists() else {}
+        print(json.dumps({k: v for k, v in data.items() if k != "oom"}), flush=True)
+        fitted16 = fitted16 or (tier in SIXTEEN and data.get("fits") is True)
+
+
+if __name__ == "__main__":
+    main()
