@@ -34,9 +34,10 @@ TIERS: dict[str, tuple[float, dict[str, object]]] = {
     # The MODEL path: a transformer-only engine; T5 / CLIP / VAE are ComfyUI's own nodes, which ComfyUI
     # moves off the GPU while the sampler runs (here: conditioning given, no encoders, no VAE).
     "16gb_model": (15.5, {"quantization": "fp8", "swap_strategy": "fused"}),
+    "16gb_model_adapter": (15.5, {"quantization": "fp8", "swap_strategy": "adapter", "max_rank": 64}),
 }
-SIXTEEN = ("16gb_fused", "16gb_model")
-TRANSFORMER_ONLY = ("16gb_model",)
+SIXTEEN = ("16gb_fused", "16gb_model", "16gb_model_adapter")
+TRANSFORMER_ONLY = ("16gb_model", "16gb_model_adapter")
 
 
 def worker(tier: str, out: Path, steps: int) -> None:
