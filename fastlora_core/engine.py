@@ -95,6 +95,17 @@ def run_pipeline(pipe, request: GenerateRequest, callback=None) -> torch.Tensor:
     return out.images.permute(0, 2, 3, 1).float().clamp(0, 1).cpu()
 
 
+def weight_writes() -> torch.inference_mode:
+    """The autograd mode of every call that writes weights or keeps tensors for later swaps.
+
+    ComfyUI runs nodes under ``torch.inference_mode()``, library users usually do not, and one process
+    may do both. Tensors made under inference mode (scratch buffers, masters, adapter slots, the
+    weights of an engine built in a ComfyUI node) cannot be written in place outside it, while normal
+    tensors can be written inside it; so the strategies always run inside it, whatever the caller's
+    mode, and a swap never fails (or fails to restore) because an earlier one ran in the other mode."""
+    return torch.inference_mode()
+
+
 class FluxEngine:
     """Load, optimise and serve one Flux pipeline.
 
@@ -269,7 +280,7 @@ class FluxEngine:
             for w in warnings:
                 logger.warning(w)
             try:
-                with torch.no_grad():
+                with weight_writes():
                     layers = self.strategy.apply(entries)
             except torch.OutOfMemoryError as exc:  # the strategy already restored the previous stack
                 self._free_memory()
@@ -308,7 +319,8 @@ class FluxEngine:
                     raise LoraFitError(
                         f"{path}: rank {lora.max_rank} is above max_rank {rank}. Raise max_rank."
                     )
-            changed = self.strategy.prepare_slot(frozenset(targets), rank)
+            with weight_writes():
+                changed = self.strategy.prepare_slot(frozenset(targets), rank)
             if changed:
                 # The slot starts empty: re-apply whatever stack was loaded.
                 previous, self.loaded_stack, self._loaded_keys = self.loaded_stack, LoraStack(), ()
@@ -467,7 +479,8 @@ class FluxEngine:
                 return
             self.pipe.to("cpu")
             self.device_loras.clear()
-            self.strategy.offload()
+            with weight_writes():
+                self.strategy.offload()
             self.offloaded = True
             self._free_memory()
 
@@ -475,7 +488,8 @@ class FluxEngine:
         with self._lock:
             if self.offloaded:
                 self.pipe.to(self.device)
-                self.strategy.reload()
+                with weight_writes():
+                    self.strategy.reload()
                 self.offloaded = False
 
     def release(self) -> None:
