@@ -292,11 +292,11 @@ def model_loader():
                   components=COMPONENTS_TRANSFORMER)
 
 
-def text_nodes(first_id, y, prompt):
+def text_nodes(first_id, y, prompt, t5="t5xxl_fp16.safetensors", device="default"):
     """DualCLIPLoader + positive/negative CLIPTextEncode + FluxGuidance, ids first_id..first_id+3."""
     return [(first_id, "DualCLIPLoader", [40, y], {"clip_name1": "clip_l.safetensors",
-                                                   "clip_name2": "t5xxl_fp16.safetensors", "type": "flux",
-                                                   "device": "default"}),
+                                                   "clip_name2": t5, "type": "flux",
+                                                   "device": device}),
             (first_id + 1, "CLIPTextEncode", [420, y], {"text": prompt}),
             (first_id + 2, "CLIPTextEncode", [420, y + 240], {"text": ""}),
             (first_id + 3, "FluxGuidance", [860, y], {"guidance": 3.5})]
@@ -362,3 +362,24 @@ build("flux_model_hires_fix", "FastLoRA MODEL: hires fix, a second pass on the s
        (8, 0, 9, "samples"),
        (6, 0, 10, "model"), (5, 0, 10, "positive"), (4, 0, 10, "negative"), (9, 0, 10, "latent_image"),
        (10, 0, 12, "samples"), (11, 0, 12, "vae"), (12, 0, 13, "images")])
+
+build("flux_model_16gb", "FastLoRA MODEL on a 16 GB GPU: transformer only, text encoders on the CPU",
+      "For 16 GB cards (RTX 4060 Ti 16 GB / 4080 class). FastLoRA's loader holds only the fp8 transformer "
+      "(components = transformer only; 13.1 GiB peak on the GPU while sampling, measured under a 15.5 GiB cap) "
+      "with swap_strategy = adapter (no 24 GB bf16 master copy in system RAM; LoRAs up to max_rank 64, raise it "
+      "for larger ones). DualCLIPLoader runs T5 and CLIP on the CPU (its device widget, an advanced option), so "
+      "ComfyUI never has to unload the transformer to encode a prompt; an fp8 T5 file halves its RAM. "
+      "With 32 GB+ of free system RAM, swap_strategy = fused samples faster but swaps take ~2 s. " + MODEL_NOTE,
+      [(1, "OptimizedFluxLoader", [40, 300], loader(
+          source="single files", diffusers_model="None", transformer="flux1-dev.safetensors",
+          components=COMPONENTS_TRANSFORMER, quantization="fp8", swap_strategy="adapter", max_rank=64)),
+       *text_nodes(2, -60, PROMPT, t5="t5xxl_fp8_e4m3fn.safetensors", device="cpu"),
+       (6, "LoraLoaderModelOnly", [420, 560], {"lora_name": "my_flux_lora.safetensors", "strength_model": 1.0}),
+       (7, "EmptySD3LatentImage", [860, 200], {"width": 1024, "height": 1024, "batch_size": 1}),
+       (8, "KSampler", [1240, 0], sampler()),
+       (9, "VAELoader", [860, 400], {"vae_name": "ae.safetensors"}),
+       (10, "VAEDecode", [1620, 0], {}),
+       (11, "SaveImage", [1880, 0], {"filename_prefix": "FastLoRA_model_16gb"})],
+      [(1, 1, 6, "model"), (2, 0, 3, "clip"), (2, 0, 4, "clip"), (3, 0, 5, "conditioning"),
+       (6, 0, 8, "model"), (5, 0, 8, "positive"), (4, 0, 8, "negative"), (7, 0, 8, "latent_image"),
+       (8, 0, 10, "samples"), (9, 0, 10, "vae"), (10, 0, 11, "images")])
