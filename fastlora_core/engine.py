@@ -39,6 +39,7 @@ from .optimize import (
     set_attention,
 )
 from .specs import EngineKey, EngineOptions, GenerateRequest, LoraStack, ModelSource
+from .timings import Phases
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +144,9 @@ class FluxEngine:
         self.attention = "sdpa"
         self.released = False
         self.offloaded = False
+        # Start-up breakdown (issue 13): build phases, then first_lora / first_image on first use.
+        self.phases = Phases(self.device)
+        self._generated = False
 
         self._deterministic_before = enable_deterministic() if options.deterministic else None
         if options.compile != "off":
@@ -151,7 +155,8 @@ class FluxEngine:
         if pipeline is None:
             from .loading import load_pipeline
 
-            pipeline = load_pipeline(source, self.dtype)
+            with self.phases.phase("read"):
+                pipeline = load_pipeline(source, self.dtype)
         pipe, pipeline = pipeline, None
         try:
             self._optimise(pipe)
@@ -162,6 +167,7 @@ class FluxEngine:
                 restore_deterministic(self._deterministic_before)
             raise
         self.load_seconds = time.perf_counter() - t0
+        self.phases.add("build", self.load_seconds)
         logger.info("engine ready in %.1f s (%s, %s)", self.load_seconds, source.describe(), options)
 
     @classmethod
@@ -173,6 +179,17 @@ class FluxEngine:
         ``ModelSource`` whose ``diffusers_dir`` is the label; nothing is read from it). Not
         registered in the registry."""
         return cls(ModelSource(diffusers_dir=label), options, lora_cache, pipeline=pipe)
+
+    @property
+    def timings(self) -> dict[str, float]:
+        """Seconds per start-up phase: ``read`` (weights from disk into CPU memory), ``masters`` (the
+        fused strategy's bf16 copies), ``t5`` and ``transformer`` (quantised layer by layer while moving
+        to the device: transfer and quantisation together), ``move_rest`` (CLIP, VAE, the rest),
+        ``build`` (the whole constructor, ``load_seconds``: the phases plus checks and set-up); then, on
+        first use, ``first_lora`` (the first stack applied: reading, staging, swapping) and
+        ``first_image`` (the first ``generate``'s sampling: compilation included when compile is on).
+        Phases on a GPU end synchronised. Keys appear as phases run."""
+        return self.phases.as_dict()
 
     # -- building ------------------------------------------------------------------------------
     def _optimise(self, pipe) -> None:
@@ -195,7 +212,8 @@ class FluxEngine:
 
                 # Before quantisation, from the weights as loaded (CPU): no copy when the masters
                 # stay in CPU RAM, one copy per layer when they go to the GPU.
-                fused.capture_hp_masters(transformer, flux_lora_targets(transformer))
+                with self.phases.phase("masters"):
+                    fused.capture_hp_masters(transformer, flux_lora_targets(transformer))
             self.strategy: SwapStrategy = fused
         else:
             self.strategy = AdapterStrategy(transformer, o.max_rank, self.dtype)
@@ -204,11 +222,14 @@ class FluxEngine:
         # loads on a 24 GB card.
         target = self.device if o.offload == "none" else torch.device("cpu")
         if pipe.text_encoder_2 is not None:
-            quantize_t5(pipe.text_encoder_2, o.t5_quantization, self.dtype, target)
-        quantize_transformer(transformer, o.quantization, target)
-        if o.offload == "none":
-            pipe.to(self.device)
-        self.strategy.model_moved()
+            with self.phases.phase("t5"):
+                quantize_t5(pipe.text_encoder_2, o.t5_quantization, self.dtype, target)
+        with self.phases.phase("transformer"):
+            quantize_transformer(transformer, o.quantization, target)
+        with self.phases.phase("move_rest"):
+            if o.offload == "none":
+                pipe.to(self.device)
+            self.strategy.model_moved()
         self.attention = set_attention(transformer, o.attention, self.device)
         apply_offload(pipe, o.offload, self.device)
         if o.compile != "full":  # a full graph cannot call back into Python between blocks
@@ -290,6 +311,8 @@ class FluxEngine:
                 torch.cuda.synchronize(self.device)
             self.loaded_stack, self._loaded_keys = stack, keys
             ms = (time.perf_counter() - t0) * 1000
+            if "first_lora" not in self.phases.seconds:
+                self.phases.add("first_lora", ms / 1000)
             staged = f", to {self.device.type.upper()} {stage_ms:.1f} ms" if self.device.type != "cpu" else ""
             logger.info("LoRA stack %s applied in %.1f ms (read %.1f ms%s; %s, %d layers)",
                         stack.describe(), ms, read_ms, staged, self.strategy.name, layers)
@@ -377,6 +400,9 @@ class FluxEngine:
             finally:
                 self._cancel.check = None
             seconds = time.perf_counter() - t0
+            if not self._generated:  # compile (when on) + the first image's sampling
+                self._generated = True
+                self.phases.add("first_image", seconds)
             new = dynamo_compile_count() - before
             self.compiles += new
             if new:

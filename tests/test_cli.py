@@ -36,7 +36,17 @@ def test_generate_command_with_lora_stack(tmp_path: Path, tiny_dir: Path, tiny_l
                "--lora", tiny_loras["fastlora-tiny-character"], "--compile", "off", "--dtype", "float32",
                "--device", "cpu", "--repeat", "2", "--out", str(out)])
     assert rc == 0
-    assert sorted(p.name for p in out.iterdir()) == ["fastlora_0.png", "fastlora_1.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["fastlora_0.png", "fastlora_1.png", "timings.json"]
+    timings = json.loads((out / "timings.json").read_text())
+    engine = timings["engine"]
+    # where the start-up went: every build phase, then the first LoRA and the first image
+    assert {"read", "t5", "transformer", "move_rest", "build", "first_lora", "first_image"} <= set(engine)  # masters: fp8 only
+    assert all(v >= 0 for v in engine.values())
+    build_phases = sum(engine[k] for k in ("read", "masters", "t5", "transformer", "move_rest") if k in engine)
+    assert build_phases <= engine["build"] + 0.01
+    # this pytest process started before the command: its age covers imports, build and first image
+    assert timings["process_start_to_first_image_s"] >= engine["build"] + engine["first_image"]
+    assert timings["imports_s"] >= 0 and len(timings["steady_image_s"]) == 1
 
 
 def test_generate_reports_bad_input_without_traceback(tmp_path: Path, tiny_dir: Path,
