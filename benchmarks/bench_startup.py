@@ -1,0 +1,276 @@
+"""Process start -> first image, through the public API and through the CLI, with a breakdown (issue 13).
+
+    python -m benchmarks.bench_startup --out DIR [--work DIR] [--runs api_cold,api_warm,cli_cold,cli_warm,api_disk_cold]
+                                       [--budget SECONDS] [--tiny]
+
+Setup (the issue's): a full-size Flux.1-dev pipeline with random weights (transformer 12B, T5-XXL, CLIP-L,
+VAE, all bf16; built on the GPU by ``bench_engine.build_pipeline``) saved as a diffusers folder in
+``--work``, and one rank-64 LoRA on the 418 attention/MLP layers (diffusers format). Every scenario is a
+fresh ``python3`` process with the engine's defaults (on an H200: fp8, regional compile, fused):
+
+- ``api_*``: this module's ``--child`` mode: import, ``registry.get_engine(ModelSource.from_diffusers(..),
+  EngineOptions(compile_cache_dir=...))``, ``engine.generate(request, LoRA)``, a second image;
+- ``cli_*``: ``python3 -m fastlora_core generate --model ... --lora ... --repeat 2``, which writes
+  ``timings.json`` itself.
+
+``cold``: an empty compile cache folder of the scenario's own; ``warm``: the same folder again (a restart).
+``api_disk_cold``: warm compile cache, but first an attempt to drop the model's files from the page cache
+(``/proc/sys/vm/drop_caches``, then ``posix_fadvise(DONTNEED)`` per file); whether it worked is measured
+(read throughput of the largest file before and after), not assumed.
+
+Recorded per run: wall time from launch to exit, the child's own process age at its first image (process
+start -> first image), the breakdown (interpreter + early imports, heavy imports, the engine's phases from
+``FluxEngine.timings``: read, masters, t5, transformer (quantisation + transfer), move_rest, first_lora,
+first_image), the steady second image, and ``compile_est`` = first image - steady image. JSON saved after
+every run. ``--tiny``: the tiny random model on the CPU (compile off), for the CPU test of this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ("api_cold", "api_warm", "cli_warm", "cli_cold", "api_disk_cold")
+PROMPT = "a photo of a red fox in a snowy forest, golden hour"
+
+
+def request_kwargs(tiny: bool) -> dict[str, Any]:
+    if tiny:
+        return {"steps": 2, "width": 64, "height": 64, "max_sequence_length": 16}
+    return {"steps": 28, "width": 1024, "height": 1024}
+
+
+def tiny_options() -> dict[str, Any]:
+    return {"device": "cpu", "dtype": "float32", "compile": "off"}
+
+
+# -- the child: one process from start to its second image ---------------------------------------------
+def child(model: str, lora: str, cache: str, out: str, tiny: bool) -> None:
+    from fastlora_core.timings import process_age
+
+    started = process_age()
+    t0 = time.perf_counter()
+    import diffusers  # noqa: F401 - the heavy imports, timed as the CLI times them
+    import torch
+    import transformers  # noqa: F401
+
+    from fastlora_core import registry
+    from fastlora_core.specs import EngineOptions, GenerateRequest, LoraStack, ModelSource
+
+    imports_s = time.perf_counter() - t0
+    options = EngineOptions(compile_cache_dir=cache, **(tiny_options() if tiny else {}))
+    engine = registry.get_engine(ModelSource.from_diffusers(model), options)
+    stack = LoraStack.of((lora, 1.0))
+    first = engine.generate(GenerateRequest(prompt=PROMPT, seed=0, **request_kwargs(tiny)), stack)
+    age = process_age()
+    second = engine.generate(GenerateRequest(prompt=PROMPT, seed=1, **request_kwargs(tiny)), stack)
+    result = {
+        "process_start_to_main_s": round(started, 3) if started is not None else None,
+        "imports_s": round(imports_s, 3), "engine": engine.timings,
+        "process_start_to_first_image_s": round(age, 3) if age is not None else None,
+        "first_image_compiles": first.new_compiles, "steady_image_s": [round(second.seconds, 3)],
+        "device": str(engine.device), "options": repr(engine.options),
+        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
+    }
+    Path(out).write_text(json.dumps(result, indent=2))
+
+
+# -- the parent --------------------------------------------------------------------------------------
+def prepare(work: Path, tiny: bool, res: dict[str, Any]) -> tuple[Path, Path]:
+    """The diffusers folder and the LoRA file (made once per work folder)."""
+    model, lora = work / "model", work / "lora_r64.safetensors"
+    if (model / "model_index.json").exists() and lora.exists():
+        return model, lora
+    t0 = time.perf_counter()
+    if tiny:
+        from fastlora_core.tiny import write_tiny_loras, write_tiny_model
+
+        write_tiny_model(model)
+        src = write_tiny_loras(work / "loras", names=["fastlora-tiny-wide"])["fastlora-tiny-wide"]
+        shutil.copy(src, lora)
+    else:
+        import torch
+        from safetensors.torch import save_file
+
+        from .bench_engine import build_pipeline
+        from .fullsize import make_lora, target_names
+
+        pipe = build_pipeline()
+        res["build_random_s"] = round(time.perf_counter() - t0, 1)
+        low = make_lora(pipe.transformer, target_names(pipe.transformer), 64, 1)
+        sd = {}
+        for n, (down, up) in low.items():
+            sd[f"transformer.{n}.lora_A.weight"] = down.contiguous().cpu()
+            sd[f"transformer.{n}.lora_B.weight"] = up.contiguous().cpu()
+        save_file(sd, str(lora))
+        pipe.save_pretrained(str(model), max_shard_size="50GB")
+        del pipe, low, sd
+        torch.cuda.empty_cache()
+    res["prepare_s"] = round(time.perf_counter() - t0, 1)
+    res["model_bytes"] = sum(f.stat().st_size for f in model.rglob("*") if f.is_file())
+    return model, lora
+
+
+def read_rate(path: Path, limit: int = 4 << 30) -> float:
+    """GB/s reading up to ``limit`` bytes of ``path`` (page cache or disk, whichever serves it)."""
+    t0, n = time.perf_counter(), 0
+    with open(path, "rb", buffering=0) as f:
+        while n < limit:
+            chunk = f.read(64 << 20)
+            if not chunk:
+                break
+            n += len(chunk)
+    return round(n / (time.perf_counter() - t0) / 1e9, 2)
+
+
+def drop_page_cache(model: Path) -> dict[str, Any]:
+    """Try to evict the model's files from the page cache; measure whether it worked."""
+    largest = max((f for f in model.rglob("*.safetensors")), key=lambda f: f.stat().st_size)
+    out: dict[str, Any] = {"file": str(largest.relative_to(model)), "read_gbps_before": read_rate(largest)}
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        out["drop_caches"] = "ok"
+    except OSError as exc:
+        out["drop_caches"] = f"{type(exc).__name__}: {exc}"
+    for f in model.rglob("*.safetensors"):
+        try:
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+            out["fadvise"] = "ok"
+        except (OSError, AttributeError) as exc:
+            out["fadvise"] = f"{type(exc).__name__}: {exc}"
+    out["read_gbps_after"] = read_rate(largest)
+    for f in model.rglob("*.safetensors"):  # evict again: the probe above read the largest file back in
+        try:
+            fd = os.open(f, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+        except (OSError, AttributeError):
+            pass
+    return out
+
+
+def breakdown(child_json: dict[str, Any]) -> dict[str, Any]:
+    """The child's numbers as one flat row: every part, and what no phase covers."""
+    eng = child_json["engine"]
+    parts = {"start_and_early_imports": child_json.get("process_start_to_main_s") or 0.0,
+             "imports": child_json["imports_s"]}
+    for k in ("read", "masters", "t5", "transformer", "move_rest"):
+        parts[k] = eng.get(k, 0.0)
+    parts["build_other"] = max(0.0, eng["build"] - sum(eng.get(k, 0.0) for k in
+                                                        ("read", "masters", "t5", "transformer", "move_rest")))
+    parts["first_lora"] = eng.get("first_lora", 0.0)
+    steady = child_json["steady_image_s"][0] if child_json["steady_image_s"] else 0.0
+    parts["compile_est"] = max(0.0, eng.get("first_image", 0.0) - steady)
+    parts["image"] = min(steady, eng.get("first_image", 0.0))
+    total = child_json.get("process_start_to_first_image_s")
+    row = {k: round(v, 2) for k, v in parts.items()}
+    row["process_start_to_first_image_s"] = total
+    row["unaccounted"] = round(total - sum(parts.values()), 2) if total is not None else None
+    row["steady_image_s"] = steady
+    return row
+
+
+def run_one(name: str, model: Path, lora: Path, work: Path, out: Path, tiny: bool, timeout: float) -> dict[str, Any]:
+    kind, _, mode = name.partition("_")
+    cache = work / f"cache-{kind}"
+    if mode == "cold":
+        shutil.rmtree(cache, ignore_errors=True)
+    res: dict[str, Any] = {"cache": "cold" if mode == "cold" else "warm"}
+    if mode == "disk_cold":
+        res["page_cache"] = drop_page_cache(model)
+    run_dir = out / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if kind == "api":
+        result = run_dir / "timings.json"
+        cmd = [sys.executable, "-m", "benchmarks.bench_startup", "--child", str(model), str(lora), str(cache),
+               str(result)] + (["--tiny"] if tiny else [])
+    else:
+        result = run_dir / "timings.json"
+        req = request_kwargs(tiny)
+        cmd = [sys.executable, "-m", "fastlora_core", "generate", "--model", str(model), "--lora", f"{lora}:1.0",
+               "--prompt", PROMPT, "--steps", str(req["steps"]), "--width", str(req["width"]),
+               "--height", str(req["height"]), "--repeat", "2", "--compile-cache-dir", str(cache),
+               "--out", str(run_dir)]
+        if tiny:
+            cmd += ["--device", "cpu", "--dtype", "float32", "--compile", "off"]
+    res["command"] = " ".join(cmd)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(
+        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    t0 = time.time()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        res["error_tail"] = f"killed after {timeout:.0f} s (budget): {str(exc.stdout or '')[-1500:]}"
+        return res
+    res["wall_s"] = round(time.time() - t0, 2)
+    res["rc"] = proc.returncode
+    if proc.returncode != 0 or not result.exists():
+        res["error_tail"] = (proc.stdout + proc.stderr)[-3000:]
+        return res
+    child_json = json.loads(result.read_text())
+    res["child"] = child_json
+    res["breakdown"] = breakdown(child_json)
+    return res
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        args = sys.argv[2:]
+        child(*args[:4], tiny="--tiny" in args)
+        return
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--work", default="/tmp/fastlora-startup")
+    ap.add_argument("--runs", default=",".join(RUNS))
+    ap.add_argument("--budget", type=float, default=560, help="seconds; a run is skipped when too little is left")
+    ap.add_argument("--tiny", action="store_true")
+    a = ap.parse_args()
+    deadline = time.time() + a.budget
+    out, work = Path(a.out), Path(a.work)
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    res: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                           "command": " ".join([os.path.basename(sys.executable), "-m", "benchmarks.bench_startup",
+                                                *sys.argv[1:]]), "runs": {}}
+    try:
+        import diffusers
+        import torch
+
+        res["versions"] = {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+        import torchao
+
+        res["versions"]["torchao"] = torchao.__version__
+    except ImportError:
+        pass
+    save = lambda: (out / "startup.json").write_text(json.dumps(res, indent=1))  # noqa: E731
+    model, lora = prepare(work, a.tiny, res)
+    save()
+    need = 30 if a.tiny else 75  # a cold run on the H200 took ~50 s before this script existed
+    for name in a.runs.split(","):
+        left = deadline - time.time()
+        if left < need:
+            res["runs"][name] = {"skipped": f"budget: {left:.0f} s left"}
+            continue
+        print(f"[{time.strftime('%H:%M:%S')}] {name}", flush=True)
+        res["runs"][name] = run_one(name, model, lora, work, out, a.tiny, timeout=left)
+        print(json.dumps(res["runs"][name].get("breakdown") or res["runs"][name].get("error_tail")), flush=True)
+        save()
+    save()
+
+
+if __name__ == "__main__":
+    main()

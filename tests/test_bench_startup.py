@@ -1,0 +1,29 @@
+"""benchmarks/bench_startup.py end to end on the tiny model (CPU): proves the script works before GPU
+time is spent on it, and that each run's breakdown covers the time from process start to first image."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_startup_tiny_api_and_cli(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_startup", "--tiny", "--out", str(out),
+                           "--work", str(tmp_path / "work"), "--runs", "api_cold,cli_warm"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads((out / "startup.json").read_text())
+    for name in ("api_cold", "cli_warm"):
+        run = res["runs"][name]
+        assert run["rc"] == 0, run.get("error_tail")
+        row = run["breakdown"]
+        assert {"imports", "read", "transformer", "first_lora", "compile_est", "image"} <= set(row)
+        assert all(v >= 0 for k, v in row.items() if k != "unaccounted")
+        # the parts are measured inside the child's total: together they cannot exceed it by more than rounding
+        assert row["unaccounted"] >= -0.1
+        assert row["process_start_to_first_image_s"] <= run["wall_s"]
