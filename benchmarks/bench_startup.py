@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNS = ("api_cold", "api_warm", "cli_warm", "cli_cold", "api_disk_cold")
+RUNS = ("api_cold", "api_warm", "cli_cold", "cli_warm", "api_disk_cold")  # a warm run follows its cold one
 PROMPT = "a photo of a red fox in a snowy forest, golden hour"
 
 
