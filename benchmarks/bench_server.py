@@ -1,0 +1,365 @@
+"""FastLoRA against ComfyUI's native Flux paths through a real ComfyUI server's HTTP API (issue 9).
+
+    python -m benchmarks.bench_server COMFYUI_DIR --out DIR [--paths a,b,...] [--budget SECONDS] [--tiny]
+
+Models (written once into ``--work``): full-size Flux.1-dev with random bf16 weights as the single files
+a ComfyUI user has (``flux1-dev.safetensors`` in BFL layout, ``clip_l``, ``t5xxl_bf16``, ``ae``; written by
+``fastlora_core.loading.write_single_files`` from ``bench_engine.build_pipeline``), and two rank-64 LoRAs
+on the 418 attention/MLP layers (diffusers format, which both ComfyUI's and FastLoRA's loaders read).
+
+Every path gets a fresh server (``main.py --listen``; the pack and ``benchmarks/server_probe`` in its
+``custom_nodes``) and this sequence of queued graphs, each timed from ``POST /prompt`` to the end of its
+execution (websocket): first image (LoRA A at 1.0) also timed from the server's launch; two steady images
+(new sampler seeds: ComfyUI re-runs only the sampler and the decode); the image right after changing the
+LoRA file (B), after changing only its strength (B at 0.6), back to A; then the compiled graphs counted
+after the first image and the server's peak GPU memory (``/bench/stats``). 1024x1024, 28 steps, euler /
+simple, CFG 1, guidance 3.5 in the conditioning; VAE decode included (``VAEDecode`` + ``PreviewImage``).
+
+Paths:
+- ``native_bf16``: ``UNETLoader`` (weight_dtype default) -> ``LoraLoaderModelOnly`` -> ``KSampler`` (the baseline);
+- ``native_fp8_fast``: the same with ``weight_dtype=fp8_e4m3fn_fast``;
+- ``native_fp8_fast_compile``: that plus ``TorchCompileModel`` (inductor) before the LoRA loader;
+- ``ours_model``: ``OptimizedFluxLoader`` (transformer only, defaults: fp8, regional compile, fused) -> its
+  MODEL -> ``LoraLoaderModelOnly`` -> ``KSampler``;
+- ``ours_generate``: ``OptimizedFluxLoader`` (single files, everything) -> ``LoraHotswap`` -> ``Generate``
+  (its own T5/CLIP encoding of a fixed prompt and its own VAE decode).
+
+Text conditioning for the ``KSampler`` paths comes from ``server_probe``'s ``BenchConditioning`` (cached
+by ComfyUI after the first graph). ``--tiny`` runs the same on the CPU (``--cpu``) with a ComfyUI-loadable
+tiny transformer, the full-size VAE, 64x64 and 2 steps (the CPU test of this script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+PATHS = ("ours_model", "native_bf16", "ours_generate", "native_fp8_fast", "native_fp8_fast_compile")
+#: seconds a path needs at least (server start, load, first image, five more): skipped with less left
+NEED = {"native_bf16": 100, "native_fp8_fast": 100, "native_fp8_fast_compile": 200, "ours_model": 90,
+        "ours_generate": 80}
+PROMPT = "a photo of a red fox in a snowy forest, golden hour"
+RESULT: dict[str, Any] = {}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# -- files -------------------------------------------------------------------------------------------
+def write_loras(transformer: Any, folder: Path, rank: int, names: tuple[str, ...] = ("lora_a", "lora_b")) -> None:
+    """Random diffusers-format LoRAs on the attention/MLP layers of ``transformer`` (any device)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from .fullsize import target_names
+
+    folder.mkdir(parents=True, exist_ok=True)
+    device = next(transformer.parameters()).device
+    for seed, name in enumerate(names, start=1):
+        g = torch.Generator(device=device).manual_seed(seed)
+        sd = {}
+        for n in target_names(transformer):
+            lin = transformer.get_submodule(n)
+            o, i = lin.out_features, lin.in_features
+            down = torch.randn(rank, i, generator=g, device=device) / math.sqrt(i)
+            up = torch.randn(o, rank, generator=g, device=device) * (0.05 / math.sqrt(3 * rank))
+            sd[f"transformer.{n}.lora_A.weight"] = down.to(torch.bfloat16).cpu().contiguous()
+            sd[f"transformer.{n}.lora_B.weight"] = up.to(torch.bfloat16).cpu().contiguous()
+        save_file(sd, str(folder / f"{name}.safetensors"))
+
+
+def prepare(work: Path, tiny: bool) -> dict[str, Any]:
+    """The models tree; returns the file names each graph uses."""
+    models = work / "models"
+    marker = models / "ready.json"
+    if marker.exists():
+        return json.loads(marker.read_text())
+    t0 = time.perf_counter()
+    flat = models / "flux"
+    import torch
+
+    from fastlora_core.loading import write_single_files
+
+    if tiny:
+        from diffusers import AutoencoderKL, FluxTransformer2DModel
+
+        from fastlora_core.loading import load_shipped_config
+        from fastlora_core.tiny import (
+            COMFY_TINY_TRANSFORMER_CONFIG,
+            COMFY_TINY_TRANSFORMER_NAME,
+            TINY_DIFFUSERS_NAME,
+            build_tiny_pipeline,
+            write_comfy_tiny_transformer,
+            write_tiny_model,
+        )
+
+        write_comfy_tiny_transformer(flat / COMFY_TINY_TRANSFORMER_NAME)
+        torch.manual_seed(0)
+        write_loras(FluxTransformer2DModel(**COMFY_TINY_TRANSFORMER_CONFIG), models / "loras", rank=4)
+        pipe = build_tiny_pipeline(0)
+        write_tiny_model(models / "diffusers" / TINY_DIFFUSERS_NAME)
+        write_loras(pipe.transformer, models / "loras", rank=4, names=("tiny_gen_a", "tiny_gen_b"))
+        # the real Flux autoencoder's shape (random weights): ComfyUI's VAELoader / VAEDecode on our file
+        pipe.vae = AutoencoderKL(**{k: v for k, v in load_shipped_config("ae").items() if not k.startswith("_")})
+        vae = write_single_files(pipe, models / "tmp")["vae"]
+        shutil.move(str(vae), str(flat / "ae.safetensors"))
+        shutil.rmtree(models / "tmp")
+        files = {"transformer": COMFY_TINY_TRANSFORMER_NAME, "vae": "ae.safetensors",
+                 "diffusers": TINY_DIFFUSERS_NAME, "gen_loras": ["tiny_gen_a.safetensors", "tiny_gen_b.safetensors"]}
+    else:
+        from .bench_engine import build_pipeline
+
+        pipe = build_pipeline()
+        RESULT["build_random_s"] = round(time.perf_counter() - t0, 1)
+        write_loras(pipe.transformer, models / "loras", rank=64)
+        out = write_single_files(pipe, flat)
+        del pipe
+        torch.cuda.empty_cache()
+        files = {k: Path(v).name for k, v in out.items() if k != "tokenizer_dir"}
+        files["gen_loras"] = ["lora_a.safetensors", "lora_b.safetensors"]
+    files["loras"] = ["lora_a.safetensors", "lora_b.safetensors"]
+    RESULT["prepare_s"] = round(time.perf_counter() - t0, 1)
+    marker.write_text(json.dumps(files))
+    return files
+
+
+# -- graphs ------------------------------------------------------------------------------------------
+def loader_inputs(**kw: Any) -> dict[str, Any]:
+    """OptimizedFluxLoader's inputs as the shipped MODEL workflow has them (transformer only), with ``kw``
+    changed."""
+    graph = json.loads((ROOT / "workflows" / "api" / "flux_model_lora.json").read_text())
+    inputs = next(n["inputs"] for n in graph.values() if n["class_type"] == "OptimizedFluxLoader")
+    return {**inputs, **kw}
+
+
+def graph_for(path: str, files: dict[str, Any], lora: str, strength: float, seed: int, tiny: bool) -> dict[str, Any]:
+    size, steps = (64, 2) if tiny else (1024, 28)
+    if path == "ours_generate":
+        src = ({"source": "diffusers folder", "diffusers_model": files["diffusers"]} if tiny else
+               {"source": "single files", "transformer": files["transformer"], "clip_l": files["clip_l"],
+                "t5xxl": files["t5xxl"], "vae": files["vae"]})
+        extra = {"quantization": "none", "compile": "off", "dtype": "float32"} if tiny else {}
+        basic = json.loads((ROOT / "workflows" / "api" / "flux_lora_basic.json").read_text())
+        loader = {**next(n["inputs"] for n in basic.values() if n["class_type"] == "OptimizedFluxLoader"),
+                  **src, **extra}
+        return {
+            "1": {"class_type": "OptimizedFluxLoader", "inputs": loader},
+            "2": {"class_type": "LoraHotswap", "inputs": {"engine": ["1", 0], "lora_name": lora, "strength": strength}},
+            "3": {"class_type": "Generate", "inputs": {"engine": ["2", 0], "prompt": PROMPT, "seed": seed,
+                                                       "steps": steps, "guidance": 3.5, "width": size,
+                                                       "height": size, "batch": 1}},
+            "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}},
+        }
+    if path == "ours_model":
+        extra = {"quantization": "none", "compile": "off", "dtype": "float32"} if tiny else {}
+        model: dict[str, Any] = {"class_type": "OptimizedFluxLoader",
+                                 "inputs": loader_inputs(transformer=files["transformer"], **extra)}
+        model_out: list[Any] = ["1", 1]
+    else:
+        dtype = "default" if path == "native_bf16" else "fp8_e4m3fn_fast"
+        model = {"class_type": "UNETLoader", "inputs": {"unet_name": files["transformer"], "weight_dtype": dtype}}
+        model_out = ["1", 0]
+    graph: dict[str, Any] = {"1": model}
+    if path == "native_fp8_fast_compile":
+        graph["12"] = {"class_type": "TorchCompileModel", "inputs": {"model": model_out, "backend": "inductor"}}
+        model_out = ["12", 0]
+    tokens = 8 if tiny else 512
+    graph.update({
+        "6": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": model_out, "lora_name": lora,
+                                                              "strength_model": strength}},
+        "3": {"class_type": "BenchConditioning", "inputs": {"seed": 1, "tokens": tokens, "guidance": 3.5}},
+        "4": {"class_type": "BenchConditioning", "inputs": {"seed": 2, "tokens": tokens, "guidance": 3.5}},
+        "7": {"class_type": "EmptySD3LatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
+        "8": {"class_type": "KSampler", "inputs": {"model": ["6", 0], "positive": ["3", 0], "negative": ["4", 0],
+                                                   "latent_image": ["7", 0], "seed": seed, "steps": steps,
+                                                   "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
+                                                   "denoise": 1.0}},
+        "9": {"class_type": "VAELoader", "inputs": {"vae_name": files["vae"]}},
+        "10": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["9", 0]}},
+        "11": {"class_type": "PreviewImage", "inputs": {"images": ["10", 0]}},
+    })
+    return graph
+
+
+# -- the server --------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """A ComfyUI server in its own process, with the pack and the probe in ``custom_nodes``."""
+
+    def __init__(self, comfy_dir: Path, work: Path, tiny: bool) -> None:
+        from fastlora_core import headless
+
+        base = work / "server"
+        shutil.rmtree(base / "custom_nodes", ignore_errors=True)
+        custom = base / "custom_nodes"
+        custom.mkdir(parents=True)
+        (custom / "ComfyUI-FastLoRA").symlink_to(ROOT, target_is_directory=True)
+        shutil.copytree(ROOT / "benchmarks" / "server_probe", custom / "fastlora_bench_probe")
+        (base / "user").mkdir(parents=True, exist_ok=True)
+        front = base / "frontend"  # the web UI is not needed; ComfyUI serves this folder instead
+        front.mkdir(exist_ok=True)
+        (front / "index.html").write_text("<html><body>FastLoRA benchmark server</body></html>\n")
+        models = work / "models"
+        config = base / "extra_model_paths.yaml"
+        config.write_text(f"fastlora_bench:\n  base_path: {models}\n  diffusion_models: flux\n  text_encoders: flux\n"
+                          f"  vae: flux\n  loras: loras\n  diffusers: diffusers\n  custom_nodes: {custom}\n")
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        extra = env.pop("FASTLORA_BENCH_PYTHONPATH", "")
+        env["PYTHONPATH"] = os.pathsep.join(p for p in [extra, env.get("PYTHONPATH", "")] if p)
+        self.port = free_port()
+        self.log_path = base / f"comfyui-{self.port}.log"
+        self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+        cmd = [sys.executable, "main.py", "--listen", "127.0.0.1", "--port", str(self.port),
+               "--disable-auto-launch", "--front-end-root", str(front), "--output-directory", str(base / "output"),
+               "--user-directory", str(base / "user"), "--extra-model-paths-config", str(config)]
+        if tiny:
+            cmd.append("--cpu")
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen(cmd, cwd=comfy_dir, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.client = headless.Client(f"127.0.0.1:{self.port}", timeout=120)
+        deadline = time.monotonic() + 300
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited: {self.tail()}")
+            try:
+                self.client.request("GET", "/system_stats")
+                break
+            except headless.HeadlessError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"ComfyUI did not start in 300 s: {self.tail()}") from None
+                time.sleep(0.5)
+        self.ready_s = round(time.perf_counter() - self.started, 2)
+
+    def tail(self, n: int = 4000) -> str:
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")[-n:]
+
+    def run(self, graph: dict[str, Any]) -> tuple[float, Any]:
+        from fastlora_core import headless
+
+        t0 = time.perf_counter()
+        result = headless.run_workflow(self.client, graph, None, on_event=lambda e: None, timeout=900)
+        return round(time.perf_counter() - t0, 3), result
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def bench_path(path: str, comfy_dir: Path, work: Path, files: dict[str, Any], tiny: bool, save: Any) -> None:
+    res: dict[str, Any] = RESULT.setdefault(path, {})
+    loras = files["gen_loras"] if path == "ours_generate" else files["loras"]
+    try:
+        server = Server(comfy_dir, work, tiny)
+    except RuntimeError as exc:
+        res["error"] = str(exc)[-4000:]
+        save()
+        return
+    res["server_ready_s"] = server.ready_s
+    try:
+        def image(lora: str, strength: float, seed: int) -> tuple[float, Any]:
+            return server.run(graph_for(path, files, lora, strength, seed, tiny))
+
+        a, b = loras
+        res["first_image_s"], first = image(a, 1.0, 0)
+        res["server_start_to_first_image_s"] = round(time.perf_counter() - server.started, 2)
+        res["first_executed"] = sorted(first.executed)
+        save()
+        c0 = server.client.request("GET", "/bench/stats")["compiled_graphs"]
+        res["steady_s"] = [image(a, 1.0, seed)[0] for seed in (1, 2)]
+        res["after_lora_change_s"], changed = image(b, 1.0, 3)
+        res["after_lora_change_executed"] = sorted(changed.executed)
+        res["after_strength_change_s"], _ = image(b, 0.6, 4)
+        res["back_to_A_s"], _ = image(a, 1.0, 5)
+        stats = server.client.request("GET", "/bench/stats")
+        res["compiles_after_first_image"] = stats["compiled_graphs"] - c0
+        res["compiled_graphs_total"] = stats["compiled_graphs"]
+        res["peak_allocated_gib"] = stats["peak_allocated_gib"]
+        res["peak_reserved_gib"] = stats["peak_reserved_gib"]
+        if path.startswith("ours"):
+            fl = server.client.request("GET", "/fastlora/stats")
+            res["engine"] = {k: fl["engines"][0].get(k) for k in ("compiles", "source", "options")} \
+                if fl.get("engines") else None
+        steady = min(res["steady_s"])
+        res["after_lora_change_vs_steady"] = round(res["after_lora_change_s"] / steady - 1, 4)
+        res["after_strength_change_vs_steady"] = round(res["after_strength_change_s"] / steady - 1, 4)
+    except Exception as exc:  # noqa: BLE001 - a failed path is a result; the next path still runs
+        res["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+        res["log_tail"] = server.tail()
+    finally:
+        server.stop()
+        save()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("comfy_dir")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--work", default="/tmp/fastlora-server-bench")
+    ap.add_argument("--paths", default=",".join(PATHS))
+    ap.add_argument("--budget", type=float, default=560)
+    ap.add_argument("--tiny", action="store_true")
+    a = ap.parse_args()
+    deadline = time.time() + a.budget
+    out, work = Path(a.out), Path(a.work)
+    out.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    RESULT.update({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                   "command": " ".join(["python3", "-m", "benchmarks.bench_server", *sys.argv[1:]]),
+                   "torch": torch.__version__,
+                   "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"})
+    commit = subprocess.run(["git", "-C", a.comfy_dir, "rev-parse", "HEAD"], capture_output=True, text=True) \
+        if Path(a.comfy_dir, ".git").exists() else subprocess.CompletedProcess([], 0, "")  # a copy: no commit
+    version = Path(a.comfy_dir, "comfyui_version.py")
+    RESULT["comfyui"] = (commit.stdout.strip() or "no git") + " " + (
+        version.read_text().strip().split("=")[-1].strip(' "\'') if version.exists() else "")
+    try:
+        import diffusers
+        import torchao
+
+        RESULT.update(diffusers=diffusers.__version__, torchao=torchao.__version__)
+    except ImportError:
+        pass
+
+    def save() -> None:
+        (out / "server.json").write_text(json.dumps(RESULT, indent=1))
+
+    log("writing models")
+    files = prepare(work, a.tiny)
+    save()
+    for path in a.paths.split(","):
+        left = deadline - time.time()
+        if left < (20 if a.tiny else NEED[path]):
+            RESULT[path] = {"skipped": f"budget: {left:.0f} s left"}
+            save()
+            continue
+        log(path)
+        bench_path(path, Path(a.comfy_dir), work, files, a.tiny, save)
+        log(json.dumps({k: v for k, v in RESULT[path].items() if k != "log_tail"})[:1500])
+    save()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""benchmarks/bench_server.py end to end against a real ComfyUI (set COMFYUI_DIR; skipped otherwise), on
+the CPU with the tiny transformer and the full-size VAE: every path's graphs run through the HTTP API
+and the JSON holds each number the GPU run reports, before device time is spent on it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR", "")
+pytestmark = [
+    pytest.mark.comfyui,
+    pytest.mark.slow,
+    pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout to run these"),
+]
+NUMBERS = ("server_ready_s", "first_image_s", "server_start_to_first_image_s", "steady_s", "after_lora_change_s",
+           "after_strength_change_s", "back_to_A_s", "compiles_after_first_image")
+
+
+def test_bench_server_tiny_runs_every_path(tmp_path: Path) -> None:
+    from test_comfyui_real import _torchvision_pythonpath
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastlora" / "comfyui-test"
+    env = dict(os.environ, FASTLORA_BENCH_PYTHONPATH=os.pathsep.join(_torchvision_pythonpath(cache)))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_server", COMFYUI_DIR, "--tiny", "--out", str(out),
+                           "--work", str(tmp_path / "work"), "--paths", "ours_model,native_bf16,ours_generate",
+                           "--budget", "600"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "server.json").read_text())
+    for path in ("ours_model", "native_bf16", "ours_generate"):
+        run = res[path]
+        assert "error" not in run, (run.get("error"), run.get("log_tail"))
+        assert all(k in run for k in NUMBERS), run
+        # only the LoRA node and what follows re-ran after the LoRA change: never the loader
+        assert "1" in run["first_executed"] and "1" not in run["after_lora_change_executed"]
+    assert res["ours_model"]["compiles_after_first_image"] == 0
