@@ -37,7 +37,12 @@ TOLERANCE = 1e-5
 def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     work = tmp_path_factory.mktemp("comfy-model")
     out = work / "report.json"
+    from test_comfyui_real import _torchvision_pythonpath
+
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastlora" / "comfyui-test"
+    # ComfyUI's comfy.sd imports torchvision: the same shim as the server tests where no wheel matches torch
+    env["PYTHONPATH"] = os.pathsep.join(_torchvision_pythonpath(cache) + [p for p in [env.get("PYTHONPATH", "")] if p])
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "comfy_model_check.py"), COMFYUI_DIR, str(work),
                            str(out), "regional"], env=env, capture_output=True, text=True, timeout=1500)
     assert out.exists(), proc.stderr[-4000:]
