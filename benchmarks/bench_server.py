@@ -278,7 +278,11 @@ def bench_path(path: str, comfy_dir: Path, work: Path, files: dict[str, Any], ti
     res["server_ready_s"] = server.ready_s
     try:
         def image(lora: str, strength: float, seed: int) -> tuple[float, Any]:
-            return server.run(graph_for(path, files, lora, strength, seed, tiny))
+            seconds, result = server.run(graph_for(path, files, lora, strength, seed, tiny))
+            if path.startswith("ours"):  # where a LoRA change's time went: read, stage, write
+                engines = server.client.request("GET", "/fastlora/stats").get("engines") or [{}]
+                res.setdefault("last_swap_after_each_image", []).append(engines[0].get("last_swap"))
+            return seconds, result
 
         a, b = loras
         res["first_image_s"], first = image(a, 1.0, 0)

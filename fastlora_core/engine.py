@@ -147,6 +147,7 @@ class FluxEngine:
         # Start-up breakdown (issue 13): build phases, then first_lora / first_image on first use.
         self.phases = Phases(self.device)
         self._generated = False
+        self.last_swap: SwapReport | None = None  # the last apply that changed weights (GET /fastlora/stats)
 
         self._deterministic_before = enable_deterministic() if options.deterministic else None
         if options.compile != "off":
@@ -316,8 +317,9 @@ class FluxEngine:
             staged = f", to {self.device.type.upper()} {stage_ms:.1f} ms" if self.device.type != "cpu" else ""
             logger.info("LoRA stack %s applied in %.1f ms (read %.1f ms%s; %s, %d layers)",
                         stack.describe(), ms, read_ms, staged, self.strategy.name, layers)
-            return SwapReport(self.strategy.name, stack.describe(), ms, True, layers, from_cache, warnings,
-                              read_ms, stage_ms)
+            self.last_swap = SwapReport(self.strategy.name, stack.describe(), ms, True, layers, from_cache,
+                                        warnings, read_ms, stage_ms)
+            return self.last_swap
 
     def prepare_slot(self, lora_paths: Sequence[str] = (), all_layers: bool = False,
                      max_rank: int | None = None) -> dict[str, object]:

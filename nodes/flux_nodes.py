@@ -94,6 +94,10 @@ def stats() -> dict[str, Any]:
             "compiles": engine.compiles,
             "offloaded": engine.offloaded,
             "loaded_stack": engine.loaded_stack.describe(),
+            # where the last LoRA change's time went: swap_ms = read_ms (files not in RAM) + stage_ms
+            # (to the GPU) + the strategy's writes
+            "last_swap": engine.last_swap.as_dict() if engine.last_swap is not None else None,
+            "timings": engine.timings,
         })
     return {
         **STATS,

@@ -41,3 +41,6 @@ def test_bench_server_tiny_runs_every_path(tmp_path: Path) -> None:
         # only the LoRA node and what follows re-ran after the LoRA change: never the loader
         assert "1" in run["first_executed"] and "1" not in run["after_lora_change_executed"]
     assert res["ours_model"]["compiles_after_first_image"] == 0
+    for path in ("ours_model", "ours_generate"):  # six images, each with the engine's last swap report
+        swaps = res[path]["last_swap_after_each_image"]
+        assert len(swaps) == 6 and all(sw is not None and "read_ms" in sw for sw in swaps)

@@ -296,6 +296,13 @@ def test_stack_of_two_loras_with_strengths(pack: Any, models_dir: Path) -> None:
     stack = specs.LoraStack.of((lora_path(models_dir, "fastlora-tiny-style"), 0.7),
                                (lora_path(models_dir, "fastlora-tiny-wide"), 0.4))
     assert torch.equal(img, reference(base, stack, batch=2))
+    # GET /fastlora/stats tells an operator where the LoRA change's time went
+    flux_nodes = sys.modules[pack.__name__ + ".nodes.flux_nodes"]
+    (live,) = flux_nodes.stats()["engines"]
+    swap = live["last_swap"]
+    assert swap["stack"] == stack.describe() and swap["changed"] and swap["layers_written"] > 0
+    assert swap["read_ms"] + swap["stage_ms"] <= swap["swap_ms"]
+    assert {"read", "build", "first_lora", "first_image"} <= set(live["timings"])
 
 
 # -- cancel and memory ----------------------------------------------------------------------------
