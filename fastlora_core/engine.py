@@ -146,7 +146,6 @@ class FluxEngine:
         self.offloaded = False
         # Start-up breakdown (issue 13): build phases, then first_lora / first_image on first use.
         self.phases = Phases(self.device)
-        self._generated = False
         self.last_swap: SwapReport | None = None  # the last apply that changed weights (GET /fastlora/stats)
 
         self._deterministic_before = enable_deterministic() if options.deterministic else None
@@ -402,8 +401,7 @@ class FluxEngine:
             finally:
                 self._cancel.check = None
             seconds = time.perf_counter() - t0
-            if not self._generated:  # compile (when on) + the first image's sampling
-                self._generated = True
+            if "first_image" not in self.phases.seconds:  # compile (when on) + the first image's sampling
                 self.phases.add("first_image", seconds)
             new = dynamo_compile_count() - before
             self.compiles += new
