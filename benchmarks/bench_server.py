@@ -266,7 +266,10 @@ class Server:
         self.log.close()
 
 
-def bench_path(path: str, comfy_dir: Path, work: Path, files: dict[str, Any], tiny: bool, save: Any) -> None:
+def bench_path(path: str, comfy_dir: Path, work: Path, files: dict[str, Any], tiny: bool, save: Any,
+               out: Path) -> None:
+    """Run the image sequence on ``path`` in a fresh server; results into ``RESULT[path]``, the server's
+    log into ``out/<path>-server.log``."""
     res: dict[str, Any] = RESULT.setdefault(path, {})
     loras = files["gen_loras"] if path == "ours_generate" else files["loras"]
     try:
@@ -279,6 +282,7 @@ def bench_path(path: str, comfy_dir: Path, work: Path, files: dict[str, Any], ti
     try:
         def image(lora: str, strength: float, seed: int) -> tuple[float, Any]:
             seconds, result = server.run(graph_for(path, files, lora, strength, seed, tiny))
+            res.setdefault("node_seconds_each_image", []).append(server.client.request("GET", "/bench/nodes"))
             if path.startswith("ours"):  # where a LoRA change's time went: read, stage, write
                 engines = server.client.request("GET", "/fastlora/stats").get("engines") or [{}]
                 res.setdefault("last_swap_after_each_image", []).append(engines[0].get("last_swap"))
@@ -312,6 +316,7 @@ def bench_path(path: str, comfy_dir: Path, work: Path, files: dict[str, Any], ti
         res["log_tail"] = server.tail()
     finally:
         server.stop()
+        shutil.copyfile(server.log_path, out / f"{path}-server.log")
         save()
 
 
@@ -360,7 +365,7 @@ def main() -> None:
             save()
             continue
         log(path)
-        bench_path(path, Path(a.comfy_dir), work, files, a.tiny, save)
+        bench_path(path, Path(a.comfy_dir), work, files, a.tiny, save, out)
         log(json.dumps({k: v for k, v in RESULT[path].items() if k != "log_tail"})[:1500])
     save()
 

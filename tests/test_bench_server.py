@@ -40,6 +40,10 @@ def test_bench_server_tiny_runs_every_path(tmp_path: Path) -> None:
         assert all(k in run for k in NUMBERS), run
         # only the LoRA node and what follows re-ran after the LoRA change: never the loader
         assert "1" in run["first_executed"] and "1" not in run["after_lora_change_executed"]
+        nodes = run["node_seconds_each_image"]  # per-node seconds: the loader ran only for the first image
+        assert len(nodes) == 6 and all(v >= 0 for n in nodes for v in n.values()), nodes
+        assert nodes[0] and not any(k.endswith("Loader") for n in nodes[1:] for k in n), nodes
+        assert all(n["(prompt)"] >= n["KSampler" if "KSampler" in n else "Generate"] for n in nodes), nodes
     assert res["ours_model"]["compiles_after_first_image"] == 0
     for path in ("ours_model", "ours_generate"):  # six images, each with the engine's last swap report
         swaps = res[path]["last_swap_after_each_image"]

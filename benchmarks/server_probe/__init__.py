@@ -7,10 +7,19 @@
   to every path (ComfyUI caches the node's output between queued graphs either way).
 - ``GET /bench/stats``: peak GPU memory of the server process (allocated and reserved, GiB) and
   ``torch._dynamo``'s count of compiled graphs (ComfyUI's ``TorchCompileModel`` and FastLoRA alike).
+- ``GET /bench/nodes``: seconds spent in each node class since the previous call (ComfyUI's per-node
+  ``execution.execute`` wrapped), so a slow image can be split into LoRA loader, sampler and decode;
+  also, in parentheses, the whole prompt's execution and ComfyUI's housekeeping between and inside
+  prompts (``gc.collect``, ``soft_empty_cache``, ``cleanup_models_gc``), which no node accounts for.
 """
 
 from __future__ import annotations
 
+import gc
+import time
+
+import comfy.model_management
+import execution
 import torch
 from aiohttp import web
 from server import PromptServer
@@ -33,6 +42,57 @@ class BenchConditioning:
 
 
 NODE_CLASS_MAPPINGS = {"BenchConditioning": BenchConditioning}
+
+NODE_SECONDS: dict[str, float] = {}
+_execute = execution.execute
+
+
+async def _timed_execute(server, dynprompt, caches, current_item, *args, **kwargs):  # noqa: ANN001, ANN202
+    start = time.perf_counter()
+    try:
+        return await _execute(server, dynprompt, caches, current_item, *args, **kwargs)
+    finally:
+        try:
+            name = dynprompt.get_node(current_item)["class_type"]
+        except Exception:  # noqa: BLE001 - timing must never break execution
+            name = str(current_item)
+        NODE_SECONDS[name] = NODE_SECONDS.get(name, 0.0) + time.perf_counter() - start
+
+
+execution.execute = _timed_execute
+
+
+def _timed(name: str, fn):  # noqa: ANN001, ANN202
+    def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            NODE_SECONDS[name] = NODE_SECONDS.get(name, 0.0) + time.perf_counter() - start
+    return wrapper
+
+
+def _timed_async(name: str, fn):  # noqa: ANN001, ANN202
+    async def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        start = time.perf_counter()
+        try:
+            return await fn(*args, **kwargs)
+        finally:
+            NODE_SECONDS[name] = NODE_SECONDS.get(name, 0.0) + time.perf_counter() - start
+    return wrapper
+
+
+gc.collect = _timed("(gc.collect)", gc.collect)
+comfy.model_management.soft_empty_cache = _timed("(soft_empty_cache)", comfy.model_management.soft_empty_cache)
+comfy.model_management.cleanup_models_gc = _timed("(cleanup_models_gc)", comfy.model_management.cleanup_models_gc)
+execution.PromptExecutor.execute_async = _timed_async("(prompt)", execution.PromptExecutor.execute_async)
+
+
+@PromptServer.instance.routes.get("/bench/nodes")
+async def nodes(request: web.Request) -> web.Response:
+    out = {k: round(v, 4) for k, v in NODE_SECONDS.items()}
+    NODE_SECONDS.clear()
+    return web.json_response(out)
 
 
 @PromptServer.instance.routes.get("/bench/stats")
