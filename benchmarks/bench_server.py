@@ -15,6 +15,13 @@ LoRA file (B), after changing only its strength (B at 0.6), back to A; then the 
 after the first image and the server's peak GPU memory (``/bench/stats``). 1024x1024, 28 steps, euler /
 simple, CFG 1, guidance 3.5 in the conditioning; VAE decode included (``VAEDecode`` + ``PreviewImage``).
 
+Before each image the script waits until ComfyUI's own housekeeping after the previous one has run
+(``server_probe``'s ``/bench/idle``; ``settle_wait_s`` records the wait): ComfyUI's prompt worker runs a
+full ``gc.collect()`` once at least 10 s have passed since the last one, so queued back to back about
+every third image would carry that pause (0.25 s to 0.55 s, depending on how many Python objects the
+server holds) whatever changed in it, and a LoRA change would be blamed for it. ``--back-to-back``
+measures without waiting; ``node_seconds_each_image`` shows the gc's cost either way.
+
 Paths:
 - ``native_bf16``: ``UNETLoader`` (weight_dtype default) -> ``LoraLoaderModelOnly`` -> ``KSampler`` (the baseline);
 - ``native_fp8_fast``: the same with ``weight_dtype=fp8_e4m3fn_fast``;
@@ -267,7 +274,7 @@ class Server:
 
 
 def bench_path(path: str, comfy_dir: Path, work: Path, files: dict[str, Any], tiny: bool, save: Any,
-               out: Path) -> None:
+               out: Path, settle: bool = True) -> None:
     """Run the image sequence on ``path`` in a fresh server; results into ``RESULT[path]``, the server's
     log into ``out/<path>-server.log``."""
     res: dict[str, Any] = RESULT.setdefault(path, {})
@@ -281,6 +288,12 @@ def bench_path(path: str, comfy_dir: Path, work: Path, files: dict[str, Any], ti
     res["server_ready_s"] = server.ready_s
     try:
         def image(lora: str, strength: float, seed: int) -> tuple[float, Any]:
+            if settle:  # ComfyUI's periodic gc.collect() first (see the module doc)
+                waited = time.perf_counter()
+                while server.client.request("GET", "/bench/idle")["housekeeping_pending"] \
+                        and time.perf_counter() - waited < 15:
+                    time.sleep(0.1)
+                res.setdefault("settle_wait_s", []).append(round(time.perf_counter() - waited, 2))
             seconds, result = server.run(graph_for(path, files, lora, strength, seed, tiny))
             res.setdefault("node_seconds_each_image", []).append(server.client.request("GET", "/bench/nodes"))
             if path.startswith("ours"):  # where a LoRA change's time went: read, stage, write
@@ -328,6 +341,8 @@ def main() -> None:
     ap.add_argument("--paths", default=",".join(PATHS))
     ap.add_argument("--budget", type=float, default=560)
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--back-to-back", action="store_true",
+                    help="queue each image as soon as the previous one ends (ComfyUI's periodic gc lands in them)")
     a = ap.parse_args()
     deadline = time.time() + a.budget
     out, work = Path(a.out), Path(a.work)
@@ -365,7 +380,7 @@ def main() -> None:
             save()
             continue
         log(path)
-        bench_path(path, Path(a.comfy_dir), work, files, a.tiny, save, out)
+        bench_path(path, Path(a.comfy_dir), work, files, a.tiny, save, out, not a.back_to_back)
         log(json.dumps({k: v for k, v in RESULT[path].items() if k != "log_tail"})[:1500])
     save()
 

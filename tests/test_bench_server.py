@@ -44,6 +44,8 @@ def test_bench_server_tiny_runs_every_path(tmp_path: Path) -> None:
         assert len(nodes) == 6 and all(v >= 0 for n in nodes for v in n.values()), nodes
         assert nodes[0] and not any(k.endswith("Loader") for n in nodes[1:] for k in n), nodes
         assert all(n["(prompt)"] >= n["KSampler" if "KSampler" in n else "Generate"] for n in nodes), nodes
+        # each image waited for ComfyUI's periodic gc.collect() of the one before (it ran, and was timed)
+        assert len(run["settle_wait_s"]) == 6 and any("(gc.collect)" in n for n in nodes), run["settle_wait_s"]
     assert res["ours_model"]["compiles_after_first_image"] == 0
     for path in ("ours_model", "ours_generate"):  # six images, each with the engine's last swap report
         swaps = res[path]["last_swap_after_each_image"]

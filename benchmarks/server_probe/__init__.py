@@ -11,6 +11,10 @@
   ``execution.execute`` wrapped), so a slow image can be split into LoRA loader, sampler and decode;
   also, in parentheses, the whole prompt's execution and ComfyUI's housekeeping between and inside
   prompts (``gc.collect``, ``soft_empty_cache``, ``cleanup_models_gc``), which no node accounts for.
+- ``GET /bench/idle``: whether ComfyUI's housekeeping after the last prompt is still due. Its prompt
+  worker runs a full ``gc.collect()`` after a prompt once 10 s have passed since the previous one
+  (main.py, ``gc_collect_interval``); queued back to back, that pause lands in whichever image comes
+  next. The benchmark waits for it so each image measures itself (see ``bench_server``).
 """
 
 from __future__ import annotations
@@ -82,10 +86,27 @@ def _timed_async(name: str, fn):  # noqa: ANN001, ANN202
     return wrapper
 
 
-gc.collect = _timed("(gc.collect)", gc.collect)
+LAST = {"prompt_end": 0.0, "gc_start": 0.0}
+_collect = gc.collect
+
+
+def _collect_marked(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    LAST["gc_start"] = time.perf_counter()
+    return _collect(*args, **kwargs)
+
+
+async def _prompt_marked(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+    try:
+        return await _execute_async(self, *args, **kwargs)
+    finally:
+        LAST["prompt_end"] = time.perf_counter()
+
+
+_execute_async = execution.PromptExecutor.execute_async
+gc.collect = _timed("(gc.collect)", _collect_marked)
 comfy.model_management.soft_empty_cache = _timed("(soft_empty_cache)", comfy.model_management.soft_empty_cache)
 comfy.model_management.cleanup_models_gc = _timed("(cleanup_models_gc)", comfy.model_management.cleanup_models_gc)
-execution.PromptExecutor.execute_async = _timed_async("(prompt)", execution.PromptExecutor.execute_async)
+execution.PromptExecutor.execute_async = _timed_async("(prompt)", _prompt_marked)
 
 
 @PromptServer.instance.routes.get("/bench/nodes")
@@ -105,3 +126,8 @@ async def stats(request: web.Request) -> web.Response:
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
         "compiled_graphs": int(counters["stats"]["unique_graphs"]),
     })
+
+
+@PromptServer.instance.routes.get("/bench/idle")
+async def idle(request: web.Request) -> web.Response:
+    return web.json_response({"housekeeping_pending": LAST["prompt_end"] > LAST["gc_start"]})
