@@ -319,7 +319,7 @@ def bench_path(path: str, comfy_dir: Path, work: Path, files: dict[str, Any], ti
         res["peak_reserved_gib"] = stats["peak_reserved_gib"]
         if path.startswith("ours"):
             fl = server.client.request("GET", "/fastlora/stats")
-            res["engine"] = {k: fl["engines"][0].get(k) for k in ("compiles", "source", "options")} \
+            res["engine"] = {k: fl["engines"][0].get(k) for k in ("compiles", "source", "options", "timings")} \
                 if fl.get("engines") else None
         steady = min(res["steady_s"])
         res["after_lora_change_vs_steady"] = round(res["after_lora_change_s"] / steady - 1, 4)

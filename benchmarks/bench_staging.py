@@ -6,7 +6,10 @@ A rank-64 LoRA on Flux.1-dev's 418 attention/MLP layers (diffusers layer shapes,
 ComfyUI's LoRA loaders hold it, ~520 MB) is copied to the GPU (a) one ``tensor.to`` per tensor
 (the engine until 2026-12-03) and (b) through :class:`fastlora_core.lora.staging.PinnedStager`
 (first call: pinned chunks allocated; later calls reuse them), and its values are checked for
-NaN / infinities (``first_non_finite``) on the CPU copy vs the staged GPU copy. Medians in ms.
+NaN / infinities (``first_non_finite``) on the CPU copy vs the staged GPU copy. Also, as ComfyUI's
+loaders hand it over, memory-mapped from a safetensors file (``safe_open`` per repetition: the file
+is in the page cache, but every new mapping faults its pages in while staging) with the packing on
+one thread and on ``PACK_THREADS``. Medians in ms.
 On a CPU (smoke run) the staging rows copy within RAM and mean nothing.
 """
 
@@ -69,7 +72,32 @@ def main(out: str, reps: int) -> None:
     res["pinned_ms"] = timed(lambda: lora.to(dev, torch.bfloat16, copy_many=stager))
     res["check_cpu_ms"] = timed(lambda: first_non_finite(lora.tensors()))
     res["check_staged_ms"] = timed(lambda: first_non_finite(staged.tensors()))
-    for k in ("per_tensor_ms", "pinned_ms", "check_cpu_ms", "check_staged_ms"):
+    import tempfile
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from fastlora_core.lora import staging
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/lora.safetensors"
+        names = {f"{n}.{part}": t for n, layer in layers.items() for part, t in (("down", layer.down), ("up", layer.up))}
+        save_file(names, path)
+
+        def mapped() -> NormalizedLora:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                t = {k: f.get_tensor(k) for k in f.keys()}
+            return NormalizedLora("bench", "comfyui", {n: LoraLayer(t[f"{n}.down"], t[f"{n}.up"]) for n in layers},
+                                  values_checked=False)
+
+        res["pack_threads"] = staging.PACK_THREADS
+        for label, threads in (("mmap_one_thread_ms", 1), ("mmap_pinned_ms", staging.PACK_THREADS)):
+            s = PinnedStager(dev)
+            s._pool = None if threads == 1 else s._pool
+            s(list(zip([torch.zeros(1)], [torch.bfloat16])))  # pin its chunks outside the timing
+            res[label] = timed(lambda s=s: mapped().to(dev, torch.bfloat16, copy_many=s))
+    for k in ("per_tensor_ms", "pinned_ms", "check_cpu_ms", "check_staged_ms", "mmap_one_thread_ms",
+              "mmap_pinned_ms"):
         res[k.replace("_ms", "_median_ms")] = statistics.median(res[k])  # type: ignore[arg-type]
     exact = all(torch.equal(a.cpu(), b) for a, b in zip(staged.tensors().values(), lora.tensors().values()))
     res["pinned_equals_source"] = exact

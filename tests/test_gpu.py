@@ -78,6 +78,32 @@ def test_fp8_fused_swaps_requantise_exactly_without_recompiling(
 
 
 @pytest.mark.skipif(not _fp8_ok(), reason="fp8 needs compute capability >= 8.9")
+def test_fp8_masters_on_the_gpu_are_the_loaded_weights_and_the_layers_quantised_from_them(
+        tiny_source: ModelSource) -> None:
+    from torchao.quantization import quantize_
+
+    from fastlora_core.loading import load_pipeline
+    from fastlora_core.lora.quantized import clone_quantized
+    from fastlora_core.optimize import torchao_config
+
+    loaded = load_pipeline(tiny_source, torch.bfloat16).transformer
+    engine = FluxEngine(tiny_source, dataclasses.replace(GPU, quantization="fp8", compile="off"))
+    assert engine.strategy.master_device.type == "cuda"  # a tiny model leaves ample room
+    modules = dict(engine.transformer.named_modules())
+    for name, master in engine.strategy._hp_master.items():
+        # quantising from the master (no second transfer) left it bit-identical to the file's weight
+        assert master.device.type == "cuda" and torch.equal(master.cpu(), loaded.get_submodule(name).weight), name
+    name = "transformer_blocks.0.attn.to_q"
+    lin = torch.nn.Linear(*reversed(loaded.get_submodule(name).weight.shape), bias=False, device="cuda",
+                          dtype=torch.bfloat16)
+    with torch.no_grad():
+        lin.weight.copy_(loaded.get_submodule(name).weight)
+    quantize_(lin, torchao_config("fp8"))
+    for k, v in clone_quantized(lin.weight, "cpu").items():
+        assert _same_bits(clone_quantized(modules[name].weight, "cpu")[k], v), k
+
+
+@pytest.mark.skipif(not _fp8_ok(), reason="fp8 needs compute capability >= 8.9")
 def test_fp8_adapter_and_fused_agree(tiny_source: ModelSource, tiny_loras: dict[str, str],
                                      tiny_request: GenerateRequest) -> None:
     stack = _stack(tiny_loras, ("wide", 1.0))

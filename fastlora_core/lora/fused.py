@@ -67,7 +67,14 @@ class FusedStrategy(SwapStrategy):
             w = mods[n].weight
             # No copy when already there: quantisation replaces the module's parameter and leaves
             # this tensor untouched, so the master simply keeps the original alive.
-            self._hp_master[n] = w.detach().to(self.master_device)
+            master = w.detach().to(self.master_device)
+            self._hp_master[n] = master
+            if master.data_ptr() != w.data_ptr():
+                # A copy on the GPU the model is about to move to (masters leave the CPU only for the
+                # engine's own device): the layer now reads its weight from there, so quantising it
+                # moves nothing a second time (one 22 GB transfer for Flux.1-dev instead of two) and
+                # its CPU copy is freed now. Quantisation replaces the parameter, never writes into it.
+                mods[n].weight = torch.nn.Parameter(master, requires_grad=False)
         logger.info("fused: kept %d high-precision master weights on %s (%.1f MiB)", len(names),
                     self.master_device, sum(t.numel() * t.element_size() for t in self._hp_master.values()) / 2**20)
 
