@@ -1,24 +1,27 @@
 """FastLoRA against ComfyUI's native Flux paths through a real ComfyUI server's HTTP API (issue 9).
 
-    python -m benchmarks.bench_server COMFYUI_DIR --out DIR [--paths a,b,...] [--budget SECONDS] [--tiny]
+    python -m benchmarks.bench_server COMFYUI_DIR --out DIR [--paths a,b,...] [--budget SECONDS] [--cycles N]
+                                      [--back-to-back] [--tiny]
 
 Models (written once into ``--work``): full-size Flux.1-dev with random bf16 weights as the single files
 a ComfyUI user has (``flux1-dev.safetensors`` in BFL layout, ``clip_l``, ``t5xxl_bf16``, ``ae``; written by
-``fastlora_core.loading.write_single_files`` from ``bench_engine.build_pipeline``), and two rank-64 LoRAs
-on the 418 attention/MLP layers (diffusers format, which both ComfyUI's and FastLoRA's loaders read).
+``fastlora_core.loading.write_single_files`` from ``bench_engine.build_pipeline``), and rank-64 LoRAs on the
+418 attention/MLP layers (diffusers format, which both ComfyUI's and FastLoRA's loaders read): A, and one B
+per cycle.
 
 Every path gets a fresh server (``main.py --listen``; the pack and ``benchmarks/server_probe`` in its
 ``custom_nodes``) and this sequence of queued graphs, each timed from ``POST /prompt`` to the end of its
 execution (websocket): first image (LoRA A at 1.0) also timed from the server's launch; two steady images
 (new sampler seeds: ComfyUI re-runs only the sampler and the decode); the image right after changing the
-LoRA file (B), after changing only its strength (B at 0.6), back to A; then the compiled graphs counted
-after the first image and the server's peak GPU memory (``/bench/stats``). 1024x1024, 28 steps, euler /
+LoRA file (B), after changing only its strength (B at 0.6), back to A (``--cycles N``: that sequence N
+times, a never-used B each time; the change rows are then medians, ``*_each_cycle_s`` the values); then the
+compiled graphs counted after the first image and the server's peak GPU memory (``/bench/stats``). 1024x1024, 28 steps, euler /
 simple, CFG 1, guidance 3.5 in the conditioning; VAE decode included (``VAEDecode`` + ``PreviewImage``).
 
 Before each image the script waits until ComfyUI's own housekeeping after the previous one has run
 (``server_probe``'s ``/bench/idle``; ``settle_wait_s`` records the wait): ComfyUI's prompt worker runs a
 full ``gc.collect()`` once at least 10 s have passed since the last one, so queued back to back about
-every third image would carry that pause (0.25 s to 0.55 s, depending on how many Python objects the
+every third image would carry that pause (0.25 s to 2.2 s on the paths measured, depending on how many Python objects the
 server holds) whatever changed in it, and a LoRA change would be blamed for it. ``--back-to-back``
 measures without waiting; ``node_seconds_each_image`` shows the gc's cost either way.
 
@@ -44,6 +47,7 @@ import math
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -86,12 +90,20 @@ def write_loras(transformer: Any, folder: Path, rank: int, names: tuple[str, ...
         save_file(sd, str(folder / f"{name}.safetensors"))
 
 
-def prepare(work: Path, tiny: bool) -> dict[str, Any]:
+def lora_names(prefix: str, cycles: int) -> tuple[str, ...]:
+    """A and one never-used LoRA per cycle: ``prefix_a``, ``prefix_b``, ``prefix_b2`` ..."""
+    return (f"{prefix}_a", f"{prefix}_b", *(f"{prefix}_b{k}" for k in range(2, cycles + 1)))
+
+
+def prepare(work: Path, tiny: bool, cycles: int = 1) -> dict[str, Any]:
     """The models tree; returns the file names each graph uses."""
     models = work / "models"
     marker = models / "ready.json"
     if marker.exists():
-        return json.loads(marker.read_text())
+        files = json.loads(marker.read_text())
+        if len(files["loras"]) >= cycles + 1:
+            return files
+        shutil.rmtree(models)  # written for fewer cycles
     t0 = time.perf_counter()
     flat = models / "flux"
     import torch
@@ -113,29 +125,30 @@ def prepare(work: Path, tiny: bool) -> dict[str, Any]:
 
         write_comfy_tiny_transformer(flat / COMFY_TINY_TRANSFORMER_NAME)
         torch.manual_seed(0)
-        write_loras(FluxTransformer2DModel(**COMFY_TINY_TRANSFORMER_CONFIG), models / "loras", rank=4)
+        write_loras(FluxTransformer2DModel(**COMFY_TINY_TRANSFORMER_CONFIG), models / "loras", rank=4,
+                    names=lora_names("lora", cycles))
         pipe = build_tiny_pipeline(0)
         write_tiny_model(models / "diffusers" / TINY_DIFFUSERS_NAME)
-        write_loras(pipe.transformer, models / "loras", rank=4, names=("tiny_gen_a", "tiny_gen_b"))
+        write_loras(pipe.transformer, models / "loras", rank=4, names=lora_names("tiny_gen", cycles))
         # the real Flux autoencoder's shape (random weights): ComfyUI's VAELoader / VAEDecode on our file
         pipe.vae = AutoencoderKL(**{k: v for k, v in load_shipped_config("ae").items() if not k.startswith("_")})
         vae = write_single_files(pipe, models / "tmp")["vae"]
         shutil.move(str(vae), str(flat / "ae.safetensors"))
         shutil.rmtree(models / "tmp")
-        files = {"transformer": COMFY_TINY_TRANSFORMER_NAME, "vae": "ae.safetensors",
-                 "diffusers": TINY_DIFFUSERS_NAME, "gen_loras": ["tiny_gen_a.safetensors", "tiny_gen_b.safetensors"]}
+        files = {"transformer": COMFY_TINY_TRANSFORMER_NAME, "vae": "ae.safetensors", "diffusers": TINY_DIFFUSERS_NAME,
+                 "gen_loras": [f"{n}.safetensors" for n in lora_names("tiny_gen", cycles)]}
     else:
         from .bench_engine import build_pipeline
 
         pipe = build_pipeline()
         RESULT["build_random_s"] = round(time.perf_counter() - t0, 1)
-        write_loras(pipe.transformer, models / "loras", rank=64)
+        write_loras(pipe.transformer, models / "loras", rank=64, names=lora_names("lora", cycles))
         out = write_single_files(pipe, flat)
         del pipe
         torch.cuda.empty_cache()
         files = {k: Path(v).name for k, v in out.items() if k != "tokenizer_dir"}
-        files["gen_loras"] = ["lora_a.safetensors", "lora_b.safetensors"]
-    files["loras"] = ["lora_a.safetensors", "lora_b.safetensors"]
+        files["gen_loras"] = [f"{n}.safetensors" for n in lora_names("lora", cycles)]
+    files["loras"] = [f"{n}.safetensors" for n in lora_names("lora", cycles)]
     RESULT["prepare_s"] = round(time.perf_counter() - t0, 1)
     marker.write_text(json.dumps(files))
     return files
@@ -274,7 +287,7 @@ class Server:
 
 
 def bench_path(path: str, comfy_dir: Path, work: Path, files: dict[str, Any], tiny: bool, save: Any,
-               out: Path, settle: bool = True) -> None:
+               out: Path, settle: bool = True, cycles: int = 1) -> None:
     """Run the image sequence on ``path`` in a fresh server; results into ``RESULT[path]``, the server's
     log into ``out/<path>-server.log``."""
     res: dict[str, Any] = RESULT.setdefault(path, {})
@@ -301,17 +314,26 @@ def bench_path(path: str, comfy_dir: Path, work: Path, files: dict[str, Any], ti
                 res.setdefault("last_swap_after_each_image", []).append(engines[0].get("last_swap"))
             return seconds, result
 
-        a, b = loras
+        a = loras[0]
         res["first_image_s"], first = image(a, 1.0, 0)
         res["server_start_to_first_image_s"] = round(time.perf_counter() - server.started, 2)
         res["first_executed"] = sorted(first.executed)
         save()
         c0 = server.client.request("GET", "/bench/stats")["compiled_graphs"]
-        res["steady_s"] = [image(a, 1.0, seed)[0] for seed in (1, 2)]
-        res["after_lora_change_s"], changed = image(b, 1.0, 3)
-        res["after_lora_change_executed"] = sorted(changed.executed)
-        res["after_strength_change_s"], _ = image(b, 0.6, 4)
-        res["back_to_A_s"], _ = image(a, 1.0, 5)
+        res["steady_s"] = []
+        each: dict[str, list[float]] = {"after_lora_change_s": [], "after_strength_change_s": [], "back_to_A_s": []}
+        for cycle in range(cycles):  # steady, steady, a LoRA file never used before, its strength, back to A
+            b, seed = loras[1 + cycle], 10 * cycle
+            res["steady_s"] += [image(a, 1.0, seed + 1)[0], image(a, 1.0, seed + 2)[0]]
+            seconds, changed = image(b, 1.0, seed + 3)
+            each["after_lora_change_s"].append(seconds)
+            res["after_lora_change_executed"] = sorted(changed.executed)
+            each["after_strength_change_s"].append(image(b, 0.6, seed + 4)[0])
+            each["back_to_A_s"].append(image(a, 1.0, seed + 5)[0])
+        for key, values in each.items():  # one cycle: its number; several: their median, and each
+            res[key] = statistics.median(values)
+            if cycles > 1:
+                res[key.removesuffix("_s") + "_each_cycle_s"] = values
         stats = server.client.request("GET", "/bench/stats")
         res["compiles_after_first_image"] = stats["compiled_graphs"] - c0
         res["compiled_graphs_total"] = stats["compiled_graphs"]
@@ -341,6 +363,8 @@ def main() -> None:
     ap.add_argument("--paths", default=",".join(PATHS))
     ap.add_argument("--budget", type=float, default=560)
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--cycles", type=int, default=1,
+                    help="repeat steady x2 / new LoRA file / strength / back to A this many times (a new file each)")
     ap.add_argument("--back-to-back", action="store_true",
                     help="queue each image as soon as the previous one ends (ComfyUI's periodic gc lands in them)")
     a = ap.parse_args()
@@ -371,16 +395,16 @@ def main() -> None:
         (out / "server.json").write_text(json.dumps(RESULT, indent=1))
 
     log("writing models")
-    files = prepare(work, a.tiny)
+    files = prepare(work, a.tiny, a.cycles)
     save()
     for path in a.paths.split(","):
         left = deadline - time.time()
-        if left < (20 if a.tiny else NEED[path]):
+        if left < (20 if a.tiny else NEED[path] + 55 * (a.cycles - 1)):  # a cycle: 5 images of ~10 s with settling
             RESULT[path] = {"skipped": f"budget: {left:.0f} s left"}
             save()
             continue
         log(path)
-        bench_path(path, Path(a.comfy_dir), work, files, a.tiny, save, out, not a.back_to_back)
+        bench_path(path, Path(a.comfy_dir), work, files, a.tiny, save, out, not a.back_to_back, a.cycles)
         log(json.dumps({k: v for k, v in RESULT[path].items() if k != "log_tail"})[:1500])
     save()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -50,3 +51,27 @@ def test_bench_server_tiny_runs_every_path(tmp_path: Path) -> None:
     for path in ("ours_model", "ours_generate"):  # six images, each with the engine's last swap report
         swaps = res[path]["last_swap_after_each_image"]
         assert len(swaps) == 6 and all(sw is not None and "read_ms" in sw for sw in swaps)
+
+
+def test_bench_server_cycles_use_a_new_lora_file_each_time(tmp_path: Path) -> None:
+    """``--cycles 2``: the change sequence twice, each time with a LoRA file never used before; the change
+    rows are the medians of the cycles' values."""
+    from test_comfyui_real import _torchvision_pythonpath
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastlora" / "comfyui-test"
+    env = dict(os.environ, FASTLORA_BENCH_PYTHONPATH=os.pathsep.join(_torchvision_pythonpath(cache)))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_server", COMFYUI_DIR, "--tiny", "--out", str(out),
+                           "--work", str(tmp_path / "work"), "--paths", "ours_generate", "--cycles", "2",
+                           "--budget", "600"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = json.loads((out / "server.json").read_text())["ours_generate"]
+    assert "error" not in run, (run.get("error"), run.get("log_tail"))
+    assert len(run["steady_s"]) == 4 and len(run["node_seconds_each_image"]) == 11
+    for key in ("after_lora_change", "after_strength_change", "back_to_A"):
+        values = run[f"{key}_each_cycle_s"]
+        assert len(values) == 2 and run[f"{key}_s"] == statistics.median(values), (key, run)
+    files = [sw["stack"][0]["file"] for sw in run["last_swap_after_each_image"]]
+    changed = [files[3], files[8]]  # the image right after each cycle's LoRA change
+    assert len(set(changed)) == 2 and files[0] not in changed, files
+    assert [sw["from_cache"] for sw in (run["last_swap_after_each_image"][i] for i in (3, 8))] == [False, False]
