@@ -92,8 +92,7 @@ def main(out: str, reps: int) -> None:
 
         res["pack_threads"] = staging.PACK_THREADS
         for label, threads in (("mmap_one_thread_ms", 1), ("mmap_pinned_ms", staging.PACK_THREADS)):
-            s = PinnedStager(dev)
-            s._pool = None if threads == 1 else s._pool
+            s = PinnedStager(dev, threads=threads)
             s(list(zip([torch.zeros(1)], [torch.bfloat16])))  # pin its chunks outside the timing
             res[label] = timed(lambda s=s: mapped().to(dev, torch.bfloat16, copy_many=s))
     for k in ("per_tensor_ms", "pinned_ms", "check_cpu_ms", "check_staged_ms", "mmap_one_thread_ms",

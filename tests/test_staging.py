@@ -41,15 +41,12 @@ def test_chunked_staging_equals_per_tensor_copies(chunk_bytes: int, dtype: torch
     assert got.transformer["layer0"].scale == 0.5 and got.values_checked == lora.values_checked
 
 
-def test_staging_packs_with_threads_and_across_autograd_modes(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_staging_packs_with_threads_and_across_autograd_modes() -> None:
     """Chunks packed by several threads hold exactly what one thread packs; a stager first used under
     ``torch.inference_mode()`` (as ComfyUI runs nodes) keeps working from plain Python and back."""
-    from fastlora_core.lora import staging
-
-    monkeypatch.setattr(staging, "PACK_THREADS", 3)
     lora = _lora()
     want = lora.to("cpu", torch.bfloat16)
-    stager = PinnedStager("cpu", chunk_bytes=1000)
+    stager = PinnedStager("cpu", chunk_bytes=1000, threads=3)
     assert stager._pool is not None
     for mode in (torch.inference_mode, torch.no_grad, torch.enable_grad, torch.inference_mode):
         with mode():

@@ -51,6 +51,10 @@ NODE_SECONDS: dict[str, float] = {}
 _execute = execution.execute
 
 
+def _add(name: str, start: float) -> None:
+    NODE_SECONDS[name] = NODE_SECONDS.get(name, 0.0) + time.perf_counter() - start
+
+
 async def _timed_execute(server, dynprompt, caches, current_item, *args, **kwargs):  # noqa: ANN001, ANN202
     start = time.perf_counter()
     try:
@@ -60,7 +64,7 @@ async def _timed_execute(server, dynprompt, caches, current_item, *args, **kwarg
             name = dynprompt.get_node(current_item)["class_type"]
         except Exception:  # noqa: BLE001 - timing must never break execution
             name = str(current_item)
-        NODE_SECONDS[name] = NODE_SECONDS.get(name, 0.0) + time.perf_counter() - start
+        _add(name, start)
 
 
 execution.execute = _timed_execute
@@ -72,7 +76,7 @@ def _timed(name: str, fn):  # noqa: ANN001, ANN202
         try:
             return fn(*args, **kwargs)
         finally:
-            NODE_SECONDS[name] = NODE_SECONDS.get(name, 0.0) + time.perf_counter() - start
+            _add(name, start)
     return wrapper
 
 
@@ -82,7 +86,7 @@ def _timed_async(name: str, fn):  # noqa: ANN001, ANN202
         try:
             return await fn(*args, **kwargs)
         finally:
-            NODE_SECONDS[name] = NODE_SECONDS.get(name, 0.0) + time.perf_counter() - start
+            _add(name, start)
     return wrapper
 
 

@@ -34,13 +34,15 @@ PACK_THREADS = max(1, min(8, (os.cpu_count() or 1) // 2))
 class PinnedStager:
     """Moves lists of CPU tensors to one device through two reusable pinned chunks."""
 
-    def __init__(self, device: torch.device | str, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+    def __init__(self, device: torch.device | str, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 threads: int = PACK_THREADS) -> None:
+        """``threads``: how many threads pack one chunk (1: the calling thread alone)."""
         self.device = torch.device(device)
         self.chunk_bytes = chunk_bytes
         self._chunks: list[torch.Tensor] = []
         self._done: list[torch.cuda.Event | None] = [None, None]
-        self._pool = ThreadPoolExecutor(PACK_THREADS, thread_name_prefix="fastlora-stage") \
-            if PACK_THREADS > 1 else None
+        self.threads = threads
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="fastlora-stage") if threads > 1 else None
 
     def _buffers(self) -> list[torch.Tensor]:
         if not self._chunks:
@@ -93,7 +95,7 @@ class PinnedStager:
             if self._pool is None or len(pieces) < 2:
                 copy(chunks[which], pieces)
             else:  # contiguous runs of pieces, about the same bytes each, one per thread
-                share = -(-fill // PACK_THREADS)
+                share = -(-fill // self.threads)
                 runs: list[list[tuple[torch.Tensor, int]]] = [[]]
                 for piece in pieces:
                     if runs[-1] and piece[1] >= share * len(runs):
