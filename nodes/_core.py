@@ -12,6 +12,7 @@ try:
     from ..fastlora_core.engine import FluxEngine, GenerateResult
     from ..fastlora_core.lora import base as lora_base
     from ..fastlora_core.lora import bfl as lora_bfl
+    from ..fastlora_core.lora import mapped as lora_mapped
 except ImportError as exc:  # pragma: no cover - only when `nodes` is imported top-level
     if "relative import" not in str(exc):
         raise
@@ -19,5 +20,6 @@ except ImportError as exc:  # pragma: no cover - only when `nodes` is imported t
     from fastlora_core.engine import FluxEngine, GenerateResult
     from fastlora_core.lora import base as lora_base
     from fastlora_core.lora import bfl as lora_bfl
+    from fastlora_core.lora import mapped as lora_mapped
 
-__all__ = ["FluxEngine", "GenerateResult", "errors", "loading", "lora_base", "lora_bfl", "registry", "specs"]
+__all__ = ["FluxEngine", "GenerateResult", "errors", "loading", "lora_base", "lora_bfl", "lora_mapped", "registry", "specs"]

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ._core import errors, specs
+from ._core import errors, lora_mapped, specs
 from ._core import lora_bfl as bfl
 
 logger = logging.getLogger(__name__)
@@ -107,6 +107,11 @@ class InMemoryLoras:
     loaders keep the file's tensors and build new adapters around them on every run), so running a
     LoRA node again with another strength reuses the converted LoRA: only the strength changes. The
     tensors are held here, so their ids cannot be reused by other tensors while an entry lives.
+
+    It is also the same LoRA when its tensors are new objects read again from the same unchanged
+    file (``lora_mapped.tensor_sources``: a user going back to a LoRA file used before, whose node
+    read it anew): the LoRA already converted and staged on the GPU is reused instead of reading the
+    file's pages again.
     """
 
     def __init__(self, max_entries: int = 32) -> None:
@@ -125,19 +130,37 @@ class InMemoryLoras:
         """The cache path of ``group`` as one LoRA at strength 1 (converted on first use, or again when
         the cache evicted it; the engine checks its values for NaN / infinities when it stages it)."""
         key = self.fingerprint(group)
+        held = tuple(t for d in group.deltas for t in (d.up, d.down))
         with self._lock:
             hit = self._entries.get(key)
             if hit is not None and cache.has(hit[0]):
                 self._entries.move_to_end(key)
                 return hit[0]
+        sources = lora_mapped.tensor_sources(held)
+        source_key = None
+        if sources is not None:
+            source_key = ("file", tuple(sorted(((d.module, d.rows, d.scale) for d in group.deltas), key=repr)),
+                          sources)
+            with self._lock:
+                hit = self._entries.get(source_key)
+                if hit is not None and cache.has(hit[0]):
+                    self._remember(source_key, hit[0], ())
+                    self._remember(key, hit[0], held)
+                    return hit[0]
         lora = bfl.lora_from_bfl(group.deltas, label, out_features)
         path = cache.put(lora)
-        held = tuple(t for d in group.deltas for t in (d.up, d.down))
         with self._lock:
-            self._entries[key] = (path, held)
-            while len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
+            self._remember(key, path, held)
+            if source_key is not None:
+                self._remember(source_key, path, ())
         return path
+
+    def _remember(self, key: tuple[Any, ...], path: str, held: tuple[torch.Tensor, ...]) -> None:
+        """Record ``key`` -> ``path`` as the newest entry, dropping the oldest beyond ``max_entries``."""
+        self._entries[key] = (path, held)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
 
 
 IN_MEMORY = InMemoryLoras()

@@ -183,6 +183,8 @@ def test_ab_workflow_two_lora_branches_and_only_the_lora_path_reruns(env: dict[s
     assert loader in second.cached and loader not in second.executed
     assert lora_a in second.executed and lora_b not in second.executed
     assert not torch.equal(latents2[a_out], latents[a_out])
+    (a_entry,) = env["client"].request("GET", "/fastlora/stats")["engines"][0]["last_swap"]["stack"]
+    assert a_entry["strength"] == 0.5
 
     # another file (at a strength of its own: a node whose inputs equal another node's is served from
     # ComfyUI's cache), then back to A; ComfyUI keeps only the last run's outputs, so A is sampled again
@@ -195,6 +197,9 @@ def test_ab_workflow_two_lora_branches_and_only_the_lora_path_reruns(env: dict[s
     assert loader not in fourth.executed and lora_a in fourth.executed and sampler_a in fourth.executed
     assert torch.equal(latents4[a_out], latents[a_out]), "A -> B -> A did not give A's latents back"
     after = env["client"].request("GET", "/fastlora/stats")
+    # the node read A's file anew: recognised as the LoRA already converted and staged (Linux)
+    if sys.platform.startswith("linux"):
+        assert after["engines"][0]["last_swap"]["stack"] == [dict(a_entry, strength=1.0)]
     assert after["engines"][0]["compiles"] == compiles
     assert after["engines"][0]["source"].endswith("(transformer only)")
 
