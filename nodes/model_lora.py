@@ -93,13 +93,6 @@ def deltas_of(patches: Mapping[Any, Any], strength_model: float) -> tuple[bfl.Bf
     return tuple(out)
 
 
-def _version(t: torch.Tensor) -> int:
-    try:
-        return int(t._version)
-    except RuntimeError:  # inference tensors (ComfyUI loads files under inference_mode) have none
-        return 0
-
-
 class InMemoryLoras:
     """Gives every distinct patch group one ``memory:<n>`` path in the engine's LoRA cache.
 
@@ -123,7 +116,7 @@ class InMemoryLoras:
     def fingerprint(group: PatchGroup) -> tuple[Any, ...]:
         items = []
         for d in group.deltas:
-            items.append((d.module, d.rows, d.scale, id(d.up), _version(d.up), id(d.down), _version(d.down)))
+            items.append((d.module, d.rows, d.scale, id(d.up), lora_mapped.version(d.up), id(d.down), lora_mapped.version(d.down)))
         return tuple(sorted(items, key=repr))
 
     def path_for(self, group: PatchGroup, label: str, cache: Any, out_features: Mapping[str, int]) -> str:

@@ -70,25 +70,25 @@ def _file_mappings() -> list[_Mapping]:
     return out
 
 
-def _unwritten(pagemap: Any, start: int, nbytes: int) -> bool:
-    """True when no page of ``[start, start + nbytes)`` has become a private copy (written)."""
-    first, last = start // _PAGE, (start + nbytes - 1) // _PAGE
+def _written_pages(pagemap: Any, first: int, last: int) -> np.ndarray:
+    """Prefix counts of the pages ``first..last`` (page numbers) that became private copies (written
+    since mapped, or swapped out: only a written page of a file map can be swapped): ``out[j] -
+    out[i]`` pages of ``first + i .. first + j - 1`` are. One read of the pagemap for the whole span."""
+    count = last - first + 1
     pagemap.seek(first * 8)
-    raw = pagemap.read((last - first + 1) * 8)
-    if len(raw) != (last - first + 1) * 8:
-        return False
+    raw = pagemap.read(count * 8)
+    if len(raw) != count * 8:
+        raise OSError("short read of /proc/self/pagemap")
     entries = np.frombuffer(raw, dtype=np.uint64)
     present = (entries & np.uint64(_PRESENT)) != 0
     file_page = (entries & np.uint64(_FILE_PAGE)) != 0
     swapped = (entries & np.uint64(_SWAPPED)) != 0
-    return not bool(np.any((present & ~file_page) | swapped))
+    return np.concatenate([[0], np.cumsum((present & ~file_page) | swapped)])
 
 
-def _version(t: torch.Tensor) -> int:
-    try:
-        return int(t._version)
-    except RuntimeError:  # inference tensors have no version counter (their pages are still checked)
-        return 0
+def version(t: torch.Tensor) -> int:
+    """The version counter (0 for inference tensors, which have none: their pages are still checked)."""
+    return 0 if t.is_inference() else int(t._version)
 
 
 def tensor_sources(tensors: Sequence[torch.Tensor]) -> tuple[Source, ...] | None:
@@ -99,26 +99,37 @@ def tensor_sources(tensors: Sequence[torch.Tensor]) -> tuple[Source, ...] | None
         maps = _file_mappings()
         starts = [m.start for m in maps]
         keys: dict[str, FileKey | None] = {}
-        out = []
+        spans: list[tuple[int, int, int]] = []  # (mapping index, first byte, byte count) per tensor
+        for t in tensors:
+            if t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0 or version(t) != 0:
+                return None
+            begin, nbytes = t.data_ptr(), t.numel() * t.element_size()
+            i = bisect.bisect_right(starts, begin) - 1
+            if i < 0 or begin + nbytes > maps[i].end:
+                return None
+            m = maps[i]
+            if m.path not in keys:
+                try:
+                    key: FileKey | None = file_key(m.path)
+                except Exception:  # noqa: BLE001 - gone or unreadable: no sure source
+                    key = None
+                keys[m.path] = key if key is not None and key.inode == m.inode else None
+            if keys[m.path] is None:
+                return None
+            spans.append((i, begin, nbytes))
         with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
-            for t in tensors:
-                if t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0 or _version(t) != 0:
+            for i in sorted({i for i, _, _ in spans}):
+                mine = [(b // _PAGE, (b + n - 1) // _PAGE) for j, b, n in spans if j == i]
+                low = min(f for f, _ in mine)
+                written = _written_pages(pagemap, low, max(last for _, last in mine))
+                if any(written[last - low + 1] != written[f - low] for f, last in mine):
                     return None
-                begin, nbytes = t.data_ptr(), t.numel() * t.element_size()
-                i = bisect.bisect_right(starts, begin) - 1
-                if i < 0 or begin + nbytes > maps[i].end:
-                    return None
-                m = maps[i]
-                if m.path not in keys:
-                    try:
-                        key: FileKey | None = file_key(m.path)
-                    except Exception:  # gone or unreadable: no sure source
-                        key = None
-                    keys[m.path] = key if key is not None and key.inode == m.inode else None
-                key = keys[m.path]
-                if key is None or not _unwritten(pagemap, begin, nbytes):
-                    return None
-                out.append(Source(key, m.offset + begin - m.start, nbytes, str(t.dtype), tuple(t.shape)))
+        out = []
+        for t, (i, begin, nbytes) in zip(tensors, spans):
+            m = maps[i]
+            file = keys[m.path]
+            assert file is not None
+            out.append(Source(file, m.offset + begin - m.start, nbytes, str(t.dtype), tuple(t.shape)))
         return tuple(out)
     except Exception as exc:  # noqa: BLE001 - best effort (no /proc in a sandbox, an odd maps line): object identity
         logger.debug("no mapped-file sources: %s", exc)
