@@ -132,8 +132,9 @@ class InMemoryLoras:
         sources = lora_mapped.tensor_sources(held)
         source_key = None
         if sources is not None:
-            source_key = ("file", tuple(sorted(((d.module, d.rows, d.scale) for d in group.deltas), key=repr)),
-                          sources)
+            per_delta = ((d.module, d.rows, d.scale, sources[2 * i], sources[2 * i + 1])  # held: up, down per delta
+                         for i, d in enumerate(group.deltas))
+            source_key = ("file", *sorted(per_delta, key=repr))
             with self._lock:
                 hit = self._entries.get(source_key)
                 if hit is not None and cache.has(hit[0]):

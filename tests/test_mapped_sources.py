@@ -93,3 +93,27 @@ def test_going_back_to_a_file_reuses_its_in_memory_lora(tmp_path: Path) -> None:
     got = cache.get(a3)[1].transformer["transformer_blocks.0.attn.to_q"].delta()
     t = read(paths["a"])
     assert torch.equal(got, 0.25 * t["up"][:H] @ t["down"])
+
+
+def test_the_same_bytes_on_other_layers_are_another_lora(tmp_path: Path) -> None:
+    """A source identifies bytes, not where they go: the same tensors given to other rows of the
+    weight (another key mapping) must not be taken for the LoRA already converted."""
+    from fastlora_core.lora.bfl import BflDelta
+    from nodes import model_lora
+
+    path = tmp_path / "two.safetensors"
+    g = torch.Generator().manual_seed(4)
+    save_file({n: torch.randn(*shape, generator=g) for n, shape in
+               (("up1", (H, 4)), ("down1", (4, H)), ("up2", (H, 4)), ("down2", (4, H)))}, str(path))
+    cache, memory = LoraCache(), model_lora.InMemoryLoras()
+
+    def group(swapped: bool) -> model_lora.PatchGroup:
+        t = read(path)
+        rows = [(H, H), (0, H)] if swapped else [(0, H), (H, H)]
+        return model_lora.PatchGroup({}, 1.0, (
+            BflDelta("double_blocks.0.img_attn.qkv", t["up1"], t["down1"], 1.0, rows[0]),
+            BflDelta("double_blocks.0.img_attn.qkv", t["up2"], t["down2"], 1.0, rows[1])))
+
+    straight = memory.path_for(group(False), "X", cache, OUT)
+    assert memory.path_for(group(False), "X", cache, OUT) == straight  # read again: the same LoRA
+    assert memory.path_for(group(True), "Y", cache, OUT) != straight
