@@ -123,12 +123,12 @@ class InMemoryLoras:
         """The cache path of ``group`` as one LoRA at strength 1 (converted on first use, or again when
         the cache evicted it; the engine checks its values for NaN / infinities when it stages it)."""
         key = self.fingerprint(group)
-        held = tuple(t for d in group.deltas for t in (d.up, d.down))
         with self._lock:
             hit = self._entries.get(key)
             if hit is not None and cache.has(hit[0]):
                 self._entries.move_to_end(key)
                 return hit[0]
+        held = tuple(t for d in group.deltas for t in (d.up, d.down))
         sources = lora_mapped.tensor_sources(held)
         source_key = None
         if sources is not None:
