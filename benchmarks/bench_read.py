@@ -1,86 +1,43 @@
-"""Reading the transformer's safetensors straight onto the GPU vs how the engine reads it today (issue 13).
+"""Reading the transformer's safetensors straight onto the GPU vs the ordinary way (issue 13).
 
-    python -m benchmarks.bench_read OUT.json [--work DIR] [--threads 8] [--chunk-mb 256] [--tiny]
+    python -m benchmarks.bench_read OUT.json [--work DIR] [--bfl] [--tiny]
 
-The engine build reads a diffusers folder with ``from_pretrained`` into CPU memory (5.2-5.4 s for
-33.7 GB on the H200 host, 2026-12-04) and then copies the transformer's weights to the GPU one
-pageable ``.to`` per tensor (the fused strategy's masters, 2.6-3.4 s). This measures, for the
-transformer alone (random full-size Flux.1-dev, bf16, saved with ``save_pretrained``, in the page
-cache):
+The ordinary way reads with ``from_pretrained`` into CPU memory and then copies every tensor to the
+GPU with a pageable ``.to``. The engine's direct way (``fastlora_core.loading.direct``, decision
+29) reads each file's bytes with ``os.preadv`` by several threads into two pinned chunks that
+alternate, each chunk sent with asynchronous copies into one GPU allocation per tensor. This
+measures, for the transformer alone (random full-size Flux.1-dev, bf16, in the page cache):
 
 - ``today``: ``FluxTransformer2DModel.from_pretrained`` on the CPU, then every tensor ``.to(cuda)``;
-- ``direct``: each shard's header parsed, one GPU buffer per shard, its bytes read with ``os.preadv``
-  by ``--threads`` threads into two pinned chunks of ``--chunk-mb`` that alternate, each chunk sent
-  with one asynchronous copy (the next chunk is read while the previous one travels); tensors are
-  views of the GPU buffers.
+- ``direct``, ``direct_again``: ``load_pipeline(ModelSource(diffusers_dir=WORK, transformer_only=True),
+  bf16, transformer_device=cuda)``, the engine's loader (the folder written by ``save_pretrained``,
+  or the one ``bench_startup`` wrote when ``--work`` is its folder);
+- with ``--bfl``: the same weights also written as one ComfyUI single file in the BFL layout and
+  loaded the direct way (``direct_bfl``: the key mapping and the q/k/v splits done on the GPU).
 
-Both results are compared tensor by tensor (bitwise). ``--tiny``: the tiny model on the CPU (ordinary
-memory, synchronous copies) as a smoke test of the same code. Results: RESULTS.md.
+Every result is compared with ``today``'s tensor by tensor (bitwise). ``--tiny``: the tiny model on
+the CPU (ordinary memory, synchronous copies) as a smoke test of the same code. Results: RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import struct
 import time
-from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fastlora_core.loading import TensorInfo
+from fastlora_core.loading import META_AXES, diffusers_to_bfl, load_pipeline
+from fastlora_core.specs import ModelSource
 
 
-def header(path: Path) -> tuple[int, dict[str, Any]]:
-    with open(path, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        meta = json.loads(fh.read(n))
-    meta.pop("__metadata__", None)
-    return 8 + n, meta
-
-
-def _pread(fd: int, view: memoryview, offset: int) -> None:
-    if os.preadv(fd, [view], offset) != len(view):
-        raise OSError(f"short read at byte {offset}")
-
-
-def read_direct(folder: Path, device: torch.device, threads: int, chunk: int) -> dict[str, torch.Tensor]:
-    """Every tensor of the folder's shards on ``device``, read through two pinned chunks."""
-    cuda = device.type == "cuda"
-    bufs = [torch.empty(chunk, dtype=torch.uint8, pin_memory=cuda) for _ in range(2)]
-    done: list[Any] = [None, None]
-    out: dict[str, torch.Tensor] = {}
-    with ThreadPoolExecutor(threads) as pool:
-        for shard in sorted(folder.glob("*.safetensors")):
-            start, meta = header(shard)
-            size = shard.stat().st_size - start
-            dst = torch.empty(size, dtype=torch.uint8, device=device)
-            fd = os.open(shard, os.O_RDONLY)
-            try:
-                for k, pos in enumerate(range(0, size, chunk)):
-                    which, n = k % 2, min(chunk, size - pos)
-                    if done[which] is not None:
-                        done[which].synchronize()  # the copy that used this chunk has left it
-                    view = memoryview(bufs[which].numpy())[:n]
-                    step = -(-n // threads)
-                    parts = range(0, n, step)
-                    list(pool.map(partial(_pread, fd), [view[i:i + step] for i in parts],
-                                  [start + pos + i for i in parts]))
-                    dst[pos:pos + n].copy_(bufs[which][:n], non_blocking=cuda)
-                    if cuda:
-                        done[which] = torch.cuda.Event()
-                        done[which].record()
-            finally:
-                os.close(fd)
-            for name, info in meta.items():
-                a, b = info["data_offsets"]
-                dtype = TensorInfo(info["dtype"], tuple(info["shape"])).torch_dtype  # the loaders' dtype table
-                out[name] = dst[a:b].view(dtype).view(info["shape"])
-    if cuda:
+def read_direct(source: ModelSource, device: torch.device) -> dict[str, torch.Tensor]:
+    """The engine's loader with the transformer read straight to ``device``."""
+    pipe: Any = load_pipeline(source, torch.bfloat16, transformer_device=device)
+    out = pipe.transformer.state_dict()
+    if device.type == "cuda":
         torch.cuda.synchronize(device)
     return out
 
@@ -99,15 +56,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("out")
     ap.add_argument("--work", default="/tmp/fastlora-read")
-    ap.add_argument("--threads", type=int, default=8)
-    ap.add_argument("--chunk-mb", type=float, default=256)
+    ap.add_argument("--bfl", action="store_true", help="also a single BFL-layout file, read the direct way")
     ap.add_argument("--tiny", action="store_true")
     a = ap.parse_args()
-    folder = Path(a.work) / "transformer"
+    work = Path(a.work)
+    folder = work / "transformer"
     device = torch.device("cpu" if a.tiny else "cuda")
     res: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
-                           "device": "cpu" if a.tiny else torch.cuda.get_device_name(), "threads": a.threads,
-                           "chunk_mb": a.chunk_mb}
+                           "device": "cpu" if a.tiny else torch.cuda.get_device_name()}
     if not folder.is_dir():
         t0 = time.perf_counter()
         if a.tiny:
@@ -125,9 +81,25 @@ def main() -> None:
         res["write_s"] = round(time.perf_counter() - t0, 1)
     res["bytes"] = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     from diffusers import FluxTransformer2DModel  # noqa: F401 - its lazy import (~6 s on a 2-core CPU) stays off the clock
-    for name, fn in (("today", lambda: read_today(folder, device)),
-                     ("direct", lambda: read_direct(folder, device, a.threads, int(a.chunk_mb * 2**20))),
-                     ("direct_again", lambda: read_direct(folder, device, a.threads, int(a.chunk_mb * 2**20)))):
+    source = ModelSource(diffusers_dir=str(work), transformer_only=True)
+    runs = [("today", lambda: read_today(folder, device)), ("direct", lambda: read_direct(source, device)),
+            ("direct_again", lambda: read_direct(source, device))]
+    if a.bfl:
+        runs.append(("direct_bfl", lambda: read_direct(ModelSource(transformer=str(bfl_file), transformer_only=True),
+                                                       device)))
+    reference: dict[str, torch.Tensor] = {}
+    for name, fn in runs:
+        if name == "direct_bfl":
+            from safetensors.torch import save_file
+
+            t0 = time.perf_counter()
+            bfl_file = work / "flux-bfl.safetensors"
+            config = json.loads((folder / "config.json").read_text())
+            bfl = diffusers_to_bfl(reference, config["num_layers"], config["num_single_layers"])
+            save_file({k: v.contiguous() for k, v in bfl.items()}, str(bfl_file),
+                      {META_AXES: json.dumps(list(config["axes_dims_rope"]))})  # read only at head dims other than 128
+            del bfl
+            res["write_bfl_s"] = round(time.perf_counter() - t0, 1)
         t0 = time.perf_counter()
         got = fn()
         res[f"{name}_s"] = round(time.perf_counter() - t0, 3)

@@ -152,11 +152,14 @@ class FluxEngine:
         if options.compile != "off":
             configure_compile_cache(options)
         t0 = time.perf_counter()
+        # Decided once, before anything is read: the transformer's weights and masters go straight
+        # to the GPU only when it has ample room (decision 29).
+        self._ample_room = self._has_ample_room()
         if pipeline is None:
             from .loading import load_pipeline
 
             with self.phases.phase("read"):
-                pipeline = load_pipeline(source, self.dtype)
+                pipeline = load_pipeline(source, self.dtype, self.device if self._ample_room else None)
         pipe, pipeline = pipeline, None
         try:
             self._optimise(pipe)
@@ -182,8 +185,9 @@ class FluxEngine:
 
     @property
     def timings(self) -> dict[str, float]:
-        """Seconds per start-up phase: ``read`` (weights from disk into CPU memory), ``masters`` (the
-        fused strategy's bf16 copies), ``t5`` and ``transformer`` (quantised layer by layer while moving
+        """Seconds per start-up phase: ``read`` (weights from disk into CPU memory; the transformer's
+        straight into GPU memory when the GPU has ample room), ``masters`` (the fused strategy's
+        bf16 copies; nothing to copy when the transformer was read to the GPU), ``t5`` and ``transformer`` (quantised layer by layer while moving
         to the device: transfer and quantisation together), ``move_rest`` (CLIP, VAE, the rest),
         ``build`` (the whole constructor, ``load_seconds``: the phases plus checks and set-up); then, on
         first use, ``first_lora`` (the first stack applied: reading, staging, swapping) and
@@ -210,8 +214,8 @@ class FluxEngine:
             if o.quantization != "none":
                 from .lora.fit import flux_lora_targets
 
-                # Before quantisation, from the weights as loaded (CPU): no copy when the masters
-                # stay in CPU RAM, one copy per layer when they go to the GPU.
+                # Before quantisation, from the weights as loaded: no copy when they already are
+                # where the masters live (CPU RAM, or the GPU after a direct read), else one per layer.
                 with self.phases.phase("masters"):
                     fused.capture_hp_masters(transformer, flux_lora_targets(transformer))
             self.strategy: SwapStrategy = fused
@@ -241,18 +245,24 @@ class FluxEngine:
         """The pipeline's weight-holding modules that were loaded (a transformer-only engine has one)."""
         return [m for m in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.vae) if m is not None]
 
-    def _master_device(self) -> torch.device:
-        """Master copies for the fused strategy live on the GPU when it has room (fast swaps),
-        otherwise in CPU RAM."""
+    def _has_ample_room(self) -> bool:
+        """Whether the GPU can hold the bf16 transformer, its fp8 copy and everything else at once
+        (more than 64 GiB free): then the transformer is read straight to it and the fused
+        strategy's masters stay there. Smaller cards keep today's path: read on the CPU, quantised
+        layer by layer while moving, masters in CPU RAM."""
         if self.device.type != "cuda" or self.options.offload != "none":
-            return torch.device("cpu")
+            return False
         free, total = torch.cuda.mem_get_info(self.device)
         # Respect torch.cuda.set_per_process_memory_fraction (mem_get_info ignores it).
         get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
         fraction = get_fraction(self.device) if get_fraction else 1.0
         free = min(free, int(fraction * total) - torch.cuda.memory_reserved(self.device))
-        # A full bf16 master of Flux.1-dev is ~24 GB; keep it on the GPU only with ample room.
-        return self.device if free > 64 * 2**30 else torch.device("cpu")
+        return free > 64 * 2**30  # a full bf16 master of Flux.1-dev is ~24 GB
+
+    def _master_device(self) -> torch.device:
+        """Master copies for the fused strategy live on the GPU when it has room (fast swaps),
+        otherwise in CPU RAM."""
+        return self.device if self._ample_room else torch.device("cpu")
 
     def _ensure_compiled(self) -> None:
         if self._compiled or self.options.compile == "off":

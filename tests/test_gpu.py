@@ -77,6 +77,24 @@ def test_fp8_fused_swaps_requantise_exactly_without_recompiling(
     assert not torch.equal(images[_stack(tiny_loras, ("style", 1.0))], base)
 
 
+def test_with_ample_room_the_transformer_is_read_straight_to_the_gpu(tiny_source: ModelSource,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decision 29: no CPU copy of the transformer when the GPU has room; the same weights, bitwise."""
+    from fastlora_core.loading import direct, load_pipeline
+
+    loaded = load_pipeline(tiny_source, torch.bfloat16).transformer.state_dict()
+    devices: list[str] = []
+    real = direct.read_tensors
+    monkeypatch.setattr(direct, "read_tensors", lambda header, names, device, **kw: devices.append(
+        torch.device(device).type) or real(header, names, device, **kw))
+    engine = FluxEngine(tiny_source, dataclasses.replace(GPU, quantization="none", compile="off"))
+    assert devices and set(devices) == {"cuda"}
+    got = engine.transformer.state_dict()
+    assert sorted(got) == sorted(loaded)
+    for name, want in loaded.items():
+        assert got[name].device.type == "cuda" and torch.equal(got[name].cpu(), want), name
+
+
 @pytest.mark.skipif(not _fp8_ok(), reason="fp8 needs compute capability >= 8.9")
 def test_fp8_masters_on_the_gpu_are_the_loaded_weights_and_the_layers_quantised_from_them(
         tiny_source: ModelSource) -> None:

@@ -56,7 +56,7 @@ __all__ = [
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def load_pipeline(source: ModelSource, dtype: torch.dtype) -> FluxPipeline:
+def load_pipeline(source: ModelSource, dtype: torch.dtype, transformer_device: torch.device | None = None) -> FluxPipeline:
     """Load a Flux pipeline from a diffusers folder or from ComfyUI single files.
 
     Contract:
@@ -64,7 +64,10 @@ def load_pipeline(source: ModelSource, dtype: torch.dtype) -> FluxPipeline:
         ``requires_grad=False``. Weights are in ``dtype`` (float32, float16 or bfloat16) whatever
         their storage dtype (fp32/fp16/bf16/float8_e4m3fn, ComfyUI ``scaled_fp8`` included); like
         ``from_pretrained``, T5's ``wo`` layers stay float32 when ``dtype`` is float16. Both source
-        kinds give identical modules for identical weights. The function keeps no state: a failure
+        kinds give identical modules for identical weights. With ``transformer_device`` the
+        transformer's file bytes go straight into that device's memory and are cast and converted
+        there (:mod:`.direct`; decision 29): the same weights, bitwise, without a CPU copy of the
+        transformer; everything else stays on the CPU. The function keeps no state: a failure
         leaves nothing behind and the next call starts afresh.
 
     Failure modes (all :class:`ModelLoadError`, raised before any weight is read unless noted):
@@ -79,9 +82,9 @@ def load_pipeline(source: ModelSource, dtype: torch.dtype) -> FluxPipeline:
     if dtype not in SUPPORTED_DTYPES:
         raise OptionsError(f"dtype={dtype} is not supported; use torch.bfloat16, torch.float16 or torch.float32.")
     if source.transformer_only:
-        return _load_transformer_only(source, dtype)
+        return _load_transformer_only(source, dtype, transformer_device)
     if source.kind == "diffusers":
         assert source.diffusers_dir is not None
-        return _load_diffusers(Path(source.diffusers_dir), dtype)
-    return _load_single_files(source, dtype)
+        return _load_diffusers(Path(source.diffusers_dir), dtype, transformer_device)
+    return _load_single_files(source, dtype, transformer_device)
 

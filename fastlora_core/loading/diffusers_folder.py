@@ -14,7 +14,7 @@ from ..errors import ModelLoadError
 from .header import read_header
 
 if TYPE_CHECKING:  # pragma: no cover
-    from diffusers import FluxPipeline
+    from diffusers import FluxPipeline, FluxTransformer2DModel
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,9 @@ _FLUX_VARIANT_PIPELINES = {
 _COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "vae", "scheduler", "tokenizer", "tokenizer_2")
 
 
-def _load_diffusers(folder: Path, dtype: torch.dtype) -> FluxPipeline:
+def _load_diffusers(folder: Path, dtype: torch.dtype, device: torch.device | None = None) -> FluxPipeline:
+    """``device``: the transformer's weights are read straight into that device's memory
+    (:func:`direct_transformer`); the other components load on the CPU as always."""
     if not folder.exists():
         raise ModelLoadError(f"The diffusers folder {folder} does not exist. Check the path (ComfyUI: models/diffusers/<name>).")
     if not folder.is_dir():
@@ -77,16 +79,58 @@ def _load_diffusers(folder: Path, dtype: torch.dtype) -> FluxPipeline:
             read_header(f, f"{comp} weights")
     from diffusers import FluxPipeline
 
+    skip = {"transformer": None} if device is not None else {}
     try:
-        pipe = FluxPipeline.from_pretrained(str(folder), **_dtype_kwarg(dtype), local_files_only=True)
+        pipe = FluxPipeline.from_pretrained(str(folder), **_dtype_kwarg(dtype), **skip, local_files_only=True)
     except ModelLoadError:
         raise
     except Exception as e:  # noqa: BLE001 - anything diffusers/transformers raise on a broken folder
         raise ModelLoadError(f"The diffusers folder {folder} could not be loaded: {type(e).__name__}: {e}. Check that "
                              "the download is complete and matches FLUX.1-dev's layout.") from e
-    _finish(pipe)
+    if device is not None:
+        pipe.register_modules(transformer=direct_transformer(folder / "transformer", dtype, device))
+    _finish(pipe, keep_device=device is not None)
     logger.info("loaded diffusers Flux pipeline from %s (%s)", folder, dtype)
     return pipe
+
+
+def direct_transformer(sub: Path, dtype: torch.dtype, device: torch.device) -> FluxTransformer2DModel:
+    """A diffusers folder's ``transformer/`` built from its ``config.json`` with every weight read
+    straight into ``device`` memory (``direct.read_tensors``) and cast there to ``dtype``: the same
+    module, bitwise, as ``from_pretrained`` followed by ``.to(device)``. The shards' headers must
+    have been checked (``read_header``); names and shapes are compared with the module before
+    anything is assigned, and a mismatch is a ModelLoadError naming the folder."""
+    from diffusers import FluxTransformer2DModel
+
+    from . import direct
+    from .single_file import _empty_module
+
+    try:
+        config = FluxTransformer2DModel.load_config(str(sub), local_files_only=True)
+        module = _empty_module(lambda: FluxTransformer2DModel.from_config(config))
+    except Exception as e:  # noqa: BLE001 - a broken config.json
+        raise ModelLoadError(f"The transformer config in {sub} could not be used: {type(e).__name__}: {e}. Download "
+                             "the model again.") from e
+    expected = module.state_dict()
+    sd: dict[str, torch.Tensor] = {}
+    for f in sorted(sub.glob("*.safetensors")):
+        header = read_header(f, "transformer weights")
+        twice = sorted(set(header.tensors) & set(sd))
+        if twice:
+            raise ModelLoadError(f"{sub} holds {twice[0]} in more than one .safetensors file. Remove the stray "
+                                 "file or download the model again.")
+        for name, t in direct.read_tensors(header, header.tensors, device, role="transformer").items():
+            sd[name] = t if t.dtype == dtype else t.to(dtype)
+    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(sd) if expected[k].shape != sd[k].shape)
+    if missing or unexpected or wrong:
+        first = (missing or unexpected or wrong)[0]
+        raise ModelLoadError(f"The transformer weights in {sub} do not match its config.json ({len(missing)} "
+                             f"missing, {len(unexpected)} unexpected, {len(wrong)} of another shape, e.g. {first}). "
+                             "The download is incomplete or mixed; download the model again.")
+    module.load_state_dict(sd, strict=True, assign=True)
+    module.eval().requires_grad_(False)
+    return module  # type: ignore[return-value]
 
 
 #: The first diffusers release whose ``from_pretrained`` takes ``dtype=`` (and deprecates ``torch_dtype=``).
@@ -101,11 +145,14 @@ def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
     return {"dtype": dtype} if (major, minor) >= DTYPE_KEYWORD_SINCE else {"torch_dtype": dtype}
 
 
-def _finish(pipe: Any) -> None:
-    pipe.to("cpu")
+def _finish(pipe: Any, keep_device: bool = False) -> None:
+    """Every loaded module on the CPU, in eval mode, without gradients; ``keep_device``: the
+    transformer stays where it was read to (``direct.read_tensors``)."""
     for name in ("transformer", "text_encoder", "text_encoder_2", "vae"):
         module = getattr(pipe, name, None)
         if module is not None:
+            if not (keep_device and name == "transformer"):
+                module.to("cpu")
             module.eval().requires_grad_(False)
 
 

@@ -52,6 +52,8 @@ class TensorInfo:
 
     dtype: str  # safetensors name: F32, BF16, F8_E4M3, ...
     shape: tuple[int, ...]
+    #: ``data_offsets``: the tensor's bytes, relative to the end of the header (``Header.data_start``).
+    offsets: tuple[int, int] = field(default=(0, 0), compare=False)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -65,6 +67,8 @@ class Header:
     path: Path
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str] = field(default_factory=dict)
+    #: File position of the first tensor byte (8 + the header's length).
+    data_start: int = 0
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self.tensors[key].shape
@@ -122,7 +126,7 @@ def read_header(path: str | os.PathLike[str], role: str = "model") -> Header:
         end = 0
         for key, entry in header.items():
             start, stop = (int(x) for x in entry["data_offsets"])
-            tensors[key] = TensorInfo(str(entry["dtype"]), tuple(int(s) for s in entry["shape"]))
+            tensors[key] = TensorInfo(str(entry["dtype"]), tuple(int(s) for s in entry["shape"]), (start, stop))
             if not 0 <= start <= stop:
                 raise ValueError(f"bad data_offsets for {key}")
             end = max(end, stop)
@@ -157,7 +161,7 @@ def read_header(path: str | os.PathLike[str], role: str = "model") -> Header:
                 raise ValueError("tensor list differs from header")
     except Exception as e:  # noqa: BLE001 - any failure here means the file cannot be read
         raise ModelLoadError(f"The {label} cannot be read by safetensors ({e}). Download it again.") from e
-    return Header(p, tensors, {str(k): str(v) for k, v in metadata.items()})
+    return Header(p, tensors, {str(k): str(v) for k, v in metadata.items()}, 8 + n)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import torch
 
 from ..errors import ModelLoadError
 from ..specs import ModelSource
+from . import direct
 from .diffusers_folder import _finish
 from .header import read_header
 from .keymaps import _bfl_to_diffusers, _ldm_vae_to_diffusers
@@ -167,9 +168,11 @@ def _check_against(plan: _Plan, module: torch.nn.Module, sd: Mapping[str, torch.
                     f"complete file ({_ROLE_HELP[plan.role]}).")
 
 
-def _build(plan: _Plan, dtype: torch.dtype, dry_run: bool) -> torch.nn.Module | None:
+def _build(plan: _Plan, dtype: torch.dtype, dry_run: bool, device: torch.device | None = None) -> torch.nn.Module | None:
     """Dry run: convert meta tensors of the header shapes and compare with the module's state dict.
-    Real run: read, convert, cast and assign the weights. Returns the module (None in a dry run)."""
+    Real run: read, convert, cast and assign the weights. Returns the module (None in a dry run).
+    ``device``: read the file's tensors straight into that device's memory (``direct.read_tensors``)
+    and cast and convert them there; otherwise through ``safe_open`` on the CPU."""
     module = _empty_module(_factory(plan, dtype))
     keep_fp32 = _fp32_names(module, dtype)
     if dry_run:
@@ -183,8 +186,14 @@ def _build(plan: _Plan, dtype: torch.dtype, dry_run: bool) -> torch.nn.Module | 
     from safetensors import safe_open
 
     try:
-        with safe_open(str(plan.header.path), framework="pt", device="cpu") as f:
-            sd = _collect(plan, f.get_tensor, dtype, keep_fp32)
+        if device is not None:
+            wanted = [k for k in plan.header.tensors if k.startswith(plan.prefix)]
+            raw = direct.read_tensors(plan.header, wanted, device, role=plan.role)
+            sd = _collect(plan, raw.pop, dtype, keep_fp32)  # pop: each file tensor freed once converted
+            del raw
+        else:
+            with safe_open(str(plan.header.path), framework="pt", device="cpu") as f:
+                sd = _collect(plan, f.get_tensor, dtype, keep_fp32)
     except ModelLoadError:
         raise
     except Exception as e:  # noqa: BLE001 - I/O or decoding failure while reading
@@ -208,7 +217,9 @@ def _build(plan: _Plan, dtype: torch.dtype, dry_run: bool) -> torch.nn.Module | 
 # -- single files -----------------------------------------------------------------------------------
 
 
-def _load_single_files(source: ModelSource, dtype: torch.dtype) -> FluxPipeline:
+def _load_single_files(source: ModelSource, dtype: torch.dtype, device: torch.device | None = None) -> FluxPipeline:
+    """``device``: the transformer file is read straight into that device's memory; the other files
+    load on the CPU."""
     paths: dict[Role, str] = {"transformer": source.transformer or "", "clip_l": source.clip_l or "",
                               "t5xxl": source.t5xxl or "", "vae": source.vae or ""}
     headers = {role: read_header(p, role) for role, p in paths.items()}
@@ -233,7 +244,8 @@ def _load_single_files(source: ModelSource, dtype: torch.dtype) -> FluxPipeline:
 
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
-    modules = {role: _build(plan, dtype, dry_run=False) for role, plan in plans.items()}
+    modules = {role: _build(plan, dtype, dry_run=False, device=device if role == "transformer" else None)
+               for role, plan in plans.items()}
     sched_name = "scheduler_dev" if plans["transformer"].config["guidance_embeds"] else "scheduler_schnell"
     sched_cfg = {k: v for k, v in load_shipped_config(sched_name).items() if not k.startswith("_")}
     pipe = FluxPipeline(
@@ -245,7 +257,7 @@ def _load_single_files(source: ModelSource, dtype: torch.dtype) -> FluxPipeline:
         vae=modules["vae"],
         transformer=modules["transformer"],
     )
-    _finish(pipe)
+    _finish(pipe, keep_device=device is not None)
     logger.info("loaded Flux pipeline from single files (%s): %s", dtype, source.describe())
     return pipe
 

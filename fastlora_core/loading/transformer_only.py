@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import ModelLoadError
 from ..specs import ModelSource
-from .diffusers_folder import _dtype_kwarg, _finish
+from .diffusers_folder import _dtype_kwarg, _finish, direct_transformer
 from .header import read_header
 from .plans import _plan_transformer, load_shipped_config
 from .single_file import _build
@@ -23,9 +23,10 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 
-def _load_transformer_only(source: ModelSource, dtype: torch.dtype) -> FluxPipeline:
+def _load_transformer_only(source: ModelSource, dtype: torch.dtype, device: torch.device | None = None) -> FluxPipeline:
     """A FluxPipeline holding only the transformer and a scheduler (text encoders, tokenizers and VAE
-    are None): the same checks as the full loaders for the transformer, nothing else is read."""
+    are None): the same checks as the full loaders for the transformer, nothing else is read.
+    ``device``: the weights are read straight into that device's memory."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     if source.diffusers_dir:
@@ -36,8 +37,12 @@ def _load_transformer_only(source: ModelSource, dtype: torch.dtype) -> FluxPipel
                                  "Use the folder of a diffusers Flux model, or a single transformer file.")
         for f in sorted(sub.glob("*.safetensors")):
             read_header(f, "transformer weights")
+        transformer: Any
         try:
-            transformer = FluxTransformer2DModel.from_pretrained(str(sub), **_dtype_kwarg(dtype), local_files_only=True)
+            transformer = (direct_transformer(sub, dtype, device) if device is not None else
+                           FluxTransformer2DModel.from_pretrained(str(sub), **_dtype_kwarg(dtype), local_files_only=True))
+        except ModelLoadError:
+            raise
         except Exception as e:  # noqa: BLE001 - anything diffusers raises on a broken folder
             raise ModelLoadError(f"The transformer in {folder} could not be loaded: {type(e).__name__}: {e}. Check "
                                  "that the download is complete.") from e
@@ -45,13 +50,13 @@ def _load_transformer_only(source: ModelSource, dtype: torch.dtype) -> FluxPipel
     else:
         plan = _plan_transformer(read_header(source.transformer or "", "transformer"))
         _build(plan, dtype, dry_run=True)
-        transformer = _build(plan, dtype, dry_run=False)
+        transformer = _build(plan, dtype, dry_run=False, device=device)
         guidance = bool(plan.config["guidance_embeds"])
     sched_name = "scheduler_dev" if guidance else "scheduler_schnell"
     sched_cfg = {k: v for k, v in load_shipped_config(sched_name).items() if not k.startswith("_")}
     pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(sched_cfg), vae=None,
                         text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
                         transformer=transformer)
-    _finish(pipe)
+    _finish(pipe, keep_device=device is not None)
     logger.info("loaded the Flux transformer alone (%s): %s", dtype, source.describe())
     return pipe

@@ -1,0 +1,130 @@
+"""safetensors tensors read straight into device memory (docs/ARCHITECTURE.md, decision 29).
+
+``safe_open`` and ``from_pretrained`` give CPU tensors; moving the 24 GB transformer to the GPU
+afterwards costs one pageable copy per tensor on top of the read (5.2 s read + 2.6-3.4 s copies on
+the H200 host). Here each tensor gets its own device allocation, the file's bytes are read by
+several threads into two staging chunks (pinned on a GPU) that alternate, and each chunk goes to
+the device with asynchronous copies while the next one is read: 1.0-1.2 s for 23.8 GB on the same
+host (``benchmarks/bench_read.py``, RESULTS.md).
+
+Every tensor is its own allocation, so replacing one (a layer swapped for its quantised version)
+frees its memory; nothing else of the file is read. On a CPU device the same code runs with
+ordinary staging memory and synchronous copies (that is how the tests drive it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ModelLoadError
+from .header import Header
+
+logger = logging.getLogger(__name__)
+
+#: Bytes per staging chunk; two alternate (measured: 256 MB, 8 threads: 1.04-1.22 s for 23.8 GB).
+CHUNK_BYTES = 256 * 2**20
+#: Threads reading one chunk in parallel (page cache -> staging memory is memcpy bound).
+MAX_THREADS = 8
+#: Unread bytes between two wanted tensors below this are read through (one run, fewer syscalls).
+GAP_BYTES = 2**20
+
+
+def _read_part(path: Path, fd: int, view: memoryview, offset: int) -> None:
+    """Fill ``view`` with the file's bytes from ``offset``; a short read is an error (truncated file)."""
+    done = 0
+    while done < len(view):
+        if hasattr(os, "preadv"):
+            got = os.preadv(fd, [view[done:]], offset + done)
+        else:  # Windows: no positioned read; a handle of its own per part
+            with open(path, "rb") as fh:
+                fh.seek(offset + done)
+                got = fh.readinto(view[done:]) or 0
+        if got <= 0:
+            raise OSError(f"unexpected end of file at byte {offset + done:,}")
+        done += got
+
+
+def _runs(header: Header, names: list[str]) -> list[tuple[int, int, list[str]]]:
+    """Wanted tensors (sorted by offset, non-empty) grouped into byte runs read in one go."""
+    runs: list[tuple[int, int, list[str]]] = []
+    for k in names:
+        a, b = header.tensors[k].offsets
+        if runs and a - runs[-1][1] <= GAP_BYTES:
+            start, stop, members = runs[-1]
+            runs[-1] = (start, max(stop, b), [*members, k])
+        else:
+            runs.append((a, b, [k]))
+    return runs
+
+
+def read_tensors(header: Header, names: Iterable[str], device: torch.device | str, *, role: str = "model",
+                 chunk_bytes: int = CHUNK_BYTES, threads: int | None = None) -> dict[str, torch.Tensor]:
+    """The named tensors of the file described by ``header``, each in its own allocation on ``device``
+    with the dtype and shape the header gives (bitwise the file's bytes).
+
+    ``header`` comes from :func:`~fastlora_core.loading.header.read_header`, which already checked
+    that every tensor lies inside the file. Raises :class:`ModelLoadError` naming the file when it
+    cannot be read (I/O error, file shortened since); ``torch.OutOfMemoryError`` passes through.
+    """
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    info = header.tensors
+    wanted = sorted(set(names), key=lambda k: info[k].offsets)
+    raw = {k: torch.empty(info[k].offsets[1] - info[k].offsets[0], dtype=torch.uint8, device=device) for k in wanted}
+    chunk_bytes = max(1, min(chunk_bytes, max((b - a for a, b, _ in _runs(header, wanted)), default=1)))
+    staging = [torch.empty(chunk_bytes, dtype=torch.uint8, pin_memory=cuda) for _ in range(2)]
+    views = [s.numpy().data for s in staging]
+    free_again: list[Any] = [None, None]  # CUDA events: the copies out of each staging chunk are done
+    workers = max(1, min(threads or MAX_THREADS, os.cpu_count() or 1))
+    t0, total = time.perf_counter(), 0
+    try:
+        fd = os.open(header.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    except OSError as e:
+        raise ModelLoadError(f"The {role} file {header.path} could not be opened ({e}). Check the path and its "
+                             "permissions.") from e
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            k = 0
+            for start, stop, members in _runs(header, [n for n in wanted if raw[n].numel()]):
+                first = 0  # members[first:] are not completely copied yet
+                for pos in range(start, stop, chunk_bytes):
+                    n, which = min(chunk_bytes, stop - pos), k % 2
+                    k += 1
+                    if free_again[which] is not None:
+                        free_again[which].synchronize()
+                    step = -(-n // workers)
+                    parts = range(0, n, step)
+                    list(pool.map(partial(_read_part, header.path, fd), [views[which][i:min(i + step, n)] for i in parts],
+                                  [header.data_start + pos + i for i in parts]))
+                    total += n
+                    for name in members[first:]:
+                        a, b = info[name].offsets
+                        if a >= pos + n:
+                            break
+                        lo, hi = max(a, pos), min(b, pos + n)
+                        if lo < hi:
+                            raw[name][lo - a:hi - a].copy_(staging[which][lo - pos:hi - pos], non_blocking=cuda)
+                        if b <= pos + n:
+                            first += 1
+                    if cuda:
+                        free_again[which] = torch.cuda.Event()
+                        free_again[which].record()
+        if cuda:
+            torch.cuda.synchronize(device)
+    except OSError as e:
+        raise ModelLoadError(f"The {role} file {header.path} could not be read ({e}). Check the disk, or "
+                             "download the file again.") from e
+    finally:
+        os.close(fd)
+    seconds = time.perf_counter() - t0
+    logger.info("%s: read %.2f GB straight to %s in %.2f s", header.path.name, total / 1e9, device, seconds)
+    return {k: raw[k].view(info[k].torch_dtype).view(info[k].shape) for k in wanted}
