@@ -14,6 +14,8 @@ fresh ``python3`` process with the engine's defaults (on an H200: fp8, regional 
   ``timings.json`` itself.
 
 ``cold``: an empty compile cache folder of the scenario's own; ``warm``: the same folder again (a restart).
+``api_warm_ordinary`` (any API run with the ``_ordinary`` suffix): the same, but the engine reads every
+weight on the CPU as it did before decision 29 (no direct read to the GPU), for a comparison in one call.
 ``api_disk_cold``: warm compile cache, but first an attempt to drop the model's files from the page cache
 (``/proc/sys/vm/drop_caches``, then ``posix_fadvise(DONTNEED)`` per file); whether it worked is measured
 (read throughput of the largest file before and after), not assumed.
@@ -53,7 +55,7 @@ def tiny_options() -> dict[str, Any]:
 
 
 # -- the child: one process from start to its second image ---------------------------------------------
-def child(model: str, lora: str, cache: str, out: str, tiny: bool) -> None:
+def child(model: str, lora: str, cache: str, out: str, tiny: bool, ordinary: bool = False) -> None:
     from fastlora_core.timings import process_age
 
     started = process_age()
@@ -62,10 +64,25 @@ def child(model: str, lora: str, cache: str, out: str, tiny: bool) -> None:
     import torch
     import transformers  # noqa: F401
 
-    from fastlora_core import registry
+    from fastlora_core import loading, registry
+    from fastlora_core.loading import direct
     from fastlora_core.specs import EngineOptions, GenerateRequest, LoraStack, ModelSource
 
     imports_s = time.perf_counter() - t0
+    direct_reads: list[float] = []  # seconds of each file read straight to the device (decision 29)
+    read_tensors = direct.read_tensors
+
+    def timed_read(*args: Any, **kwargs: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return read_tensors(*args, **kwargs)
+        finally:
+            direct_reads.append(round(time.perf_counter() - t, 3))
+
+    direct.read_tensors = timed_read
+    if ordinary:  # the way before decision 29, for a comparison in the same call: everything read on the CPU
+        load_pipeline = loading.load_pipeline
+        loading.load_pipeline = lambda source, dtype, transformer_device=None: load_pipeline(source, dtype)
     options = EngineOptions(compile_cache_dir=cache, **(tiny_options() if tiny else {}))
     engine = registry.get_engine(ModelSource.from_diffusers(model), options)
     stack = LoraStack.of((lora, 1.0))
@@ -74,7 +91,7 @@ def child(model: str, lora: str, cache: str, out: str, tiny: bool) -> None:
     second = engine.generate(GenerateRequest(prompt=PROMPT, seed=1, **request_kwargs(tiny)), stack)
     result = {
         "process_start_to_main_s": round(started, 3) if started is not None else None,
-        "imports_s": round(imports_s, 3), "engine": engine.timings,
+        "imports_s": round(imports_s, 3), "engine": engine.timings, "direct_read_s": direct_reads,
         "process_start_to_first_image_s": round(age, 3) if age is not None else None,
         "first_image_compiles": first.new_compiles, "steady_image_s": [round(second.seconds, 3)],
         "device": str(engine.device), "options": repr(engine.options),
@@ -185,6 +202,10 @@ def breakdown(child_json: dict[str, Any]) -> dict[str, Any]:
 
 def run_one(name: str, model: Path, lora: Path, work: Path, out: Path, tiny: bool, timeout: float) -> dict[str, Any]:
     kind, _, mode = name.partition("_")
+    ordinary = mode.endswith("_ordinary")
+    mode = mode.removesuffix("_ordinary")
+    if ordinary and kind != "api":
+        return {"skipped": "the _ordinary variant exists for API runs only"}
     cache = work / f"cache-{kind}"
     if mode == "cold":
         shutil.rmtree(cache, ignore_errors=True)
@@ -196,7 +217,7 @@ def run_one(name: str, model: Path, lora: Path, work: Path, out: Path, tiny: boo
     if kind == "api":
         result = run_dir / "timings.json"
         cmd = [sys.executable, "-m", "benchmarks.bench_startup", "--child", str(model), str(lora), str(cache),
-               str(result)] + (["--tiny"] if tiny else [])
+               str(result)] + (["--tiny"] if tiny else []) + (["--ordinary"] if ordinary else [])
     else:
         result = run_dir / "timings.json"
         req = request_kwargs(tiny)
@@ -229,7 +250,7 @@ def run_one(name: str, model: Path, lora: Path, work: Path, out: Path, tiny: boo
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         args = sys.argv[2:]
-        child(*args[:4], tiny="--tiny" in args)
+        child(*args[:4], tiny="--tiny" in args, ordinary="--ordinary" in args)
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
