@@ -10,7 +10,7 @@ measures, for the transformer alone (random full-size Flux.1-dev, bf16, in the p
 
 - ``today``: ``FluxTransformer2DModel.from_pretrained`` on the CPU, then every tensor ``.to(cuda)``;
 - ``direct``, ``direct_again``: ``load_pipeline(ModelSource(diffusers_dir=WORK, transformer_only=True),
-  bf16, transformer_device=cuda)``, the engine's loader (the folder written by ``save_pretrained``,
+  bf16, device=cuda)``, the engine's loader (the folder written by ``save_pretrained``,
   or the one ``bench_startup`` wrote when ``--work`` is its folder);
 - with ``--bfl``: the same weights also written as one ComfyUI single file in the BFL layout and
   loaded the direct way (``direct_bfl``: the key mapping and the q/k/v splits done on the GPU).
@@ -35,7 +35,7 @@ from fastlora_core.specs import ModelSource
 
 def read_direct(source: ModelSource, device: torch.device) -> dict[str, torch.Tensor]:
     """The engine's loader with the transformer read straight to ``device``."""
-    pipe: Any = load_pipeline(source, torch.bfloat16, transformer_device=device)
+    pipe: Any = load_pipeline(source, torch.bfloat16, device=device)
     out = pipe.transformer.state_dict()
     if device.type == "cuda":
         torch.cuda.synchronize(device)

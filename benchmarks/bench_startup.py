@@ -82,7 +82,7 @@ def child(model: str, lora: str, cache: str, out: str, tiny: bool, ordinary: boo
     direct.read_tensors = timed_read
     if ordinary:  # the way before decision 29, for a comparison in the same call: everything read on the CPU
         load_pipeline = loading.load_pipeline
-        loading.load_pipeline = lambda source, dtype, transformer_device=None: load_pipeline(source, dtype)
+        loading.load_pipeline = lambda source, dtype, device=None, on_device=(): load_pipeline(source, dtype)
     options = EngineOptions(compile_cache_dir=cache, **(tiny_options() if tiny else {}))
     engine = registry.get_engine(ModelSource.from_diffusers(model), options)
     stack = LoraStack.of((lora, 1.0))

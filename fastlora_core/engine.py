@@ -152,14 +152,15 @@ class FluxEngine:
         if options.compile != "off":
             configure_compile_cache(options)
         t0 = time.perf_counter()
-        # Decided once, before anything is read: the transformer's weights and masters go straight
-        # to the GPU only when it has ample room (decision 29).
+        # Decided once, before anything is read: the weights (and the fused strategy's masters) go
+        # straight to the GPU only when it has ample room (decision 29).
         self._ample_room = self._has_ample_room()
         if pipeline is None:
             from .loading import load_pipeline
 
             with self.phases.phase("read"):
-                pipeline = load_pipeline(source, self.dtype, self.device if self._ample_room else None)
+                pipeline = load_pipeline(source, self.dtype, self.device if self._ample_room else None,
+                                         self._read_to_device())
         pipe, pipeline = pipeline, None
         try:
             self._optimise(pipe)
@@ -258,6 +259,14 @@ class FluxEngine:
         fraction = get_fraction(self.device) if get_fraction else 1.0
         free = min(free, int(fraction * total) - torch.cuda.memory_reserved(self.device))
         return free > 64 * 2**30  # a full bf16 master of Flux.1-dev is ~24 GB
+
+    def _read_to_device(self) -> tuple[str, ...]:
+        """Components whose files are read straight to the GPU (when it has ample room): all but a
+        T5 that bitsandbytes quantises, which it does while moving the CPU weights (``quantize_t5``)."""
+        from .loading import DIRECT_COMPONENTS
+
+        return tuple(name for name in DIRECT_COMPONENTS
+                     if not (name == "text_encoder_2" and self.options.t5_quantization != "none"))
 
     def _master_device(self) -> torch.device:
         """Master copies for the fused strategy live on the GPU when it has room (fast swaps),

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fastlora_core.errors import ModelLoadError
-from fastlora_core.loading import direct, load_pipeline, read_header, write_single_files
+from fastlora_core.loading import DIRECT_COMPONENTS, direct, load_pipeline, read_header, write_single_files
 from fastlora_core.specs import ModelSource
 from fastlora_core.tiny import build_tiny_pipeline
 
@@ -140,25 +140,50 @@ def _source(tiny: Any, root: Path, kind: str, transformer_only: bool) -> ModelSo
     return ModelSource.from_single_files(**files)
 
 
+def _files_of(source: ModelSource, components: tuple[str, ...]) -> list[Path]:
+    """The weight files of these components, in the order the loaders read them."""
+    if source.kind == "diffusers":
+        folder = Path(source.diffusers_dir or "")
+        return [f for c in components for f in sorted((folder / c).glob("*.safetensors"))]
+    by_component = {"transformer": source.transformer, "text_encoder": source.clip_l,
+                    "text_encoder_2": source.t5xxl, "vae": source.vae}
+    return [Path(by_component[c] or "") for c in components]
+
+
+def _spy(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    read: list[Path] = []
+    real = direct.read_tensors
+    monkeypatch.setattr(direct, "read_tensors", lambda header, *a, **kw: read.append(header.path) or real(header, *a, **kw))
+    return read
+
+
 @pytest.mark.parametrize("transformer_only", [False, True], ids=["pipeline", "transformer-only"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("kind", list(SOURCES))
 def test_loaders_give_the_same_modules_either_way(tiny: Any, root: Path, kind: str, dtype: torch.dtype,
                                                   transformer_only: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     source = _source(tiny, root, kind, transformer_only)
     ordinary = load_pipeline(source, dtype)
-    read = []
-    real = direct.read_tensors
-    monkeypatch.setattr(direct, "read_tensors", lambda header, *a, **kw: read.append(header.path) or real(header, *a, **kw))
-    read_to_device = load_pipeline(source, dtype, transformer_device=CPU)
-    transformer_files = ([source.transformer] if source.transformer else
-                         sorted((Path(source.diffusers_dir or "") / "transformer").glob("*.safetensors")))
-    assert read == [Path(f) for f in transformer_files]  # the transformer, and nothing else, read directly
+    read = _spy(monkeypatch)
+    read_to_device = load_pipeline(source, dtype, device=CPU)
+    components = ("transformer",) if transformer_only else DIRECT_COMPONENTS
+    assert sorted(read) == sorted(_files_of(source, components))  # every file of the pipeline read directly
     _assert_same(ordinary, read_to_device)
-    # the other components are loaded as always (on the CPU)
-    for name in COMPONENTS[1:]:
-        module = getattr(read_to_device, name)
-        assert module is None or all(p.device.type == "cpu" for p in module.parameters())
+    if not transformer_only:  # T5's embedding stays tied to its input embedding, as from_pretrained leaves it
+        t5 = read_to_device.text_encoder_2
+        assert t5.shared.weight is t5.encoder.embed_tokens.weight
+
+
+@pytest.mark.parametrize("kind", ["diffusers", "bfl"])
+def test_only_the_named_components_are_read_directly(tiny: Any, root: Path, kind: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine leaves T5 to the CPU path when bitsandbytes quantises it."""
+    source = _source(tiny, root, kind, False)
+    ordinary = load_pipeline(source, torch.float16)
+    read = _spy(monkeypatch)
+    some = ("transformer", "text_encoder", "vae")
+    _assert_same(ordinary, load_pipeline(source, torch.float16, device=CPU, on_device=some))
+    assert sorted(read) == sorted(_files_of(source, some))
 
 
 def test_a_diffusers_shard_without_a_tensor_is_refused(tiny: Any, root: Path, tmp_path: Path) -> None:
@@ -170,7 +195,7 @@ def test_a_diffusers_shard_without_a_tensor_is_refused(tiny: Any, root: Path, tm
     save_file(sd, str(sub / "diffusion_pytorch_model.safetensors"))
     with pytest.raises(ModelLoadError, match=r"transformer weights in .* do not match.*1 missing.*proj_out\.weight"):
         load_pipeline(ModelSource(diffusers_dir=str(tmp_path), transformer_only=True), torch.float32,
-                      transformer_device=CPU)
+                      device=CPU)
 
 
 def test_bench_read_smoke(tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ LDM), optionally storing T5 or the transformer as float8 (``scaled_fp8`` too).
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,7 +36,7 @@ import torch
 
 from ..errors import OptionsError
 from ..specs import ModelSource
-from .diffusers_folder import _load_diffusers
+from .diffusers_folder import DIRECT_COMPONENTS, _load_diffusers
 from .header import Header, TensorInfo, describe_keys, read_header
 from .plans import CONFIG_DIR, META_AXES, META_COMPONENT, META_CONFIG, load_shipped_config
 from .single_file import _load_single_files
@@ -48,7 +49,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from diffusers import FluxPipeline
 
 __all__ = [
-    "CONFIG_DIR", "META_AXES", "META_COMPONENT", "META_CONFIG", "SUPPORTED_DTYPES", "Header", "TensorInfo",
+    "CONFIG_DIR", "DIRECT_COMPONENTS", "META_AXES", "META_COMPONENT", "META_CONFIG", "SUPPORTED_DTYPES", "Header", "TensorInfo",
     "describe_keys", "diffusers_to_bfl", "find_tokenizer_dirs", "load_pipeline", "load_shipped_config", "read_header",
     "write_single_files",
 ]
@@ -56,7 +57,8 @@ __all__ = [
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def load_pipeline(source: ModelSource, dtype: torch.dtype, transformer_device: torch.device | None = None) -> FluxPipeline:
+def load_pipeline(source: ModelSource, dtype: torch.dtype, device: torch.device | None = None,
+                  on_device: Collection[str] = DIRECT_COMPONENTS) -> FluxPipeline:
     """Load a Flux pipeline from a diffusers folder or from ComfyUI single files.
 
     Contract:
@@ -64,10 +66,11 @@ def load_pipeline(source: ModelSource, dtype: torch.dtype, transformer_device: t
         ``requires_grad=False``. Weights are in ``dtype`` (float32, float16 or bfloat16) whatever
         their storage dtype (fp32/fp16/bf16/float8_e4m3fn, ComfyUI ``scaled_fp8`` included); like
         ``from_pretrained``, T5's ``wo`` layers stay float32 when ``dtype`` is float16. Both source
-        kinds give identical modules for identical weights. With ``transformer_device`` the
-        transformer's file bytes go straight into that device's memory and are cast and converted
-        there (:mod:`.direct`; decision 29): the same weights, bitwise, without a CPU copy of the
-        transformer; everything else stays on the CPU. The function keeps no state: a failure
+        kinds give identical modules for identical weights. With ``device``, the files of the
+        components named in ``on_device`` (``transformer``, ``text_encoder``, ``text_encoder_2``,
+        ``vae``) go straight into that device's memory and are cast and converted there
+        (:mod:`.direct`; decision 29): the same weights, bitwise, without a CPU copy; the other
+        components stay on the CPU. The function keeps no state: a failure
         leaves nothing behind and the next call starts afresh.
 
     Failure modes (all :class:`ModelLoadError`, raised before any weight is read unless noted):
@@ -82,9 +85,9 @@ def load_pipeline(source: ModelSource, dtype: torch.dtype, transformer_device: t
     if dtype not in SUPPORTED_DTYPES:
         raise OptionsError(f"dtype={dtype} is not supported; use torch.bfloat16, torch.float16 or torch.float32.")
     if source.transformer_only:
-        return _load_transformer_only(source, dtype, transformer_device)
+        return _load_transformer_only(source, dtype, device if "transformer" in on_device else None)
     if source.kind == "diffusers":
         assert source.diffusers_dir is not None
-        return _load_diffusers(Path(source.diffusers_dir), dtype, transformer_device)
-    return _load_single_files(source, dtype, transformer_device)
+        return _load_diffusers(Path(source.diffusers_dir), dtype, device, on_device)
+    return _load_single_files(source, dtype, device, on_device)
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import ModelLoadError
-from .header import read_header
+from .header import Header, TensorInfo, read_header
+from .plans import Role, _Plan
 
 if TYPE_CHECKING:  # pragma: no cover
     from diffusers import FluxPipeline, FluxTransformer2DModel
@@ -31,9 +33,10 @@ _FLUX_VARIANT_PIPELINES = {
 _COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "vae", "scheduler", "tokenizer", "tokenizer_2")
 
 
-def _load_diffusers(folder: Path, dtype: torch.dtype, device: torch.device | None = None) -> FluxPipeline:
-    """``device``: the transformer's weights are read straight into that device's memory
-    (:func:`direct_transformer`); the other components load on the CPU as always."""
+def _load_diffusers(folder: Path, dtype: torch.dtype, device: torch.device | None = None,
+                    on_device: Collection[str] = ()) -> FluxPipeline:
+    """``device``: the weights of the components in ``on_device`` are read straight into that
+    device's memory; the others load on the CPU with ``from_pretrained``."""
     if not folder.exists():
         raise ModelLoadError(f"The diffusers folder {folder} does not exist. Check the path (ComfyUI: models/diffusers/<name>).")
     if not folder.is_dir():
@@ -79,7 +82,13 @@ def _load_diffusers(folder: Path, dtype: torch.dtype, device: torch.device | Non
             read_header(f, f"{comp} weights")
     from diffusers import FluxPipeline
 
-    skip = {"transformer": None} if device is not None else {}
+    from .single_file import _build
+
+    direct = [name for name in DIRECT_COMPONENTS if name in on_device] if device is not None else []
+    plans = {name: _component_plan(folder, name) for name in direct if name != "transformer"}
+    for plan, _ in plans.values():  # dry run on meta tensors before anything is read
+        _build(plan, dtype, dry_run=True)
+    skip: dict[str, None] = {name: None for name in direct}
     try:
         pipe = FluxPipeline.from_pretrained(str(folder), **_dtype_kwarg(dtype), **skip, local_files_only=True)
     except ModelLoadError:
@@ -88,10 +97,39 @@ def _load_diffusers(folder: Path, dtype: torch.dtype, device: torch.device | Non
         raise ModelLoadError(f"The diffusers folder {folder} could not be loaded: {type(e).__name__}: {e}. Check that "
                              "the download is complete and matches FLUX.1-dev's layout.") from e
     if device is not None:
-        pipe.register_modules(transformer=direct_transformer(folder / "transformer", dtype, device))
-    _finish(pipe, keep_device=device is not None)
+        pipe.register_modules(**{name: direct_transformer(folder / name, dtype, device) if name == "transformer" else
+                                 _build(plans[name][0], dtype, dry_run=False, device=device, shards=plans[name][1])
+                                 for name in direct})
+    _finish(pipe, keep=direct)
     logger.info("loaded diffusers Flux pipeline from %s (%s)", folder, dtype)
     return pipe
+
+
+#: Components the direct read can load from a diffusers folder; CLIP, T5 and the VAE go through the
+#: single-file loader's plan (its rules for ties, float32 layers and key checks), under this role.
+DIRECT_COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "vae")
+_ROLE_OF: dict[str, Role] = {"text_encoder": "clip_l", "text_encoder_2": "t5xxl", "vae": "vae"}
+
+
+def _component_plan(folder: Path, name: str) -> tuple[_Plan, list[Header]]:
+    """The single-file loader's plan for a diffusers folder's CLIP, T5 or VAE: its config.json, the
+    union of its shards' headers (``header.path`` is the component folder), and the shards."""
+    sub = folder / name
+    shards = [read_header(f, f"{name} weights") for f in sorted(sub.glob("*.safetensors"))]
+    if not shards:
+        raise ModelLoadError(f"{sub} has no .safetensors weights. Download the model again.")
+    tensors: dict[str, TensorInfo] = {}
+    for h in shards:
+        twice = sorted(set(h.tensors) & set(tensors))
+        if twice:
+            raise ModelLoadError(f"{sub} holds {twice[0]} in more than one .safetensors file. Remove the stray file "
+                                 "or download the model again.")
+        tensors.update(h.tensors)
+    try:
+        config = json.loads((sub / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{sub / 'config.json'} cannot be read ({e}). Download the model again.") from e
+    return _Plan(role=_ROLE_OF[name], header=Header(sub, tensors), config=config, layout="diffusers"), shards
 
 
 def direct_transformer(sub: Path, dtype: torch.dtype, device: torch.device) -> FluxTransformer2DModel:
@@ -145,13 +183,13 @@ def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
     return {"dtype": dtype} if (major, minor) >= DTYPE_KEYWORD_SINCE else {"torch_dtype": dtype}
 
 
-def _finish(pipe: Any, keep_device: bool = False) -> None:
-    """Every loaded module on the CPU, in eval mode, without gradients; ``keep_device``: the
-    transformer stays where it was read to (``direct.read_tensors``)."""
+def _finish(pipe: Any, keep: Collection[str] = ()) -> None:
+    """Every loaded module on the CPU, in eval mode, without gradients; the components in ``keep``
+    stay where they were read to (``direct.read_tensors``)."""
     for name in ("transformer", "text_encoder", "text_encoder_2", "vae"):
         module = getattr(pipe, name, None)
         if module is not None:
-            if not (keep_device and name == "transformer"):
+            if name not in keep:
                 module.to("cpu")
             module.eval().requires_grad_(False)
 

@@ -4,7 +4,7 @@ of the header shapes, then the weights read, cast and converted one tensor at a 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -13,7 +13,7 @@ from ..errors import ModelLoadError
 from ..specs import ModelSource
 from . import direct
 from .diffusers_folder import _finish
-from .header import read_header
+from .header import Header, read_header
 from .keymaps import _bfl_to_diffusers, _ldm_vae_to_diffusers
 from .plans import (
     _ROLE_HELP,
@@ -143,7 +143,7 @@ def _adapt_to_module(plan: _Plan, module: torch.nn.Module, sd: dict[str, torch.T
     """CLIP: the file's keys are kept without ``text_model.``; transformers 4's CLIPTextModel wants
     it, transformers 5's does not."""
     if plan.role == "clip_l" and hasattr(module, "text_model") and "text_model.embeddings.token_embedding.weight" in (
-            module.state_dict()):
+            module.state_dict()) and not any(k.startswith("text_model.") for k in sd):
         return {"text_model." + k: v for k, v in sd.items()}
     return sd
 
@@ -168,11 +168,13 @@ def _check_against(plan: _Plan, module: torch.nn.Module, sd: Mapping[str, torch.
                     f"complete file ({_ROLE_HELP[plan.role]}).")
 
 
-def _build(plan: _Plan, dtype: torch.dtype, dry_run: bool, device: torch.device | None = None) -> torch.nn.Module | None:
+def _build(plan: _Plan, dtype: torch.dtype, dry_run: bool, device: torch.device | None = None,
+           shards: Sequence[Header] = ()) -> torch.nn.Module | None:
     """Dry run: convert meta tensors of the header shapes and compare with the module's state dict.
     Real run: read, convert, cast and assign the weights. Returns the module (None in a dry run).
-    ``device``: read the file's tensors straight into that device's memory (``direct.read_tensors``)
-    and cast and convert them there; otherwise through ``safe_open`` on the CPU."""
+    ``device``: read the file's tensors straight into that device's memory (:func:`.direct.read_tensors`)
+    and cast and convert them there; otherwise through ``safe_open`` on the CPU. ``shards``: the
+    files to read when ``plan.header`` merges several (a sharded diffusers component; device only)."""
     module = _empty_module(_factory(plan, dtype))
     keep_fp32 = _fp32_names(module, dtype)
     if dry_run:
@@ -187,11 +189,14 @@ def _build(plan: _Plan, dtype: torch.dtype, dry_run: bool, device: torch.device 
 
     try:
         if device is not None:
-            wanted = [k for k in plan.header.tensors if k.startswith(plan.prefix)]
-            raw = direct.read_tensors(plan.header, wanted, device, role=plan.role)
+            raw: dict[str, torch.Tensor] = {}
+            for header in shards or (plan.header,):
+                wanted = [k for k in header.tensors if k.startswith(plan.prefix)]
+                raw.update(direct.read_tensors(header, wanted, device, role=plan.role))
             sd = _collect(plan, raw.pop, dtype, keep_fp32)  # pop: each file tensor freed once converted
             del raw
         else:
+            assert not shards, "sharded components are read with a device"
             with safe_open(str(plan.header.path), framework="pt", device="cpu") as f:
                 sd = _collect(plan, f.get_tensor, dtype, keep_fp32)
     except ModelLoadError:
@@ -217,9 +222,15 @@ def _build(plan: _Plan, dtype: torch.dtype, dry_run: bool, device: torch.device 
 # -- single files -----------------------------------------------------------------------------------
 
 
-def _load_single_files(source: ModelSource, dtype: torch.dtype, device: torch.device | None = None) -> FluxPipeline:
-    """``device``: the transformer file is read straight into that device's memory; the other files
-    load on the CPU."""
+#: Pipeline component of each single-file role.
+COMPONENT_OF: dict[Role, str] = {"transformer": "transformer", "clip_l": "text_encoder", "t5xxl": "text_encoder_2",
+                                 "vae": "vae"}
+
+
+def _load_single_files(source: ModelSource, dtype: torch.dtype, device: torch.device | None = None,
+                       on_device: Collection[str] = ()) -> FluxPipeline:
+    """``device``: the files of the components in ``on_device`` are read straight into that device's
+    memory; the others load on the CPU."""
     paths: dict[Role, str] = {"transformer": source.transformer or "", "clip_l": source.clip_l or "",
                               "t5xxl": source.t5xxl or "", "vae": source.vae or ""}
     headers = {role: read_header(p, role) for role, p in paths.items()}
@@ -244,8 +255,8 @@ def _load_single_files(source: ModelSource, dtype: torch.dtype, device: torch.de
 
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
-    modules = {role: _build(plan, dtype, dry_run=False, device=device if role == "transformer" else None)
-               for role, plan in plans.items()}
+    modules = {plan.role: _build(plan, dtype, dry_run=False, device=device if COMPONENT_OF[plan.role] in on_device
+                                 else None) for plan in plans.values()}
     sched_name = "scheduler_dev" if plans["transformer"].config["guidance_embeds"] else "scheduler_schnell"
     sched_cfg = {k: v for k, v in load_shipped_config(sched_name).items() if not k.startswith("_")}
     pipe = FluxPipeline(
@@ -257,7 +268,7 @@ def _load_single_files(source: ModelSource, dtype: torch.dtype, device: torch.de
         vae=modules["vae"],
         transformer=modules["transformer"],
     )
-    _finish(pipe, keep_device=device is not None)
+    _finish(pipe, keep=on_device if device is not None else ())
     logger.info("loaded Flux pipeline from single files (%s): %s", dtype, source.describe())
     return pipe
 

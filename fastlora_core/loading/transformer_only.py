@@ -57,6 +57,6 @@ def _load_transformer_only(source: ModelSource, dtype: torch.dtype, device: torc
     pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(sched_cfg), vae=None,
                         text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
                         transformer=transformer)
-    _finish(pipe, keep_device=device is not None)
+    _finish(pipe, keep=("transformer",) if device is not None else ())
     logger.info("loaded the Flux transformer alone (%s): %s", dtype, source.describe())
     return pipe
