@@ -63,6 +63,7 @@ def child(model: str, lora: str, cache: str, out: str, tiny: bool, ordinary: boo
     import diffusers  # noqa: F401 - the heavy imports, timed as the CLI times them
     import torch
     import transformers  # noqa: F401
+    from diffusers import FluxPipeline  # noqa: F401 - lazy in diffusers; counted here as the CLI counts it
 
     from fastlora_core import loading, registry
     from fastlora_core.loading import direct

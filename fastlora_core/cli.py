@@ -200,6 +200,7 @@ def run_generate(args: argparse.Namespace, started_s: float | None = None, t_mai
     t_imports = t_main if t_main is not None else time.perf_counter()
     import diffusers  # noqa: F401 - timed here: the largest imports happen before the engine is built
     import transformers  # noqa: F401
+    from diffusers import FluxPipeline  # noqa: F401 - lazy in diffusers (4.4 s on a 2-core CPU); else "read" pays it
 
     from . import registry
     from .timings import process_age

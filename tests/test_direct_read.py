@@ -172,6 +172,24 @@ def test_loaders_give_the_same_modules_either_way(tiny: Any, root: Path, kind: s
     if not transformer_only:  # T5's embedding stays tied to its input embedding, as from_pretrained leaves it
         t5 = read_to_device.text_encoder_2
         assert t5.shared.weight is t5.encoder.embed_tokens.weight
+    # what the pipeline derives from its components (the tiny VAE's scale factor is not the default 8)
+    assert read_to_device.vae_scale_factor == ordinary.vae_scale_factor
+
+
+@pytest.mark.parametrize("kind", ["diffusers", "bfl"])
+def test_a_pipeline_read_directly_makes_the_same_image(tiny: Any, root: Path, kind: str) -> None:
+    """Tolerance 1e-5 (0..1 scale), as in test_loading.py: equal weights in other memory layouts take
+    other CPU GEMM paths; the weights themselves are compared exactly above."""
+    source = _source(tiny, root, kind, False)
+
+    def image(pipe: Any) -> torch.Tensor:
+        pipe.set_progress_bar_config(disable=True)
+        return pipe("a photo of a cat", num_inference_steps=2, height=64, width=64, guidance_scale=3.5,
+                    generator=torch.Generator().manual_seed(0), output_type="pt", max_sequence_length=16).images
+
+    a, b = image(load_pipeline(source, torch.float32)), image(load_pipeline(source, torch.float32, device=CPU))
+    assert a.shape == b.shape == (1, 3, 64, 64)
+    assert float((a - b).abs().max()) <= 1e-5
 
 
 @pytest.mark.parametrize("kind", ["diffusers", "bfl"])

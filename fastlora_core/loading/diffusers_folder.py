@@ -88,18 +88,18 @@ def _load_diffusers(folder: Path, dtype: torch.dtype, device: torch.device | Non
     plans = {name: _component_plan(folder, name) for name in direct if name != "transformer"}
     for plan, _ in plans.values():  # dry run on meta tensors before anything is read
         _build(plan, dtype, dry_run=True)
-    skip: dict[str, None] = {name: None for name in direct}
+    # Built first and handed to from_pretrained, so the pipeline derives what it derives from them
+    # (the VAE's scale factor and image processor) exactly as when it loads them itself.
+    modules = {name: direct_transformer(folder / name, dtype, device) if name == "transformer" else
+               _build(plans[name][0], dtype, dry_run=False, device=device, shards=plans[name][1])
+               for name in direct}
     try:
-        pipe = FluxPipeline.from_pretrained(str(folder), **_dtype_kwarg(dtype), **skip, local_files_only=True)
+        pipe = FluxPipeline.from_pretrained(str(folder), **_dtype_kwarg(dtype), **modules, local_files_only=True)
     except ModelLoadError:
         raise
     except Exception as e:  # noqa: BLE001 - anything diffusers/transformers raise on a broken folder
         raise ModelLoadError(f"The diffusers folder {folder} could not be loaded: {type(e).__name__}: {e}. Check that "
                              "the download is complete and matches FLUX.1-dev's layout.") from e
-    if device is not None:
-        pipe.register_modules(**{name: direct_transformer(folder / name, dtype, device) if name == "transformer" else
-                                 _build(plans[name][0], dtype, dry_run=False, device=device, shards=plans[name][1])
-                                 for name in direct})
     _finish(pipe, keep=direct)
     logger.info("loaded diffusers Flux pipeline from %s (%s)", folder, dtype)
     return pipe
