@@ -92,7 +92,7 @@ def _load_diffusers(folder: Path, dtype: torch.dtype, device: torch.device | Non
     # (the VAE's scale factor and image processor) exactly as when it loads them itself.
     modules = {name: direct_transformer(folder / name, dtype, device) if name == "transformer" else
                _build(plans[name][0], dtype, dry_run=False, device=device, shards=plans[name][1])
-               for name in direct}
+               for name in direct} if device is not None else {}
     try:
         pipe = FluxPipeline.from_pretrained(str(folder), **_dtype_kwarg(dtype), **modules, local_files_only=True)
     except ModelLoadError:
@@ -157,7 +157,9 @@ def direct_transformer(sub: Path, dtype: torch.dtype, device: torch.device) -> F
         if twice:
             raise ModelLoadError(f"{sub} holds {twice[0]} in more than one .safetensors file. Remove the stray "
                                  "file or download the model again.")
-        for name, t in direct.read_tensors(header, header.tensors, device, role="transformer").items():
+        raw = direct.read_tensors(header, header.tensors, device, role="transformer")
+        for name in list(raw):  # popped: a file tensor is freed as soon as its cast copy exists
+            t = raw.pop(name)
             sd[name] = t if t.dtype == dtype else t.to(dtype)
     missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
     wrong = sorted(k for k in set(expected) & set(sd) if expected[k].shape != sd[k].shape)
