@@ -16,7 +16,7 @@ from .header import Header, TensorInfo, read_header
 from .plans import Role, _Plan
 
 if TYPE_CHECKING:  # pragma: no cover
-    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from diffusers import FluxPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -85,14 +85,13 @@ def _load_diffusers(folder: Path, dtype: torch.dtype, device: torch.device | Non
     from .single_file import _build
 
     direct = [name for name in DIRECT_COMPONENTS if name in on_device] if device is not None else []
-    plans = {name: _component_plan(folder, name) for name in direct if name != "transformer"}
+    plans = {name: component_plan(folder, name) for name in direct}
     for plan, _ in plans.values():  # dry run on meta tensors before anything is read
         _build(plan, dtype, dry_run=True)
     # Built first and handed to from_pretrained, so the pipeline derives what it derives from them
     # (the VAE's scale factor and image processor) exactly as when it loads them itself.
-    modules = {name: direct_transformer(folder / name, dtype, device) if name == "transformer" else
-               _build(plans[name][0], dtype, dry_run=False, device=device, shards=plans[name][1])
-               for name in direct} if device is not None else {}
+    modules = {name: _build(plan, dtype, dry_run=False, device=device, shards=shards)
+               for name, (plan, shards) in plans.items()}
     try:
         pipe = FluxPipeline.from_pretrained(str(folder), **_dtype_kwarg(dtype), **modules, local_files_only=True)
     except ModelLoadError:
@@ -105,15 +104,18 @@ def _load_diffusers(folder: Path, dtype: torch.dtype, device: torch.device | Non
     return pipe
 
 
-#: Components the direct read can load from a diffusers folder; CLIP, T5 and the VAE go through the
-#: single-file loader's plan (its rules for ties, float32 layers and key checks), under this role.
+#: Components the direct read can load from a diffusers folder. Each goes through the single-file
+#: loader's plan under this role (its rules for ties, float32 layers and key checks), in the
+#: diffusers layout, with the folder's own config.json.
 DIRECT_COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "vae")
-_ROLE_OF: dict[str, Role] = {"text_encoder": "clip_l", "text_encoder_2": "t5xxl", "vae": "vae"}
+_ROLE_OF: dict[str, Role] = {"transformer": "transformer", "text_encoder": "clip_l", "text_encoder_2": "t5xxl",
+                             "vae": "vae"}
 
 
-def _component_plan(folder: Path, name: str) -> tuple[_Plan, list[Header]]:
-    """The single-file loader's plan for a diffusers folder's CLIP, T5 or VAE: its config.json, the
-    union of its shards' headers (``header.path`` is the component folder), and the shards."""
+def component_plan(folder: Path, name: str) -> tuple[_Plan, list[Header]]:
+    """The single-file loader's plan for one component of a diffusers folder: its config.json, the
+    union of its shards' headers (``header.path`` is the component folder), and the shards, whose
+    headers are checked here (``read_header``)."""
     sub = folder / name
     shards = [read_header(f, f"{name} weights") for f in sorted(sub.glob("*.safetensors"))]
     if not shards:
@@ -130,47 +132,6 @@ def _component_plan(folder: Path, name: str) -> tuple[_Plan, list[Header]]:
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{sub / 'config.json'} cannot be read ({e}). Download the model again.") from e
     return _Plan(role=_ROLE_OF[name], header=Header(sub, tensors), config=config, layout="diffusers"), shards
-
-
-def direct_transformer(sub: Path, dtype: torch.dtype, device: torch.device) -> FluxTransformer2DModel:
-    """A diffusers folder's ``transformer/`` built from its ``config.json`` with every weight read
-    straight into ``device`` memory (``direct.read_tensors``) and cast there to ``dtype``: the same
-    module, bitwise, as ``from_pretrained`` followed by ``.to(device)``. The shards' headers must
-    have been checked (``read_header``); names and shapes are compared with the module before
-    anything is assigned, and a mismatch is a ModelLoadError naming the folder."""
-    from diffusers import FluxTransformer2DModel
-
-    from . import direct
-    from .single_file import _empty_module
-
-    try:
-        config = FluxTransformer2DModel.load_config(str(sub), local_files_only=True)
-        module = _empty_module(lambda: FluxTransformer2DModel.from_config(config))
-    except Exception as e:  # noqa: BLE001 - a broken config.json
-        raise ModelLoadError(f"The transformer config in {sub} could not be used: {type(e).__name__}: {e}. Download "
-                             "the model again.") from e
-    expected = module.state_dict()
-    sd: dict[str, torch.Tensor] = {}
-    for f in sorted(sub.glob("*.safetensors")):
-        header = read_header(f, "transformer weights")
-        twice = sorted(set(header.tensors) & set(sd))
-        if twice:
-            raise ModelLoadError(f"{sub} holds {twice[0]} in more than one .safetensors file. Remove the stray "
-                                 "file or download the model again.")
-        raw = direct.read_tensors(header, header.tensors, device, role="transformer")
-        for name in list(raw):  # popped: a file tensor is freed as soon as its cast copy exists
-            t = raw.pop(name)
-            sd[name] = t if t.dtype == dtype else t.to(dtype)
-    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(sd) if expected[k].shape != sd[k].shape)
-    if missing or unexpected or wrong:
-        first = (missing or unexpected or wrong)[0]
-        raise ModelLoadError(f"The transformer weights in {sub} do not match its config.json ({len(missing)} "
-                             f"missing, {len(unexpected)} unexpected, {len(wrong)} of another shape, e.g. {first}). "
-                             "The download is incomplete or mixed; download the model again.")
-    module.load_state_dict(sd, strict=True, assign=True)
-    module.eval().requires_grad_(False)
-    return module  # type: ignore[return-value]
 
 
 #: The first diffusers release whose ``from_pretrained`` takes ``dtype=`` (and deprecates ``torch_dtype=``).

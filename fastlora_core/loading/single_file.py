@@ -52,7 +52,8 @@ def _factory(plan: _Plan, dtype: torch.dtype) -> Callable[[], torch.nn.Module]:
     if plan.role == "transformer":
         from diffusers import FluxTransformer2DModel
 
-        return lambda: FluxTransformer2DModel(**plan.config)  # type: ignore[return-value]
+        # from_config: a diffusers folder's config.json also names its class and version
+        return lambda: FluxTransformer2DModel.from_config(plan.config)
     if plan.role == "vae":
         from diffusers import AutoencoderKL
 

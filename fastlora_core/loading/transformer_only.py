@@ -12,7 +12,7 @@ import torch
 
 from ..errors import ModelLoadError
 from ..specs import ModelSource
-from .diffusers_folder import _dtype_kwarg, _finish, direct_transformer
+from .diffusers_folder import _dtype_kwarg, _finish, component_plan
 from .header import read_header
 from .plans import _plan_transformer, load_shipped_config
 from .single_file import _build
@@ -39,8 +39,13 @@ def _load_transformer_only(source: ModelSource, dtype: torch.dtype, device: torc
             read_header(f, "transformer weights")
         transformer: Any
         try:
-            transformer = (direct_transformer(sub, dtype, device) if device is not None else
-                           FluxTransformer2DModel.from_pretrained(str(sub), **_dtype_kwarg(dtype), local_files_only=True))
+            if device is not None:
+                plan, shards = component_plan(folder, "transformer")
+                _build(plan, dtype, dry_run=True)
+                transformer = _build(plan, dtype, dry_run=False, device=device, shards=shards)
+            else:
+                transformer = FluxTransformer2DModel.from_pretrained(str(sub), **_dtype_kwarg(dtype),
+                                                                     local_files_only=True)
         except ModelLoadError:
             raise
         except Exception as e:  # noqa: BLE001 - anything diffusers raises on a broken folder
