@@ -186,10 +186,10 @@ class FluxEngine:
 
     @property
     def timings(self) -> dict[str, float]:
-        """Seconds per start-up phase: ``read`` (weights from disk into CPU memory; the transformer's
-        straight into GPU memory when the GPU has ample room), ``masters`` (the fused strategy's
-        bf16 copies; nothing to copy when the transformer was read to the GPU), ``t5`` and ``transformer`` (quantised layer by layer while moving
-        to the device: transfer and quantisation together), ``move_rest`` (CLIP, VAE, the rest),
+        """Seconds per start-up phase: ``read`` (weights from disk into CPU memory, or straight into
+        GPU memory when it has ample room), ``masters`` (the fused strategy's bf16 copies; none to make
+        after a direct read), ``t5`` and ``transformer`` (quantised layer by layer while moving to the
+        device: transfer and quantisation together), ``move_rest`` (CLIP, VAE, the rest),
         ``build`` (the whole constructor, ``load_seconds``: the phases plus checks and set-up); then, on
         first use, ``first_lora`` (the first stack applied: reading, staging, swapping) and
         ``first_image`` (the first ``generate``'s sampling: compilation included when compile is on).
@@ -248,7 +248,7 @@ class FluxEngine:
 
     def _has_ample_room(self) -> bool:
         """Whether the GPU can hold the bf16 transformer, its fp8 copy and everything else at once
-        (more than 64 GiB free): then the transformer is read straight to it and the fused
+        (more than 64 GiB free): then the weights are read straight to it and the fused
         strategy's masters stay there. Smaller cards keep today's path: read on the CPU, quantised
         layer by layer while moving, masters in CPU RAM."""
         if self.device.type != "cuda" or self.options.offload != "none":
