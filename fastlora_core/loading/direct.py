@@ -80,7 +80,8 @@ def read_tensors(header: Header, names: Iterable[str], device: torch.device | st
     info = header.tensors
     wanted = sorted(set(names), key=lambda k: info[k].offsets)
     raw = {k: torch.empty(info[k].offsets[1] - info[k].offsets[0], dtype=torch.uint8, device=device) for k in wanted}
-    chunk_bytes = max(1, min(chunk_bytes, max((b - a for a, b, _ in _runs(header, wanted)), default=1)))
+    runs = _runs(header, [k for k in wanted if raw[k].numel()])
+    chunk_bytes = max(1, min(chunk_bytes, max((b - a for a, b, _ in runs), default=1)))
     staging = [torch.empty(chunk_bytes, dtype=torch.uint8, pin_memory=cuda) for _ in range(2)]
     views = [s.numpy().data for s in staging]
     free_again: list[Any] = [None, None]  # CUDA events: the copies out of each staging chunk are done
@@ -94,7 +95,7 @@ def read_tensors(header: Header, names: Iterable[str], device: torch.device | st
     try:
         with ThreadPoolExecutor(workers) as pool:
             k = 0
-            for start, stop, members in _runs(header, [n for n in wanted if raw[n].numel()]):
+            for start, stop, members in runs:
                 first = 0  # members[first:] are not completely copied yet
                 for pos in range(start, stop, chunk_bytes):
                     n, which = min(chunk_bytes, stop - pos), k % 2
