@@ -73,19 +73,19 @@ def _load_diffusers(folder: Path, dtype: torch.dtype, device: torch.device | Non
     if out_ch is not None and out_ch != in_ch:
         raise ModelLoadError(f"{folder} is a Flux variant with {in_ch} input and {out_ch} output channels (Fill/Canny/"
                              "Depth). FastLoRA runs text-to-image Flux.1 dev/schnell; use such a model.")
+    headers: dict[str, list[Header]] = {}
     for comp in ("transformer", "text_encoder", "text_encoder_2", "vae"):
         files = sorted((folder / comp).glob("*.safetensors"))
         if not files and not any((folder / comp).glob("*.bin")):
             raise ModelLoadError(f"{folder / comp} has no weights (.safetensors). The download is incomplete; "
                                  "download the model again.")
-        for f in files:
-            read_header(f, f"{comp} weights")
+        headers[comp] = [read_header(f, f"{comp} weights") for f in files]
     from diffusers import FluxPipeline
 
     from .single_file import _build
 
     direct = [name for name in DIRECT_COMPONENTS if name in on_device] if device is not None else []
-    plans = {name: component_plan(folder, name) for name in direct}
+    plans = {name: component_plan(folder, name, headers[name]) for name in direct}
     for plan, _ in plans.values():  # dry run on meta tensors before anything is read
         _build(plan, dtype, dry_run=True)
     # Built first and handed to from_pretrained, so the pipeline derives what it derives from them
@@ -112,12 +112,14 @@ _ROLE_OF: dict[str, Role] = {"transformer": "transformer", "text_encoder": "clip
                              "vae": "vae"}
 
 
-def component_plan(folder: Path, name: str) -> tuple[_Plan, list[Header]]:
+def component_plan(folder: Path, name: str, shards: list[Header] | None = None) -> tuple[_Plan, list[Header]]:
     """The single-file loader's plan for one component of a diffusers folder: its config.json, the
-    union of its shards' headers (``header.path`` is the component folder), and the shards, whose
-    headers are checked here (``read_header``)."""
+    union of its shards' headers (``header.path`` is the component folder), and the shards.
+    ``shards``: their headers when the caller already checked them (``read_header``); read here
+    otherwise."""
     sub = folder / name
-    shards = [read_header(f, f"{name} weights") for f in sorted(sub.glob("*.safetensors"))]
+    if shards is None:
+        shards = [read_header(f, f"{name} weights") for f in sorted(sub.glob("*.safetensors"))]
     if not shards:
         raise ModelLoadError(f"{sub} has no .safetensors weights. Download the model again.")
     tensors: dict[str, TensorInfo] = {}

@@ -35,12 +35,11 @@ def _load_transformer_only(source: ModelSource, dtype: torch.dtype, device: torc
         if not (sub / "config.json").is_file():
             raise ModelLoadError(f"{folder} has no transformer/config.json, so it is not a diffusers Flux folder. "
                                  "Use the folder of a diffusers Flux model, or a single transformer file.")
-        for f in sorted(sub.glob("*.safetensors")):
-            read_header(f, "transformer weights")
+        shards = [read_header(f, "transformer weights") for f in sorted(sub.glob("*.safetensors"))]
         transformer: Any
         try:
             if device is not None:
-                plan, shards = component_plan(folder, "transformer")
+                plan, _ = component_plan(folder, "transformer", shards)
                 _build(plan, dtype, dry_run=True)
                 transformer = _build(plan, dtype, dry_run=False, device=device, shards=shards)
             else:
