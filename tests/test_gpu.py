@@ -95,6 +95,33 @@ def test_with_ample_room_the_transformer_is_read_straight_to_the_gpu(tiny_source
         assert got[name].device.type == "cuda" and torch.equal(got[name].cpu(), want), name
 
 
+def test_a_memory_mapped_lora_is_staged_on_the_gpu_from_its_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The MODEL path's staging (ComfyUI's loaders hand over memory-mapped tensors): pinned chunks are
+    filled from the file with preadv on Linux, and the GPU copy is bitwise the file's tensors."""
+    import sys
+
+    import safetensors
+    from safetensors.torch import save_file
+
+    from fastlora_core.lora.staging import PinnedStager
+    from fastlora_core.lora.types import LoraLayer, NormalizedLora
+
+    g = torch.Generator().manual_seed(0)
+    want = {f"l{i}.{p}": torch.randn(*s, generator=g).bfloat16() for i in range(40)
+            for p, s in (("down", (64, 3072)), ("up", (3072, 64)))}
+    save_file(want, str(tmp_path / "lora.safetensors"))
+    with torch.inference_mode(), safetensors.safe_open(str(tmp_path / "lora.safetensors"), "pt") as f:
+        t = {k: f.get_tensor(k) for k in f.keys()}
+    lora = NormalizedLora("m", "comfyui", {f"l{i}": LoraLayer(t[f"l{i}.down"], t[f"l{i}.up"]) for i in range(40)})
+    stager = PinnedStager("cuda", chunk_bytes=4 * 2**20)
+    got = lora.to("cuda", torch.bfloat16, copy_many=stager)
+    for name, layer in got.transformer.items():
+        assert isinstance(layer, LoraLayer) and layer.up.is_cuda
+        assert torch.equal(layer.up.cpu(), want[f"{name}.up"]) and torch.equal(layer.down.cpu(), want[f"{name}.down"])
+    if sys.platform.startswith("linux"):
+        assert stager.last_read_bytes == lora.nbytes()
+
+
 @pytest.mark.skipif(not _fp8_ok(), reason="fp8 needs compute capability >= 8.9")
 def test_fp8_masters_on_the_gpu_are_the_loaded_weights_and_the_layers_quantised_from_them(
         tiny_source: ModelSource) -> None:

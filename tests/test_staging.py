@@ -4,9 +4,16 @@ CPU the chunks are ordinary memory; the GPU path differs only in pinning and asy
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+import sys
+from pathlib import Path
 
+import pytest
+import safetensors
+import torch
+from safetensors.torch import save_file
+
+from fastlora_core.lora import staging
 from fastlora_core.lora.staging import PinnedStager
 from fastlora_core.lora.types import DenseLayer, LoraLayer, NormalizedLora
 
@@ -53,3 +60,77 @@ def test_staging_packs_with_threads_and_across_autograd_modes() -> None:
             got = lora.to("cpu", torch.bfloat16, copy_many=stager)
         for k, t in want.tensors().items():
             assert torch.equal(got.tensors()[k], t), (mode, k)
+
+
+# -- memory-mapped tensors read from their files (Linux: os.preadv + /proc/self/pagemap) -------------------
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps (Linux)")
+
+
+def _mapped_lora(path: Path, seed: int = 0) -> tuple[NormalizedLora, dict[str, torch.Tensor]]:
+    """A LoRA whose tensors are memory-mapped from a safetensors file, as ComfyUI's loaders hold them
+    (``safe_open`` under inference mode), and a private copy of its values."""
+    if not path.exists():
+        g = torch.Generator().manual_seed(seed)
+        save_file({f"l{i}.{p}": torch.randn(*s, generator=g).to(torch.bfloat16)
+                   for i in range(6) for p, s in (("down", (4, 300 + i)), ("up", (200 + i, 4)))}, str(path))
+    with torch.inference_mode(), safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
+        t = {k: f.get_tensor(k) for k in f.keys()}
+    lora = NormalizedLora("mapped", "comfyui", {f"l{i}": LoraLayer(t[f"l{i}.down"], t[f"l{i}.up"]) for i in range(6)},
+                          values_checked=False)
+    return lora, {k: v.clone() for k, v in t.items()}
+
+
+def _assert_equal(got: NormalizedLora, want: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    for name, layer in got.transformer.items():
+        assert isinstance(layer, LoraLayer)
+        for part, tensor in (("down", layer.down), ("up", layer.up)):
+            assert tensor.dtype == dtype and torch.equal(tensor, want[f"{name}.{part}"].to(dtype)), (name, part)
+
+
+@linux_only
+@pytest.mark.parametrize("chunk_bytes,threads", [(1000, 1), (1000, 3), (1 << 20, 2)])
+def test_mapped_tensors_are_read_from_their_file(tmp_path: Path, chunk_bytes: int, threads: int) -> None:
+    """Tensors mapped from a file and unchanged are read from it with preadv (every byte), bit for bit."""
+    lora, want = _mapped_lora(tmp_path / "a.safetensors")
+    stager = PinnedStager("cpu", chunk_bytes=chunk_bytes, threads=threads)
+    got = lora.to("cpu", torch.bfloat16, copy_many=stager)
+    _assert_equal(got, want, torch.bfloat16)
+    assert stager.last_read_bytes == lora.nbytes() and stager.last_copied_bytes == 0
+
+
+@linux_only
+def test_what_the_file_no_longer_holds_is_copied_from_memory(tmp_path: Path) -> None:
+    """A tensor written in place since it was mapped, a file replaced since, a dtype conversion, or a
+    read that fails: the tensor's memory is the truth."""
+    path = tmp_path / "a.safetensors"
+    lora, want = _mapped_lora(path)
+    with torch.inference_mode():  # no version counter: only its private page shows the write
+        lora.transformer["l0"].up[-1, -1] += 1.0
+        want["l0.up"][-1, -1] += 1.0
+    stager = PinnedStager("cpu", chunk_bytes=1000, threads=2)
+    _assert_equal(lora.to("cpu", torch.bfloat16, copy_many=stager), want, torch.bfloat16)
+    up0 = lora.transformer["l0"].up
+    assert stager.last_copied_bytes >= up0.numel() * up0.element_size() and stager.last_read_bytes > 0
+
+    _assert_equal(lora.to("cpu", torch.float32, copy_many=stager), want, torch.float32)  # converted: copied
+    assert stager.last_read_bytes == 0
+
+    lora, want = _mapped_lora(path)
+    tmp = tmp_path / "b.safetensors"
+    save_file({k: torch.zeros_like(v) for k, v in want.items()}, str(tmp))
+    os.replace(tmp, path)  # the path now names another file (another inode)
+    _assert_equal(lora.to("cpu", torch.bfloat16, copy_many=stager), want, torch.bfloat16)
+    assert stager.last_read_bytes == 0 and stager.last_copied_bytes == lora.nbytes()
+
+
+@linux_only
+def test_a_failed_read_falls_back_to_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    lora, want = _mapped_lora(tmp_path / "a.safetensors")
+
+    def short(*_: object) -> None:
+        raise OSError("unexpected end of file")
+
+    monkeypatch.setattr(staging, "read_exactly", short)
+    stager = PinnedStager("cpu", chunk_bytes=1000, threads=2)
+    _assert_equal(lora.to("cpu", torch.bfloat16, copy_many=stager), want, torch.bfloat16)
+    assert stager.last_read_bytes == 0 and stager.last_copied_bytes == lora.nbytes()

@@ -20,12 +20,12 @@ import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import ModelLoadError
+from ..fileio import read_exactly
 from .header import Header
 
 logger = logging.getLogger(__name__)
@@ -36,21 +36,6 @@ CHUNK_BYTES = 256 * 2**20
 MAX_THREADS = 8
 #: Unread bytes between two wanted tensors below this are read through (one run, fewer syscalls).
 GAP_BYTES = 2**20
-
-
-def _read_part(path: Path, fd: int, view: memoryview, offset: int) -> None:
-    """Fill ``view`` with the file's bytes from ``offset``; a short read is an error (truncated file)."""
-    done = 0
-    while done < len(view):
-        if hasattr(os, "preadv"):
-            got = os.preadv(fd, [view[done:]], offset + done)
-        else:  # Windows: no positioned read; a handle of its own per part
-            with open(path, "rb") as fh:
-                fh.seek(offset + done)
-                got = fh.readinto(view[done:]) or 0
-        if got <= 0:
-            raise OSError(f"unexpected end of file at byte {offset + done:,}")
-        done += got
 
 
 def _runs(header: Header, names: list[str]) -> list[tuple[int, int, list[str]]]:
@@ -104,7 +89,7 @@ def read_tensors(header: Header, names: Iterable[str], device: torch.device | st
                         free_again[which].synchronize()
                     step = -(-n // workers)
                     parts = range(0, n, step)
-                    list(pool.map(partial(_read_part, header.path, fd), [views[which][i:min(i + step, n)] for i in parts],
+                    list(pool.map(partial(read_exactly, header.path, fd), [views[which][i:min(i + step, n)] for i in parts],
                                   [header.data_start + pos + i for i in parts]))
                     total += n
                     for name in members[first:]:

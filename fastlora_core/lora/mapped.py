@@ -12,6 +12,10 @@ identity: not Linux (it reads ``/proc/self/maps`` and ``/proc/self/pagemap``), a
 contiguous view of one mapped file, a file replaced or deleted since it was mapped (its inode
 differs), or a tensor written in place since it was read (its version counter moved, or one of its
 pages is no longer the file's page but a private copy).
+
+:func:`file_ranges` answers the same question per tensor for the LoRA stager, which reads such
+tensors' bytes from the file with ``preadv`` (page cache -> pinned memory, many threads, no page
+faults) instead of through the mapping whose pages nothing has touched yet.
 """
 
 from __future__ import annotations
@@ -21,12 +25,13 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
 
-from .cache import FileKey, file_key
+if TYPE_CHECKING:  # cache -> staging -> this module: the cache's names are imported where used
+    from .cache import FileKey
 
 logger = logging.getLogger(__name__)
 
@@ -45,10 +50,22 @@ class Source(NamedTuple):
     shape: tuple[int, ...]
 
 
+class FileRange(NamedTuple):
+    """The bytes of a file a tensor holds unchanged; ``dev`` and ``inode`` say which file the mapping
+    was made of (a reader checks that the path still names it)."""
+
+    path: str
+    dev: int
+    inode: int
+    offset: int
+    nbytes: int
+
+
 class _Mapping(NamedTuple):
     start: int
     end: int
     offset: int
+    dev: int
     inode: int
     path: str
 
@@ -65,7 +82,8 @@ def _file_mappings() -> list[_Mapping]:
             if not path.startswith("/") or path.endswith(" (deleted)"):
                 continue
             start, end = (int(x, 16) for x in parts[0].split("-"))
-            out.append(_Mapping(start, end, int(parts[2], 16), int(parts[4]), path))
+            major, minor = (int(x, 16) for x in parts[3].split(":"))
+            out.append(_Mapping(start, end, int(parts[2], 16), os.makedev(major, minor), int(parts[4]), path))
     out.sort()
     return out
 
@@ -91,22 +109,69 @@ def version(t: torch.Tensor) -> int:
     return 0 if t.is_inference() else int(t._version)
 
 
+def _locate(tensors: Sequence[torch.Tensor]) -> tuple[list[_Mapping], list[tuple[int, int, int] | None]]:
+    """This process's file mappings, and per tensor ``(mapping index, first byte address, byte count)``
+    when it is a contiguous, unwritten view of one of them (None otherwise). Raises OSError or
+    ValueError when ``/proc`` cannot be read as expected."""
+    maps = _file_mappings()
+    starts = [m.start for m in maps]
+    spans: list[tuple[int, int, int] | None] = []
+    for t in tensors:
+        span = None
+        if t.device.type == "cpu" and t.is_contiguous() and t.numel() and version(t) == 0:
+            begin, nbytes = t.data_ptr(), t.numel() * t.element_size()
+            i = bisect.bisect_right(starts, begin) - 1
+            if i >= 0 and begin + nbytes <= maps[i].end:
+                span = (i, begin, nbytes)
+        spans.append(span)
+    with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
+        for i in sorted({s[0] for s in spans if s is not None}):
+            mine = [(j, s[1] // _PAGE, (s[1] + s[2] - 1) // _PAGE) for j, s in enumerate(spans)
+                    if s is not None and s[0] == i]
+            low = min(f for _, f, _ in mine)
+            written = _written_pages(pagemap, low, max(last for _, _, last in mine))
+            for j, f, last in mine:
+                if written[last - low + 1] != written[f - low]:
+                    spans[j] = None
+    return maps, spans
+
+
+def file_ranges(tensors: Sequence[torch.Tensor]) -> list[FileRange | None]:
+    """Per tensor, the file bytes it holds unchanged (module doc), or None where that is not sure
+    (then its memory is the truth). All None off Linux or when ``/proc`` cannot be read."""
+    if not sys.platform.startswith("linux") or not tensors:
+        return [None] * len(tensors)
+    try:
+        maps, spans = _locate(tensors)
+    except Exception as exc:  # noqa: BLE001 - best effort (no /proc in a sandbox, an odd maps line)
+        logger.debug("no mapped-file ranges: %s", exc)
+        return [None] * len(tensors)
+    out: list[FileRange | None] = []
+    for span in spans:
+        if span is None:
+            out.append(None)
+            continue
+        i, begin, nbytes = span
+        m = maps[i]
+        out.append(FileRange(m.path, m.dev, m.inode, m.offset + begin - m.start, nbytes))
+    return out
+
+
 def tensor_sources(tensors: Sequence[torch.Tensor]) -> tuple[Source, ...] | None:
     """The source of every tensor, or None when one of them has no source that is sure (module doc)."""
+    from .cache import file_key
+
     if not sys.platform.startswith("linux") or not tensors:
         return None
     try:
-        maps = _file_mappings()
-        starts = [m.start for m in maps]
+        maps, spans = _locate(tensors)
+        if any(span is None for span in spans):
+            return None
         keys: dict[str, FileKey | None] = {}
-        spans: list[tuple[int, int, int]] = []  # (mapping index, first byte, byte count) per tensor
-        for t in tensors:
-            if t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0 or version(t) != 0:
-                return None
-            begin, nbytes = t.data_ptr(), t.numel() * t.element_size()
-            i = bisect.bisect_right(starts, begin) - 1
-            if i < 0 or begin + nbytes > maps[i].end:
-                return None
+        out = []
+        for t, span in zip(tensors, spans):
+            assert span is not None
+            i, begin, nbytes = span
             m = maps[i]
             if m.path not in keys:
                 try:
@@ -114,21 +179,9 @@ def tensor_sources(tensors: Sequence[torch.Tensor]) -> tuple[Source, ...] | None
                 except Exception:  # noqa: BLE001 - gone or unreadable: no sure source
                     key = None
                 keys[m.path] = key if key is not None and key.inode == m.inode else None
-            if keys[m.path] is None:
-                return None
-            spans.append((i, begin, nbytes))
-        with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
-            for i in sorted({i for i, _, _ in spans}):
-                mine = [(b // _PAGE, (b + n - 1) // _PAGE) for j, b, n in spans if j == i]
-                low = min(f for f, _ in mine)
-                written = _written_pages(pagemap, low, max(last for _, last in mine))
-                if any(written[last - low + 1] != written[f - low] for f, last in mine):
-                    return None
-        out = []
-        for t, (i, begin, nbytes) in zip(tensors, spans):
-            m = maps[i]
             file = keys[m.path]
-            assert file is not None
+            if file is None:
+                return None
             out.append(Source(file, m.offset + begin - m.start, nbytes, str(t.dtype), tuple(t.shape)))
         return tuple(out)
     except Exception as exc:  # noqa: BLE001 - best effort (no /proc in a sandbox, an odd maps line): object identity

@@ -7,9 +7,12 @@ into two reusable page-locked chunks and sends each full chunk with one asynchro
 single device buffer, so packing the next chunk overlaps the transfer of the previous one; the
 results are views of that buffer (one device allocation per LoRA instead of ~840).
 
-Packing a chunk is split over a few threads (``torch`` copies release the GIL): the tensors ComfyUI's
-LoRA loaders hand over are memory-mapped from the file, so packing is where their pages are first
-read, and page faults served by several threads at once come in several times faster than by one.
+Packing a chunk is split over a few threads (``torch`` copies and ``preadv`` release the GIL). The
+tensors ComfyUI's LoRA loaders hand over are memory-mapped from the file and nothing has touched their
+pages yet: where :func:`~.mapped.file_ranges` says a tensor still holds its file's bytes unchanged
+(and no dtype conversion is due), its piece of the chunk is read from the file with ``preadv`` (page
+cache -> pinned memory, no page faults); anything else is copied from memory, which is always the
+truth.
 
 The chunks are allocated once per stager (2 x ``chunk_bytes`` of pinned RAM) and reused. On a
 device that is not CUDA the same packing runs with ordinary memory and synchronous copies, which is
@@ -24,6 +27,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from ..fileio import HAS_PREADV, read_exactly
+from .mapped import FileRange, file_ranges
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_BYTES = 64 * 2**20
@@ -35,9 +41,13 @@ class PinnedStager:
     """Moves lists of CPU tensors to one device through two reusable pinned chunks."""
 
     def __init__(self, device: torch.device | str, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 threads: int = PACK_THREADS) -> None:
-        """``threads``: how many threads pack one chunk (1: the calling thread alone)."""
+                 threads: int = PACK_THREADS, read_files: bool = HAS_PREADV) -> None:
+        """``threads``: how many threads pack one chunk (1: the calling thread alone).
+        ``read_files``: read memory-mapped tensors from their files (module doc)."""
         self.device = torch.device(device)
+        self.read_files = read_files
+        #: pieces read from files / copied from memory by the last call, in bytes (for tests and logs)
+        self.last_read_bytes = self.last_copied_bytes = 0
         self.chunk_bytes = chunk_bytes
         self._chunks: list[torch.Tensor] = []
         self._done: list[torch.cuda.Event | None] = [None, None]
@@ -58,8 +68,14 @@ class PinnedStager:
         by_dtype: dict[torch.dtype, list[int]] = {}
         for i, (_, dt) in enumerate(wanted):
             by_dtype.setdefault(dt, []).append(i)
+        readable = [t.dtype == dt for t, dt in wanted]
+        ranges = file_ranges([t for (t, _), ok in zip(wanted, readable) if ok]) if self.read_files and any(readable) \
+            else []
+        where = iter(ranges)
+        sources = [next(where) if ok and ranges else None for ok in readable]
+        self.last_read_bytes = self.last_copied_bytes = 0
         for dt, idx in by_dtype.items():
-            flat = self._copy_flat([wanted[i][0] for i in idx], dt)
+            flat = self._copy_flat([wanted[i][0] for i in idx], dt, [sources[i] for i in idx])
             pos = 0
             for i in idx:
                 t = wanted[i][0]
@@ -69,8 +85,10 @@ class PinnedStager:
             torch.cuda.current_stream(self.device).synchronize()
         return [t for t in out if t is not None]
 
-    def _copy_flat(self, tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        """All ``tensors`` as one flat ``dtype`` tensor on the device (in order)."""
+    def _copy_flat(self, tensors: list[torch.Tensor], dtype: torch.dtype,
+                   sources: list[FileRange | None]) -> torch.Tensor:
+        """All ``tensors`` as one flat ``dtype`` tensor on the device (in order); ``sources``: per
+        tensor, the file bytes to read it from (None: copy it from memory)."""
         cuda = self.device.type == "cuda"
         total = sum(t.numel() for t in tensors)
         dst = torch.empty(total, dtype=dtype, device=self.device)
@@ -79,30 +97,49 @@ class PinnedStager:
             for t, start in zip(tensors, _starts(tensors)):
                 dst[start:start + t.numel()].copy_(t.reshape(-1))
             return dst
+        views = [c.numpy().data for c in self._buffers()]  # the same bytes, for preadv
+        size = dtype.itemsize
         cap = chunks[0].numel()
         which, fill, sent = 0, 0, 0
         stream = torch.cuda.current_stream(self.device) if cuda else None
-        pieces: list[tuple[torch.Tensor, int]] = []  # (source slice, offset in the current chunk)
+        files = _OpenFiles()
+        # (source slice, offset in the current chunk, (file, byte offset) to read it from or None)
+        pieces: list[tuple[torch.Tensor, int, tuple[FileRange, int, int] | None]] = []
 
-        def copy(chunk: torch.Tensor, run: list[tuple[torch.Tensor, int]]) -> None:
+        def copy(chunk: torch.Tensor, view: memoryview, run: list[tuple[torch.Tensor, int, tuple[FileRange, int, int] | None]]
+                 ) -> tuple[int, int]:
+            read = copied = 0
             # Inference mode whatever the caller's: chunks first used under it (ComfyUI runs nodes so)
             # are inference tensors, writable only inside it; worker threads do not inherit the mode.
             with torch.inference_mode():
-                for src, at in run:
-                    chunk[at:at + src.numel()].copy_(src)
+                for src, at, where in run:
+                    n = src.numel()
+                    if where is not None:
+                        file, fd, offset = where
+                        try:
+                            read_exactly(file.path, fd, view[at * size:(at + n) * size], offset)
+                            read += n * size
+                            continue
+                        except OSError as exc:  # the file changed under the mapping: memory is the truth
+                            logger.debug("%s: reading %d bytes failed (%s); copying from memory", file.path, n * size, exc)
+                    chunk[at:at + n].copy_(src)
+                    copied += n * size
+            return read, copied
 
         def pack() -> None:
             if self._pool is None or len(pieces) < 2:
-                copy(chunks[which], pieces)
+                counts = [copy(chunks[which], views[which], pieces)]
             else:  # contiguous runs of pieces, about the same bytes each, one per thread
                 share = -(-fill // self.threads)
-                runs: list[list[tuple[torch.Tensor, int]]] = [[]]
+                runs: list[list[tuple[torch.Tensor, int, tuple[FileRange, int, int] | None]]] = [[]]
                 for piece in pieces:
                     if runs[-1] and piece[1] >= share * len(runs):
                         runs.append([])
                     runs[-1].append(piece)
-                for done in [self._pool.submit(copy, chunks[which], run) for run in runs]:
-                    done.result()
+                counts = [done.result() for done in [self._pool.submit(copy, chunks[which], views[which], run)
+                                                     for run in runs]]
+            self.last_read_bytes += sum(r for r, _ in counts)
+            self.last_copied_bytes += sum(c for _, c in counts)
             pieces.clear()
 
         def flush() -> None:
@@ -123,22 +160,57 @@ class PinnedStager:
                 pending.synchronize()
                 self._done[which] = None
 
-        for t in tensors:
-            src = t.reshape(-1)
-            i = 0
-            while i < src.numel():
-                n = min(cap - fill, src.numel() - i)
-                pieces.append((src[i:i + n], fill))
-                fill += n
-                i += n
-                if fill == cap:
-                    flush()
-        flush()
-        for k, pending in enumerate(self._done):  # both chunks free again for the next call
-            if pending is not None:
-                pending.synchronize()
-                self._done[k] = None
+        try:
+            for t, source in zip(tensors, sources):
+                src = t.reshape(-1)
+                fd = files.open(source) if source is not None else None
+                i = 0
+                while i < src.numel():
+                    n = min(cap - fill, src.numel() - i)
+                    where = (source, fd, source.offset + i * size) if source is not None and fd is not None else None
+                    pieces.append((src[i:i + n], fill, where))
+                    fill += n
+                    i += n
+                    if fill == cap:
+                        flush()
+            flush()
+        finally:
+            files.close()
+            for k, pending in enumerate(self._done):  # both chunks free again for the next call
+                if pending is not None:
+                    pending.synchronize()
+                    self._done[k] = None
         return dst
+
+
+class _OpenFiles:
+    """Read-only descriptors of the files mapped tensors come from, opened once per staging call.
+    A path that no longer names the file that was mapped (replaced since: other device or inode)
+    gets None, and its tensors are copied from memory."""
+
+    def __init__(self) -> None:
+        self._fds: dict[tuple[str, int, int], int | None] = {}
+
+    def open(self, source: FileRange) -> int | None:
+        key = (source.path, source.dev, source.inode)
+        if key not in self._fds:
+            fd: int | None = None
+            try:
+                fd = os.open(source.path, os.O_RDONLY)
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino) != (source.dev, source.inode):
+                    os.close(fd)
+                    fd = None
+            except OSError:
+                fd = None
+            self._fds[key] = fd
+        return self._fds[key]
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            if fd is not None:
+                os.close(fd)
+        self._fds.clear()
 
 
 def _starts(tensors: list[torch.Tensor]) -> list[int]:
