@@ -103,8 +103,12 @@ def main(out: str, reps: int) -> None:
                 res["mmap_read_files_equals_source"] = all(
                     torch.equal(a.cpu(), b) for a, b in zip(mapped().to(dev, torch.bfloat16, copy_many=s).tensors().values(),
                                                             lora.tensors().values()))
+        for mib in (128, 256):  # larger chunks than the stager's default, reading from the file
+            s = PinnedStager(dev, chunk_bytes=mib * 2**20)
+            s(list(zip([torch.zeros(1)], [torch.bfloat16])))
+            res[f"mmap_read_files_chunk{mib}_ms"] = timed(lambda s=s: mapped().to(dev, torch.bfloat16, copy_many=s))
     for k in ("per_tensor_ms", "pinned_ms", "check_cpu_ms", "check_staged_ms", "mmap_one_thread_ms",
-              "mmap_pinned_ms", "mmap_read_files_ms"):
+              "mmap_pinned_ms", "mmap_read_files_ms", "mmap_read_files_chunk128_ms", "mmap_read_files_chunk256_ms"):
         res[k.replace("_ms", "_median_ms")] = statistics.median(res[k])  # type: ignore[arg-type]
     exact = all(torch.equal(a.cpu(), b) for a, b in zip(staged.tensors().values(), lora.tensors().values()))
     res["pinned_equals_source"] = exact

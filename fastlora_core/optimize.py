@@ -324,6 +324,41 @@ def quantize_t5(text_encoder: torch.nn.Module, mode: str, dtype: torch.dtype, de
     logger.info("T5 quantised with bitsandbytes %s: %d linear layers", mode, replaced)
 
 
+_CONTIGUOUS_CLASSES: dict[type, type] = {}
+
+
+def hand_over_contiguous(transformer: torch.nn.Module) -> int:
+    """Make every single-stream block return tensors with standard strides, so all 38 share one
+    compiled graph.
+
+    A diffusers single block returns its two streams as slices of one tensor (batch stride
+    ``(text + image tokens) * dim``), while the first single block gets contiguous tensors from the
+    last double block. Dynamo guards on strides, so regional compilation made a third graph for that
+    first block: one more compile cold (and one more re-trace warm) for the same code. Inside the
+    compiled graph the copies come with the block's last pointwise kernel, and the next block
+    concatenates its inputs anyway. The block keeps its class name (``compile_repeated_blocks``
+    matches on it), its state dict and its values; returns how many blocks were changed."""
+    changed = 0
+    for block in getattr(transformer, "single_transformer_blocks", ()):
+        base = type(block)
+        if base in _CONTIGUOUS_CLASSES.values():
+            continue
+        if base not in _CONTIGUOUS_CLASSES:
+            base_forward = base.forward
+
+            def forward(self: torch.nn.Module, *args: object, _base=base_forward, **kwargs: object) -> tuple:
+                # clone, not .contiguous(): with batch 1 a slice counts as contiguous but keeps the
+                # parent's batch stride, which is what the guard compares
+                return tuple(t.clone(memory_format=torch.contiguous_format) for t in _base(self, *args, **kwargs))
+
+            _CONTIGUOUS_CLASSES[base] = type(base.__name__, (base,), {
+                "forward": forward, "__module__": base.__module__,
+                "__doc__": f"{base.__name__} returning contiguous tensors (fastlora_core.optimize.hand_over_contiguous)."})
+        block.__class__ = _CONTIGUOUS_CLASSES[base]
+        changed += 1
+    return changed
+
+
 def compile_transformer(transformer: torch.nn.Module, mode: str, dynamic: bool) -> None:
     """``full``: the whole transformer as one graph; ``regional``: each repeated block (the 19 double
     and 38 single blocks share two graphs), compiling in a fraction of the time. Never uses inductor
@@ -345,6 +380,7 @@ def compile_transformer(transformer: torch.nn.Module, mode: str, dynamic: bool) 
     if mode == "full":
         transformer.compile(**kwargs)
     elif mode == "regional":
+        hand_over_contiguous(transformer)
         transformer.compile_repeated_blocks(**kwargs)  # type: ignore[operator]
     elif mode != "off":
         raise OptionsError(f"unknown compile mode {mode!r}")

@@ -260,6 +260,62 @@ def test_release_while_a_call_waits_for_the_engine_gives_the_documented_error(
 
 
 # -- compilation -----------------------------------------------------------------------------------
+def _flux_with_blocks(double: int, single: int) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """A tiny random Flux transformer with several blocks of each kind, and inputs for it."""
+    from diffusers import FluxTransformer2DModel
+
+    from fastlora_core.tiny import TINY_TRANSFORMER_CONFIG
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(**{**TINY_TRANSFORMER_CONFIG, "num_layers": double, "num_single_layers": single})
+    g = torch.Generator().manual_seed(1)
+    tokens, text = 16, 5
+    inputs = {"hidden_states": torch.randn(1, tokens, 16, generator=g),
+              "encoder_hidden_states": torch.randn(1, text, 32, generator=g),
+              "pooled_projections": torch.randn(1, 32, generator=g), "timestep": torch.tensor([0.5]),
+              "img_ids": torch.randn(tokens, 3, generator=g), "txt_ids": torch.zeros(text, 3),
+              "guidance": torch.tensor([3.5])}
+    return model.eval(), inputs
+
+
+@pytest.mark.slow
+def test_regional_compile_makes_one_graph_per_block_class() -> None:
+    """Two graphs for any number of blocks: the first single block (fed by a double block) gets no
+    graph of its own (it did while single blocks handed over slices with another batch stride)."""
+    from fastlora_core.optimize import compile_transformer, dynamo_compile_count
+
+    model, inputs = _flux_with_blocks(2, 3)
+    with torch.no_grad():
+        eager = model(**inputs).sample
+        torch._dynamo.reset()
+        compile_transformer(model, "regional", False)
+        before = dynamo_compile_count()
+        compiled = model(**inputs).sample
+    assert dynamo_compile_count() - before == 2
+    assert torch.allclose(compiled, eager, atol=1e-5, rtol=1e-5)  # inductor reorders float32 sums
+
+
+def test_single_blocks_hand_over_tensors_with_standard_strides_and_the_same_values() -> None:
+    from fastlora_core.optimize import hand_over_contiguous
+
+    model, inputs = _flux_with_blocks(1, 2)
+    block = model.single_transformer_blocks[0]
+    name, keys = type(block).__name__, list(block.state_dict())
+    g = torch.Generator().manual_seed(0)
+    dim = block.proj_out.out_features
+    hidden, text, temb = (torch.randn(*shape, generator=g) for shape in ((1, 16, dim), (1, 5, dim), (1, dim)))
+    with torch.no_grad():
+        before = block(hidden_states=hidden, encoder_hidden_states=text, temb=temb)
+        assert before[1].stride(0) == 21 * dim  # diffusers' own block: slices of one tensor
+        assert hand_over_contiguous(model) == 2
+        assert hand_over_contiguous(model) == 0  # once
+        after = block(hidden_states=hidden, encoder_hidden_states=text, temb=temb)
+        assert torch.equal(model(**inputs).sample, model(**inputs).sample)
+    assert type(block).__name__ == name and list(block.state_dict()) == keys
+    assert [t.stride(0) for t in after] == [5 * dim, 16 * dim]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
 @pytest.mark.slow
 def test_compiled_engine_never_recompiles_for_new_prompt_seed_steps_guidance(
         tiny_source: ModelSource, tiny_request: GenerateRequest) -> None:

@@ -95,6 +95,23 @@ def test_with_ample_room_the_transformer_is_read_straight_to_the_gpu(tiny_source
         assert got[name].device.type == "cuda" and torch.equal(got[name].cpu(), want), name
 
 
+def test_non_finite_values_are_found_on_the_gpu() -> None:
+    """The staged check (``first_non_finite`` on CUDA tensors): a NaN, an infinity and finite values
+    whose sum overflows float32 among many tensors, in bf16 and float32."""
+    from fastlora_core.lora.formats import first_non_finite
+
+    for dtype in (torch.bfloat16, torch.float32):
+        tensors = {f"t{i:03d}": torch.randn(64, 300, device="cuda", dtype=dtype) for i in range(200)}
+        assert first_non_finite(tensors) is None
+        tensors["t150"][3, 7] = float("nan")
+        assert first_non_finite(tensors) == ("t150", 1, "NaN")
+        tensors["t020"][0, 0] = float("-inf")
+        assert first_non_finite(tensors) == ("t020", 1, "infinite")
+        del tensors["t150"], tensors["t020"]
+        tensors["t100"].fill_(3e38 if dtype == torch.float32 else 1e38)  # finite, but the sums overflow
+        assert first_non_finite(tensors) is None
+
+
 def test_a_memory_mapped_lora_is_staged_on_the_gpu_from_its_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """The MODEL path's staging (ComfyUI's loaders hand over memory-mapped tensors): pinned chunks are
     filled from the file with preadv on Linux, and the GPU copy is bitwise the file's tensors."""

@@ -202,23 +202,39 @@ def first_non_finite(tensors: Mapping[str, torch.Tensor]) -> tuple[str, int, str
     Fast path: a float32 sum is finite whenever every value is (NaN and infinities propagate
     through a sum), and a sum costs a fraction of an element-wise ``isfinite`` on the CPU (0.07 s
     vs 1.1 s for a 630 MB rank-64 Flux LoRA on 2 cores); only a tensor whose sum is not finite (bad
-    values, or finite values overflowing float32) is checked element by element. The sums are read
-    back together (one device synchronisation for tensors on a GPU)."""
+    values, or finite values overflowing float32) is checked element by element. On a GPU the same
+    test runs on the sums of magnitudes (``torch._foreach_norm`` with ``ord=1``: a few kernels for
+    the ~840 tensors of a Flux LoRA instead of one sum each, which took 16 ms on the H200, launches
+    dominating; not ``ord=inf``, whose max may drop NaN on CUDA). The results are read back together
+    (one device synchronisation per device)."""
     keys = [k for k in sorted(tensors) if tensors[k].is_floating_point() and tensors[k].numel() > 0]
     if not keys:
         return None
+    finite: list[bool | None] = [None] * len(keys)
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, k in enumerate(keys):
+        t = tensors[k]
+        if t.is_cuda and t.element_size() > 1:
+            groups.setdefault((t.device, t.dtype), []).append(i)
+    for idx in groups.values():
+        norms = torch._foreach_norm([tensors[keys[i]] for i in idx], ord=1)
+        for i, ok in zip(idx, torch.stack(norms).isfinite().tolist()):
+            finite[i] = ok
+    rest = [i for i, ok in enumerate(finite) if ok is None]
     sums = [(t.float().sum() if t.element_size() == 1 else t.sum(dtype=torch.float32))
-            for t in (tensors[k] for k in keys)]
+            for t in (tensors[keys[i]] for i in rest)]
     by_device: dict[torch.device, list[int]] = {}
-    for i, s in enumerate(sums):
-        by_device.setdefault(s.device, []).append(i)
-    suspect = sorted(i for idx in by_device.values()
-                     for i, ok in zip(idx, torch.stack([sums[i] for i in idx]).isfinite().tolist()) if not ok)
+    for j, s in enumerate(sums):
+        by_device.setdefault(s.device, []).append(j)
+    for idx in by_device.values():
+        for j, ok in zip(idx, torch.stack([sums[j] for j in idx]).isfinite().tolist()):
+            finite[rest[j]] = ok
+    suspect = [i for i, ok in enumerate(finite) if not ok]
     for i in suspect:
         t = tensors[keys[i]]
-        finite = torch.isfinite(t.float() if t.element_size() == 1 else t)
-        if not bool(finite.all()):
-            bad = t[~finite]
+        mask = torch.isfinite(t.float() if t.element_size() == 1 else t)
+        if not bool(mask.all()):
+            bad = t[~mask]
             return keys[i], int(bad.numel()), "NaN" if bool(bad.isnan().any()) else "infinite"
     return None
 
