@@ -16,6 +16,9 @@ strategy merges the LoRA into these weights, so this is also the loop with a LoR
   inductor also benchmarks its Triton (scaled-)mm templates, which can take the activation
   quantisation into the GEMM's prologue/epilogue.
 - ``pertensor_max_autotune``: both.
+- ``perrow_contiguous``: the baseline with the engine's ``optimize.hand_over_contiguous`` (single blocks
+  return tensors with standard strides, so the first one shares the others' graph: 2 graphs, not 3),
+  to measure what that costs or saves in the loop and the compile.
 """
 
 from __future__ import annotations
@@ -28,14 +31,14 @@ import sys
 import time
 from pathlib import Path
 
-ATTEMPTS = ("perrow", "pertensor", "max_autotune", "pertensor_max_autotune")
+ATTEMPTS = ("perrow", "pertensor", "max_autotune", "pertensor_max_autotune", "perrow_contiguous")
 
 
 def worker(attempt: str, out: Path, loops: int) -> None:
     import torch
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
 
-    from fastlora_core.optimize import _is_quantizable_linear
+    from fastlora_core.optimize import _is_quantizable_linear, hand_over_contiguous
 
     from .fullsize import (
         Inputs,
@@ -62,6 +65,8 @@ def worker(attempt: str, out: Path, loops: int) -> None:
     if attempt.endswith("max_autotune"):
         kwargs["mode"] = "max-autotune-no-cudagraphs"
     res["compile_kwargs"] = kwargs
+    if attempt.endswith("contiguous"):
+        res["blocks_handing_over_contiguous"] = hand_over_contiguous(model)
     inp = Inputs()
     save()
     with torch.inference_mode():

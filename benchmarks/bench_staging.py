@@ -103,12 +103,49 @@ def main(out: str, reps: int) -> None:
                 res["mmap_read_files_equals_source"] = all(
                     torch.equal(a.cpu(), b) for a, b in zip(mapped().to(dev, torch.bfloat16, copy_many=s).tensors().values(),
                                                             lora.tensors().values()))
+        # Where the stager's time goes (file -> pinned memory, pinned memory -> GPU), each phase alone
+        import os
+        from concurrent.futures import ThreadPoolExecutor
+
+        from fastlora_core.fileio import read_exactly
+        from fastlora_core.lora.mapped import file_ranges
+
+        def ranges_only() -> None:
+            t = mapped()
+            tensors = [x for layer in t.transformer.values() for x in (layer.down, layer.up)]  # type: ignore[union-attr]
+            t0 = time.perf_counter()
+            file_ranges(tensors)
+            res.setdefault("file_ranges_only_ms", []).append(round((time.perf_counter() - t0) * 1000, 1))  # type: ignore[union-attr]
+
+        for _ in range(reps):
+            ranges_only()
+        nbytes = lora.nbytes()
+        pinned = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda)
+        view = pinned.numpy().data
+        tensors0 = [x for layer in mapped().transformer.values() for x in (layer.down, layer.up)]  # type: ignore[union-attr]
+        spans = [r for r in file_ranges(tensors0) if r is not None]
+        starts = [sum(r.nbytes for r in spans[:i]) for i in range(len(spans))]
+        fd = os.open(path, os.O_RDONLY)
+        with ThreadPoolExecutor(staging.PACK_THREADS) as pool:
+            res["file_to_pinned_only_ms"] = timed(lambda: list(pool.map(
+                lambda i: read_exactly(path, fd, view[starts[i]:starts[i] + spans[i].nbytes], spans[i].offset),
+                range(len(spans)))))
+        os.close(fd)
+        gpu = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+        step = 64 * 2**20
+
+        def h2d() -> None:
+            for a in range(0, nbytes, step):
+                gpu[a:a + step].copy_(pinned[a:a + step], non_blocking=cuda)
+
+        res["pinned_to_gpu_only_ms"] = timed(h2d)
         for mib in (128, 256):  # larger chunks than the stager's default, reading from the file
             s = PinnedStager(dev, chunk_bytes=mib * 2**20)
             s(list(zip([torch.zeros(1)], [torch.bfloat16])))
             res[f"mmap_read_files_chunk{mib}_ms"] = timed(lambda s=s: mapped().to(dev, torch.bfloat16, copy_many=s))
     for k in ("per_tensor_ms", "pinned_ms", "check_cpu_ms", "check_staged_ms", "mmap_one_thread_ms",
-              "mmap_pinned_ms", "mmap_read_files_ms", "mmap_read_files_chunk128_ms", "mmap_read_files_chunk256_ms"):
+              "mmap_pinned_ms", "mmap_read_files_ms", "mmap_read_files_chunk128_ms", "mmap_read_files_chunk256_ms",
+              "file_ranges_only_ms", "file_to_pinned_only_ms", "pinned_to_gpu_only_ms"):
         res[k.replace("_ms", "_median_ms")] = statistics.median(res[k])  # type: ignore[arg-type]
     exact = all(torch.equal(a.cpu(), b) for a, b in zip(staged.tensors().values(), lora.tensors().values()))
     res["pinned_equals_source"] = exact
