@@ -9,10 +9,10 @@ results are views of that buffer (one device allocation per LoRA instead of ~840
 
 Packing a chunk is split over a few threads (``torch`` copies and ``preadv`` release the GIL). The
 tensors ComfyUI's LoRA loaders hand over are memory-mapped from the file and nothing has touched their
-pages yet: where :func:`~.mapped.file_ranges` says a tensor still holds its file's bytes unchanged
-(and no dtype conversion is due), its piece of the chunk is read from the file with ``preadv`` (page
-cache -> pinned memory, no page faults); anything else is copied from memory, which is always the
-truth.
+pages yet: where :func:`~.mapped.file_ranges` says a tensor still holds its file's bytes unchanged (and
+no dtype conversion is due), its piece of the chunk is read from the file with ``preadv`` (page cache
+-> pinned memory, no page faults; ARCHITECTURE decision 30); anything else is copied from memory,
+which is always the truth.
 
 The chunks are allocated once per stager (2 x ``chunk_bytes`` of pinned RAM) and reused. On a
 device that is not CUDA the same packing runs with ordinary memory and synchronous copies, which is
