@@ -204,9 +204,9 @@ def first_non_finite(tensors: Mapping[str, torch.Tensor]) -> tuple[str, int, str
     vs 1.1 s for a 630 MB rank-64 Flux LoRA on 2 cores); only a tensor whose sum is not finite (bad
     values, or finite values overflowing float32) is checked element by element. On a GPU the same
     test runs on the sums of magnitudes (``torch._foreach_norm`` with ``ord=1``: a few kernels for
-    the ~840 tensors of a Flux LoRA instead of one sum each, which took 16 ms on the H200, launches
-    dominating; not ``ord=inf``, whose max may drop NaN on CUDA). The results are read back together
-    (one device synchronisation per device)."""
+    the ~840 tensors of a Flux LoRA instead of one sum each, 16 -> 3-4 ms on the H200, where kernel
+    launches dominated; not ``ord=inf``, whose max may drop NaN on CUDA). The results are read back
+    together (one device synchronisation per device)."""
     keys = [k for k in sorted(tensors) if tensors[k].is_floating_point() and tensors[k].numel() > 0]
     if not keys:
         return None

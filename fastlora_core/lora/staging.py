@@ -36,6 +36,10 @@ DEFAULT_CHUNK_BYTES = 64 * 2**20
 #: threads that pack one chunk (at most; 1 on a machine with fewer cores)
 PACK_THREADS = max(1, min(8, (os.cpu_count() or 1) // 2))
 
+#: One piece of a chunk: the source slice, its offset in the chunk (elements), and where to read it
+#: from instead of copying it: (file, open descriptor, byte offset), or None.
+_Piece = tuple[torch.Tensor, int, tuple[FileRange, int, int] | None]
+
 
 class PinnedStager:
     """Moves lists of CPU tensors to one device through two reusable pinned chunks."""
@@ -68,11 +72,11 @@ class PinnedStager:
         by_dtype: dict[torch.dtype, list[int]] = {}
         for i, (_, dt) in enumerate(wanted):
             by_dtype.setdefault(dt, []).append(i)
-        readable = [t.dtype == dt for t, dt in wanted]
-        ranges = file_ranges([t for (t, _), ok in zip(wanted, readable) if ok]) if self.read_files and any(readable) \
-            else []
-        where = iter(ranges)
-        sources = [next(where) if ok and ranges else None for ok in readable]
+        sources: list[FileRange | None] = [None] * len(wanted)
+        readable = [i for i, (t, dt) in enumerate(wanted) if t.dtype == dt]  # no conversion due
+        if self.read_files and readable:
+            for i, source in zip(readable, file_ranges([wanted[i][0] for i in readable])):
+                sources[i] = source
         self.last_read_bytes = self.last_copied_bytes = 0
         for dt, idx in by_dtype.items():
             flat = self._copy_flat([wanted[i][0] for i in idx], dt, [sources[i] for i in idx])
@@ -103,11 +107,9 @@ class PinnedStager:
         which, fill, sent = 0, 0, 0
         stream = torch.cuda.current_stream(self.device) if cuda else None
         files = _OpenFiles()
-        # (source slice, offset in the current chunk, (file, byte offset) to read it from or None)
-        pieces: list[tuple[torch.Tensor, int, tuple[FileRange, int, int] | None]] = []
+        pieces: list[_Piece] = []
 
-        def copy(chunk: torch.Tensor, view: memoryview, run: list[tuple[torch.Tensor, int, tuple[FileRange, int, int] | None]]
-                 ) -> tuple[int, int]:
+        def copy(chunk: torch.Tensor, view: memoryview, run: list[_Piece]) -> tuple[int, int]:
             read = copied = 0
             # Inference mode whatever the caller's: chunks first used under it (ComfyUI runs nodes so)
             # are inference tensors, writable only inside it; worker threads do not inherit the mode.
@@ -131,7 +133,7 @@ class PinnedStager:
                 counts = [copy(chunks[which], views[which], pieces)]
             else:  # contiguous runs of pieces, about the same bytes each, one per thread
                 share = -(-fill // self.threads)
-                runs: list[list[tuple[torch.Tensor, int, tuple[FileRange, int, int] | None]]] = [[]]
+                runs: list[list[_Piece]] = [[]]
                 for piece in pieces:
                     if runs[-1] and piece[1] >= share * len(runs):
                         runs.append([])
