@@ -99,6 +99,7 @@ def main(out: str, reps: int) -> None:
             s(list(zip([torch.zeros(1)], [torch.bfloat16])))  # pin its chunks outside the timing
             res[label] = timed(lambda s=s: mapped().to(dev, torch.bfloat16, copy_many=s))
             res[label.replace("_ms", "_bytes_read_from_file")] = s.last_read_bytes
+            res[label.replace("_ms", "_last_call_split_ms")] = {k: round(v, 1) for k, v in s.last_ms.items()}
             if read_files:
                 res["mmap_read_files_equals_source"] = all(
                     torch.equal(a.cpu(), b) for a, b in zip(mapped().to(dev, torch.bfloat16, copy_many=s).tensors().values(),

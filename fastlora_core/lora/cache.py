@@ -220,8 +220,9 @@ class DeviceLoraCache:
             staged = lora.to(self.device, self.dtype, copy_many=self.stager)
             torch.cuda.synchronize(self.device)
             if self.stager is not None:
-                logger.debug("%s staged: %.1f MB read from its file, %.1f MB copied from memory", lora.path,
-                             self.stager.last_read_bytes / 1e6, self.stager.last_copied_bytes / 1e6)
+                logger.debug("%s staged: %.1f MB read from its file, %.1f MB copied from memory; ms %s", lora.path,
+                             self.stager.last_read_bytes / 1e6, self.stager.last_copied_bytes / 1e6,
+                             {k: round(v, 1) for k, v in self.stager.last_ms.items()})
             self._loras[key] = staged
             budget = self.budget_bytes()
             while len(self._loras) > 1 and sum(x.nbytes() for x in self._loras.values()) > budget:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -52,6 +53,9 @@ class PinnedStager:
         self.read_files = read_files
         #: pieces read from files / copied from memory by the last call, in bytes (for tests and logs)
         self.last_read_bytes = self.last_copied_bytes = 0
+        #: where the last call's time went, ms: ``ranges`` (file_ranges), ``pack`` (filling chunks),
+        #: ``wait`` (for a chunk's transfer before refilling it, and the final one), ``total``
+        self.last_ms: dict[str, float] = {}
         self.chunk_bytes = chunk_bytes
         self._chunks: list[torch.Tensor] = []
         self._done: list[torch.cuda.Event | None] = [None, None]
@@ -68,6 +72,8 @@ class PinnedStager:
         """The tensors of ``wanted`` (``(CPU tensor, target dtype)``) on the device, in that dtype,
         same shapes and values; views into one device allocation per dtype. Synchronised before it
         returns (the copies are finished)."""
+        start = time.perf_counter()
+        self.last_ms = {"ranges": 0.0, "pack": 0.0, "wait": 0.0}
         out: list[torch.Tensor | None] = [None] * len(wanted)
         by_dtype: dict[torch.dtype, list[int]] = {}
         for i, (_, dt) in enumerate(wanted):
@@ -77,6 +83,7 @@ class PinnedStager:
         if self.read_files and readable:
             for i, source in zip(readable, file_ranges([wanted[i][0] for i in readable])):
                 sources[i] = source
+            self.last_ms["ranges"] = (time.perf_counter() - start) * 1000
         self.last_read_bytes = self.last_copied_bytes = 0
         for dt, idx in by_dtype.items():
             flat = self._copy_flat([wanted[i][0] for i in idx], dt, [sources[i] for i in idx])
@@ -86,7 +93,10 @@ class PinnedStager:
                 out[i] = flat[pos:pos + t.numel()].view(t.shape)
                 pos += t.numel()
         if self.device.type == "cuda":
+            waited = time.perf_counter()
             torch.cuda.current_stream(self.device).synchronize()
+            self.last_ms["wait"] += (time.perf_counter() - waited) * 1000
+        self.last_ms["total"] = (time.perf_counter() - start) * 1000
         return [t for t in out if t is not None]
 
     def _copy_flat(self, tensors: list[torch.Tensor], dtype: torch.dtype,
@@ -129,6 +139,7 @@ class PinnedStager:
             return read, copied
 
         def pack() -> None:
+            packing = time.perf_counter()
             if self._pool is None or len(pieces) < 2:
                 counts = [copy(chunks[which], views[which], pieces)]
             else:  # contiguous runs of pieces, about the same bytes each, one per thread
@@ -143,6 +154,7 @@ class PinnedStager:
             self.last_read_bytes += sum(r for r, _ in counts)
             self.last_copied_bytes += sum(c for _, c in counts)
             pieces.clear()
+            self.last_ms["pack"] += (time.perf_counter() - packing) * 1000
 
         def flush() -> None:
             nonlocal which, fill, sent
@@ -159,7 +171,9 @@ class PinnedStager:
             which ^= 1
             pending = self._done[which]
             if pending is not None:  # the other chunk's transfer must be over before it is refilled
+                waited = time.perf_counter()
                 pending.synchronize()
+                self.last_ms["wait"] += (time.perf_counter() - waited) * 1000
                 self._done[which] = None
 
         try:
