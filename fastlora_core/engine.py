@@ -22,8 +22,8 @@ from . import cancel
 from .errors import EngineReleasedError, LoraFitError, LoraFormatError, OptionsError, out_of_memory
 from .lora.adapter import AdapterStrategy
 from .lora.base import ResolvedEntry, SwapStrategy
-from .lora.bfl import check_values
-from .lora.cache import GLOBAL_CACHE, DeviceLoraCache, FileKey, LoraCache, file_key
+from .lora.cache import GLOBAL_CACHE, MEMORY_PREFIX, DeviceLoraCache, FileKey, LoraCache, file_key
+from .lora.formats import check_values, read_lora
 from .lora.fused import FusedStrategy
 from .optimize import (
     Resolved,
@@ -292,11 +292,13 @@ class FluxEngine:
             key, lora, hit = self.lora_cache.lookup(spec.path, current)
             t1 = time.perf_counter()
             staged = self.device_loras.stage(key, lora)
-            if not lora.values_checked:  # built in memory (ComfyUI's loaders): checked once, where staged
+            if not lora.values_checked:  # checked once, where staged (decisions 23 and 32)
                 try:
                     check_values(staged)
                 except LoraFormatError:
                     self.device_loras.drop(key)
+                    if not spec.path.startswith(MEMORY_PREFIX):
+                        read_lora(spec.path)  # raises naming the file's own tensor key when it holds the bad value
                     raise
                 self.lora_cache.mark_checked(key)
             read_s += t1 - t0

@@ -2,8 +2,9 @@
 
 A LoRA holding NaN or infinite values, or a strength of NaN, +-inf or 1e30 (headless API calls can
 send any number, whatever the widget's range), used to give an all-NaN (black) image without an
-error. Now the file is refused when it is read (naming the file and the first bad tensor) and the
-strength when the spec is built; the engine keeps serving its previous stack bit for bit.
+error. Now the file is refused (naming the file and the first bad tensor) when it is read, or, read by
+the engine's LoRA cache, once where the engine stages it; the strength is refused when the spec is
+built; the engine keeps serving its previous stack bit for bit.
 """
 
 from __future__ import annotations
@@ -68,9 +69,10 @@ def test_engine_refuses_a_non_finite_lora_and_keeps_its_stack(
     engine = FluxEngine(tiny_source, dataclasses.replace(CPU, swap_strategy=strategy), lora_cache=LoraCache())
     good = LoraStack.of((tiny_loras["fastlora-tiny-style"], 1.0))
     before = engine.generate(tiny_request, good).images
-    path, _ = _poisoned(tiny_loras["fastlora-tiny-style"], tmp_path / "nan.safetensors", math.nan, which=0)
-    with pytest.raises(LoraFormatError, match="NaN"):
+    path, key = _poisoned(tiny_loras["fastlora-tiny-style"], tmp_path / "nan.safetensors", math.nan, which=0)
+    with pytest.raises(LoraFormatError, match="NaN") as info:
         engine.generate(tiny_request, good.plus(LoraSpec.of(path, 0.5)))
+    assert str(path) in str(info.value) and key in str(info.value)  # the file's own tensor name
     assert engine.loaded_stack == good
     after = engine.generate(tiny_request, good).images
     assert torch.equal(after, before) and bool(torch.isfinite(after).all())
@@ -112,3 +114,22 @@ def test_finite_check_fast_path_never_hides_a_bad_value_or_flags_a_good_one() ->
     assert first_non_finite({"q": fp8}) is None
     assert first_non_finite({"q": torch.full((4,), float("nan")).to(torch.float8_e4m3fn)}) == ("q", 4, "NaN")
     assert first_non_finite({"i": torch.arange(5)}) is None  # integers have no NaN
+
+
+def test_a_files_values_are_checked_once_where_the_engine_stages_them(
+        tiny_source: ModelSource, tiny_loras: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine's LoRA cache reads a file without the CPU check (~100 ms for a rank-64 Flux LoRA);
+    the engine checks the staged copy (3-4 ms on a GPU) the first time, and never again."""
+    from fastlora_core import engine as engine_module
+
+    cache = LoraCache()
+    engine = FluxEngine(tiny_source, CPU, lora_cache=cache)
+    checked: list[str] = []
+    real = engine_module.check_values
+    monkeypatch.setattr(engine_module, "check_values", lambda lora: checked.append(lora.path) or real(lora))
+    path = tiny_loras["fastlora-tiny-style"]
+    assert not cache.get(path)[1].values_checked
+    for strength in (1.0, 0.5, None, 1.0):
+        engine.apply(LoraStack.of((path, strength)) if strength is not None else LoraStack())
+    assert len(checked) == 1 and checked[0].endswith("fastlora-tiny-style.safetensors")
+    assert cache.get(path)[1].values_checked

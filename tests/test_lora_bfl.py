@@ -94,7 +94,7 @@ def test_non_finite_deltas_are_refused_with_the_label(value: float, word: str) -
     """A LoRA reaching the MODEL path through ComfyUI's loaders is checked like a file: NaN or
     infinite values would make every image black. It comes out of the conversion marked unchecked
     (the engine checks its staged copy) and the check names the loader's label and the layer."""
-    from fastlora_core.lora.bfl import check_values
+    from fastlora_core.lora.formats import check_values
 
     down = rand(2, H, seed=2)
     down[1, 3] = value

@@ -16,8 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import LoraFitError, LoraFormatError
-from .formats import first_non_finite
+from ..errors import LoraFitError
 from .targets import bfl_module_targets
 from .types import Layer, LoraLayer, NormalizedLora
 
@@ -34,21 +33,6 @@ class BflDelta:
     down: torch.Tensor  # [rank, in_features]
     scale: float = 1.0
     rows: tuple[int, int] | None = None
-
-
-def check_values(lora: NormalizedLora) -> None:
-    """Refuse NaN or infinite values in a LoRA built by :func:`lora_from_bfl` (merged, they make
-    every image black). The engine calls this once per distinct LoRA, on its copy staged on the GPU
-    (a sum per tensor there costs a few ms; on the CPU it is ~30-70 ms for a rank-64 Flux LoRA), as a
-    file's values are checked once when it is read."""
-    found = first_non_finite(lora.tensors())
-    if found is not None:
-        key, count, what = found
-        raise LoraFormatError(
-            f"{lora.path}: {key} holds {count} {what} value(s). Applied, it would turn every image black. The "
-            "LoRA file in that loader is damaged or was saved from a diverged training run: download it again "
-            "or use another checkpoint of this LoRA. Nothing was changed."
-        )
 
 
 def lora_from_bfl(deltas: Iterable[BflDelta], label: str, out_features: Mapping[str, int]) -> NormalizedLora:

@@ -112,7 +112,8 @@ class LoraCache:
         return len(self._items)
 
     def get(self, path: str) -> tuple[FileKey, NormalizedLora]:
-        """Parsed LoRA for ``path`` (read on a miss). Raises LoraFormatError for bad files."""
+        """Parsed LoRA for ``path`` (read on a miss). Raises LoraFormatError for bad files; its values
+        are checked for NaN / infinities by whoever applies it (``values_checked``)."""
         key, lora, _ = self.lookup(path)
         return key, lora
 
@@ -133,7 +134,7 @@ class LoraCache:
                 f"The in-memory LoRA {path} is no longer cached (FASTLORA_LORA_CACHE_MB is too small for the "
                 "LoRAs in use). Queue the workflow again; raise FASTLORA_LORA_CACHE_MB if this repeats."
             )
-        lora = read_lora(path)
+        lora = read_lora(path, check_finite=False)  # checked where the engine stages it (decision 32)
         with self._lock:
             self.misses += 1
             for old in [k for k in self._items if k.path == key.path]:  # older versions of this file

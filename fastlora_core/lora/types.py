@@ -152,8 +152,9 @@ class NormalizedLora:
     transformer: dict[str, Layer]
     text_encoder: dict[str, Layer] = field(default_factory=dict)
     text_encoder_2: dict[str, Layer] = field(default_factory=dict)
-    #: False for a LoRA built in memory whose values were not yet checked for NaN / infinities (the
-    #: engine checks its staged copy, on the GPU where that is nearly free); files are checked when read.
+    #: False while its values were not checked for NaN / infinities: a LoRA built in memory, or a file
+    #: read by the engine's LoRA cache; the engine checks its staged copy, on the GPU where that is
+    #: nearly free (ARCHITECTURE decisions 23 and 32).
     values_checked: bool = True
 
     @property
