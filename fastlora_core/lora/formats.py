@@ -258,7 +258,9 @@ def check_values(lora: NormalizedLora) -> None:
 
 def _check_finite(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
     """Refuse NaN or infinite values: merged into the model they make every image black (NaN).
-    Runs once per file version (the RAM cache keeps the checked result)."""
+    Runs when a file is read with ``check_finite`` (the default); the engine's LoRA cache reads
+    without it and the engine checks the staged copy instead (decision 32), calling this only to
+    name the file's own tensor key when that copy is refused."""
     found = first_non_finite(tensors)
     if found is not None:
         key, count, what = found
