@@ -13,7 +13,7 @@ import torch
 
 from ..errors import ModelLoadError
 from .header import Header, TensorInfo, read_header
-from .plans import Role, _Plan
+from .plans import COMPONENT_OF, Role, _Plan
 
 if TYPE_CHECKING:  # pragma: no cover
     from diffusers import FluxPipeline
@@ -107,9 +107,8 @@ def _load_diffusers(folder: Path, dtype: torch.dtype, device: torch.device | Non
 #: Components the direct read can load from a diffusers folder. Each goes through the single-file
 #: loader's plan under this role (its rules for ties, float32 layers and key checks), in the
 #: diffusers layout, with the folder's own config.json.
-DIRECT_COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "vae")
-_ROLE_OF: dict[str, Role] = {"transformer": "transformer", "text_encoder": "clip_l", "text_encoder_2": "t5xxl",
-                             "vae": "vae"}
+DIRECT_COMPONENTS = tuple(COMPONENT_OF.values())
+_ROLE_OF: dict[str, Role] = {component: role for role, component in COMPONENT_OF.items()}
 
 
 def component_plan(folder: Path, name: str, shards: list[Header] | None = None) -> tuple[_Plan, list[Header]]:

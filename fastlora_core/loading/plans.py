@@ -28,6 +28,9 @@ META_AXES = "fastlora.axes_dims_rope"
 
 
 Role = Literal["transformer", "clip_l", "t5xxl", "vae"]
+#: The pipeline component each role loads (``FluxPipeline`` attribute, diffusers folder name).
+COMPONENT_OF: dict[Role, str] = {"transformer": "transformer", "clip_l": "text_encoder", "t5xxl": "text_encoder_2",
+                                 "vae": "vae"}
 _ROLE_HELP: dict[str, str] = {
     "transformer": "a Flux.1 transformer checkpoint such as flux1-dev.safetensors (ComfyUI models/diffusion_models/ or models/unet/)",
     "clip_l": "clip_l.safetensors (ComfyUI models/text_encoders/ or models/clip/)",

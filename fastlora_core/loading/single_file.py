@@ -17,6 +17,7 @@ from .header import Header, read_header
 from .keymaps import _bfl_to_diffusers, _ldm_vae_to_diffusers
 from .plans import (
     _ROLE_HELP,
+    COMPONENT_OF,
     Role,
     _check_fit,
     _fail,
@@ -221,11 +222,6 @@ def _build(plan: _Plan, dtype: torch.dtype, dry_run: bool, device: torch.device 
 
 
 # -- single files -----------------------------------------------------------------------------------
-
-
-#: Pipeline component of each single-file role.
-COMPONENT_OF: dict[Role, str] = {"transformer": "transformer", "clip_l": "text_encoder", "t5xxl": "text_encoder_2",
-                                 "vae": "vae"}
 
 
 def _load_single_files(source: ModelSource, dtype: torch.dtype, device: torch.device | None = None,
