@@ -204,13 +204,15 @@ def _define_patcher_class() -> type:
             patches = {k: v for k, v in patches.items()
                        if (k if isinstance(k, str) else k[0])[len(lora_patches.PREFIX):] in adapter._shapes}
             deltas = lora_patches.deltas_of(patches, strength_model) if strength_patch != 0.0 else ()
-            if deltas:  # the LoRA fits this transformer (refused here, in the LoRA node, if not)
-                lora_patches.bfl.lora_from_bfl(deltas, "this LoRA", adapter.out_features)
+            lora = None
+            if deltas:  # converted now: a LoRA that does not fit this transformer is refused in the LoRA node
+                lora = lora_patches.bfl.lora_from_bfl(
+                    deltas, lora_patches.group_label(len(self.fastlora_groups), deltas), adapter.out_features)
             elif strength_patch != 0.0:
                 logger.warning("FastLoRA MODEL: a LoRA loader added no weight of this Flux transformer (a LoRA "
                                "for the text encoder only, or for another model family?)")
             self.fastlora_groups = self.fastlora_groups + (
-                lora_patches.PatchGroup(dict(patches), float(strength_patch), deltas),)
+                lora_patches.PatchGroup(dict(patches), float(strength_patch), deltas, lora),)
             return super().add_patches(patches, strength_patch, strength_model)
 
         def clone(self) -> Any:

@@ -49,6 +49,9 @@ class PatchGroup:
     patches: Mapping[Any, Any]
     strength: float
     deltas: tuple[bfl.BflDelta, ...]
+    #: ``deltas`` as one LoRA, converted when the loader node ran (to refuse a misfit there); None:
+    #: converted when first needed
+    lora: bfl.NormalizedLora | None = None
 
 
 def _describe_patch(value: Any) -> str:
@@ -141,7 +144,7 @@ class InMemoryLoras:
                     self._remember(source_key, hit[0], ())
                     self._remember(key, hit[0], held)
                     return hit[0]
-        lora = bfl.lora_from_bfl(group.deltas, label, out_features)
+        lora = group.lora if group.lora is not None else bfl.lora_from_bfl(group.deltas, label, out_features)
         path = cache.put(lora)
         with self._lock:
             self._remember(key, path, held)
@@ -160,13 +163,17 @@ class InMemoryLoras:
 IN_MEMORY = InMemoryLoras()
 
 
+def group_label(index: int, deltas: tuple[bfl.BflDelta, ...]) -> str:
+    """How messages name the ``index``-th LoRA added to a MODEL (0-based)."""
+    return f"LoRA #{index + 1} on this MODEL ({len(deltas)} weights)"
+
+
 def stack_of(groups: tuple[PatchGroup, ...], engine: Any, out_features: Mapping[str, int]) -> specs.LoraStack:
     """The engine LoRA stack for a MODEL's patch groups, in the order the loaders were chained."""
     entries = []
     for i, group in enumerate(groups):
         if not group.deltas or group.strength == 0.0:
             continue
-        label = f"LoRA #{i + 1} on this MODEL ({len(group.deltas)} weights)"
-        path = IN_MEMORY.path_for(group, label, engine.lora_cache, out_features)
+        path = IN_MEMORY.path_for(group, group_label(i, group.deltas), engine.lora_cache, out_features)
         entries.append(specs.LoraSpec(path, float(group.strength)))
     return specs.LoraStack(tuple(entries))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,78 @@ def test_a_failed_read_falls_back_to_memory(tmp_path: Path, monkeypatch: pytest.
     stager = PinnedStager("cpu", chunk_bytes=1000, threads=2)
     _assert_equal(lora.to("cpu", torch.bfloat16, copy_many=stager), want, torch.bfloat16)
     assert stager.last_read_bytes == 0 and stager.last_copied_bytes == lora.nbytes()
+
+
+# -- staging while the swap runs (StagingJob / Arrivals, ARCHITECTURE decision 33) -------------------------
+def _slow_arrivals(monkeypatch: pytest.MonkeyPatch, seconds: float = 0.01) -> None:
+    """Each chunk is announced ``seconds`` after its copy: whoever reads ahead of ``ready`` reads
+    tensors the stager has not filled yet."""
+    real = staging.StagingJob._arrived
+
+    def slow(self: staging.StagingJob, upto: int, event: object) -> None:
+        time.sleep(seconds)
+        real(self, upto, event)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(staging.StagingJob, "_arrived", slow)
+
+
+def test_start_returns_at_once_and_ready_waits_for_a_tensors_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    _slow_arrivals(monkeypatch)
+    lora = _lora()
+    wanted: list[tuple[torch.Tensor, torch.dtype]] = []
+    lora.map(lambda t, dt: wanted.append((t, dt)) or t, torch.bfloat16)
+    stager = PinnedStager("cpu", chunk_bytes=64, threads=1)
+    job = stager.start(wanted)
+    assert [t.shape for t in job.tensors] == [t.shape for t, _ in wanted]
+    positions = [job.position([t]) for t in job.tensors]
+    in_bf16 = [p for p, (_, dt) in zip(positions, wanted) if dt == torch.bfloat16]
+    assert in_bf16 == sorted(in_bf16) and len(set(positions)) == len(positions) and min(positions) > 0
+    first, first_dtype = next((t, dt) for t, dt in wanted if dt == wanted[0][1])
+    job.ready([job.tensors[0]])
+    assert torch.equal(job.tensors[0], first.to(first_dtype))
+    assert not job._future.done()  # type: ignore[union-attr]  # the rest is still on its way
+    for got, (src, dt) in zip(job.result(), wanted):
+        assert torch.equal(got, src.to(dt))
+    assert job.ms > 0 and job.position([torch.zeros(1)]) == -1
+
+
+def test_arrivals_order_layers_by_their_last_tensor_and_finish_runs_the_check_once() -> None:
+    lora = _lora()
+    wanted: list[tuple[torch.Tensor, torch.dtype]] = []
+    lora.map(lambda t, dt: wanted.append((t, dt)) or t, torch.float32)
+    stager = PinnedStager("cpu", chunk_bytes=1000, threads=1)
+    jobs = [stager.start(wanted), stager.start(wanted)]
+    checks: list[int] = []
+    arrivals = staging.Arrivals(jobs, lambda: checks.append(1))
+    a, b = jobs[0].tensors, jobs[1].tensors
+    assert arrivals.order([a[0]]) < arrivals.order([a[-1]]) < arrivals.order([b[0], a[3]])
+    assert arrivals.order([torch.zeros(1)]) == (-1, -1)
+    arrivals.finish()
+    arrivals.finish()
+    assert checks == [1]
+
+
+def test_a_failing_job_raises_where_it_is_waited_for_and_the_stager_keeps_working(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    lora = _lora()
+    wanted: list[tuple[torch.Tensor, torch.dtype]] = []
+    lora.map(lambda t, dt: wanted.append((t, dt)) or t, torch.bfloat16)
+    stager = PinnedStager("cpu", chunk_bytes=64, threads=1)
+    real = staging.StagingJob._arrived
+    calls: list[int] = []
+
+    def broken(self: staging.StagingJob, upto: int, event: object) -> None:
+        calls.append(upto)
+        if len(calls) == 3:
+            raise OSError("disk gone")
+        real(self, upto, event)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(staging.StagingJob, "_arrived", broken)
+    job = stager.start(wanted)
+    with pytest.raises(OSError, match="disk gone"):
+        job.ready([job.tensors[-1]])
+    with pytest.raises(OSError, match="disk gone"):
+        job.result()
+    monkeypatch.setattr(staging.StagingJob, "_arrived", real)
+    for got, (src, dt) in zip(stager(wanted), wanted):
+        assert torch.equal(got, src.to(dt))

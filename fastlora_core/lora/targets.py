@@ -5,6 +5,7 @@ and whether its row halves swap. The BFL and diffusers tables themselves live in
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -187,10 +188,12 @@ def _resolve(module_key: str) -> _Target | None:
     return _transformer_target(k, _DOTTED_LAYOUTS, False, None)
 
 
+@functools.lru_cache(maxsize=4096)
 def bfl_module_targets(name: str) -> tuple[tuple[str, ...], str | None, bool] | None:
     """The diffusers module(s) a BFL-layout transformer module (``double_blocks.0.img_attn.qkv``)
     covers, in row order: ``(modules, split, swap_halves)`` where ``split`` is ``"qkv"`` /
     ``"linear1"`` for fused layers and ``swap_halves`` marks the final adaLN's (shift, scale) ->
-    (scale, shift) order. None for a name that is not a linear layer of Flux.1."""
+    (scale, shift) order. None for a name that is not a linear layer of Flux.1. Memoised: every
+    LoRA added to a MODEL asks again for the same few hundred names."""
     found = _lookup(name, ("bfl",), False)
     return None if found is None else found[1]
