@@ -34,6 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import NamedTuple
 
 import torch
 
@@ -177,6 +178,8 @@ class PinnedStager:
         """``threads``: how many threads pack one chunk (1: the stager's thread alone).
         ``read_files``: read memory-mapped tensors from their files (module doc)."""
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # the stager's thread sets it explicitly
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.read_files = read_files
         #: pieces read from files / copied from memory by the last job, in bytes (for tests and logs)
         self.last_read_bytes = self.last_copied_bytes = 0
@@ -208,6 +211,8 @@ class PinnedStager:
         groups: list[tuple[torch.dtype, list[int], torch.Tensor]] = []
         done_bytes = 0
         for dt, idx in by_dtype.items():
+            # In address order: a file's mapped tensors then lie in the chunks as in the file (_share_out).
+            idx.sort(key=lambda i: wanted[i][0].data_ptr())
             flat = torch.empty(sum(wanted[i][0].numel() for i in idx), dtype=dt, device=self.device)
             pos = 0
             for i in idx:
@@ -295,36 +300,39 @@ class PinnedStager:
         files = _OpenFiles()
         pieces: list[_Piece] = []
 
-        def copy(chunk: torch.Tensor, view: memoryview, run: list[_Piece]) -> tuple[int, int]:
+        def fill_part(chunk: torch.Tensor, view: memoryview, part: list[_Task]) -> tuple[int, int]:
+            """One thread's share of a chunk: its file reads (a failed one is copied from memory
+            instead) and its memory copies. Returns (bytes read, bytes copied)."""
             read = copied = 0
             with torch.inference_mode():  # chunks are inference tensors (made in the stager's thread)
-                for src, at, where in run:
-                    n = src.numel()
-                    if where is not None:
-                        file, fd, offset = where
+                for task in part:
+                    if isinstance(task, _Read):
                         try:
-                            read_exactly(file.path, fd, view[at * size:(at + n) * size], offset)
-                            read += n * size
+                            read_exactly(task.path, task.fd, view[task.at * size:(task.at + task.n) * size], task.offset)
+                            read += task.n * size
                             continue
                         except OSError as exc:  # the file changed under the mapping: memory is the truth
-                            logger.debug("%s: reading %d bytes failed (%s); copying from memory", file.path, n * size, exc)
-                    chunk[at:at + n].copy_(src)
-                    copied += n * size
+                            logger.debug("%s: reading %d bytes failed (%s); copying from memory", task.path,
+                                         task.n * size, exc)
+                        for src, at, _ in pieces:  # the pieces this read was to fill
+                            lo, hi = max(task.at, at), min(task.at + task.n, at + src.numel())
+                            if lo < hi:
+                                chunk[lo:hi].copy_(src[lo - at:hi - at])
+                                copied += (hi - lo) * size
+                    else:
+                        src, at = task
+                        chunk[at:at + src.numel()].copy_(src)
+                        copied += src.numel() * size
             return read, copied
 
         def pack() -> None:
             packing = time.perf_counter()
-            if self._pool is None or len(pieces) < 2:
-                counts = [copy(chunks[which], views[which], pieces)]
-            else:  # contiguous runs of pieces, about the same bytes each, one per thread
-                share = -(-fill // self.threads)
-                runs: list[list[_Piece]] = [[]]
-                for piece in pieces:
-                    if runs[-1] and piece[1] >= share * len(runs):
-                        runs.append([])
-                    runs[-1].append(piece)
-                counts = [done.result() for done in [self._pool.submit(copy, chunks[which], views[which], run)
-                                                     for run in runs]]
+            parts = _share_out(pieces, fill, self.threads if self._pool is not None else 1, size)
+            if self._pool is None or len(parts) < 2:
+                counts = [fill_part(chunks[which], views[which], part) for part in parts]
+            else:
+                counts = [done.result() for done in [self._pool.submit(fill_part, chunks[which], views[which], part)
+                                                     for part in parts]]
             self.last_read_bytes += sum(r for r, _ in counts)
             self.last_copied_bytes += sum(c for _, c in counts)
             pieces.clear()
@@ -374,6 +382,50 @@ class PinnedStager:
                     pending.synchronize()
                     self._done[k] = None
             self.last_ms["wait"] += (time.perf_counter() - waited) * 1000
+
+
+class _Read(NamedTuple):
+    """A positioned read into a chunk: ``n`` elements at chunk element ``at`` from byte ``offset``."""
+
+    path: str
+    fd: int
+    offset: int
+    at: int
+    n: int
+
+
+#: What one packing thread does for a chunk: a read from a file, or a copy ``(source slice, at)``.
+_Task = _Read | tuple[torch.Tensor, int]
+
+
+def _share_out(pieces: list[_Piece], fill: int, threads: int, size: int) -> list[list[_Task]]:
+    """Split a chunk's pieces into at most ``threads`` lists of tasks of about ``fill / threads``
+    elements each, by chunk position. Pieces read from one file at consecutive offsets into
+    consecutive chunk positions become one read (the stager places a file's tensors in the order of
+    their addresses, so a chunk is mostly one run of the file): a few large ``preadv`` per chunk
+    instead of one per tensor, which also leaves the GIL to the swap running beside the stager."""
+    share = -(-fill // threads)
+    parts: list[list[_Task]] = [[] for _ in range(threads)]
+    run: _Read | None = None
+    runs: list[_Read] = []
+    for src, at, where in pieces:
+        if where is None:
+            parts[min(at // share, threads - 1)].append((src, at))
+            continue
+        file, fd, offset = where
+        if run is not None and run.fd == fd and run.offset + run.n * size == offset and run.at + run.n == at:
+            run = runs[-1] = run._replace(n=run.n + src.numel())
+        else:
+            run = _Read(file.path, fd, offset, at, src.numel())
+            runs.append(run)
+    for r in runs:  # cut at the share boundaries, each part to its thread
+        offset, at, n = r.offset, r.at, r.n
+        while n:
+            t = min(at // share, threads - 1)
+            cut = n if t == threads - 1 else min(n, (t + 1) * share - at)
+            parts[t].append(_Read(r.path, r.fd, offset, at, cut))
+            offset, at, n = offset + cut * size, at + cut, n - cut
+    return [part for part in parts if part]
 
 
 class _OpenFiles:

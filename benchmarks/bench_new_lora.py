@@ -1,0 +1,122 @@
+"""What the engine's swap to a never-used LoRA costs on the MODEL path, merging while staging or not.
+
+    python -m benchmarks.bench_new_lora OUT.json [--swaps 6]
+
+Full-size Flux.1-dev with random weights (the engine's defaults: fp8, fused, masters on the GPU;
+compile off: a swap does not touch the graph), rank-64 LoRAs on the 418 attention/MLP layers written
+as diffusers-format safetensors files. Each swap takes a LoRA as ComfyUI's loader hands it over:
+opened again with ``safe_open`` (a new memory map of a file in the page cache, no page read yet),
+put in the engine's LoRA cache as an in-memory LoRA whose values are not checked, and applied
+(``FluxEngine.apply``, CUDA-synchronised). Variants, in one process and alternating files:
+
+- ``merge_after_staging``: the swap waits for every tensor (and the check) before the first merge,
+  the engine until decision 33;
+- ``merge_while_staging``: the engine's default (decision 33);
+- ``merge_while_staging_switch_0.2ms``: the same with Python's GIL switch interval at 0.2 ms
+  during the swap (5 ms by default), in case the merge loop starves the stager's threads;
+- ``strength_only``: the same LoRA at another strength (the merge alone).
+
+Medians in ms of ``swap_ms`` (the whole apply) and ``stage_ms`` (staging, from its start to its last
+copy's end). CUDA only.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def main(out_path: str, swaps: int) -> None:
+    import safetensors
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from safetensors.torch import save_file
+
+    from benchmarks.fullsize import build_transformer, make_lora, target_names
+    from fastlora_core.engine import FluxEngine
+    from fastlora_core.loading import load_shipped_config
+    from fastlora_core.lora.types import LoraLayer, NormalizedLora
+    from fastlora_core.specs import EngineOptions, LoraStack
+
+    out = Path(out_path)
+    res: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                           "command": " ".join(["python -m benchmarks.bench_new_lora", *sys.argv[1:]])}
+    transformer = build_transformer()
+    names = target_names(transformer)
+    files = []
+    for seed in range(4):
+        lora = make_lora(transformer, names, 64, seed + 1)
+        path = f"/tmp/bench-new-lora-{seed}.safetensors"
+        save_file({f"transformer.{n}.lora_{p}.weight": t.cpu().contiguous()
+                   for n, (down, up) in lora.items() for p, t in (("A", down), ("B", up))}, path)
+        files.append(path)
+        del lora
+    sched = FlowMatchEulerDiscreteScheduler(**{k: v for k, v in load_shipped_config("scheduler_dev").items()
+                                               if not k.startswith("_")})
+    pipe = FluxPipeline(scheduler=sched, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                        tokenizer_2=None, transformer=transformer)
+    engine = FluxEngine.from_pipeline(pipe, EngineOptions(device="cuda", compile="off"), label="random Flux.1-dev")
+    res["engine_options"] = repr(engine.options)
+
+    def as_comfyui_hands_it_over(path: str) -> str:
+        with torch.inference_mode(), safetensors.safe_open(path, framework="pt", device="cpu") as f:
+            t = {k: f.get_tensor(k) for k in f.keys()}
+        layers = {n: LoraLayer(t[f"transformer.{n}.lora_A.weight"], t[f"transformer.{n}.lora_B.weight"]) for n in names}
+        return engine.lora_cache.put(NormalizedLora(path, "comfyui", layers, values_checked=False))
+
+    strategy = engine.strategy
+    real_apply = strategy.apply
+
+    def apply_after_staging(entries: Any, arrivals: Any = None) -> int:
+        if arrivals is not None:
+            arrivals.finish()
+        return real_apply(entries, arrivals)
+
+    def swap(path: str, strength: float = 1.0, switch: float | None = None) -> tuple[float, float]:
+        before = sys.getswitchinterval()
+        if switch is not None:
+            sys.setswitchinterval(switch)
+        try:
+            with torch.inference_mode():
+                report = engine.apply(LoraStack.of((path, strength)))
+        finally:
+            sys.setswitchinterval(before)
+        return round(report.swap_ms, 1), round(report.stage_ms, 1)
+
+    swap(as_comfyui_hands_it_over(files[0]))  # warm: pinned chunks, kernels, the fp8 self-check
+    variants = {"merge_after_staging": (True, None), "merge_while_staging": (False, None),
+                "merge_while_staging_switch_0.2ms": (False, 2e-4)}
+    rows: dict[str, list[tuple[float, float]]] = {k: [] for k in (*variants, "strength_only")}
+    used = 0
+    for _ in range(swaps):
+        for label, (after, switch) in variants.items():
+            used += 1
+            path = as_comfyui_hands_it_over(files[used % len(files)])  # a new mapping, a new in-memory LoRA
+            strategy.apply = apply_after_staging if after else real_apply  # type: ignore[method-assign]
+            rows[label].append(swap(path, switch=switch))
+            strategy.apply = real_apply  # type: ignore[method-assign]
+            rows["strength_only"].append(swap(path, 0.6))
+    for label, got in rows.items():
+        res[label] = {"swap_ms": [s for s, _ in got], "stage_ms": [g for _, g in got],
+                      "swap_median_ms": statistics.median(s for s, _ in got),
+                      "stage_median_ms": statistics.median(g for _, g in got)}
+    stager = engine.device_loras.stager
+    res["last_stager_split_ms"] = {k: round(v, 1) for k, v in stager.last_ms.items()} if stager else None
+    out.write_text(json.dumps(res, indent=1))
+    print(json.dumps({k: (v["swap_median_ms"], v["stage_median_ms"]) if isinstance(v, dict) and "swap_median_ms" in v
+                      else v for k, v in res.items()}, indent=1))
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("out")
+    ap.add_argument("--swaps", type=int, default=6)
+    a = ap.parse_args()
+    main(a.out, a.swaps)
