@@ -40,7 +40,7 @@ def main(out_path: str, swaps: int) -> None:
     from fastlora_core.engine import FluxEngine
     from fastlora_core.loading import load_shipped_config
     from fastlora_core.lora.types import LoraLayer, NormalizedLora
-    from fastlora_core.specs import EngineOptions, LoraStack
+    from fastlora_core.specs import EngineOptions, LoraSpec, LoraStack
 
     out = Path(out_path)
     res: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -83,7 +83,7 @@ def main(out_path: str, swaps: int) -> None:
             sys.setswitchinterval(switch)
         try:
             with torch.inference_mode():
-                report = engine.apply(LoraStack.of((path, strength)))
+                report = engine.apply(LoraStack((LoraSpec(path, strength),)))
         finally:
             sys.setswitchinterval(before)
         return round(report.swap_ms, 1), round(report.stage_ms, 1)
