@@ -1,4 +1,4 @@
-"""What the engine's swap to a never-used LoRA costs on the MODEL path, merging while staging or not.
+"""What the engine's swap to a never-used LoRA costs on the MODEL path, and a strength change.
 
     python -m benchmarks.bench_new_lora OUT.json [--swaps 6]
 
@@ -7,17 +7,12 @@ compile off: a swap does not touch the graph), rank-64 LoRAs on the 418 attentio
 as diffusers-format safetensors files. Each swap takes a LoRA as ComfyUI's loader hands it over:
 opened again with ``safe_open`` (a new memory map of a file in the page cache, no page read yet),
 put in the engine's LoRA cache as an in-memory LoRA whose values are not checked, and applied
-(``FluxEngine.apply``, CUDA-synchronised). Variants, in one process and alternating files:
+(``FluxEngine.apply``, CUDA-synchronised): ``never_used``; then the same LoRA at another strength
+(``strength_only``: the merge alone). Medians in ms of ``swap_ms`` (the whole apply) and ``stage_ms``
+(staging and the check), and the stager's own split of its last call. CUDA only.
 
-- ``merge_after_staging``: the swap waits for every tensor (and the check) before the first merge,
-  the engine until decision 33;
-- ``merge_while_staging``: the engine's default (decision 33);
-- ``merge_while_staging_switch_0.2ms``: the same with Python's GIL switch interval at 0.2 ms
-  during the swap (5 ms by default), in case the merge loop starves the stager's threads;
-- ``strength_only``: the same LoRA at another strength (the merge alone).
-
-Medians in ms of ``swap_ms`` (the whole apply) and ``stage_ms`` (staging, from its start to its last
-copy's end). CUDA only.
+NOTES attempt 36 ran an earlier version of this script with variants for merging while staging
+(commit e86f29c).
 """
 
 from __future__ import annotations
@@ -69,38 +64,17 @@ def main(out_path: str, swaps: int) -> None:
         layers = {n: LoraLayer(t[f"transformer.{n}.lora_A.weight"], t[f"transformer.{n}.lora_B.weight"]) for n in names}
         return engine.lora_cache.put(NormalizedLora(path, "comfyui", layers, values_checked=False))
 
-    strategy = engine.strategy
-    real_apply = strategy.apply
-
-    def apply_after_staging(entries: Any, arrivals: Any = None) -> int:
-        if arrivals is not None:
-            arrivals.finish()
-        return real_apply(entries, arrivals)
-
-    def swap(path: str, strength: float = 1.0, switch: float | None = None) -> tuple[float, float]:
-        before = sys.getswitchinterval()
-        if switch is not None:
-            sys.setswitchinterval(switch)
-        try:
-            with torch.inference_mode():
-                report = engine.apply(LoraStack((LoraSpec(path, strength),)))
-        finally:
-            sys.setswitchinterval(before)
+    def swap(path: str, strength: float = 1.0) -> tuple[float, float]:
+        with torch.inference_mode():
+            report = engine.apply(LoraStack((LoraSpec(path, strength),)))
         return round(report.swap_ms, 1), round(report.stage_ms, 1)
 
     swap(as_comfyui_hands_it_over(files[0]))  # warm: pinned chunks, kernels, the fp8 self-check
-    variants = {"merge_after_staging": (True, None), "merge_while_staging": (False, None),
-                "merge_while_staging_switch_0.2ms": (False, 2e-4)}
-    rows: dict[str, list[tuple[float, float]]] = {k: [] for k in (*variants, "strength_only")}
-    used = 0
-    for _ in range(swaps):
-        for label, (after, switch) in variants.items():
-            used += 1
-            path = as_comfyui_hands_it_over(files[used % len(files)])  # a new mapping, a new in-memory LoRA
-            strategy.apply = apply_after_staging if after else real_apply  # type: ignore[method-assign]
-            rows[label].append(swap(path, switch=switch))
-            strategy.apply = real_apply  # type: ignore[method-assign]
-            rows["strength_only"].append(swap(path, 0.6))
+    rows: dict[str, list[tuple[float, float]]] = {"never_used": [], "strength_only": []}
+    for i in range(swaps):
+        path = as_comfyui_hands_it_over(files[1 + i % (len(files) - 1)])  # a new mapping, a new in-memory LoRA
+        rows["never_used"].append(swap(path))
+        rows["strength_only"].append(swap(path, 0.6))
     for label, got in rows.items():
         res[label] = {"swap_ms": [s for s, _ in got], "stage_ms": [g for _, g in got],
                       "swap_median_ms": statistics.median(s for s, _ in got),

@@ -25,8 +25,6 @@ from .lora.base import ResolvedEntry, SwapStrategy
 from .lora.cache import GLOBAL_CACHE, MEMORY_PREFIX, DeviceLoraCache, FileKey, LoraCache, file_key
 from .lora.formats import check_values, read_lora
 from .lora.fused import FusedStrategy
-from .lora.staging import Arrivals
-from .lora.types import NormalizedLora
 from .optimize import (
     Resolved,
     apply_offload,
@@ -40,7 +38,7 @@ from .optimize import (
     restore_deterministic,
     set_attention,
 )
-from .specs import EngineKey, EngineOptions, GenerateRequest, LoraSpec, LoraStack, ModelSource
+from .specs import EngineKey, EngineOptions, GenerateRequest, LoraStack, ModelSource
 from .timings import Phases
 
 logger = logging.getLogger(__name__)
@@ -59,7 +57,7 @@ class SwapReport:
     from_cache: bool = True
     warnings: list[str] = field(default_factory=list)
     read_ms: float = 0.0  # reading and converting files not in the RAM cache (part of swap_ms)
-    stage_ms: float = 0.0  # copying LoRAs not yet on the GPU there (part of swap_ms, overlapping the merge)
+    stage_ms: float = 0.0  # copying LoRAs not yet on the GPU there (part of swap_ms)
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -282,45 +280,32 @@ class FluxEngine:
         self._compiled = True
 
     # -- LoRA ----------------------------------------------------------------------------------
-    def _resolve(self, stack: LoraStack, keys: tuple[FileKey, ...]
-                 ) -> tuple[list[ResolvedEntry], Arrivals, list[FileKey], bool, float]:
+    def _resolve(self, stack: LoraStack, keys: tuple[FileKey, ...]) -> tuple[list[ResolvedEntry], bool, float, float]:
         """The stack's LoRAs (``keys``: their files' current identity), read (or taken from the RAM
-        cache) and on the device: cached copies, or new ones still arriving (the returned
-        :class:`Arrivals`, whose ``finish`` checks the values of those not checked yet: decisions 23,
-        32 and 33); also the keys of the new device copies, whether all came from the RAM cache and
-        the milliseconds spent reading."""
+        cache) and staged on the device, a LoRA built in memory checked for NaN / infinities there;
+        also whether all came from the cache and the milliseconds spent reading and staging."""
         entries = []
-        jobs = []
-        unchecked: list[tuple[LoraSpec, FileKey, NormalizedLora]] = []
         from_cache = True
-        read_s = 0.0
+        read_s = stage_s = 0.0
         for spec, current in zip(stack.active(), keys):
             t0 = time.perf_counter()
             key, lora, hit = self.lora_cache.lookup(spec.path, current)
-            read_s += time.perf_counter() - t0
-            staged, job = self.device_loras.stage(key, lora)
-            if job is not None:
-                jobs.append((key, job))
-            if not lora.values_checked:
-                unchecked.append((spec, key, staged))
+            t1 = time.perf_counter()
+            staged = self.device_loras.stage(key, lora)
+            if not lora.values_checked:  # checked once, where staged (decisions 23 and 32)
+                try:
+                    check_values(staged)
+                except LoraFormatError:
+                    self.device_loras.drop(key)
+                    if not spec.path.startswith(MEMORY_PREFIX):
+                        read_lora(spec.path)  # raises naming the file's own tensor key when it holds the bad value
+                    raise
+                self.lora_cache.mark_checked(key)
+            read_s += t1 - t0
+            stage_s += time.perf_counter() - t1
             from_cache = from_cache and hit
             entries.append(ResolvedEntry(key, staged, spec.strength))
-        arrivals = Arrivals([job for _, job in jobs], lambda: self._check_new(unchecked))
-        return entries, arrivals, [key for key, _ in jobs], from_cache, read_s * 1000
-
-    def _check_new(self, unchecked: list[tuple[LoraSpec, FileKey, NormalizedLora]]) -> None:
-        """Refuse NaN / infinite values in LoRAs not checked yet, on their staged copies (checked
-        once: the RAM cache remembers). A refused file is read again with the CPU check, so the
-        message names the file's own tensor key."""
-        for spec, key, staged in unchecked:
-            try:
-                check_values(staged)
-            except LoraFormatError:
-                self.device_loras.drop(key)
-                if not spec.path.startswith(MEMORY_PREFIX):
-                    read_lora(spec.path)  # raises naming the file's own tensor key when it holds the bad value
-                raise
-            self.lora_cache.mark_checked(key)
+        return entries, from_cache, read_s * 1000, stage_s * 1000
 
     def apply(self, stack: LoraStack) -> SwapReport:
         """Make the weights match ``stack``. Raises LoraError (format or fit) with the engine
@@ -332,29 +317,24 @@ class FluxEngine:
             keys = tuple(file_key(spec.path) for spec in stack.active())
             if stack == self.loaded_stack and keys == self._loaded_keys:
                 return SwapReport(self.strategy.name, stack.describe(), 0.0, False)
-            entries, arrivals, new_keys, from_cache, read_ms = self._resolve(stack, keys)
+            entries, from_cache, read_ms, stage_ms = self._resolve(stack, keys)
+            warnings = self.strategy.validate(entries)
+            for w in warnings:
+                logger.warning(w)
             try:
-                warnings = self.strategy.validate(entries)
                 with weight_writes():
-                    layers = self.strategy.apply(entries, arrivals)
-                    arrivals.finish()  # (the strategy's contract; a no-op when it did)
-            except BaseException as exc:
-                arrivals.abandon()
-                for key in new_keys:  # copies staged by a failed swap are not kept
-                    self.device_loras.drop(key)
-                if isinstance(exc, torch.OutOfMemoryError):  # the strategy already restored the previous stack
-                    self._free_memory()
-                    raise out_of_memory("applying the LoRA stack (the previous stack is still active)", exc,
-                                        self.options) from exc
-                raise
+                    layers = self.strategy.apply(entries)
+            except torch.OutOfMemoryError as exc:  # the strategy already restored the previous stack
+                self._free_memory()
+                raise out_of_memory("applying the LoRA stack (the previous stack is still active)", exc,
+                                    self.options) from exc
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self.loaded_stack, self._loaded_keys = stack, keys
             ms = (time.perf_counter() - t0) * 1000
-            stage_ms = arrivals.ms
             if "first_lora" not in self.phases.seconds:
                 self.phases.add("first_lora", ms / 1000)
-            staged = f", to {self.device.type.upper()} {stage_ms:.1f} ms while merging" if arrivals.jobs else ""
+            staged = f", to {self.device.type.upper()} {stage_ms:.1f} ms" if self.device.type != "cpu" else ""
             logger.info("LoRA stack %s applied in %.1f ms (read %.1f ms%s; %s, %d layers)",
                         stack.describe(), ms, read_ms, staged, self.strategy.name, layers)
             self.last_swap = SwapReport(self.strategy.name, stack.describe(), ms, True, layers, from_cache,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -137,87 +136,10 @@ def test_a_failed_read_falls_back_to_memory(tmp_path: Path, monkeypatch: pytest.
     assert stager.last_read_bytes == 0 and stager.last_copied_bytes == lora.nbytes()
 
 
-# -- staging while the swap runs (StagingJob / Arrivals, ARCHITECTURE decision 33) -------------------------
-def _slow_arrivals(monkeypatch: pytest.MonkeyPatch, seconds: float = 0.01) -> None:
-    """Each chunk is announced ``seconds`` after its copy: whoever reads ahead of ``ready`` reads
-    tensors the stager has not filled yet."""
-    real = staging.StagingJob._arrived
-
-    def slow(self: staging.StagingJob, upto: int, event: object) -> None:
-        time.sleep(seconds)
-        real(self, upto, event)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(staging.StagingJob, "_arrived", slow)
-
-
-def test_start_returns_at_once_and_ready_waits_for_a_tensors_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    _slow_arrivals(monkeypatch)
-    lora = _lora()
-    wanted: list[tuple[torch.Tensor, torch.dtype]] = []
-    lora.map(lambda t, dt: wanted.append((t, dt)) or t, torch.bfloat16)
-    stager = PinnedStager("cpu", chunk_bytes=64, threads=1)
-    job = stager.start(wanted)
-    assert [t.shape for t in job.tensors] == [t.shape for t, _ in wanted]
-    positions = [job.position([t]) for t in job.tensors]
-    assert len(set(positions)) == len(positions) and min(positions) > 0
-    first = positions.index(min(positions))
-    job.ready([job.tensors[first]])
-    assert torch.equal(job.tensors[first], wanted[first][0].to(wanted[first][1]))
-    assert not job._future.done()  # type: ignore[union-attr]  # the rest is still on its way
-    for got, (src, dt) in zip(job.result(), wanted):
-        assert torch.equal(got, src.to(dt))
-    assert job.ms > 0 and job.position([torch.zeros(1)]) == -1
-
-
-def test_arrivals_order_layers_by_their_last_tensor_and_finish_runs_the_check_once() -> None:
-    lora = _lora()
-    wanted: list[tuple[torch.Tensor, torch.dtype]] = []
-    lora.map(lambda t, dt: wanted.append((t, dt)) or t, torch.float32)
-    stager = PinnedStager("cpu", chunk_bytes=1000, threads=1)
-    jobs = [stager.start(wanted), stager.start(wanted)]
-    checks: list[int] = []
-    arrivals = staging.Arrivals(jobs, lambda: checks.append(1))
-    a, b = jobs[0].tensors, jobs[1].tensors
-    by_arrival = sorted(a, key=lambda t: jobs[0].position([t]))
-    assert arrivals.order([by_arrival[0]]) < arrivals.order([by_arrival[-1]]) < arrivals.order([b[0], a[3]])
-    assert arrivals.order([by_arrival[0], by_arrival[-1]]) == arrivals.order([by_arrival[-1]])
-    assert arrivals.order([torch.zeros(1)]) == (-1, -1)
-    arrivals.finish()
-    arrivals.finish()
-    assert checks == [1]
-
-
-def test_a_failing_job_raises_where_it_is_waited_for_and_the_stager_keeps_working(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    lora = _lora()
-    wanted: list[tuple[torch.Tensor, torch.dtype]] = []
-    lora.map(lambda t, dt: wanted.append((t, dt)) or t, torch.bfloat16)
-    stager = PinnedStager("cpu", chunk_bytes=64, threads=1)
-    real = staging.StagingJob._arrived
-    calls: list[int] = []
-
-    def broken(self: staging.StagingJob, upto: int, event: object) -> None:
-        calls.append(upto)
-        if len(calls) == 3:
-            raise OSError("disk gone")
-        real(self, upto, event)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(staging.StagingJob, "_arrived", broken)
-    job = stager.start(wanted)
-    with pytest.raises(OSError, match="disk gone"):
-        job.ready([job.tensors[-1]])
-    with pytest.raises(OSError, match="disk gone"):
-        job.result()
-    monkeypatch.setattr(staging.StagingJob, "_arrived", real)
-    for got, (src, dt) in zip(stager(wanted), wanted):
-        assert torch.equal(got, src.to(dt))
-
-
 @linux_only
 def test_a_files_tensors_are_read_in_a_few_large_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Tensors mapped from one file are placed in address order, so consecutive ones are read with
-    one ``preadv`` per packing thread and chunk, not one per tensor (Python per tensor held the GIL
-    the swap beside the stager needs)."""
+    one ``preadv`` per packing thread and chunk, not one per tensor."""
     lora, want = _mapped_lora(tmp_path / "a.safetensors")
     reads: list[int] = []
     real = staging.read_exactly

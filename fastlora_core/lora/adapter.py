@@ -34,7 +34,6 @@ import torch
 
 from ..errors import LoraFitError
 from .base import ResolvedEntry, SwapStrategy, check_targets_exist, linear_modules, per_layer
-from .staging import Arrivals
 from .types import DenseLayer, LoraLayer, NormalizedLora
 
 logger = logging.getLogger(__name__)
@@ -178,12 +177,8 @@ class AdapterStrategy(SwapStrategy):
             )
         return warnings
 
-    def apply(self, entries: list[ResolvedEntry], arrivals: Arrivals | None = None) -> int:
-        """Copy the stack into the slot (validated first). Returns layers rewritten. LoRAs still
-        arriving are waited for (and checked) before anything is written: the slot is built from
-        whole new buffers, so there is nothing to overlap."""
-        if arrivals is not None:
-            arrivals.finish()
+    def apply(self, entries: list[ResolvedEntry]) -> int:
+        """Copy the stack into the slot (validated first). Returns layers rewritten."""
         used = [e for e in entries if e.lora.transformer]
         if not self.has_slot():
             if not used:

@@ -14,8 +14,7 @@ import torch
 
 from .cache import FileKey
 from .fit import fit_problems, linear_modules, raise_if_unfit
-from .staging import Arrivals
-from .types import Layer, LoraLayer, NormalizedLora
+from .types import Layer, NormalizedLora
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +32,7 @@ class ResolvedEntry:
 
 Contribution = tuple[tuple[FileKey, float], ...]
 
-__all__ = ["Contribution", "ResolvedEntry", "SwapStrategy", "check_targets_exist", "layer_tensors", "linear_modules",
-           "per_layer"]
+__all__ = ["Contribution", "ResolvedEntry", "SwapStrategy", "check_targets_exist", "linear_modules", "per_layer"]
 
 
 class SwapStrategy(ABC):
@@ -44,9 +42,6 @@ class SwapStrategy(ABC):
 
     Contract of :meth:`apply`: the weights end up as the stack says, in place (a compiled graph
     sees them without recompiling); a failure restores the previous stack before it propagates.
-    New LoRAs may still be arriving on the device (:class:`~.staging.Arrivals`): call
-    ``arrivals.ready(tensors)`` before reading a layer's tensors and ``arrivals.finish()`` before
-    returning (it raises for values refused once all have arrived: a failure like any other).
     """
 
     name: ClassVar[str]
@@ -60,7 +55,7 @@ class SwapStrategy(ABC):
         cannot be applied."""
 
     @abstractmethod
-    def apply(self, entries: list[ResolvedEntry], arrivals: Arrivals | None = None) -> int:
+    def apply(self, entries: list[ResolvedEntry]) -> int:
         """Make the weights match ``entries``; returns how many layers were written."""
 
     def model_moved(self) -> None:
@@ -90,17 +85,6 @@ class SwapStrategy(ABC):
     def slot_size(self) -> tuple[int, int]:
         """(number of targets, rank) of the slot; (0, 0) without one."""
         return 0, 0
-
-
-def layer_tensors(items: list[tuple[ResolvedEntry, Layer]]) -> list[torch.Tensor]:
-    """Every tensor the layers of ``items`` (one target's part of a stack) hold."""
-    out: list[torch.Tensor] = []
-    for _, layer in items:
-        if isinstance(layer, LoraLayer):
-            out += (layer.down, layer.up)
-        else:
-            out += [*layer.factors.values(), *(t for t in (layer.magnitude, layer.bias) if t is not None)]
-    return out
 
 
 def per_layer(entries: list[ResolvedEntry], part: str = "transformer") -> dict[str, list[tuple[ResolvedEntry, Layer]]]:

@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 
 from ..errors import LoraFormatError
-from .staging import PinnedStager, StagingJob
+from .staging import PinnedStager
 from .types import NormalizedLora
 
 logger = logging.getLogger(__name__)
@@ -209,33 +209,27 @@ class DeviceLoraCache:
         total = torch.cuda.get_device_properties(self.device).total_memory
         return min(8 * 2**30, total // 20)
 
-    def stage(self, key: FileKey, lora: NormalizedLora) -> tuple[NormalizedLora, StagingJob | None]:
-        """``lora`` on the device: the cached copy (no job), or a new copy and the job still filling
-        it (its tensors exist at once, their values arrive over time: :class:`~.staging.StagingJob`;
-        whoever reads them waits with ``job.ready`` / ``job.result``). ``lora`` itself, no job, when
-        disabled. A new copy is cached at once: :meth:`drop` it if its job fails or it is refused."""
+    def stage(self, key: FileKey, lora: NormalizedLora) -> NormalizedLora:
+        """``lora`` on the device (a cached copy when there is one); ``lora`` itself when disabled.
+        A new copy is synchronised before it is returned, so its transfer is over."""
         if not self.enabled:
-            return lora, None
+            return lora
         staged = self._loras.get(key)
-        job = None
         if staged is None:
             for old in [k for k in self._loras if k.path == key.path]:  # a rewritten file's old version
                 del self._loras[old]
-            jobs: list[StagingJob] = []
-
-            def start(wanted: list[tuple[torch.Tensor, torch.dtype]]) -> list[torch.Tensor]:
-                assert self.stager is not None
-                jobs.append(self.stager.start(wanted))
-                return jobs[-1].tensors
-
-            staged = lora.to(self.device, self.dtype, copy_many=start)
-            job = jobs[0]
+            staged = lora.to(self.device, self.dtype, copy_many=self.stager)
+            torch.cuda.synchronize(self.device)
+            if self.stager is not None:
+                logger.debug("%s staged: %.1f MB read from its file, %.1f MB copied from memory; ms %s", lora.path,
+                             self.stager.last_read_bytes / 1e6, self.stager.last_copied_bytes / 1e6,
+                             {k: round(v, 1) for k, v in self.stager.last_ms.items()})
             self._loras[key] = staged
             budget = self.budget_bytes()
             while len(self._loras) > 1 and sum(x.nbytes() for x in self._loras.values()) > budget:
                 self._loras.popitem(last=False)
         self._loras.move_to_end(key)
-        return staged, job
+        return staged
 
     def drop(self, key: FileKey) -> None:
         """Forget the staged copy of ``key`` (a LoRA refused after staging)."""

@@ -28,17 +28,8 @@ import torch
 
 from ..errors import LoraError
 from . import lycoris
-from .base import (
-    Contribution,
-    ResolvedEntry,
-    SwapStrategy,
-    check_targets_exist,
-    layer_tensors,
-    linear_modules,
-    per_layer,
-)
+from .base import Contribution, ResolvedEntry, SwapStrategy, check_targets_exist, linear_modules, per_layer
 from .quantized import clone_quantized, copy_into_quantized, is_quantized, requantize_like, restore_quantized
-from .staging import Arrivals
 from .types import DenseLayer
 
 logger = logging.getLogger(__name__)
@@ -144,11 +135,8 @@ class FusedStrategy(SwapStrategy):
                             )
         return warnings
 
-    def apply(self, entries: list[ResolvedEntry], arrivals: Arrivals | None = None) -> int:
-        """Make the weights match ``entries`` (validated). Returns the number of layers rewritten.
-        With LoRAs still arriving, layers are merged in the order their tensors arrive, each as soon
-        as they are there (ARCHITECTURE decision 33); values refused once all have arrived roll the
-        written layers back like any other failure."""
+    def apply(self, entries: list[ResolvedEntry]) -> int:
+        """Make the weights match ``entries`` (validated). Returns the number of layers rewritten."""
         wanted: dict[tuple[str, str], list] = {}
         for part in self.models:
             for name, items in per_layer(entries, part).items():
@@ -158,26 +146,14 @@ class FusedStrategy(SwapStrategy):
             contrib: Contribution = tuple((e.key, e.strength) for e, _ in wanted.get(key, []))
             if self._current.get(key, ()) != contrib:
                 todo.append(key)
-        if arrivals is not None:
-            tensors = {key: layer_tensors(wanted.get(key, [])) for key in todo}
-            todo.sort(key=lambda key: (arrivals.order(tensors[key]), key))
-        else:
-            todo.sort()
         written: list[tuple[str, str]] = []
         try:
             with torch.no_grad():
-                for key in todo:
+                for key in sorted(todo):
                     written.append(key)  # first: a write that fails halfway is rolled back too
-                    if arrivals is not None:
-                        arrivals.ready(tensors[key])
                     self._write(key, wanted.get(key, []))
-                if arrivals is not None:
-                    arrivals.finish()
-        except Exception as exc:
-            if isinstance(exc, LoraError):  # refused values: the message says it all
-                logger.warning("fused swap refused (%s); restoring the previous weights", exc)
-            else:
-                logger.exception("fused swap failed; restoring the previous weights")
+        except Exception:
+            logger.exception("fused swap failed; restoring the previous weights")
             self._rollback(written)
             raise
         for key in todo:
