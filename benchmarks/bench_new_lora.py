@@ -9,7 +9,8 @@ opened again with ``safe_open`` (a new memory map of a file in the page cache, n
 put in the engine's LoRA cache as an in-memory LoRA whose values are not checked, and applied
 (``FluxEngine.apply``, CUDA-synchronised): ``never_used``; then the same LoRA at another strength
 (``strength_only``: the merge alone). Medians in ms of ``swap_ms`` (the whole apply) and ``stage_ms``
-(staging and the check), and the stager's own split of its last call. CUDA only.
+(staging and the check), and the stager's own split of its last call. On a CPU (smoke run) the tiny
+transformer, and the numbers mean nothing.
 
 NOTES attempt 36 ran an earlier version of this script with variants for merging while staging
 (commit e86f29c).
@@ -38,24 +39,42 @@ def main(out_path: str, swaps: int) -> None:
     from fastlora_core.specs import EngineOptions, LoraSpec, LoraStack
 
     out = Path(out_path)
-    res: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    cuda = torch.cuda.is_available()
+    res: dict[str, Any] = {"device": torch.cuda.get_device_name() if cuda else "cpu (smoke run)",
+                           "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                            "command": " ".join(["python -m benchmarks.bench_new_lora", *sys.argv[1:]])}
-    transformer = build_transformer()
-    names = target_names(transformer)
     files = []
-    for seed in range(4):
-        lora = make_lora(transformer, names, 64, seed + 1)
-        path = f"/tmp/bench-new-lora-{seed}.safetensors"
-        save_file({f"transformer.{n}.lora_{p}.weight": t.cpu().contiguous()
-                   for n, (down, up) in lora.items() for p, t in (("A", down), ("B", up))}, path)
-        files.append(path)
-        del lora
+    if cuda:
+        transformer = build_transformer()
+        names = target_names(transformer)
+        for seed in range(4):
+            lora = make_lora(transformer, names, 64, seed + 1)
+            files.append(f"/tmp/bench-new-lora-{seed}.safetensors")
+            save_file({f"transformer.{n}.lora_{p}.weight": t.cpu().contiguous()
+                       for n, (down, up) in lora.items() for p, t in (("A", down), ("B", up))}, files[-1])
+            del lora
+    else:  # the tiny transformer, to check the script on a CPU (its timings mean nothing)
+        from diffusers import FluxTransformer2DModel
+
+        from fastlora_core.tiny import (
+            ATTN_TARGETS,
+            TINY_TRANSFORMER_CONFIG,
+            module_shapes,
+            random_lora_state_dict,
+        )
+
+        transformer = FluxTransformer2DModel(**TINY_TRANSFORMER_CONFIG).eval()
+        names = list(ATTN_TARGETS)
+        for seed in range(4):
+            files.append(f"/tmp/bench-new-lora-tiny-{seed}.safetensors")
+            save_file(random_lora_state_dict(module_shapes(transformer, names), 4, seed), files[-1])
     sched = FlowMatchEulerDiscreteScheduler(**{k: v for k, v in load_shipped_config("scheduler_dev").items()
                                                if not k.startswith("_")})
     pipe = FluxPipeline(scheduler=sched, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
                         tokenizer_2=None, transformer=transformer)
-    engine = FluxEngine.from_pipeline(pipe, EngineOptions(device="cuda", compile="off"), label="random Flux.1-dev")
+    options = EngineOptions(device="cuda", compile="off") if cuda else EngineOptions(device="cpu", dtype="float32",
+                                                                                      compile="off")
+    engine = FluxEngine.from_pipeline(pipe, options, label="random Flux.1-dev")
     res["engine_options"] = repr(engine.options)
 
     def as_comfyui_hands_it_over(path: str) -> str:
@@ -77,8 +96,8 @@ def main(out_path: str, swaps: int) -> None:
         rows["strength_only"].append(swap(path, 0.6))
     for label, got in rows.items():
         res[label] = {"swap_ms": [s for s, _ in got], "stage_ms": [g for _, g in got],
-                      "swap_median_ms": statistics.median(s for s, _ in got),
-                      "stage_median_ms": statistics.median(g for _, g in got)}
+                      "swap_median_ms": round(statistics.median(s for s, _ in got), 1),
+                      "stage_median_ms": round(statistics.median(g for _, g in got), 1)}
     stager = engine.device_loras.stager
     res["last_stager_split_ms"] = {k: round(v, 1) for k, v in stager.last_ms.items()} if stager else None
     out.write_text(json.dumps(res, indent=1))
