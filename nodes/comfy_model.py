@@ -204,15 +204,12 @@ def _define_patcher_class() -> type:
             patches = {k: v for k, v in patches.items()
                        if (k if isinstance(k, str) else k[0])[len(lora_patches.PREFIX):] in adapter._shapes}
             deltas = lora_patches.deltas_of(patches, strength_model) if strength_patch != 0.0 else ()
-            lora = None
-            if deltas:  # converted now: a LoRA that does not fit this transformer is refused in the LoRA node
-                lora = lora_patches.bfl.lora_from_bfl(
-                    deltas, lora_patches.group_label(len(self.fastlora_groups), deltas), adapter.out_features)
-            elif strength_patch != 0.0:
+            group = lora_patches.PatchGroup.of(dict(patches), float(strength_patch), deltas,
+                                               len(self.fastlora_groups), adapter.out_features)  # refuses a misfit
+            if not deltas and strength_patch != 0.0:
                 logger.warning("FastLoRA MODEL: a LoRA loader added no weight of this Flux transformer (a LoRA "
                                "for the text encoder only, or for another model family?)")
-            self.fastlora_groups = self.fastlora_groups + (
-                lora_patches.PatchGroup(dict(patches), float(strength_patch), deltas, lora),)
+            self.fastlora_groups = self.fastlora_groups + (group,)
             return super().add_patches(patches, strength_patch, strength_model)
 
         def clone(self) -> Any:
@@ -222,7 +219,7 @@ def _define_patcher_class() -> type:
 
         def fastlora_stack(self) -> specs.LoraStack:
             adapter = self.fastlora_adapter
-            return lora_patches.stack_of(self.fastlora_groups, adapter.engine, adapter.out_features)
+            return lora_patches.stack_of(self.fastlora_groups, adapter.engine)
 
         # sampling ---------------------------------------------------------------------------------
         def pre_run(self) -> None:

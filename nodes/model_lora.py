@@ -49,9 +49,18 @@ class PatchGroup:
     patches: Mapping[Any, Any]
     strength: float
     deltas: tuple[bfl.BflDelta, ...]
-    #: ``deltas`` as one LoRA, converted when the loader node ran (to refuse a misfit there); None:
-    #: converted when first needed
-    lora: bfl.NormalizedLora | None = None
+    #: ``deltas`` as one LoRA at strength 1 (None without deltas)
+    lora: bfl.NormalizedLora | None
+
+    @classmethod
+    def of(cls, patches: Mapping[Any, Any], strength: float, deltas: tuple[bfl.BflDelta, ...], index: int,
+           out_features: Mapping[str, int]) -> PatchGroup:
+        """The ``index``-th group added to a MODEL (0-based), its deltas converted now: the loader
+        node that added them is where a LoRA that does not fit the transformer is refused, and the
+        conversion is not repeated at sampling."""
+        label = f"LoRA #{index + 1} on this MODEL ({len(deltas)} weights)"  # how messages name it
+        lora = bfl.lora_from_bfl(deltas, label, out_features) if deltas else None
+        return cls(patches, strength, deltas, lora)
 
 
 def _describe_patch(value: Any) -> str:
@@ -122,9 +131,11 @@ class InMemoryLoras:
             items.append((d.module, d.rows, d.scale, id(d.up), lora_mapped.version(d.up), id(d.down), lora_mapped.version(d.down)))
         return tuple(sorted(items, key=repr))
 
-    def path_for(self, group: PatchGroup, label: str, cache: Any, out_features: Mapping[str, int]) -> str:
-        """The cache path of ``group`` as one LoRA at strength 1 (converted on first use, or again when
-        the cache evicted it; the engine checks its values for NaN / infinities when it stages it)."""
+    def path_for(self, group: PatchGroup, cache: Any) -> str:
+        """The cache path of ``group`` (with deltas) as one LoRA at strength 1 (put in the cache on first
+        use, or again when the cache evicted it; the engine checks its values for NaN / infinities when
+        it stages it)."""
+        assert group.lora is not None, "a group without deltas has no LoRA"
         key = self.fingerprint(group)
         with self._lock:
             hit = self._entries.get(key)
@@ -144,8 +155,7 @@ class InMemoryLoras:
                     self._remember(source_key, hit[0], ())
                     self._remember(key, hit[0], held)
                     return hit[0]
-        lora = group.lora if group.lora is not None else bfl.lora_from_bfl(group.deltas, label, out_features)
-        path = cache.put(lora)
+        path = cache.put(group.lora)
         with self._lock:
             self._remember(key, path, held)
             if source_key is not None:
@@ -163,17 +173,12 @@ class InMemoryLoras:
 IN_MEMORY = InMemoryLoras()
 
 
-def group_label(index: int, deltas: tuple[bfl.BflDelta, ...]) -> str:
-    """How messages name the ``index``-th LoRA added to a MODEL (0-based)."""
-    return f"LoRA #{index + 1} on this MODEL ({len(deltas)} weights)"
-
-
-def stack_of(groups: tuple[PatchGroup, ...], engine: Any, out_features: Mapping[str, int]) -> specs.LoraStack:
+def stack_of(groups: tuple[PatchGroup, ...], engine: Any) -> specs.LoraStack:
     """The engine LoRA stack for a MODEL's patch groups, in the order the loaders were chained."""
     entries = []
-    for i, group in enumerate(groups):
+    for group in groups:
         if not group.deltas or group.strength == 0.0:
             continue
-        path = IN_MEMORY.path_for(group, group_label(i, group.deltas), engine.lora_cache, out_features)
+        path = IN_MEMORY.path_for(group, engine.lora_cache)
         entries.append(specs.LoraSpec(path, float(group.strength)))
     return specs.LoraStack(tuple(entries))

@@ -81,14 +81,15 @@ def test_going_back_to_a_file_reuses_its_in_memory_lora(tmp_path: Path) -> None:
 
     def group(name: str) -> model_lora.PatchGroup:
         t = read(paths[name])
-        return model_lora.PatchGroup({}, 1.0, (BflDelta("double_blocks.0.img_attn.qkv", t["up"], t["down"], 0.25),))
+        return model_lora.PatchGroup.of({}, 1.0, (BflDelta("double_blocks.0.img_attn.qkv", t["up"], t["down"], 0.25),),
+                                        0, OUT)
 
-    a1 = memory.path_for(group("a"), "A", cache, OUT)
-    b = memory.path_for(group("b"), "B", cache, OUT)
-    a2 = memory.path_for(group("a"), "A", cache, OUT)
+    a1 = memory.path_for(group("a"), cache)
+    b = memory.path_for(group("b"), cache)
+    a2 = memory.path_for(group("a"), cache)
     assert a1 == a2 and a1 != b
     write(paths["a"], 3)
-    a3 = memory.path_for(group("a"), "A", cache, OUT)
+    a3 = memory.path_for(group("a"), cache)
     assert a3 not in (a1, b)
     got = cache.get(a3)[1].transformer["transformer_blocks.0.attn.to_q"].delta()
     t = read(paths["a"])
@@ -110,10 +111,10 @@ def test_the_same_bytes_on_other_layers_are_another_lora(tmp_path: Path) -> None
     def group(swapped: bool) -> model_lora.PatchGroup:
         t = read(path)
         rows = [(H, H), (0, H)] if swapped else [(0, H), (H, H)]
-        return model_lora.PatchGroup({}, 1.0, (
+        return model_lora.PatchGroup.of({}, 1.0, (
             BflDelta("double_blocks.0.img_attn.qkv", t["up1"], t["down1"], 1.0, rows[0]),
-            BflDelta("double_blocks.0.img_attn.qkv", t["up2"], t["down2"], 1.0, rows[1])))
+            BflDelta("double_blocks.0.img_attn.qkv", t["up2"], t["down2"], 1.0, rows[1])), 0, OUT)
 
-    straight = memory.path_for(group(False), "X", cache, OUT)
-    assert memory.path_for(group(False), "X", cache, OUT) == straight  # read again: the same LoRA
-    assert memory.path_for(group(True), "Y", cache, OUT) != straight
+    straight = memory.path_for(group(False), cache)
+    assert memory.path_for(group(False), cache) == straight  # read again: the same LoRA
+    assert memory.path_for(group(True), cache) != straight
