@@ -8,7 +8,8 @@ as diffusers-format safetensors files. Each swap takes a LoRA as ComfyUI's loade
 opened again with ``safe_open`` (a new memory map of a file in the page cache, no page read yet),
 put in the engine's LoRA cache as an in-memory LoRA whose values are not checked, and applied
 (``FluxEngine.apply``, CUDA-synchronised): ``never_used``; then the same LoRA at another strength
-(``strength_only``: the merge alone). Medians in ms of ``swap_ms`` (the whole apply) and ``stage_ms``
+(``strength_only``: the merge alone). Each is timed with the grouped fp8 merge (the default) and,
+alternating in the same process, with the per-layer merge it replaced (``*_per_layer``). Medians in ms of ``swap_ms`` (the whole apply) and ``stage_ms``
 (staging and the check), and the stager's own split of its last call. On a CPU (smoke run) the tiny
 transformer, and the numbers mean nothing.
 
@@ -89,11 +90,18 @@ def main(out_path: str, swaps: int) -> None:
         return round(report.swap_ms, 1), round(report.stage_ms, 1)
 
     swap(as_comfyui_hands_it_over(files[0]))  # warm: pinned chunks, kernels, the fp8 self-check
-    rows: dict[str, list[tuple[float, float]]] = {"never_used": [], "strength_only": []}
-    for i in range(swaps):
+    strategy = engine.strategy
+    grouped_target = strategy._grouped_target
+    rows: dict[str, list[tuple[float, float]]] = {f"{k}{v}": [] for v in ("", "_per_layer")
+                                                  for k in ("never_used", "strength_only")}
+    for i in range(2 * swaps):  # alternating: the grouped fp8 merge (the default), then the per-layer one
+        variant = "" if i % 2 == 0 else "_per_layer"
+        strategy._grouped_target = grouped_target if not variant else lambda key, items: None  # type: ignore[method-assign]
         path = as_comfyui_hands_it_over(files[1 + i % (len(files) - 1)])  # a new mapping, a new in-memory LoRA
-        rows["never_used"].append(swap(path))
-        rows["strength_only"].append(swap(path, 0.6))
+        rows["never_used" + variant].append(swap(path))
+        rows["strength_only" + variant].append(swap(path, 0.6))
+    strategy._grouped_target = grouped_target  # type: ignore[method-assign]
+    res["grouped_layers"] = sum(v is not None for v in strategy._fp8_layers.values())
     for label, got in rows.items():
         res[label] = {"swap_ms": [s for s, _ in got], "stage_ms": [g for _, g in got],
                       "swap_median_ms": round(statistics.median(s for s, _ in got), 1),

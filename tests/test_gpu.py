@@ -166,6 +166,54 @@ def test_fp8_masters_on_the_gpu_are_the_loaded_weights_and_the_layers_quantised_
 
 
 @pytest.mark.skipif(not _fp8_ok(), reason="fp8 needs compute capability >= 8.9")
+@pytest.mark.parametrize("group_bytes", [1, 300_000, None])  # a layer per group, a few layers, all at once
+def test_grouped_fp8_merge_is_torchaos_quantisation_of_every_merged_layer(
+        tiny_source: ModelSource, tiny_loras: dict[str, str], group_bytes: int | None) -> None:
+    """The grouped requantisation writes, for every layer of a stack, exactly what torchao makes of
+    ``master + sum(strength * scale * up @ down)``; A -> B -> A is bit-identical; layers a stack no
+    longer touches get their exact original back."""
+    from torchao.quantization import Float8Tensor, PerRow
+
+    from fastlora_core.lora.quantized import clone_quantized
+
+    engine = FluxEngine(tiny_source, dataclasses.replace(GPU, quantization="fp8", compile="off"))
+    strategy = engine.strategy
+    if group_bytes is not None:
+        strategy.group_bytes = group_bytes
+    modules = dict(engine.transformer.named_modules())
+    before = {n: clone_quantized(modules[n].weight, "cpu") for n in strategy._hp_master}
+    a = _stack(tiny_loras, ("style", 0.5), ("character", 1.0))
+    engine.apply(a)
+    assert sum(v is not None for v in strategy._fp8_layers.values()) > 1, "the grouped path should be in use"
+    assert strategy._groups, "no grouped launch was made"
+    staged = [(spec.strength, engine.device_loras[engine.lora_cache.get(spec.path)[0]]) for spec in a.entries]
+    touched = set()
+    for name, master in strategy._hp_master.items():
+        items = [(st, lora.transformer[name]) for st, lora in staged if name in lora.transformer]
+        if not items:
+            continue
+        touched.add(name)
+        merged = master.clone()
+        for i, (st, layer) in enumerate(items):  # the order and dtype of the engine's merge
+            torch.addmm(master if i == 0 else merged, layer.up.to(torch.bfloat16), layer.down.to(torch.bfloat16),
+                        alpha=st * layer.scale, out=merged)
+        ref = Float8Tensor.from_hp(merged, granularity=PerRow())
+        got = clone_quantized(modules[name].weight, "cuda")
+        assert _same_bits(got["qdata"], ref.qdata) and _same_bits(got["scale"].reshape(-1), ref.scale.reshape(-1)), name
+    assert len(touched) > 2
+    after_a = {n: clone_quantized(modules[n].weight, "cpu") for n in touched}
+    engine.apply(_stack(tiny_loras, ("wide", 1.0)))
+    engine.apply(a)
+    for n in touched:
+        for k, v in clone_quantized(modules[n].weight, "cpu").items():
+            assert _same_bits(v, after_a[n][k]), (n, k)
+    engine.apply(LoraStack())
+    for n, saved in before.items():
+        for k, v in clone_quantized(modules[n].weight, "cpu").items():
+            assert _same_bits(v, saved[k]), (n, k)
+
+
+@pytest.mark.skipif(not _fp8_ok(), reason="fp8 needs compute capability >= 8.9")
 def test_fp8_adapter_and_fused_agree(tiny_source: ModelSource, tiny_loras: dict[str, str],
                                      tiny_request: GenerateRequest) -> None:
     stack = _stack(tiny_loras, ("wide", 1.0))

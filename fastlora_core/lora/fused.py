@@ -12,6 +12,11 @@ Contract:
   anyway (e.g. out of memory), every layer written in this call is restored and the previous stack
   re-applied before the error propagates: no half-swapped weights.
 - No rank or target limit; stacks are sums.
+- Per-row fp8 weights whose masters live on the weight's GPU are merged in groups: the ``addmm`` of
+  each layer into one scratch buffer of up to :data:`GROUP_BYTES`, then one Triton launch
+  requantises the whole group (:func:`~fastlora_core.kernels.grouped_rowwise_fp8_quant`, the same
+  arithmetic as the per-layer kernel). Same values, far fewer launches: the per-layer loop spent
+  more time in Python than the GPU spent merging (NOTES attempt 38).
 - Dense layers (LyCORIS LoKr / LoHa, full ``diff``, DoRA: :class:`~fastlora_core.lora.types.DenseLayer`)
   add ``strength * lycoris.contribution(layer, W)``, rebuilt in float32 on the weight's device from
   the original weight ``W`` (the high-precision master for quantised weights: DoRA's norm is taken
@@ -22,17 +27,36 @@ Contract:
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import cast
 
 import torch
 
 from ..errors import LoraError
+from ..kernels import QuantGroup
 from . import lycoris
 from .base import Contribution, ResolvedEntry, SwapStrategy, check_targets_exist, linear_modules, per_layer
 from .quantized import clone_quantized, copy_into_quantized, is_quantized, requantize_like, restore_quantized
 from .types import DenseLayer
 
 logger = logging.getLogger(__name__)
+
+#: Most merged bf16 bytes one grouped requantisation covers (the scratch buffer it needs on the GPU;
+#: only used where the masters are on the GPU, which the engine allows with > 64 GiB free).
+GROUP_BYTES = 512 * 2**20
+_UNRESOLVED = object()
+
+
+@dataclass(frozen=True)
+class _Fp8Layer:
+    """A per-row fp8 weight merged by the grouped path, resolved once: its master (on the weight's
+    GPU) and the weight's inner tensors, which swaps write in place (so they stay these objects
+    until the model moves)."""
+
+    master: torch.Tensor
+    qdata: torch.Tensor
+    scale: torch.Tensor  # the weight's ``[N, 1]`` scales, flat
+
 
 
 class FusedStrategy(SwapStrategy):
@@ -45,6 +69,10 @@ class FusedStrategy(SwapStrategy):
         self.quantization = quantization
         self.master_device = torch.device(master_device)
         self._modules: dict[str, dict[str, torch.nn.Module]] = {}
+        # Grouped fp8 path: layer -> what it writes (None: not eligible), and the launch tables by group.
+        self._fp8_layers: dict[tuple[str, str], _Fp8Layer | None] = {}
+        self._groups: dict[tuple[int, ...], QuantGroup] = {}
+        self.group_bytes = GROUP_BYTES
         self.refresh_modules()
         # Exact originals of touched layers: plain tensors, or a quantised weight's inner tensors.
         self._orig: dict[tuple[str, str], torch.Tensor | dict[str, torch.Tensor]] = {}
@@ -62,6 +90,7 @@ class FusedStrategy(SwapStrategy):
     def capture_hp_masters(self, transformer: torch.nn.Module, names: list[str]) -> None:
         """Keep a high-precision copy of these layers' weights *before* the transformer is quantised,
         so merged weights are re-quantised from full precision."""
+        self._forget_fp8_layers()
         mods = dict(transformer.named_modules())
         for n in names:
             w = mods[n].weight
@@ -79,6 +108,7 @@ class FusedStrategy(SwapStrategy):
                     self.master_device, sum(t.numel() * t.element_size() for t in self._hp_master.values()) / 2**20)
 
     def refresh_modules(self) -> None:
+        self._forget_fp8_layers()
         self._modules = {part: linear_modules(m) for part, m in self.models.items()}
         # LoRA files name CLIP layers ``text_model.encoder...``; newer transformers' CLIPTextModel
         # has no ``text_model`` level. Accept both spellings.
@@ -91,6 +121,7 @@ class FusedStrategy(SwapStrategy):
         """Move the master copies (ComfyUI unload / reload of the engine)."""
         if self.master_device == torch.device(device):
             return
+        self._forget_fp8_layers()
         self._hp_master = {n: t.to(device) for n, t in self._hp_master.items()}
         self._orig = {k: ({n: t.to(device) for n, t in v.items()} if isinstance(v, dict) else v.to(device))
                       for k, v in self._orig.items()}
@@ -147,11 +178,24 @@ class FusedStrategy(SwapStrategy):
             if self._current.get(key, ()) != contrib:
                 todo.append(key)
         written: list[tuple[str, str]] = []
+        group: list[tuple[_Fp8Layer, list]] = []  # grouped fp8 layers not merged yet
+        grouped = 0  # their elements
         try:
             with torch.no_grad():
                 for key in sorted(todo):
                     written.append(key)  # first: a write that fails halfway is rolled back too
-                    self._write(key, wanted.get(key, []))
+                    items = wanted.get(key, [])
+                    fp8 = self._grouped_target(key, items)
+                    if fp8 is None:
+                        self._write(key, items)
+                        continue
+                    if group and grouped + fp8.master.numel() > self.group_bytes // 2:
+                        self._merge_group(group)
+                        group, grouped = [], 0
+                    group.append((fp8, items))
+                    grouped += fp8.master.numel()
+                if group:
+                    self._merge_group(group)
         except Exception:
             logger.exception("fused swap failed; restoring the previous weights")
             self._rollback(written)
@@ -177,6 +221,78 @@ class FusedStrategy(SwapStrategy):
         if self._fast_fp8 is None:
             self._fast_fp8 = _triton_fp8_self_check(weight.device)
         return bool(self._fast_fp8)
+
+    # -- grouped fp8 path (CUDA, masters on the GPU) ------------------------------------------------
+    def _forget_fp8_layers(self) -> None:
+        """Weights or masters are about to be replaced (model moved, masters moved or captured)."""
+        self._fp8_layers.clear()
+        self._groups.clear()
+
+    def _grouped_target(self, key: tuple[str, str], items: list) -> _Fp8Layer | None:
+        """The layer's grouped-path handle when ``items`` (its new stack) can take that path: LoRA
+        layers only, no bias of its own changed by an earlier stack, a per-row fp8 weight with its
+        master on the same GPU and the Triton kernels verified. The exact original is saved first."""
+        if not items or key in self._orig_bias or _has_dense(items):
+            return None
+        fp8 = self._fp8_layers.get(key, _UNRESOLVED)
+        if fp8 is _UNRESOLVED:
+            fp8 = self._fp8_layers[key] = self._resolve_fp8(key)
+        if fp8 is not None and key not in self._orig:
+            self._orig[key] = clone_quantized(self._weight(*key), self.master_device)
+        return cast("_Fp8Layer | None", fp8)
+
+    def _resolve_fp8(self, key: tuple[str, str]) -> _Fp8Layer | None:
+        weight = self._weight(*key)
+        master = self._hp_master.get(key[1])
+        if not is_quantized(weight) or master is None or master.device != weight.device \
+                or not self._triton_fp8(weight, master):
+            return None
+        from ..kernels import groupable
+
+        names, _ = weight.__tensor_flatten__()  # type: ignore[attr-defined]
+        qdata, scale = getattr(weight, names[0]), getattr(weight, names[1]).view(-1)
+        # The master stands for the scratch slice it is merged into (same shape and dtype; slices
+        # are aligned by construction).
+        return _Fp8Layer(master, qdata, scale) if groupable(master, qdata, scale) else None
+
+    def _merge_group(self, group: list[tuple[_Fp8Layer, list]]) -> None:
+        """``master + sum(strength * scale * up @ down)`` of every layer into consecutive slices of
+        the scratch buffer (bf16, the ops ``_merged_hp`` runs), then one requantisation launch."""
+        from ..kernels import grouped_rowwise_fp8_quant
+
+        device = group[0][0].master.device
+        buf = self._scratch_of(sum(fp8.master.numel() for fp8, _ in group), device, torch.bfloat16)
+        offset = 0
+        for fp8, items in group:
+            out = buf[offset:offset + fp8.master.numel()].view(fp8.master.shape)
+            for i, (entry, layer) in enumerate(items):
+                up = layer.up.to(device=device, dtype=torch.bfloat16)
+                down = layer.down.to(device=device, dtype=torch.bfloat16)
+                torch.addmm(fp8.master if i == 0 else out, up, down, alpha=entry.strength * layer.scale, out=out)
+            offset += fp8.master.numel()
+        grouped_rowwise_fp8_quant(self._quant_group(group, buf), buf)
+
+    def _quant_group(self, group: list[tuple[_Fp8Layer, list]], buf: torch.Tensor) -> QuantGroup:
+        """The launch table of ``group`` merged into consecutive slices of ``buf`` (kept: the same
+        layers give the same table, so a repeated swap copies nothing to the GPU for it)."""
+        key = tuple(id(fp8) for fp8, _ in group)
+        hit = self._groups.get(key)
+        if hit is None:
+            items, offset = [], 0
+            for fp8, _ in group:
+                items.append((buf[offset:offset + fp8.master.numel()].view(fp8.master.shape), fp8.qdata, fp8.scale))
+                offset += fp8.master.numel()
+            if len(self._groups) >= 256:  # many different layer sets: start over rather than grow
+                self._groups.clear()
+            hit = self._groups[key] = QuantGroup(buf, items)
+        return hit
+
+    def _scratch_of(self, numel: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The first ``numel`` elements of the reused scratch buffer (grown, never shrunk)."""
+        if (self._scratch is None or self._scratch.numel() < numel or self._scratch.device != device
+                or self._scratch.dtype != dtype):
+            self._scratch = torch.empty(numel, device=device, dtype=dtype)
+        return self._scratch[:numel]
 
     # -- internals ----------------------------------------------------------------------------
     def _rollback(self, written: list[tuple[str, str]]) -> None:
@@ -271,11 +387,7 @@ class FusedStrategy(SwapStrategy):
         """``master + sum(strength * scale * up @ down)`` in the master's dtype (bf16 for fp8), in a
         reused scratch buffer on the weight's device: the exact input torchao would quantise. With a
         dense layer in the stack the sum is taken in float32 against the master and rounded once."""
-        need = master.numel()
-        if (self._scratch is None or self._scratch.numel() < need or self._scratch.device != device
-                or self._scratch.dtype != master.dtype):
-            self._scratch = torch.empty(need, device=device, dtype=master.dtype)
-        buf = self._scratch[:need].view(master.shape)
+        buf = self._scratch_of(master.numel(), device, master.dtype).view(master.shape)
         src = master.to(device, non_blocking=True)  # no copy when the master is on this device
         if _has_dense(items):  # float32 accumulation against the master, rounded once
             acc = src.to(torch.float32, copy=True)
@@ -316,23 +428,42 @@ def _accumulate(acc: torch.Tensor, original: torch.Tensor, items: list) -> None:
 
 
 def _triton_fp8_self_check(device: torch.device) -> bool:
-    """True when the Triton kernel reproduces torchao's per-row float8 quantisation bit for bit here."""
+    """True when both Triton kernels (per layer and grouped) reproduce torchao's per-row float8
+    quantisation bit for bit here."""
     try:
         from torchao.quantization import Float8Tensor, PerRow
 
-        from ..kernels import rowwise_fp8_quant_into
+        from ..kernels import grouped_rowwise_fp8_quant, rowwise_fp8_quant_into
 
-        x = (torch.randn(96, 640, device=device) * 0.05).to(torch.bfloat16)
-        x[3, 7] = 0.0
-        ref = Float8Tensor.from_hp(x, granularity=PerRow())
-        qdata = torch.empty_like(ref.qdata)
-        scale = torch.empty(ref.scale.numel(), device=device, dtype=torch.float32)
-        rowwise_fp8_quant_into(x, qdata, scale)
-        ok = torch.equal(qdata.view(torch.uint8), ref.qdata.view(torch.uint8)) and torch.equal(
-            scale, ref.scale.reshape(-1).float())
+        ok, outs = True, []
+        for n, k in ((96, 640), (40, 1104), (7, 3008)):  # widths that are not block multiples (but of 16)
+            x = (torch.randn(n, k, device=device) * 0.05).to(torch.bfloat16)
+            x[3, 7] = 0.0
+            ref = Float8Tensor.from_hp(x, granularity=PerRow())
+            for grouped in (False, True):
+                qdata = torch.empty_like(ref.qdata)
+                scale = torch.empty(ref.scale.numel(), device=device, dtype=torch.float32)
+                if grouped:
+                    outs.append((x, qdata, scale, ref))
+                else:
+                    rowwise_fp8_quant_into(x, qdata, scale)
+                    ok = ok and _same_quantised(qdata, scale, ref)
+        buf = torch.cat([x.reshape(-1) for x, _, _, _ in outs])  # the matrices in one buffer, as in a swap
+        views, offset = [], 0
+        for x, qdata, scale, _ in outs:
+            views.append((buf[offset:offset + x.numel()].view(x.shape), qdata, scale))
+            offset += x.numel()
+        grouped_rowwise_fp8_quant(QuantGroup(buf, views), buf)
+        ok = ok and all(_same_quantised(qdata, scale, ref) for _, qdata, scale, ref in outs)
     except Exception as exc:  # Triton missing, driver issue, torchao layout change...
         logger.warning("fp8 fused swaps: Triton requantisation unavailable (%s); using torchao", exc)
         return False
     if not ok:
         logger.warning("fp8 fused swaps: Triton requantisation differs from torchao here; using torchao")
     return ok
+
+
+def _same_quantised(qdata: torch.Tensor, scale: torch.Tensor, ref: torch.Tensor) -> bool:
+    """Whether ``qdata`` / flat ``scale`` are bitwise torchao's ``Float8Tensor`` ``ref``."""
+    return torch.equal(qdata.view(torch.uint8), ref.qdata.view(torch.uint8)) and torch.equal(  # type: ignore[attr-defined]
+        scale, ref.scale.reshape(-1).float())  # type: ignore[attr-defined]
