@@ -261,7 +261,9 @@ class FusedStrategy(SwapStrategy):
         from ..kernels import grouped_rowwise_fp8_quant
 
         device = group[0][0].master.device
-        buf = self._scratch_of(sum(fp8.master.numel() for fp8, _ in group), device, torch.bfloat16)
+        total = sum(fp8.master.numel() for fp8, _ in group)
+        # The whole group size at once, so the buffer is not reallocated group after group.
+        buf = self._scratch_of(max(total, self.group_bytes // 2), device, torch.bfloat16)[:total]
         offset = 0
         for fp8, items in group:
             out = buf[offset:offset + fp8.master.numel()].view(fp8.master.shape)
