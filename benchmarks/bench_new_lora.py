@@ -9,7 +9,11 @@ opened again with ``safe_open`` (a new memory map of a file in the page cache, n
 put in the engine's LoRA cache as an in-memory LoRA whose values are not checked, and applied
 (``FluxEngine.apply``, CUDA-synchronised): ``never_used``; then the same LoRA at another strength
 (``strength_only``: the merge alone). Each is timed with the grouped fp8 merge (the default) and,
-alternating in the same process, with the per-layer merge it replaced (``*_per_layer``). Medians in ms of ``swap_ms`` (the whole apply) and ``stage_ms``
+alternating in the same process, with the per-layer merge it replaced (``*_per_layer``). Then a
+file never used before read by the engine itself, as ``Generate`` does (``file_never_used``: a
+fresh copy of a file in the page cache each time, read into the process's own memory), alternating
+with the read it replaced (``file_never_used_mapped_copy``: copied out of safetensors' mapping).
+Medians in ms of ``swap_ms`` (the whole apply) and ``stage_ms``
 (staging and the check), and the stager's own split of its last call. On a CPU (smoke run) the tiny
 transformer, and the numbers mean nothing.
 
@@ -20,6 +24,7 @@ NOTES attempt 36 ran an earlier version of this script with variants for merging
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -102,6 +107,33 @@ def main(out_path: str, swaps: int) -> None:
         rows["strength_only" + variant].append(swap(path, 0.6))
     strategy._grouped_target = grouped_target  # type: ignore[method-assign]
     res["grouped_layers"] = sum(v is not None for v in strategy._fp8_layers.values())
+
+    # A file never used before, read by the engine itself (Generate's path): a fresh copy of a LoRA
+    # file each time (a new path, in the page cache), read into the process's own memory by several
+    # threads (the default) or, alternating, copied out of safetensors' memory mapping (before).
+    from fastlora_core.lora import formats
+
+    private = formats._private_tensors
+
+    def mapped_copy(path: Path, f: Any) -> dict[str, torch.Tensor]:
+        return {k: f.get_tensor(k).clone() for k in f.keys()}
+
+    file_rows: dict[str, list[tuple[float, float, float]]] = {"file_never_used": [], "file_never_used_mapped_copy": []}
+    for i in range(2 * swaps):
+        variant = "file_never_used" if i % 2 == 0 else "file_never_used_mapped_copy"
+        formats._private_tensors = private if i % 2 == 0 else mapped_copy  # type: ignore[assignment]
+        fresh = f"{files[1 + i % (len(files) - 1)]}.copy{i}.safetensors"
+        shutil.copyfile(files[1 + i % (len(files) - 1)], fresh)
+        with torch.inference_mode():
+            report = engine.apply(LoraStack((LoraSpec(fresh, 1.0),)))
+        file_rows[variant].append((round(report.swap_ms, 1), round(report.read_ms, 1), round(report.stage_ms, 1)))
+        Path(fresh).unlink()
+    formats._private_tensors = private  # type: ignore[assignment]
+    for label, frows in file_rows.items():
+        res[label] = {"swap_ms": [r[0] for r in frows], "read_ms": [r[1] for r in frows], "stage_ms": [r[2] for r in frows],
+                      "swap_median_ms": round(statistics.median(r[0] for r in frows), 1),
+                      "read_median_ms": round(statistics.median(r[1] for r in frows), 1),
+                      "stage_median_ms": round(statistics.median(r[2] for r in frows), 1)}
     for label, got in rows.items():
         res[label] = {"swap_ms": [s for s, _ in got], "stage_ms": [g for _, g in got],
                       "swap_median_ms": round(statistics.median(s for s, _ in got), 1),

@@ -214,6 +214,46 @@ def test_tensors_keep_the_file_dtype_and_are_independent(tmp_path: Path, ref: km
     assert lora.nbytes() > 0 and lora.max_rank == 4
 
 
+def test_a_file_changed_in_place_after_reading_leaves_the_read_lora_unchanged(tmp_path: Path, ref: km.RefLora) -> None:
+    """What the engine keeps in RAM is its own memory, not a view of the file: a tool that rewrites
+    the file in place (same inode, shortened) neither changes the read LoRA nor crashes the process."""
+    path = _save(tmp_path, "inplace.safetensors", km.to_kohya(ref))
+    lora = read_lora(path)
+    before = {n: (layer.down.clone(), layer.up.clone()) for n, layer in lora.transformer.items()}
+    size = Path(path).stat().st_size
+    with open(path, "r+b") as fh:  # zeros over the data, then cut the file short
+        fh.seek(size // 2)
+        fh.write(bytes(size - size // 2))
+        fh.truncate(size // 3)
+    for n, layer in lora.transformer.items():
+        assert torch.equal(layer.down, before[n][0]) and torch.equal(layer.up, before[n][1]), n
+
+
+def test_tensors_at_unaligned_offsets_and_odd_dtypes_are_read(tmp_path: Path) -> None:
+    """safetensors does not require a tensor's bytes to be aligned to its element size; such a file
+    reads the same as an aligned one (other writers than safetensors' own make them)."""
+    import json
+    import struct
+
+    down = torch.randn(2, 8, dtype=torch.bfloat16)
+    up = torch.randn(8, 2, dtype=torch.float32)
+    parts = [("transformer.transformer_blocks.0.attn.to_q.lora_A.weight", "BF16", down),
+             ("transformer.transformer_blocks.0.attn.to_q.alpha", "U8", torch.tensor(4, dtype=torch.uint8)),  # 1 byte
+             ("transformer.transformer_blocks.0.attn.to_q.lora_B.weight", "F32", up)]
+    header, blobs, pos = {}, [], 0
+    for key, dtype, t in parts:
+        blob = t.contiguous().view(torch.uint8).numpy().tobytes()
+        header[key] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [pos, pos + len(blob)]}
+        blobs.append(blob)
+        pos += len(blob)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path = tmp_path / "unaligned.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"".join(blobs))
+    layer = read_lora(path).transformer["transformer_blocks.0.attn.to_q"]  # up (F32) starts at byte 33
+    assert torch.equal(layer.down, down) and torch.equal(layer.up, up) and layer.scale == 2.0
+
+
 def test_all_zero_diff_keys_are_skipped_with_a_log(tmp_path: Path, ref: km.RefLora, caplog) -> None:
     sd = km.to_bfl(ref)
     sd["diffusion_model.double_blocks.0.img_attn.norm.query_norm.diff_b"] = torch.zeros(16)

@@ -23,7 +23,7 @@ from ..filekind import MAX_HEADER_BYTES, sniff
 logger = logging.getLogger(__name__)
 
 
-_ST_DTYPES: dict[str, torch.dtype] = {
+ST_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
@@ -57,7 +57,7 @@ class TensorInfo:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return _ST_DTYPES[self.dtype]
+        return ST_DTYPES[self.dtype]
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,7 @@ def read_header(path: str | os.PathLike[str], role: str = "model") -> Header:
         )
     if not tensors:
         raise ModelLoadError(f"The {label} holds no tensors. Use the real model file.")
-    unknown = {t.dtype for t in tensors.values()} - set(_ST_DTYPES)
+    unknown = {t.dtype for t in tensors.values()} - set(ST_DTYPES)
     if unknown:
         raise ModelLoadError(
             f"The {label} stores tensors as {', '.join(sorted(unknown))}, which FastLoRA cannot read. "

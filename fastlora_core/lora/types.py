@@ -17,11 +17,13 @@ TensorMap = Callable[[torch.Tensor, torch.dtype], torch.Tensor]
 
 
 def file_float(t: torch.Tensor) -> torch.Tensor:
-    """An independent CPU copy in the file's floating dtype (fp32/bf16/fp16 are kept: converting a
-    bf16 LoRA to fp32 would double its RAM and transfer cost and add no information); anything else
-    (fp8 storage...) becomes fp32. The one dtype rule of the normal form's tensors."""
+    """``t`` on the CPU in the file's floating dtype (fp32/bf16/fp16 are kept: converting a bf16 LoRA
+    to fp32 would double its RAM and transfer cost and add no information); anything else (fp8
+    storage...) becomes fp32. The one dtype rule of the normal form's tensors. No copy when nothing
+    changes: the tensors a file is read into are already the process's own memory, not a mapping of
+    the file (``formats._private_tensors``), and the normal form never writes into them."""
     dtype = t.dtype if t.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
-    return t.detach().to(device="cpu", dtype=dtype, copy=True).contiguous()
+    return t.detach().to(device="cpu", dtype=dtype).contiguous()
 
 
 @dataclass(frozen=True)
