@@ -341,6 +341,17 @@ class FluxEngine:
                                         warnings, read_ms, stage_ms)
             return self.last_swap
 
+    def check(self, stack: LoraStack) -> list[str]:
+        """Everything :meth:`apply` would refuse about ``stack``, refused now, without changing any
+        weight: each file read (or taken from the RAM cache) and staged, its values checked, its layers
+        checked against this engine's model and strategy. Returns the warnings ``apply`` would log. For
+        a node that adds a LoRA, so that a bad file is refused there rather than at sampling."""
+        with self._lock:
+            self._check_usable()
+            keys = tuple(file_key(spec.path) for spec in stack.active())
+            entries, _, _, _ = self._resolve(stack, keys)
+            return self.strategy.validate(entries)
+
     def prepare_slot(self, lora_paths: Sequence[str] = (), all_layers: bool = False,
                      max_rank: int | None = None) -> dict[str, object]:
         """Adapter strategy: build (or widen) the zero adapter slot to cover the union of these

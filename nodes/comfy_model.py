@@ -180,7 +180,7 @@ def _define_patcher_class() -> type:
     class FastLoraModelPatcher(comfy.model_patcher.ModelPatcher):
         """A ModelPatcher whose weights belong to a FastLoRA engine (see the module docstring)."""
 
-        fastlora_groups: tuple[lora_patches.PatchGroup, ...] = ()
+        fastlora_groups: tuple[lora_patches.PatchGroup | lora_patches.FileLora, ...] = ()
 
         @property
         def fastlora_adapter(self) -> EngineDiffusionModel:
@@ -369,6 +369,23 @@ def _conditioning_on_device(model: Any) -> Any:
     return extra_conds
 
 
+def with_lora_file(model: Any, spec: specs.LoraSpec) -> Any:
+    """A clone of FastLoRA's MODEL with the LoRA file ``spec`` added to its stack (``LoraHotswapModel``).
+    The file is read, staged and checked against the engine now, so a bad one is refused by the node
+    that adds it; the weights change only when a sampler runs the clone."""
+    fastlora_patcher: Any = patcher_class()  # Any: a class made at run time
+    if not isinstance(model, fastlora_patcher):
+        raise ModelPathRefused(
+            "LoRA Hotswap for MODEL (FastLoRA) takes the model output of Optimized Flux Loader (FastLoRA). For "
+            "another model, use ComfyUI's LoraLoaderModelOnly.")
+    if spec.strength != 0.0:
+        for warning in model.fastlora_engine.check(specs.LoraStack((spec,))):
+            logger.warning("FastLoRA MODEL: %s", warning)
+    clone = model.clone()
+    clone.fastlora_groups = clone.fastlora_groups + (lora_patches.FileLora(spec),)
+    return clone
+
+
 # -- refusals, before the first step ---------------------------------------------------------------
 def _outer_sample(executor: Any, *args: Any, **kwargs: Any) -> Any:
     guider = executor.class_obj
@@ -385,7 +402,8 @@ def _outer_sample(executor: Any, *args: Any, **kwargs: Any) -> Any:
 def refusals(patcher: Any, conds: dict[str, list[dict[str, Any]]], model_options: dict[str, Any]) -> list[str]:
     """Everything about to reach this MODEL that FastLoRA's transformer cannot honour, one line each."""
     out: list[str] = []
-    recorded = {k if isinstance(k, str) else k[0] for g in patcher.fastlora_groups for k in g.patches}
+    recorded = {k if isinstance(k, str) else k[0] for g in patcher.fastlora_groups
+                if isinstance(g, lora_patches.PatchGroup) for k in g.patches}
     stray = sorted(k for k in patcher.patches if k not in recorded)
     if stray:
         out.append(f"weight patches that did not come through a LoRA loader ({stray[0]} ...). {lora_patches._HOW_TO}")

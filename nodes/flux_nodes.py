@@ -336,6 +336,34 @@ class LoraHotswap:
         return (engine.with_lora(specs.LoraSpec.of(path, float(strength))),)
 
 
+class LoraHotswapModel:
+    DESCRIPTION = (
+        "Adds a LoRA (with its strength) to the LoRA stack of Optimized Flux Loader's MODEL, like ComfyUI's "
+        "LoraLoaderModelOnly, but read by FastLoRA itself: every file LoRA Hotswap takes, LyCORIS LoKr / LoHa, "
+        "DoRA and .diff files included (fused strategy). Chain several, or mix with ComfyUI's LoRA loaders. The "
+        "sampler swaps the weights in place right before sampling: no reload, no recompile."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The same MODEL with this LoRA added to its stack.",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model output of Optimized Flux Loader (FastLoRA), or of a LoRA "
+                                           "loader after it."}),
+            "lora_name": (bridge.file_list("loras"), {"tooltip": "LoRA file from models/loras."}),
+            "strength": ("FLOAT", {"default": 1.0, "min": -20.0, "max": 20.0, "step": 0.01,
+                                   "tooltip": "LoRA strength; 0 disables it, negative inverts it."}),
+        }}
+
+    def apply(self, model: Any, lora_name: str, strength: float) -> tuple[Any]:
+        path = bridge.full_path("loras", lora_name)
+        return (comfy_model.with_lora_file(model, specs.LoraSpec.of(path, float(strength))),)
+
+
 class PadDummyLora:
     DESCRIPTION = (
         "Adapter strategy only: prepares one adapter slot covering the layers (union of targets) and "
@@ -440,12 +468,14 @@ _DEFAULTS_REQUEST = specs.GenerateRequest()
 NODE_CLASS_MAPPINGS: dict[str, type] = {
     "OptimizedFluxLoader": OptimizedFluxLoader,
     "LoraHotswap": LoraHotswap,
+    "LoraHotswapModel": LoraHotswapModel,
     "PadDummyLora": PadDummyLora,
     "Generate": Generate,
 }
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "OptimizedFluxLoader": "Optimized Flux Loader (FastLoRA)",
     "LoraHotswap": "LoRA Hotswap (FastLoRA)",
+    "LoraHotswapModel": "LoRA Hotswap for MODEL (FastLoRA)",
     "PadDummyLora": "Pad Dummy LoRA (FastLoRA)",
     "Generate": "Generate (FastLoRA)",
 }

@@ -36,6 +36,9 @@ SUFFIX = ".weight"
 _ADAPTER_KINDS = {"loha": "LyCORIS LoHa", "lokr": "LyCORIS LoKr", "glora": "GLoRA", "oft": "OFT", "boft": "BOFT"}
 _HOW_TO = ("Use a plain LoRA (up/down weights) with this MODEL, or ComfyUI's own UNETLoader for this "
            "graph.")
+# For what FastLoRA's own reader takes from a file (lora/formats.py, lora/lycoris.py).
+_FILE_NODE = ("Or load the file with LoRA Hotswap for MODEL (FastLoRA) in place of this LoRA loader: FastLoRA reads "
+              "LyCORIS LoKr / LoHa, DoRA and .diff files itself (fused strategy).")
 
 
 class PatchRefused(errors.LoraError):
@@ -63,6 +66,15 @@ class PatchGroup:
         return cls(patches, strength, deltas, lora)
 
 
+@dataclass(frozen=True)
+class FileLora:
+    """A LoRA file added to a MODEL by FastLoRA's own node (``LoraHotswapModel``): read by the engine
+    like ``Generate``'s LoRAs, in every format the engine takes (LoKr, LoHa, DoRA and ``.diff`` files
+    included with the ``fused`` strategy), instead of through ComfyUI's patches."""
+
+    spec: specs.LoraSpec
+
+
 def _describe_patch(value: Any) -> str:
     name = getattr(value, "name", None)
     if isinstance(name, str):
@@ -88,12 +100,15 @@ def deltas_of(patches: Mapping[Any, Any], strength_model: float) -> tuple[bfl.Bf
         key, offset, function = (k, None, None) if isinstance(k, str) else (k[0], k[1], k[2] if len(k) > 2 else None)
         what = _describe_patch(value)
         if type(value).__name__ != "LoRAAdapter":
-            raise PatchRefused(f"{key} gets {what}, which FastLoRA's engine cannot swap. {_HOW_TO}")
+            readable = getattr(value, "name", None) in ("lokr", "loha") or (isinstance(value, tuple) and value[:1] == ("diff",))
+            raise PatchRefused(f"{key} gets {what}, which FastLoRA's engine cannot swap. {_HOW_TO}"
+                               + (f" {_FILE_NODE}" if readable else ""))
         if not (key.startswith(PREFIX) and key.endswith(SUFFIX)):
             raise PatchRefused(f"{key}: a LoRA on a bias or norm weight; FastLoRA swaps linear weights only. {_HOW_TO}")
         up, down, alpha, mid, dora_scale, reshape = value.weights
         if dora_scale is not None:
-            raise PatchRefused(f"{key}: a DoRA LoRA (dora_scale); FastLoRA's MODEL takes plain LoRAs. {_HOW_TO}")
+            raise PatchRefused(f"{key}: a DoRA LoRA (dora_scale); ComfyUI's LoRA loaders hand FastLoRA's MODEL plain "
+                               f"LoRAs only. {_HOW_TO} {_FILE_NODE}")
         if mid is not None or reshape is not None or function is not None:
             raise PatchRefused(f"{key}: a LoRA with a conv 'mid' weight, reshape or weight function. {_HOW_TO}")
         if offset is not None and offset[0] != 0:
@@ -173,10 +188,14 @@ class InMemoryLoras:
 IN_MEMORY = InMemoryLoras()
 
 
-def stack_of(groups: tuple[PatchGroup, ...], engine: Any) -> specs.LoraStack:
-    """The engine LoRA stack for a MODEL's patch groups, in the order the loaders were chained."""
+def stack_of(groups: tuple[PatchGroup | FileLora, ...], engine: Any) -> specs.LoraStack:
+    """The engine LoRA stack for a MODEL's LoRAs (ComfyUI's patch groups and FastLoRA's files), in the
+    order the loader nodes were chained."""
     entries = []
     for group in groups:
+        if isinstance(group, FileLora):
+            entries.append(group.spec)
+            continue
         if not group.deltas or group.strength == 0.0:
             continue
         path = IN_MEMORY.path_for(group, engine.lora_cache)

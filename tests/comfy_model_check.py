@@ -88,6 +88,12 @@ def write_loras(folder: Path, shapes: dict[str, tuple[int, ...]]) -> dict[str, P
     save_file({"diffusion_model.double_blocks.0.img_attn.proj.lora_up.weight": up,
                "diffusion_model.double_blocks.0.img_attn.proj.lora_down.weight": down,
                "diffusion_model.double_blocks.0.img_attn.proj.dora_scale": torch.ones(3072, 1)}, str(out["dora"]))
+    up, down = pair(3072, 3072, 4)
+    out["dora_in"] = folder / "tiny-dora-in.safetensors"  # norms of the input columns: where ComfyUI's DoRA agrees
+    save_file({"diffusion_model.double_blocks.0.img_attn.proj.lora_up.weight": up,
+               "diffusion_model.double_blocks.0.img_attn.proj.lora_down.weight": down,
+               "diffusion_model.double_blocks.0.img_attn.proj.dora_scale": 0.5 + torch.rand(1, 3072, generator=g)},
+              str(out["dora_in"]))
     out["lokr"] = folder / "tiny-lokr.safetensors"
     save_file({"diffusion_model.double_blocks.0.img_attn.proj.lokr_w1": torch.randn(64, 64, generator=g) * 0.01,
                "diffusion_model.double_blocks.0.img_attn.proj.lokr_w2": torch.randn(48, 48, generator=g) * 0.01},
@@ -299,6 +305,36 @@ def main(comfy_dir: str, work: str, out_path: str, compile_mode: str) -> None:
         refused("nan_lora", lambda: sample(with_loras(ours, [("nan", 1.0)]), steps=1))
         after = sample(with_loras(ours, [("a", 1.0)]))
         results["usable_after_refusals"] = bool(torch.equal(after, a1))
+
+        # FastLoRA's own LoRA node for MODEL: the same latents as ComfyUI's loader on UNETLoader's model for
+        # the same files, mixed with ComfyUI's loader, and the LyCORIS / DoRA files ComfyUI's patches cannot
+        # bring to this MODEL
+        hotswap = flux_nodes.LoraHotswapModel()
+
+        def with_files(model: Any, spec: list[tuple[str, float]]) -> Any:
+            for key, strength in spec:
+                model = hotswap.apply(model, loras[key].name, strength)[0]
+            return model
+
+        results["hotswap_model"] = {}
+        for name, native_spec, build in (
+                ("bfl_0.5", [("a", 0.5)], lambda: with_files(ours, [("a", 0.5)])),
+                ("mixed_with_comfyui_loader", [("a", 0.8), ("b", -0.6)],
+                 lambda: with_files(with_loras(ours, [("a", 0.8)]), [("b", -0.6)])),
+                ("lokr", [("lokr", 1.0)], lambda: with_files(ours, [("lokr", 1.0)])),
+                ("dora", [("dora_in", 0.7)], lambda: with_files(ours, [("dora_in", 0.7)]))):
+            ref = sample(with_loras(native, native_spec))
+            before = engine.compiles
+            got = sample(build())
+            stack, new_compiles = comfy_model.STATS["last"]["stack"], engine.compiles - before
+            base = float(ref.abs().max())
+            results["hotswap_model"][name] = {
+                "rel_max_diff": float((got - ref).abs().max()) / base, "finite": bool(torch.isfinite(got).all()),
+                "differs_from_no_lora": not torch.equal(got, sample(ours)), "new_compiles": new_compiles,
+                "stack": stack}
+        refused("hotswap_model_nan", lambda: with_files(ours, [("nan", 1.0)]))
+        refused("hotswap_model_on_unetloader_model", lambda: with_files(native, [("a", 1.0)]))
+        results["usable_after_hotswap_refusals"] = bool(torch.equal(sample(with_loras(ours, [("a", 1.0)])), a1))
         results["engine_compiles"] = engine.compiles
 
         # Cancel: ComfyUI's progress hook raises InterruptProcessingException after the first step

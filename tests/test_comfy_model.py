@@ -97,8 +97,8 @@ def test_a_b_a_is_bit_identical_without_compiling(report: dict[str, Any]) -> Non
     ("controlnet", ["ControlNet", "UNETLoader"]),
     ("block_patch", ["patches", "remove that node"]),
     ("torch_compile", ["TorchCompileModel", "already compiled"]),
-    ("dora", ["DoRA", "plain LoRA"]),
-    ("lokr", ["LoKr", "plain LoRA"]),
+    ("dora", ["DoRA", "plain LoRA", "LoRA Hotswap for MODEL"]),
+    ("lokr", ["LoKr", "plain LoRA", "LoRA Hotswap for MODEL"]),
     ("model_merge", ["strength_model", "only takes LoRAs"]),
     ("nan_lora", ["LoraFormatError", "NaN", "every image black"]),
 ])
@@ -107,6 +107,33 @@ def test_what_cannot_be_mapped_is_refused_with_what_to_do(report: dict[str, Any]
     assert message is not None, f"{name} was not refused"
     for w in words:
         assert w in message, message
+
+
+@pytest.mark.parametrize("name", ["bfl_0.5", "mixed_with_comfyui_loader", "lokr", "dora"])
+def test_lora_hotswap_for_model_matches_comfyuis_loader_on_unetloader(report: dict[str, Any], name: str) -> None:
+    """FastLoRA's LoRA node for MODEL reads the file itself (any format the engine takes) and gives the
+    latents ComfyUI's LoraLoaderModelOnly gives on UNETLoader's model, mixed with ComfyUI's loader too;
+    no compile after the first."""
+    s = report["hotswap_model"][name]
+    assert s["finite"] and s["differs_from_no_lora"]
+    assert s["rel_max_diff"] <= TOLERANCE, f"{name}: {s}"
+    assert s["new_compiles"] == 0
+    files = [e["file"] for e in s["stack"]]
+    assert files and not files[-1].startswith("memory:")  # the file itself, not ComfyUI's patches
+    if name == "mixed_with_comfyui_loader":
+        assert files[0].startswith("memory:") and [e["strength"] for e in s["stack"]] == [0.8, -0.6]
+
+
+@pytest.mark.parametrize("name, words", [
+    ("hotswap_model_nan", ["LoraFormatError", "tiny-nan.safetensors", "NaN"]),
+    ("hotswap_model_on_unetloader_model", ["Optimized Flux Loader", "LoraLoaderModelOnly"]),
+])
+def test_lora_hotswap_for_model_refuses_in_its_node(report: dict[str, Any], name: str, words: list[str]) -> None:
+    message = report["refusals"][name]
+    assert message is not None, f"{name} was not refused"
+    for w in words:
+        assert w in message, message
+    assert report["usable_after_hotswap_refusals"]
 
 
 def test_text_encoder_keys_of_a_lora_loader_are_left_to_the_clip(report: dict[str, Any]) -> None:

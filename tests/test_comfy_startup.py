@@ -50,7 +50,8 @@ def test_two_copies_of_the_pack_start_comfyui_with_one_stats_route(
 
     assert first.nodes.ROUTES_REGISTERED and second.nodes.ROUTES_REGISTERED
     assert len([r for r in prompt_server.routes if r.path == ROUTE]) == 1
-    assert set(second.NODE_CLASS_MAPPINGS) == {"OptimizedFluxLoader", "LoraHotswap", "PadDummyLora", "Generate"}
+    assert set(second.NODE_CLASS_MAPPINGS) == {"OptimizedFluxLoader", "LoraHotswap", "LoraHotswapModel", "PadDummyLora",
+                                                  "Generate"}
     # ComfyUI keeps the node classes of the copy loaded last: the route reports that copy's counters.
     second.nodes.flux_nodes.STATS["generates"] = 41
     served = _served(prompt_server)

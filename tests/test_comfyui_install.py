@@ -34,7 +34,7 @@ pytestmark = [
     pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout to run these"),
 ]
 FOLDER = "ComfyUI-FastLoRA"  # the folder name the README's clone command gives
-NODES = {"OptimizedFluxLoader", "LoraHotswap", "PadDummyLora", "Generate"}
+NODES = {"OptimizedFluxLoader", "LoraHotswap", "LoraHotswapModel", "PadDummyLora", "Generate"}
 TEMPLATES = sorted(p.stem for p in (ROOT / "workflows").glob("*.json"))
 
 

@@ -19,7 +19,7 @@ import pytest
 from fastlora_core import deps
 
 ROOT = comfy_stub.ROOT
-NODES = ["Generate", "LoraHotswap", "OptimizedFluxLoader", "PadDummyLora"]
+NODES = ["Generate", "LoraHotswap", "LoraHotswapModel", "OptimizedFluxLoader", "PadDummyLora"]
 
 # Runs in a fresh interpreter: hide HIDDEN, import the pack as ComfyUI does (with comfy_stub), run
 # ACTION and print one JSON line with what happened.

@@ -87,3 +87,30 @@ def test_in_memory_lora_values_are_checked_once_before_any_weight_changes(tiny_d
         engine.prepare_external(LoraStack((LoraSpec(good_path, 1.0),)))
         assert engine.lora_cache.get(good_path)[1].values_checked
         assert not torch.equal(engine.run_transformer(**x), base)
+
+
+def test_check_refuses_what_apply_would_and_changes_no_weight(tiny_dir: Path, tiny_loras: dict[str, str],
+                                                              tmp_path: Path) -> None:
+    """``check`` (what FastLoRA's LoRA node for MODEL runs when it adds a file) refuses a bad file
+    naming it, accepts a good one, and leaves the weights and the applied stack alone either way."""
+    from safetensors.torch import load_file, save_file
+
+    from fastlora_core.errors import LoraFormatError
+
+    engine = registry.get_engine(ModelSource.transformer_alone(tiny_dir), CPU)
+    x = inputs(engine, seed=3)
+    applied = LoraStack.of((tiny_loras["fastlora-tiny-style"], 1.0))
+    with torch.inference_mode():
+        engine.prepare_external(applied)
+        before = engine.run_transformer(**x)
+    sd = load_file(tiny_loras["fastlora-tiny-wide"])
+    key = sorted(sd)[0]
+    sd[key][0, 0] = float("nan")
+    bad = tmp_path / "poisoned.safetensors"
+    save_file(sd, str(bad))
+    assert engine.check(LoraStack.of((tiny_loras["fastlora-tiny-wide"], 0.5))) == []
+    with pytest.raises(LoraFormatError, match=r"poisoned\.safetensors.*NaN"):
+        engine.check(LoraStack.of((str(bad), 1.0)))
+    assert engine.loaded_stack == applied
+    with torch.inference_mode():
+        assert torch.equal(engine.run_transformer(**x), before)

@@ -90,7 +90,8 @@ def reference(handle: Any, stack: Any, **over: Any) -> torch.Tensor:
 
 # -- registration and schemas -----------------------------------------------------------------------
 def test_registration_and_node_contract(pack: Any) -> None:
-    assert set(pack.NODE_CLASS_MAPPINGS) == {"OptimizedFluxLoader", "LoraHotswap", "PadDummyLora", "Generate"}
+    assert set(pack.NODE_CLASS_MAPPINGS) == {"OptimizedFluxLoader", "LoraHotswap", "LoraHotswapModel", "PadDummyLora",
+                                                "Generate"}
     assert set(pack.NODE_DISPLAY_NAME_MAPPINGS) == set(pack.NODE_CLASS_MAPPINGS)
     for name, cls in pack.NODE_CLASS_MAPPINGS.items():
         assert cls.CATEGORY == "FastLoRA/Flux", name
@@ -540,7 +541,7 @@ def _import_pack_in_subprocess(prelude: str) -> subprocess.CompletedProcess[str]
 def test_pack_imports_without_comfyui() -> None:
     out = _import_pack_in_subprocess("")
     assert out.returncode == 0, out.stderr
-    assert "NODES ['Generate', 'LoraHotswap', 'OptimizedFluxLoader', 'PadDummyLora']" in out.stdout
+    assert "NODES ['Generate', 'LoraHotswap', 'LoraHotswapModel', 'OptimizedFluxLoader', 'PadDummyLora']" in out.stdout
     assert "COMFY_IMPORTED False" in out.stdout
 
 
