@@ -237,9 +237,10 @@ def test_templates_are_listed_once() -> None:
 
 
 @pytest.mark.parametrize("path", sorted(API_DIR.glob("flux_model_*.json")), ids=lambda p: p.stem)
-def test_model_workflows_sample_the_loader_model_through_native_lora_loaders(path: Path) -> None:
-    """The MODEL-path graphs: transformer-only loader, its MODEL output (slot 1) through ComfyUI's
-    LoraLoaderModelOnly into every KSampler; text and VAE from ComfyUI's own nodes, no Generate."""
+def test_model_workflows_sample_the_loader_model_through_lora_loaders(path: Path) -> None:
+    """The MODEL-path graphs: transformer-only loader, its MODEL output (slot 1) through a chain of
+    LoRA loaders (ComfyUI's LoraLoaderModelOnly first, FastLoRA's LoraHotswapModel after it) into every
+    KSampler; text and VAE from ComfyUI's own nodes, no Generate."""
     api = json.loads(path.read_text())
     kinds = {n["class_type"] for n in api.values()}
     assert "Generate" not in kinds and {"DualCLIPLoader", "VAELoader", "KSampler"} <= kinds
@@ -248,9 +249,14 @@ def test_model_workflows_sample_the_loader_model_through_native_lora_loaders(pat
     samplers = [n for n in api.values() if n["class_type"] == "KSampler"]
     assert samplers
     for ks in samplers:
-        src = api[ks["inputs"]["model"][0]]
-        assert src["class_type"] == "LoraLoaderModelOnly"
-        assert src["inputs"]["model"] == [loaders[0], 1]
+        chain, src = [], ks["inputs"]["model"]
+        while src[0] != loaders[0]:
+            node = api[src[0]]
+            chain.append(node["class_type"])
+            src = node["inputs"]["model"]
+        assert src == [loaders[0], 1]
+        assert chain and chain[-1] == "LoraLoaderModelOnly"
+        assert set(chain) <= {"LoraLoaderModelOnly", "LoraHotswapModel"}
 
 
 @pytest.mark.parametrize("path", sorted(p for p in API_DIR.glob("*.json") if not p.stem.startswith("flux_model_")),

@@ -18,7 +18,7 @@ COMPONENTS_TRANSFORMER = "transformer only (MODEL)"
 GEN_KEYS = ["prompt", "seed", "steps", "guidance", "width", "height", "batch"]
 PAD_KEYS = ["target", "lora_1", "lora_2", "lora_3", "lora_4", "max_rank"]
 OUT = {"OptimizedFluxLoader": [("engine", "FASTLORA_ENGINE"), ("model", "MODEL")],
-       "LoraHotswap": [("engine", "FASTLORA_ENGINE")],
+       "LoraHotswap": [("engine", "FASTLORA_ENGINE")], "LoraHotswapModel": [("model", "MODEL")],
        "PadDummyLora": [("engine", "FASTLORA_ENGINE")], "Generate": [("images", "IMAGE")], "SaveImage": [],
        # ComfyUI's own nodes used by the MODEL workflows
        "DualCLIPLoader": [("CLIP", "CLIP")], "CLIPTextEncode": [("CONDITIONING", "CONDITIONING")],
@@ -29,20 +29,20 @@ LINK_IN = {"LoraHotswap": [("engine", "FASTLORA_ENGINE")], "PadDummyLora": [("en
            "Generate": [("engine", "FASTLORA_ENGINE")], "SaveImage": [("images", "IMAGE")],
            "OptimizedFluxLoader": [], "DualCLIPLoader": [], "CLIPTextEncode": [("clip", "CLIP")],
            "FluxGuidance": [("conditioning", "CONDITIONING")], "EmptySD3LatentImage": [],
-           "LoraLoaderModelOnly": [("model", "MODEL")],
+           "LoraLoaderModelOnly": [("model", "MODEL")], "LoraHotswapModel": [("model", "MODEL")],
            "KSampler": [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                         ("latent_image", "LATENT")],
            "VAELoader": [], "VAEDecode": [("samples", "LATENT"), ("vae", "VAE")],
            "LatentUpscaleBy": [("samples", "LATENT")]}
 # Generate is tall enough for its live preview: ComfyUI's front end (1.27) draws the preview widget at least
 # 220 px high below the widgets, whatever the image size, so branches below it start lower.
-SIZES = {"OptimizedFluxLoader": [340, 460], "LoraHotswap": [320, 110], "PadDummyLora": [320, 230],
+SIZES = {"OptimizedFluxLoader": [340, 460], "LoraHotswap": [320, 110], "LoraHotswapModel": [320, 110], "PadDummyLora": [320, 230],
          "Generate": [340, 560], "SaveImage": [300, 320], "DualCLIPLoader": [320, 130],
          "CLIPTextEncode": [400, 200], "FluxGuidance": [320, 60], "EmptySD3LatentImage": [320, 110],
          "LoraLoaderModelOnly": [320, 85], "KSampler": [320, 270], "VAELoader": [320, 60], "VAEDecode": [210, 50],
          "LatentUpscaleBy": [320, 85]}
 # widget order in the UI (the frontend adds a "fixed"/"randomize" control after seeds)
-WIDGETS = {"LoraHotswap": ["lora_name", "strength"],
+WIDGETS = {"LoraHotswap": ["lora_name", "strength"], "LoraHotswapModel": ["lora_name", "strength"],
            "SaveImage": ["filename_prefix"], "DualCLIPLoader": ["clip_name1", "clip_name2", "type", "device"],
            "CLIPTextEncode": ["text"], "FluxGuidance": ["guidance"],
            "EmptySD3LatentImage": ["width", "height", "batch_size"], "LoraLoaderModelOnly": ["lora_name", "strength_model"],
@@ -138,14 +138,16 @@ def thumbnail(path, title, nodes, links):
                   fill=(170, 175, 110), width=3)
     colours = {"OptimizedFluxLoader": (70, 90, 150), "LoraHotswap": (120, 70, 140), "PadDummyLora": (140, 90, 60),
                "Generate": (60, 120, 90), "SaveImage": (80, 80, 80), "LoraLoaderModelOnly": (120, 70, 140),
-               "KSampler": (60, 120, 90)}
+               "LoraHotswapModel": (120, 70, 140), "KSampler": (60, 120, 90)}
     labels = {"OptimizedFluxLoader": "Loader", "LoraHotswap": "LoRA", "PadDummyLora": "Pad slot",
               "Generate": "Generate", "SaveImage": "Save", "DualCLIPLoader": "CLIP", "CLIPTextEncode": "Text",
               "FluxGuidance": "Guidance", "EmptySD3LatentImage": "Latent", "LoraLoaderModelOnly": "LoRA (native)",
+              "LoraHotswapModel": "LoRA file (FastLoRA)",
               "KSampler": "KSampler", "VAELoader": "VAE", "VAEDecode": "Decode", "LatentUpscaleBy": "Upscale"}
     for nid, t, _pos, w in nodes:
         x, y = place[nid]
         detail = {"OptimizedFluxLoader": [w.get("source", "")], "LoraHotswap": [f"strength {w.get('strength')}"],
+                  "LoraHotswapModel": [f"strength {w.get('strength')}"],
                   "PadDummyLora": [w.get("target", "")], "Generate": [f"{w.get('steps')} steps"],
                   "SaveImage": ["image"], "LoraLoaderModelOnly": [f"strength {w.get('strength_model')}"],
                   "KSampler": [f"{w.get('steps')} steps, denoise {w.get('denoise')}"],
@@ -323,6 +325,24 @@ build("flux_model_lora", "FastLoRA MODEL: standard Flux graph + a native LoRA lo
       [(1, 1, 6, "model"), (2, 0, 3, "clip"), (2, 0, 4, "clip"), (3, 0, 5, "conditioning"),
        (6, 0, 8, "model"), (5, 0, 8, "positive"), (4, 0, 8, "negative"), (7, 0, 8, "latent_image"),
        (8, 0, 10, "samples"), (9, 0, 10, "vae"), (10, 0, 11, "images")])
+
+build("flux_model_lycoris", "FastLoRA MODEL: LyCORIS / DoRA files with LoRA Hotswap for MODEL",
+      "LoRA Hotswap for MODEL (FastLoRA) adds a LoRA file to the MODEL's stack, read by FastLoRA itself: LyCORIS "
+      "LoKr / LoHa, DoRA and .diff files (which ComfyUI's LoRA loaders cannot hand to this MODEL) as well as plain "
+      "LoRAs. It chains with ComfyUI's loaders (here after LoraLoaderModelOnly): the sampler swaps the whole stack "
+      "in place. A bad file stops the graph at this node, naming it. " + MODEL_NOTE,
+      [(1, "OptimizedFluxLoader", [40, 300], model_loader()),
+       *text_nodes(2, -60, PROMPT),
+       (6, "LoraLoaderModelOnly", [420, 560], {"lora_name": "my_flux_lora.safetensors", "strength_model": 1.0}),
+       (7, "LoraHotswapModel", [420, 700], {"lora_name": "my_lokr_or_dora.safetensors", "strength": 0.8}),
+       (8, "EmptySD3LatentImage", [860, 200], {"width": 1024, "height": 1024, "batch_size": 1}),
+       (9, "KSampler", [1240, 0], sampler()),
+       (10, "VAELoader", [860, 400], {"vae_name": "ae.safetensors"}),
+       (11, "VAEDecode", [1620, 0], {}),
+       (12, "SaveImage", [1880, 0], {"filename_prefix": "FastLoRA_model_lycoris"})],
+      [(1, 1, 6, "model"), (6, 0, 7, "model"), (2, 0, 3, "clip"), (2, 0, 4, "clip"), (3, 0, 5, "conditioning"),
+       (7, 0, 9, "model"), (5, 0, 9, "positive"), (4, 0, 9, "negative"), (8, 0, 9, "latent_image"),
+       (9, 0, 11, "samples"), (10, 0, 11, "vae"), (11, 0, 12, "images")])
 
 build("flux_model_lora_ab", "FastLoRA MODEL: A/B, one model, two LoRA loaders, two samplers",
       MODEL_NOTE + " Both samplers share the one compiled transformer; each gets its own LoRA stack.",
