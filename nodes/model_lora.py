@@ -194,7 +194,8 @@ def stack_of(groups: tuple[PatchGroup | FileLora, ...], engine: Any) -> specs.Lo
     entries = []
     for group in groups:
         if isinstance(group, FileLora):
-            entries.append(group.spec)
+            if group.spec.strength != 0.0:
+                entries.append(group.spec)
             continue
         if not group.deltas or group.strength == 0.0:
             continue

@@ -74,6 +74,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         save_file({f"diffusion_model.{module}.lora_up.weight": torch.randn(rows, 4, generator=g) * 0.25,
                    f"diffusion_model.{module}.lora_down.weight": torch.randn(4, ins, generator=g) * 0.5 / ins**0.5},
                   str(models / "loras" / f"{name}.safetensors"))
+    save_file({"diffusion_model.double_blocks.0.img_attn.proj.lokr_w1": torch.randn(64, 64, generator=g) * 0.05,
+               "diffusion_model.double_blocks.0.img_attn.proj.lokr_w2": torch.randn(48, 48, generator=g) * 0.05},
+              str(models / "loras" / "tiny-lokr.safetensors"))  # what ComfyUI's loaders cannot hand this MODEL
     custom = base / "custom_nodes"
     (custom / "fastlora_test_nodes").mkdir(parents=True)
     (custom / "fastlora_test_nodes" / "__init__.py").write_text(TEST_NODE)
@@ -117,9 +120,10 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         log.close()
 
 
-def tiny_graph(path: Path, transformer: str, loras: list[str], seed: int = 0) -> dict[str, Any]:
+def tiny_graph(path: Path, transformer: str, loras: list[str], seed: int = 0, files: tuple[str, ...] = ()) -> dict[str, Any]:
     """A shipped MODEL workflow pointed at the tiny model: text nodes -> the test conditioning node,
-    VAE decode -> SaveLatent; the loader, LoRA loaders and samplers stay as shipped. ``seed`` varies the
+    VAE decode -> SaveLatent; the loader, LoRA loaders and samplers stay as shipped (``loras`` for
+    ComfyUI's loaders, ``files`` for FastLoRA's LoRA Hotswap for MODEL). ``seed`` varies the
     conditioning, so that no node of one test's graph is served from ComfyUI's cache of another's."""
     graph = headless.load_workflow(path)
     out: dict[str, Any] = {}
@@ -139,6 +143,8 @@ def tiny_graph(path: Path, transformer: str, loras: list[str], seed: int = 0) ->
             inputs["lora_name"] = loras[lora_i % len(loras)]
             lora_i += 1
             node = {**node, "inputs": inputs}
+        elif kind == "LoraHotswapModel":
+            node = {**node, "inputs": {**inputs, "lora_name": files[0]}}
         elif kind == "EmptySD3LatentImage":
             node = {**node, "inputs": {**inputs, "width": 64, "height": 64}}
         elif kind == "KSampler":
@@ -217,3 +223,28 @@ def test_single_lora_workflow_runs(env: dict[str, Any]) -> None:
     path = ROOT / "workflows" / "api" / "flux_model_lora.json"
     _, latents = run(env, tiny_graph(path, env["transformer"], ["tiny-b.safetensors"], seed=200))
     assert len(latents) == 1
+
+
+def test_lycoris_workflow_applies_a_lokr_file_and_a_strength_change_reruns_only_its_node(env: dict[str, Any]) -> None:
+    """LoRA Hotswap for MODEL, as shipped after ComfyUI's loader: a LoKr file (which ComfyUI's loaders
+    cannot hand this MODEL) joins the stack, and changing its strength re-runs that node and the
+    sampler only, with no compile."""
+    import torch
+
+    path = ROOT / "workflows" / "api" / "flux_model_lycoris.json"
+    graph = tiny_graph(path, env["transformer"], ["tiny-a.safetensors"], seed=300, files=("tiny-lokr.safetensors",))
+    loader, native, (hot,) = ids(graph, "OptimizedFluxLoader")[0], ids(graph, "LoraLoaderModelOnly")[0], \
+        ids(graph, "LoraHotswapModel")
+    first, latents = run(env, graph)
+    assert {loader, native, hot} <= set(first.executed)
+    engine = env["client"].request("GET", "/fastlora/stats")["engines"][0]
+    stack = engine["last_swap"]["stack"]
+    assert [e["strength"] for e in stack] == [1.0, 0.8]
+    assert stack[0]["file"].startswith("memory:") and stack[1]["file"].endswith("tiny-lokr.safetensors")
+    graph[hot]["inputs"]["strength"] = 0.0  # the LoKr off: only ComfyUI's LoRA left
+    second, latents2 = run(env, graph)
+    assert loader not in second.executed and native not in second.executed and hot in second.executed
+    assert not torch.equal(next(iter(latents2.values())), next(iter(latents.values()))), "the LoKr changed nothing"
+    after = env["client"].request("GET", "/fastlora/stats")["engines"][0]
+    assert [e["strength"] for e in after["last_swap"]["stack"]] == [1.0]
+    assert after["compiles"] == engine["compiles"]
