@@ -10,9 +10,9 @@ bit-exact self-check, with torchao as the fallback): requantise only the touched
 allocation, so compiled graphs see the new values. Triton is imported lazily.
 
 ``grouped_rowwise_fp8_quant(group)`` - the same quantisation for many matrices in one launch
-(:class:`QuantGroup`). A swap of 418 layers
-launched one kernel per layer and spent more time launching (Python, ~20-30 us each) than the GPU
-spent quantising; grouping takes that to one launch per group (NOTES attempt 38).
+(:class:`QuantGroup`). A swap of 418 layers launched from Python one kernel per layer; on a host
+with a slow CPU that, not the GPU, set the swap's time (65.7 ms per layer against 36.5 ms grouped
+on the H200 host of NOTES attempt 38; equal on a fast host, where the GPU's work sets it).
 """
 
 from __future__ import annotations

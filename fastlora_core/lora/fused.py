@@ -15,8 +15,8 @@ Contract:
 - Per-row fp8 weights whose masters live on the weight's GPU are merged in groups: the ``addmm`` of
   each layer into one scratch buffer of up to :data:`GROUP_BYTES`, then one Triton launch
   requantises the whole group (:func:`~fastlora_core.kernels.grouped_rowwise_fp8_quant`, the same
-  arithmetic as the per-layer kernel). Same values, far fewer launches: the per-layer loop spent
-  more time in Python than the GPU spent merging (NOTES attempt 38).
+  arithmetic as the per-layer kernel). Same values, far fewer launches: on hosts with a slow CPU the
+  per-layer loop was bound by Python, not by the GPU (NOTES attempt 38).
 - Dense layers (LyCORIS LoKr / LoHa, full ``diff``, DoRA: :class:`~fastlora_core.lora.types.DenseLayer`)
   add ``strength * lycoris.contribution(layer, W)``, rebuilt in float32 on the weight's device from
   the original weight ``W`` (the high-precision master for quantised weights: DoRA's norm is taken
@@ -56,7 +56,6 @@ class _Fp8Layer:
     master: torch.Tensor
     qdata: torch.Tensor
     scale: torch.Tensor  # the weight's ``[N, 1]`` scales, flat
-
 
 
 class FusedStrategy(SwapStrategy):
@@ -264,30 +263,22 @@ class FusedStrategy(SwapStrategy):
         total = sum(fp8.master.numel() for fp8, _ in group)
         # The whole group size at once, so the buffer is not reallocated group after group.
         buf = self._scratch_of(max(total, self.group_bytes // 2), device, torch.bfloat16)[:total]
-        offset = 0
+        merged, offset = [], 0
         for fp8, items in group:
             out = buf[offset:offset + fp8.master.numel()].view(fp8.master.shape)
             for i, (entry, layer) in enumerate(items):
                 up = layer.up.to(device=device, dtype=torch.bfloat16)
                 down = layer.down.to(device=device, dtype=torch.bfloat16)
                 torch.addmm(fp8.master if i == 0 else out, up, down, alpha=entry.strength * layer.scale, out=out)
+            merged.append((out, fp8.qdata, fp8.scale))
             offset += fp8.master.numel()
-        grouped_rowwise_fp8_quant(self._quant_group(group, buf), buf)
-
-    def _quant_group(self, group: list[tuple[_Fp8Layer, list]], buf: torch.Tensor) -> QuantGroup:
-        """The launch table of ``group`` merged into consecutive slices of ``buf`` (kept: the same
-        layers give the same table, so a repeated swap copies nothing to the GPU for it)."""
         key = tuple(id(fp8) for fp8, _ in group)
-        hit = self._groups.get(key)
-        if hit is None:
-            items, offset = [], 0
-            for fp8, _ in group:
-                items.append((buf[offset:offset + fp8.master.numel()].view(fp8.master.shape), fp8.qdata, fp8.scale))
-                offset += fp8.master.numel()
+        table = self._groups.get(key)  # the same layers give the same table: nothing new to copy to the GPU
+        if table is None:
             if len(self._groups) >= 256:  # many different layer sets: start over rather than grow
                 self._groups.clear()
-            hit = self._groups[key] = QuantGroup(buf, items)
-        return hit
+            table = self._groups[key] = QuantGroup(buf, merged)
+        grouped_rowwise_fp8_quant(table, buf)
 
     def _scratch_of(self, numel: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """The first ``numel`` elements of the reused scratch buffer (grown, never shrunk)."""
