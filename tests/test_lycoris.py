@@ -507,15 +507,21 @@ def _comfy_merged(comfyui_dir: str, paths: list[str], original: dict[str, torch.
     a125cd84) divides by the norm of the *original* weight rows where LyCORIS' forward and PEFT use
     the merged weight (``weight_decompose`` in comfy/weight_adapter/base.py); we follow the trainers.
     """
+    import os
     import subprocess
     import sys
 
     from safetensors.torch import load_file
+    from test_comfyui_real import _torchvision_pythonpath
 
     weights, out = tmp_path / "original.safetensors", tmp_path / "comfy.safetensors"
     save_file({n: w.contiguous() for n, w in original.items()}, str(weights))
+    # comfy.lora imports comfy.model_base, which imports torchvision: the server tests' shim where no wheel fits
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastlora" / "comfyui-test"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(_torchvision_pythonpath(cache) + [p for p in [env.get("PYTHONPATH", "")] if p])
     subprocess.run([sys.executable, "-c", _COMFY_SCRIPT, comfyui_dir, str(weights), str(out),
-                    ",".join(map(str, strengths)), *paths], check=True, cwd=tmp_path, timeout=300)
+                    ",".join(map(str, strengths)), *paths], check=True, cwd=tmp_path, timeout=300, env=env)
     merged: list[dict[float, dict[str, torch.Tensor]]] = [{s: {} for s in strengths} for _ in paths]
     for key, w in load_file(str(out)).items():
         i, s, name = key.split("|")
