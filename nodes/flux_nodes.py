@@ -310,6 +310,15 @@ def _model_source(source: str, models: dict[str, str], components: str = COMPONE
     return specs.ModelSource.from_single_files(path["transformer"], path["clip_l"], path["t5xxl"], path["vae"])
 
 
+def _lora_inputs() -> dict[str, Any]:
+    """The LoRA file and strength widgets of both LoRA nodes."""
+    return {
+        "lora_name": (bridge.file_list("loras"), {"tooltip": "LoRA file from models/loras."}),
+        "strength": ("FLOAT", {"default": 1.0, "min": -20.0, "max": 20.0, "step": 0.01,
+                               "tooltip": "LoRA strength; 0 disables it, negative inverts it."}),
+    }
+
+
 class LoraHotswap:
     DESCRIPTION = (
         "Adds a LoRA (with its strength) to the handle's wanted LoRA stack. Chain several to stack them; "
@@ -326,9 +335,7 @@ class LoraHotswap:
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {"required": {
             "engine": _engine_input(),
-            "lora_name": (bridge.file_list("loras"), {"tooltip": "LoRA file from models/loras."}),
-            "strength": ("FLOAT", {"default": 1.0, "min": -20.0, "max": 20.0, "step": 0.01,
-                                   "tooltip": "LoRA strength; 0 disables it, negative inverts it."}),
+            **_lora_inputs(),
         }}
 
     def apply(self, engine: EngineHandle, lora_name: str, strength: float) -> tuple[EngineHandle]:
@@ -354,9 +361,7 @@ class LoraHotswapModel:
         return {"required": {
             "model": ("MODEL", {"tooltip": "The model output of Optimized Flux Loader (FastLoRA), or of a LoRA "
                                            "loader after it."}),
-            "lora_name": (bridge.file_list("loras"), {"tooltip": "LoRA file from models/loras."}),
-            "strength": ("FLOAT", {"default": 1.0, "min": -20.0, "max": 20.0, "step": 0.01,
-                                   "tooltip": "LoRA strength; 0 disables it, negative inverts it."}),
+            **_lora_inputs(),
         }}
 
     def apply(self, model: Any, lora_name: str, strength: float) -> tuple[Any]:
