@@ -201,14 +201,16 @@ def _define_patcher_class() -> type:
             # LoraLoader hands the model and the CLIP the same dict: keep what names this model's weights,
             # as ModelPatcher.add_patches does (the CLIP part is the CLIP's business).
             adapter = self.fastlora_adapter
+            if not patches and strength_patch != 0.0:
+                raise lora_patches.PatchRefused(lora_patches.NOTHING_MAPPED.format(n=len(self.fastlora_groups) + 1))
             patches = {k: v for k, v in patches.items()
                        if (k if isinstance(k, str) else k[0])[len(lora_patches.PREFIX):] in adapter._shapes}
             deltas = lora_patches.deltas_of(patches, strength_model) if strength_patch != 0.0 else ()
             group = lora_patches.PatchGroup.of(dict(patches), float(strength_patch), deltas,
                                                len(self.fastlora_groups), adapter.out_features)  # refuses a misfit
             if not deltas and strength_patch != 0.0:
-                logger.warning("FastLoRA MODEL: a LoRA loader added no weight of this Flux transformer (a LoRA "
-                               "for the text encoder only, or for another model family?)")
+                logger.warning("FastLoRA MODEL: a LoRA loader added no weight of this Flux transformer, only "
+                               "text-encoder weights (left to the CLIP)")
             self.fastlora_groups = self.fastlora_groups + (group,)
             return super().add_patches(patches, strength_patch, strength_model)
 

@@ -36,6 +36,14 @@ SUFFIX = ".weight"
 _ADAPTER_KINDS = {"loha": "LyCORIS LoHa", "lokr": "LyCORIS LoKr", "glora": "GLoRA", "oft": "OFT", "boft": "BOFT"}
 _HOW_TO = ("Use a plain LoRA (up/down weights) with this MODEL, or ComfyUI's own UNETLoader for this "
            "graph.")
+# A LoRA loader that mapped none of its file's keys (ComfyUI logged them as "lora key not loaded") would
+# leave the image unchanged without a word: UNETLoader's model does that, FastLoRA's MODEL refuses.
+NOTHING_MAPPED = (
+    "LoRA #{n} on this MODEL: ComfyUI's LoRA loader found no weight of this Flux model in the file (its keys "
+    "are logged above as 'lora key not loaded'). It is a LoRA for another model family (SD 1.5, SDXL, SD3 ...), "
+    "a text-encoder-only LoRA on a model-only loader, or a Flux layout ComfyUI does not map. Use a Flux.1 LoRA; "
+    "for a text-encoder LoRA use LoraLoader; or load the file with LoRA Hotswap for MODEL (FastLoRA), which "
+    "reads more Flux LoRA layouts and names what it cannot use.")
 # For what FastLoRA's own reader takes from a file (lora/formats.py, lora/lycoris.py).
 _FILE_NODE = ("Or load the file with LoRA Hotswap for MODEL (FastLoRA) in place of this LoRA loader: FastLoRA reads "
               "LyCORIS LoKr / LoHa, DoRA and .diff files itself (fused strategy).")

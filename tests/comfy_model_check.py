@@ -98,6 +98,11 @@ def write_loras(folder: Path, shapes: dict[str, tuple[int, ...]]) -> dict[str, P
     save_file({"diffusion_model.double_blocks.0.img_attn.proj.lokr_w1": torch.randn(64, 64, generator=g) * 0.01,
                "diffusion_model.double_blocks.0.img_attn.proj.lokr_w2": torch.randn(48, 48, generator=g) * 0.01},
               str(out["lokr"]))
+    out["sdxl"] = folder / "tiny-sdxl.safetensors"  # kohya keys of SDXL's UNet: nothing maps onto Flux
+    save_file({"lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight": torch.randn(640, 4, generator=g),
+               "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.randn(4, 640, generator=g),
+               "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.alpha": torch.tensor(4.0)},
+              str(out["sdxl"]))
     poisoned = dict(bfl)
     poisoned["diffusion_model.img_in.lora_down.weight"] = poisoned["diffusion_model.img_in.lora_down.weight"].clone()
     poisoned["diffusion_model.img_in.lora_down.weight"][0, 0] = float("nan")
@@ -302,6 +307,7 @@ def main(comfy_dir: str, work: str, out_path: str, compile_mode: str) -> None:
         refused("dora", lambda: lora_loader.load_lora_model_only(ours, loras["dora"].name, 1.0))
         refused("lokr", lambda: lora_loader.load_lora_model_only(ours, loras["lokr"].name, 1.0))
         refused("model_merge", model_merge)
+        refused("other_family", lambda: lora_loader.load_lora_model_only(ours, loras["sdxl"].name, 1.0))
         refused("nan_lora", lambda: sample(with_loras(ours, [("nan", 1.0)]), steps=1))
         after = sample(with_loras(ours, [("a", 1.0)]))
         results["usable_after_refusals"] = bool(torch.equal(after, a1))

@@ -100,6 +100,7 @@ def test_a_b_a_is_bit_identical_without_compiling(report: dict[str, Any]) -> Non
     ("dora", ["DoRA", "plain LoRA", "LoRA Hotswap for MODEL"]),
     ("lokr", ["LoKr", "plain LoRA", "LoRA Hotswap for MODEL"]),
     ("model_merge", ["strength_model", "only takes LoRAs"]),
+    ("other_family", ["another model family", "Use a Flux.1 LoRA", "LoRA Hotswap for MODEL"]),
     ("nan_lora", ["LoraFormatError", "NaN", "every image black"]),
 ])
 def test_what_cannot_be_mapped_is_refused_with_what_to_do(report: dict[str, Any], name: str, words: list[str]) -> None:
