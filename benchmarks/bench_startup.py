@@ -16,6 +16,8 @@ fresh ``python3`` process with the engine's defaults (on an H200: fp8, regional 
 ``cold``: an empty compile cache folder of the scenario's own; ``warm``: the same folder again (a restart).
 ``api_warm_ordinary`` (any API run with the ``_ordinary`` suffix): the same, but the engine reads every
 weight on the CPU as it did before decision 29 (no direct read to the GPU), for a comparison in one call.
+``_profile`` and ``_importtime`` (API runs): the child under ``cProfile`` or ``python -X importtime``, for
+where the time goes (``VARIANTS``).
 ``api_disk_cold``: warm compile cache, but first an attempt to drop the model's files from the page cache
 (``/proc/sys/vm/drop_caches``, then ``posix_fadvise(DONTNEED)`` per file); whether it worked is measured
 (read throughput of the largest file before and after), not assumed.
@@ -41,6 +43,10 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ("api_cold", "api_warm", "cli_cold", "cli_warm", "api_disk_cold")  # a warm run follows its cold one
+#: Suffixes of API runs: ``_ordinary`` (weights read on the CPU, as before decision 29), ``_profile``
+#: (the child under cProfile: ``child.prof``; its times are inflated), ``_importtime`` (``python -X
+#: importtime``: ``importtime.txt``).
+VARIANTS = ("ordinary", "profile", "importtime")
 PROMPT = "a photo of a red fox in a snowy forest, golden hour"
 
 
@@ -102,6 +108,59 @@ def child(model: str, lora: str, cache: str, out: str, tiny: bool, ordinary: boo
 
 
 # -- the parent --------------------------------------------------------------------------------------
+#: What the start-up path imports (a priming process imports it; every module it loaded is then
+#: byte-compiled, as ``pip install`` would have done).
+PRIME_IMPORTS = ("import torch, torch._dynamo, torch._inductor.compile_fx, diffusers, transformers, safetensors\n"
+                 "from diffusers import FluxPipeline\n"
+                 "from transformers import CLIPTokenizer, T5TokenizerFast\n"
+                 "import fastlora_core.cli, fastlora_core.engine, fastlora_core.loading, fastlora_core.registry\n")
+#: Packages compiled whole: they import more modules later (compiling, quantising, generating).
+LAZY_PACKAGES = ("torch", "triton", "torchao", "diffusers", "peft")
+PRIME_REPORT = f"""
+import json, sys
+files = sorted({{m.__file__ for m in list(sys.modules.values()) if getattr(m, "__file__", None)}})
+roots = sorted({{p for name in {LAZY_PACKAGES!r} if name in sys.modules for p in sys.modules[name].__path__}})
+print(json.dumps({{"files": files, "roots": roots}}))
+"""
+
+
+def cache_bytecode(work: Path) -> dict[str, Any]:
+    """Give the runs the byte-code cache a normal install has (``--bytecode cached``).
+
+    ``pip install`` byte-compiles every module it installs, so a user's Python loads ``.pyc`` files.
+    The device image sets ``PYTHONDONTWRITEBYTECODE=1`` and its packages (and the wheels carried with
+    ``--no-compile``) have none, so each process there compiled every imported module from source:
+    8.8 s of ``compile`` in a warm start (cProfile, 2026-12-04). Here the runs get
+    ``PYTHONPYCACHEPREFIX`` (a folder of this benchmark's own: nothing is written into the packages), and
+    every module the start-up path imports, plus every module of the packages they belong to, is compiled
+    into it first, by a priming process, and ``LAZY_PACKAGES`` whole. The runs may write byte code for what
+    was missed."""
+    import compileall
+    import py_compile
+
+    prefix = work / "pycache"
+    os.environ["PYTHONPYCACHEPREFIX"] = str(prefix)
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    sys.pycache_prefix = str(prefix)
+    t0 = time.perf_counter()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    proc = subprocess.run([sys.executable, "-c", PRIME_IMPORTS + PRIME_REPORT], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        return {"mode": "cached", "error_tail": proc.stderr[-2000:]}
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    for f in found["files"]:
+        if f.endswith(".py"):
+            try:
+                py_compile.compile(f, doraise=True)
+            except (py_compile.PyCompileError, OSError):
+                pass
+    for root in found["roots"]:
+        compileall.compile_dir(root, quiet=2, workers=os.cpu_count() or 1)
+    return {"mode": "cached", "prefix": str(prefix), "modules": len(found["files"]), "packages": found["roots"],
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
 def prepare(work: Path, tiny: bool, res: dict[str, Any]) -> tuple[Path, Path]:
     """The diffusers folder and the LoRA file (made once per work folder)."""
     model, lora = work / "model", work / "lora_r64.safetensors"
@@ -203,10 +262,12 @@ def breakdown(child_json: dict[str, Any]) -> dict[str, Any]:
 
 def run_one(name: str, model: Path, lora: Path, work: Path, out: Path, tiny: bool, timeout: float) -> dict[str, Any]:
     kind, _, mode = name.partition("_")
-    ordinary = mode.endswith("_ordinary")
-    mode = mode.removesuffix("_ordinary")
-    if ordinary and kind != "api":
-        return {"skipped": "the _ordinary variant exists for API runs only"}
+    variants = {v for v in VARIANTS if mode.endswith(f"_{v}")}
+    for v in variants:
+        mode = mode.removesuffix(f"_{v}")
+    ordinary = "ordinary" in variants
+    if variants and kind != "api":
+        return {"skipped": "the variants exist for API runs only"}
     cache = work / f"cache-{kind}"
     if mode == "cold":
         shutil.rmtree(cache, ignore_errors=True)
@@ -217,8 +278,13 @@ def run_one(name: str, model: Path, lora: Path, work: Path, out: Path, tiny: boo
     run_dir.mkdir(parents=True, exist_ok=True)
     if kind == "api":
         result = run_dir / "timings.json"
-        cmd = [sys.executable, "-m", "benchmarks.bench_startup", "--child", str(model), str(lora), str(cache),
-               str(result)] + (["--tiny"] if tiny else []) + (["--ordinary"] if ordinary else [])
+        python = [sys.executable]
+        if "profile" in variants:
+            python += ["-m", "cProfile", "-o", str(run_dir / "child.prof")]
+        if "importtime" in variants:
+            python = [sys.executable, "-X", "importtime"]
+        cmd = python + ["-m", "benchmarks.bench_startup", "--child", str(model), str(lora), str(cache),
+                        str(result)] + (["--tiny"] if tiny else []) + (["--ordinary"] if ordinary else [])
     else:
         result = run_dir / "timings.json"
         req = request_kwargs(tiny)
@@ -239,6 +305,8 @@ def run_one(name: str, model: Path, lora: Path, work: Path, out: Path, tiny: boo
         return res
     res["wall_s"] = round(time.time() - t0, 2)
     res["rc"] = proc.returncode
+    if "importtime" in variants:
+        (run_dir / "importtime.txt").write_text(proc.stderr)
     if proc.returncode != 0 or not result.exists():
         res["error_tail"] = (proc.stdout + proc.stderr)[-3000:]
         return res
@@ -259,6 +327,9 @@ def main() -> None:
     ap.add_argument("--runs", default=",".join(RUNS))
     ap.add_argument("--budget", type=float, default=560, help="seconds; a run is skipped when too little is left")
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--bytecode", choices=("cached", "as-is"), default="cached",
+                    help="cached: the runs load byte code as after pip install (cache_bytecode); as-is: whatever "
+                         "this Python does (the device image compiles every module from source in every process)")
     a = ap.parse_args()
     deadline = time.time() + a.budget
     out, work = Path(a.out), Path(a.work)
@@ -280,6 +351,9 @@ def main() -> None:
         pass
     save = lambda: (out / "startup.json").write_text(json.dumps(res, indent=1))  # noqa: E731
     model, lora = prepare(work, a.tiny, res)
+    res["bytecode"] = cache_bytecode(work) if a.bytecode == "cached" else {
+        "mode": "as-is", "PYTHONDONTWRITEBYTECODE": os.environ.get("PYTHONDONTWRITEBYTECODE"),
+        "PYTHONPYCACHEPREFIX": os.environ.get("PYTHONPYCACHEPREFIX")}
     save()
     need = 30 if a.tiny else 75  # a cold run on the H200 took ~50 s before this script existed
     for name in a.runs.split(","):

@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bench_startup_tiny_api_and_cli(tmp_path: Path) -> None:
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_startup", "--tiny", "--out", str(out),
-                           "--work", str(tmp_path / "work"), "--runs", "api_cold,api_warm_ordinary,cli_warm"],
+                           "--work", str(tmp_path / "work"), "--runs", "api_cold,api_warm_ordinary,cli_warm",
+                           "--bytecode", "as-is"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads((out / "startup.json").read_text())
