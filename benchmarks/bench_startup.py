@@ -16,8 +16,10 @@ fresh ``python3`` process with the engine's defaults (on an H200: fp8, regional 
 ``cold``: an empty compile cache folder of the scenario's own; ``warm``: the same folder again (a restart).
 ``api_warm_ordinary`` (any API run with the ``_ordinary`` suffix): the same, but the engine reads every
 weight on the CPU as it did before decision 29 (no direct read to the GPU), for a comparison in one call.
+``api_warm_serial``: the direct reads start after diffusers' import and the checks, as before decision 37.
 ``_profile`` and ``_importtime`` (API runs): the child under ``cProfile`` or ``python -X importtime``, for
-where the time goes (``VARIANTS``).
+where the time goes (``VARIANTS``). The API child imports what a script using the API imports (torch and
+the pack); diffusers and transformers are imported by the engine's loader, in its ``read`` phase.
 ``api_disk_cold``: warm compile cache, but first an attempt to drop the model's files from the page cache
 (``/proc/sys/vm/drop_caches``, then ``posix_fadvise(DONTNEED)`` per file); whether it worked is measured
 (read throughput of the largest file before and after), not assumed.
@@ -43,10 +45,11 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ("api_cold", "api_warm", "cli_cold", "cli_warm", "api_disk_cold")  # a warm run follows its cold one
-#: Suffixes of API runs: ``_ordinary`` (weights read on the CPU, as before decision 29), ``_profile``
+#: Suffixes of API runs: ``_ordinary`` (weights read on the CPU, as before decision 29), ``_serial``
+#: (the direct reads after diffusers' import and the checks, as before decision 37), ``_profile``
 #: (the child under cProfile: ``child.prof``; its times are inflated), ``_importtime`` (``python -X
 #: importtime``: ``importtime.txt``).
-VARIANTS = ("ordinary", "profile", "importtime")
+VARIANTS = ("ordinary", "serial", "profile", "importtime")
 PROMPT = "a photo of a red fox in a snowy forest, golden hour"
 
 
@@ -61,15 +64,15 @@ def tiny_options() -> dict[str, Any]:
 
 
 # -- the child: one process from start to its second image ---------------------------------------------
-def child(model: str, lora: str, cache: str, out: str, tiny: bool, ordinary: bool = False) -> None:
+def child(model: str, lora: str, cache: str, out: str, tiny: bool, ordinary: bool = False,
+          serial: bool = False) -> None:
     from fastlora_core.timings import process_age
 
     started = process_age()
     t0 = time.perf_counter()
-    import diffusers  # noqa: F401 - the heavy imports, timed as the CLI times them
+    # What a script using the API imports; diffusers and transformers are imported by the engine's
+    # loader (in its "read" phase) while the weights are read in the background (decision 37).
     import torch
-    import transformers  # noqa: F401
-    from diffusers import FluxPipeline  # noqa: F401 - lazy in diffusers; counted here as the CLI counts it
 
     from fastlora_core import loading, registry
     from fastlora_core.loading import direct
@@ -87,6 +90,8 @@ def child(model: str, lora: str, cache: str, out: str, tiny: bool, ordinary: boo
             direct_reads.append(round(time.perf_counter() - t, 3))
 
     direct.read_tensors = timed_read
+    if serial:  # the reads after the imports and checks, as before decision 37, for a same-call comparison
+        direct.BACKGROUND = False
     if ordinary:  # the way before decision 29, for a comparison in the same call: everything read on the CPU
         load_pipeline = loading.load_pipeline
         loading.load_pipeline = lambda source, dtype, device=None, on_device=(): load_pipeline(source, dtype)
@@ -265,7 +270,6 @@ def run_one(name: str, model: Path, lora: Path, work: Path, out: Path, tiny: boo
     variants = {v for v in VARIANTS if mode.endswith(f"_{v}")}
     for v in variants:
         mode = mode.removesuffix(f"_{v}")
-    ordinary = "ordinary" in variants
     if variants and kind != "api":
         return {"skipped": "the variants exist for API runs only"}
     cache = work / f"cache-{kind}"
@@ -284,7 +288,8 @@ def run_one(name: str, model: Path, lora: Path, work: Path, out: Path, tiny: boo
         if "importtime" in variants:
             python = [sys.executable, "-X", "importtime"]
         cmd = python + ["-m", "benchmarks.bench_startup", "--child", str(model), str(lora), str(cache),
-                        str(result)] + (["--tiny"] if tiny else []) + (["--ordinary"] if ordinary else [])
+                        str(result)] + (["--tiny"] if tiny else []) + [f"--{v}" for v in ("ordinary", "serial")
+                                                                         if v in variants]
     else:
         result = run_dir / "timings.json"
         req = request_kwargs(tiny)
@@ -319,7 +324,7 @@ def run_one(name: str, model: Path, lora: Path, work: Path, out: Path, tiny: boo
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         args = sys.argv[2:]
-        child(*args[:4], tiny="--tiny" in args, ordinary="--ordinary" in args)
+        child(*args[:4], tiny="--tiny" in args, ordinary="--ordinary" in args, serial="--serial" in args)
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)

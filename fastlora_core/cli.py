@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import sys
 import tempfile
@@ -195,13 +196,10 @@ def run_generate(args: argparse.Namespace, started_s: float | None = None, t_mai
     """Generate, then write ``timings.json`` beside the images: where the time from process start to
     the first image went (``started_s``: the process's age when ``main`` began, i.e. the interpreter's
     start-up and this module's imports; then the heavy imports, the engine's phases, the first image).
-    ``t_main``: ``perf_counter`` when ``main`` began: the imports are counted from there (``main`` already
-    imported diffusers and transformers to quiet their logs)."""
+    ``t_main``: ``perf_counter`` when ``main`` began: the imports are counted from there. diffusers and
+    transformers are imported by the engine's loader, in its ``read`` phase, while the weights are
+    read in the background (decision 37)."""
     t_imports = t_main if t_main is not None else time.perf_counter()
-    import diffusers  # noqa: F401 - timed here: the largest imports happen before the engine is built
-    import transformers  # noqa: F401
-    from diffusers import FluxPipeline  # noqa: F401 - lazy in diffusers (4.4 s on a 2-core CPU); else "read" pays it
-
     from . import registry
     from .timings import process_age
 
@@ -253,21 +251,21 @@ def run_write_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Environment defaults that quiet diffusers' and transformers' notices and progress bars (tqdm reads
+#: ``TQDM_DISABLE`` since 4.66) without importing them here: ``generate`` lets the engine's loader
+#: import them while the weights are read (decision 37). Values the user set are kept.
+QUIET_ENVIRONMENT = {"DIFFUSERS_VERBOSITY": "error", "TRANSFORMERS_VERBOSITY": "error",
+                     "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1"}
+
+
 def _quiet_libraries() -> None:
     """diffusers/transformers progress bars and notices would drown the summary."""
     import warnings
 
     for noisy in ("torch", "diffusers", "transformers", "torchao", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    try:
-        from diffusers.utils import logging as diffusers_logging
-        from transformers.utils import logging as transformers_logging
-
-        for lib in (diffusers_logging, transformers_logging):
-            lib.set_verbosity_error()
-            lib.disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        pass
+    for name, value in QUIET_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
     warnings.filterwarnings("ignore", category=FutureWarning)
 

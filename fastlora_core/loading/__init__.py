@@ -18,8 +18,11 @@ Validate before you build: :func:`load_pipeline` first reads the four safetensor
 few KB each), checks that every file is complete, recognises what each file is, derives every
 config, checks that the components fit each other, finds and loads the tokenizers, and converts the
 *header* shapes (meta tensors) through the same key mapping used for the real weights, comparing
-the result with the target modules' state dicts. Only then is a single weight read. Every problem
-raises :class:`~fastlora_core.errors.ModelLoadError` naming the file and saying what to do.
+the result with the target modules' state dicts. Only then is a module built from the weights. Every
+problem raises :class:`~fastlora_core.errors.ModelLoadError` naming the file and saying what to do.
+Weights read straight to a device start arriving as soon as the headers and plans are known, on a
+thread of their own, while the rest of these checks run (decision 37); a refusal stops those reads and
+drops what they read, so a refused model leaves nothing behind either way.
 
 :func:`write_single_files` is the inverse, used by tests and install smoke tests: it writes a
 pipeline as ComfyUI-style single files with its own, independent key mapping (diffusers -> BFL /

@@ -80,17 +80,29 @@ def _load_diffusers(folder: Path, dtype: torch.dtype, device: torch.device | Non
             raise ModelLoadError(f"{folder / comp} has no weights (.safetensors). The download is incomplete; "
                                  "download the model again.")
         headers[comp] = [read_header(f, f"{comp} weights") for f in files]
+    from .single_file import background_reads
+
+    direct = [name for name in DIRECT_COMPONENTS if name in on_device] if device is not None else []
+    plans = {name: component_plan(folder, name, headers[name]) for name in direct}
+    # The weights start arriving now, while diffusers is imported and the modules are checked and
+    # built (decision 37); a failure below stops the reads and drops what they read.
+    with background_reads([plan for plan, _ in plans.values()], device,
+                          {plan.role: shards for plan, shards in plans.values()}) as reads:
+        return _diffusers_pipeline(folder, dtype, device, plans, direct, reads)
+
+
+def _diffusers_pipeline(folder: Path, dtype: torch.dtype, device: torch.device | None,
+                        plans: dict[str, tuple[_Plan, list[Header]]], direct: list[str], reads: Any) -> FluxPipeline:
+    """The rest of :func:`_load_diffusers` once the headers are read (the reads may be under way)."""
     from diffusers import FluxPipeline
 
     from .single_file import _build
 
-    direct = [name for name in DIRECT_COMPONENTS if name in on_device] if device is not None else []
-    plans = {name: component_plan(folder, name, headers[name]) for name in direct}
-    for plan, _ in plans.values():  # dry run on meta tensors before anything is read
+    for plan, _ in plans.values():  # dry run on meta tensors
         _build(plan, dtype, dry_run=True)
     # Built first and handed to from_pretrained, so the pipeline derives what it derives from them
     # (the VAE's scale factor and image processor) exactly as when it loads them itself.
-    modules = {name: _build(plan, dtype, dry_run=False, device=device, shards=shards)
+    modules = {name: _build(plan, dtype, dry_run=False, device=device, shards=shards, reads=reads)
                for name, (plan, shards) in plans.items()}
     try:
         pipe = FluxPipeline.from_pretrained(str(folder), **_dtype_kwarg(dtype), **modules, local_files_only=True)

@@ -10,16 +10,24 @@ host (``benchmarks/bench_read.py``, RESULTS.md).
 Every tensor is its own allocation, so replacing one (a layer swapped for its quantised version)
 frees its memory; nothing else of the file is read. On a CPU device the same code runs with
 ordinary staging memory and synchronous copies (that is how the tests drive it).
+
+:class:`BackgroundReads` runs these reads on a thread of their own, started as soon as the headers
+say what to read, so that they overlap the loader's other work: importing diffusers and
+transformers, building modules on the meta device, loading tokenizers (decision 37).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -51,17 +59,24 @@ def _runs(header: Header, names: list[str]) -> list[tuple[int, int, list[str]]]:
     return runs
 
 
+class ReadCancelled(Exception):
+    """A read stopped by :meth:`BackgroundReads.close` before it finished (its tensors are dropped)."""
+
+
 def read_tensors(header: Header, names: Iterable[str], device: torch.device | str, *, role: str = "model",
-                 chunk_bytes: int = CHUNK_BYTES, threads: int | None = None) -> dict[str, torch.Tensor]:
+                 chunk_bytes: int = CHUNK_BYTES, threads: int | None = None,
+                 stop: threading.Event | None = None) -> dict[str, torch.Tensor]:
     """The named tensors of the file described by ``header``, each in its own allocation on ``device``
     with the dtype and shape the header gives (bitwise the file's bytes).
 
     ``header`` comes from :func:`~fastlora_core.loading.header.read_header`, which already checked
     that every tensor lies inside the file. Raises :class:`ModelLoadError` naming the file when it
     cannot be read (I/O error, file shortened since); ``torch.OutOfMemoryError`` passes through.
+    ``stop``: checked before each chunk; once set, :class:`ReadCancelled` is raised.
     """
     device = torch.device(device)
     cuda = device.type == "cuda"
+    cancel = stop  # ``stop`` also names the end of a byte run below
     info = header.tensors
     wanted = sorted(set(names), key=lambda k: info[k].offsets)
     raw = {k: torch.empty(info[k].offsets[1] - info[k].offsets[0], dtype=torch.uint8, device=device) for k in wanted}
@@ -83,6 +98,8 @@ def read_tensors(header: Header, names: Iterable[str], device: torch.device | st
             for start, stop, members in runs:
                 first = 0  # members[first:] are not completely copied yet
                 for pos in range(start, stop, chunk_bytes):
+                    if cancel is not None and cancel.is_set():
+                        raise ReadCancelled(str(header.path))
                     n, which = min(chunk_bytes, stop - pos), k % 2
                     k += 1
                     if free_again[which] is not None:
@@ -114,3 +131,87 @@ def read_tensors(header: Header, names: Iterable[str], device: torch.device | st
     seconds = time.perf_counter() - t0
     logger.info("%s: read %.2f GB straight to %s in %.2f s", header.path.name, total / 1e9, device, seconds)
     return {k: raw[k].view(info[k].torch_dtype).view(info[k].shape) for k in wanted}
+
+
+#: Whether the loaders start their direct reads in the background (:class:`BackgroundReads`); the
+#: start-up benchmark turns it off for a same-call comparison.
+BACKGROUND = True
+
+#: Python's thread switch interval while background reads run. The reading threads need the GIL
+#: briefly a few thousand times (each chunk's reads, each tensor's copy) while the loader's thread
+#: imports modules, which holds it for long stretches: at the default 5 ms each hand-over could wait
+#: that long. Restored when the reads are closed.
+SWITCH_INTERVAL_S = 0.0005
+
+
+class BackgroundReads:
+    """Files read straight to the device (:func:`read_tensors`) on a thread of their own, in the order
+    given, while the caller goes on (decision 37). :meth:`take` waits for one file's tensors and
+    hands them over; :meth:`close` (or leaving the ``with`` block) stops what is left, waits for the
+    thread and drops every tensor not taken, so a load that fails half-way leaves nothing behind.
+
+    The thread runs in the caller's inference mode and on the device's CUDA context. A read's error
+    (``ModelLoadError`` naming the file, ``torch.OutOfMemoryError``) is raised by :meth:`take`.
+    """
+
+    def __init__(self, jobs: Sequence[tuple[Header, Sequence[str], str]], device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self._jobs = {job[0].path: job for job in jobs}
+        self._done = {path: threading.Event() for path in self._jobs}
+        self._results: dict[Path, dict[str, torch.Tensor] | BaseException] = {}
+        self._stop = threading.Event()
+        self._inference = torch.is_inference_mode_enabled()
+        self._interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(self._interval, SWITCH_INTERVAL_S))
+        self._thread = threading.Thread(target=self._run, name="fastlora-read", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        pending = list(self._jobs.items())
+        done = dict(self._done)  # take() forgets a file's event once handed over
+        try:
+            on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+            with on_device, torch.inference_mode(self._inference):
+                while pending:
+                    path, (header, names, role) = pending[0]
+                    if self._stop.is_set():
+                        raise ReadCancelled(str(path))
+                    self._results[path] = read_tensors(header, names, self.device, role=role, stop=self._stop)
+                    done[path].set()
+                    pending.pop(0)
+        except BaseException as e:  # noqa: BLE001 - handed to take(), which raises it in the caller
+            for path, _ in pending:  # this file's error; the files after it were never read
+                self._results[path] = e
+                done[path].set()
+
+    def planned(self, header: Header, names: Iterable[str]) -> bool:
+        """Whether exactly these tensors of this file are being read here (and not taken yet)."""
+        job = self._jobs.get(header.path)
+        return job is not None and header.path in self._done and sorted(job[1]) == sorted(names)
+
+    def take(self, header: Header, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """The tensors of ``header``'s file once read (as :func:`read_tensors` returns them); read here
+        and now when that file and those names were not planned."""
+        names = list(names)
+        if not self.planned(header, names):
+            return read_tensors(header, names, self.device, role=self._jobs.get(header.path, (None, None, "model"))[2])
+        self._done.pop(header.path).wait()
+        result = self._results.pop(header.path)
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def close(self) -> None:
+        """Stop the reads not finished, wait for the thread, drop what was not taken; restores the
+        switch interval. Safe to call twice."""
+        self._stop.set()
+        self._thread.join()
+        self._results.clear()
+        self._done.clear()
+        sys.setswitchinterval(self._interval)
+
+    def __enter__(self) -> BackgroundReads:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -3,6 +3,7 @@ of the header shapes, then the weights read, cast and converted one tensor at a 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -170,13 +171,21 @@ def _check_against(plan: _Plan, module: torch.nn.Module, sd: Mapping[str, torch.
                     f"complete file ({_ROLE_HELP[plan.role]}).")
 
 
+def direct_jobs(plan: _Plan, shards: Sequence[Header] = ()) -> list[tuple[Header, list[str], str]]:
+    """What :func:`_build` reads straight to a device for ``plan``: per file, its header, the names of
+    its tensors the plan uses and the role (the jobs of :class:`.direct.BackgroundReads`)."""
+    return [(header, [k for k in header.tensors if k.startswith(plan.prefix)], plan.role)
+            for header in shards or (plan.header,)]
+
+
 def _build(plan: _Plan, dtype: torch.dtype, dry_run: bool, device: torch.device | None = None,
-           shards: Sequence[Header] = ()) -> torch.nn.Module | None:
+           shards: Sequence[Header] = (), reads: direct.BackgroundReads | None = None) -> torch.nn.Module | None:
     """Dry run: convert meta tensors of the header shapes and compare with the module's state dict.
     Real run: read, convert, cast and assign the weights. Returns the module (None in a dry run).
     ``device``: read the file's tensors straight into that device's memory (:func:`.direct.read_tensors`)
     and cast and convert them there; otherwise through ``safe_open`` on the CPU. ``shards``: the
-    files to read when ``plan.header`` merges several (a sharded diffusers component; device only)."""
+    files to read when ``plan.header`` merges several (a sharded diffusers component; device only).
+    ``reads``: reads already under way (started with :func:`direct_jobs`); the files are taken from it."""
     module = _empty_module(_factory(plan, dtype))
     keep_fp32 = _fp32_names(module, dtype)
     if dry_run:
@@ -192,9 +201,9 @@ def _build(plan: _Plan, dtype: torch.dtype, dry_run: bool, device: torch.device 
     try:
         if device is not None:
             raw: dict[str, torch.Tensor] = {}
-            for header in shards or (plan.header,):
-                wanted = [k for k in header.tensors if k.startswith(plan.prefix)]
-                raw.update(direct.read_tensors(header, wanted, device, role=plan.role))
+            for header, wanted, role in direct_jobs(plan, shards):
+                raw.update(reads.take(header, wanted) if reads is not None and reads.device == device
+                           else direct.read_tensors(header, wanted, device, role=role))
             sd = _collect(plan, raw.pop, dtype, keep_fp32)  # pop: each file tensor freed once converted
             del raw
         else:
@@ -238,6 +247,25 @@ def _load_single_files(source: ModelSource, dtype: torch.dtype, device: torch.de
         "vae": _plan_vae(headers["vae"]),
     }
     _check_fit(plans)
+    with background_reads([plan for plan in plans.values() if COMPONENT_OF[plan.role] in on_device], device) as reads:
+        return _single_files_pipeline(source, plans, dtype, device, on_device, reads)
+
+
+def background_reads(plans: Sequence[_Plan], device: torch.device | None,
+                     shards: Mapping[str, Sequence[Header]] | None = None) -> Any:
+    """The direct reads of ``plans`` started on a thread of their own (:class:`.direct.BackgroundReads`,
+    decision 37), or a do-nothing context when there is no device to read to. ``shards``: per role, the
+    files of a sharded component."""
+    if device is None or not plans or not direct.BACKGROUND:
+        return contextlib.nullcontext(None)
+    jobs = [job for plan in plans for job in direct_jobs(plan, (shards or {}).get(plan.role, ()))]
+    return direct.BackgroundReads(jobs, device)
+
+
+def _single_files_pipeline(source: ModelSource, plans: dict[Role, _Plan], dtype: torch.dtype,
+                           device: torch.device | None, on_device: Collection[str],
+                           reads: direct.BackgroundReads | None) -> FluxPipeline:
+    """The rest of :func:`_load_single_files` once the plans fit (the reads may be under way)."""
     clip_d, t5_d = find_tokenizer_dirs(source.tokenizer_dir)
     clip_tok, t5_tok = _load_tokenizers(clip_d, t5_d, int(plans["clip_l"].config["max_position_embeddings"]))
     if len(clip_tok) > plans["clip_l"].config["vocab_size"] or len(t5_tok) > plans["t5xxl"].config["vocab_size"]:
@@ -253,7 +281,7 @@ def _load_single_files(source: ModelSource, dtype: torch.dtype, device: torch.de
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
     modules = {plan.role: _build(plan, dtype, dry_run=False, device=device if COMPONENT_OF[plan.role] in on_device
-                                 else None) for plan in plans.values()}
+                                 else None, reads=reads) for plan in plans.values()}
     sched_name = "scheduler_dev" if plans["transformer"].config["guidance_embeds"] else "scheduler_schnell"
     sched_cfg = {k: v for k, v in load_shipped_config(sched_name).items() if not k.startswith("_")}
     pipe = FluxPipeline(

@@ -1,0 +1,211 @@
+"""Weights read in the background while the loader imports and checks (decision 37).
+
+The loaders start their direct reads (``loading.direct.BackgroundReads``) as soon as the headers say
+what to read, before diffusers is imported and before the dry run on meta tensors; the modules are
+built from what the reads hand over. These tests pin what a user relies on: the same modules as reading
+afterwards, the reads really started first, a refused or unreadable model leaves no thread and no
+tensors behind and says which file, and the switch interval and inference mode are as the caller had
+them. Here the device is the CPU (the same code, synchronous copies).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from fastlora_core.errors import ModelLoadError
+from fastlora_core.loading import direct, load_pipeline, read_header, single_file, transformer_only, write_single_files
+from fastlora_core.specs import ModelSource
+from fastlora_core.tiny import build_tiny_pipeline
+
+CPU = torch.device("cpu")
+COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "vae")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tiny = build_tiny_pipeline(0, torch.float32)
+    d = tmp_path_factory.mktemp("background")
+    tiny.save_pretrained(str(d / "diffusers"), safe_serialization=True)
+    files = write_single_files(tiny, d / "bfl", transformer_layout="bfl")
+    (d / "bfl.json").write_text(json.dumps({k: str(v) for k, v in files.items()}))
+    return d
+
+
+def _sources(root: Path) -> dict[str, ModelSource]:
+    files = json.loads((root / "bfl.json").read_text())
+    return {
+        "diffusers": ModelSource(diffusers_dir=str(root / "diffusers")),
+        "bfl": ModelSource.from_single_files(**files),
+        "diffusers-transformer-only": ModelSource(diffusers_dir=str(root / "diffusers"), transformer_only=True),
+        "bfl-transformer-only": ModelSource(transformer=files["transformer"], transformer_only=True),
+    }
+
+
+def _no_reader_left() -> bool:
+    return not any(t.name == "fastlora-read" and t.is_alive() for t in threading.enumerate())
+
+
+def _assert_same(a: Any, b: Any) -> None:
+    for name in COMPONENTS:
+        ma, mb = getattr(a, name), getattr(b, name)
+        assert (ma is None) == (mb is None), name
+        if ma is not None:
+            sa, sb = ma.state_dict(), mb.state_dict()
+            assert sorted(sa) == sorted(sb), name
+            assert all(sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa), name
+
+
+@pytest.mark.parametrize("kind", ["diffusers", "bfl", "diffusers-transformer-only", "bfl-transformer-only"])
+def test_reads_start_before_the_checks_and_give_the_same_modules(root: Path, kind: str,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    source = _sources(root)[kind]
+    monkeypatch.setattr(direct, "BACKGROUND", False)
+    serial = load_pipeline(source, torch.bfloat16, device=CPU)
+    monkeypatch.setattr(direct, "BACKGROUND", True)
+
+    events: list[str] = []
+    read_on: list[str] = []
+    real_init, real_build, real_read = direct.BackgroundReads.__init__, single_file._build, direct.read_tensors
+
+    def init(self: Any, jobs: Any, device: Any) -> None:
+        events.append("reads started")
+        real_init(self, jobs, device)
+
+    def build(plan: Any, dtype: Any, dry_run: bool, *args: Any, **kwargs: Any) -> Any:
+        events.append("dry run" if dry_run else "build")
+        return real_build(plan, dtype, dry_run, *args, **kwargs)
+
+    def read(*args: Any, **kwargs: Any) -> Any:
+        read_on.append(threading.current_thread().name)
+        return real_read(*args, **kwargs)
+
+    monkeypatch.setattr(direct.BackgroundReads, "__init__", init)
+    monkeypatch.setattr(single_file, "_build", build)
+    monkeypatch.setattr(transformer_only, "_build", build)
+    monkeypatch.setattr(direct, "read_tensors", read)
+    background = load_pipeline(source, torch.bfloat16, device=CPU)
+
+    assert events[0] == "reads started" and "dry run" in events, events
+    expected = 1 if "transformer-only" in kind else 4  # files: the tiny diffusers folder has one per component
+    assert read_on == ["fastlora-read"] * expected
+    _assert_same(serial, background)
+    assert _no_reader_left()
+
+
+def test_a_model_refused_by_the_dry_run_stops_the_reads(root: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A transformer config that does not match its weights is found by the dry run, after the reads
+    started: the same refusal as without them, and nothing left running or held."""
+    folder = tmp_path / "model"
+    shutil.copytree(root / "diffusers", folder)
+    config = folder / "transformer" / "config.json"
+    cfg = json.loads(config.read_text())
+    cfg["num_single_layers"] += 1
+    config.write_text(json.dumps(cfg))
+    source = ModelSource(diffusers_dir=str(folder))
+
+    monkeypatch.setattr(direct, "BACKGROUND", False)
+    with pytest.raises(ModelLoadError) as serial:
+        load_pipeline(source, torch.float32, device=CPU)
+    monkeypatch.setattr(direct, "BACKGROUND", True)
+    started: list[direct.BackgroundReads] = []
+    real_init = direct.BackgroundReads.__init__
+
+    def init(self: Any, jobs: Any, device: Any) -> None:
+        real_init(self, jobs, device)
+        started.append(self)
+
+    monkeypatch.setattr(direct.BackgroundReads, "__init__", init)
+    interval = sys.getswitchinterval()
+    with pytest.raises(ModelLoadError) as background:
+        load_pipeline(source, torch.float32, device=CPU)
+    assert str(background.value) == str(serial.value)
+    assert "does not match" in str(background.value) and "transformer" in str(background.value)
+    assert started and not started[0]._results  # reads were under way; what they read was dropped
+    assert _no_reader_left()
+    assert sys.getswitchinterval() == interval
+
+
+def test_an_unreadable_file_is_named_by_the_loader(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An I/O error in the reading thread reaches the caller as the loader's error, naming the file."""
+    source = _sources(root)["bfl"]
+    transformer = Path(source.transformer or "")
+    real = direct.read_exactly
+
+    def failing(path: Any, fd: int, view: memoryview, offset: int) -> None:
+        if Path(path) == transformer:
+            raise OSError("Input/output error")
+        real(path, fd, view, offset)
+
+    monkeypatch.setattr(direct, "read_exactly", failing)
+    with pytest.raises(ModelLoadError, match=rf"transformer file {transformer}.* could not be read .*Input/output"):
+        load_pipeline(source, torch.float32, device=CPU)
+    assert _no_reader_left()
+
+
+def _two_files(tmp_path: Path) -> list[tuple[Any, list[str], str]]:
+    jobs = []
+    for i in range(2):
+        path = tmp_path / f"f{i}.safetensors"
+        save_file({"w": torch.full((64, 64), float(i)), "b": torch.arange(5.0)}, str(path))
+        header = read_header(path)
+        jobs.append((header, sorted(header.tensors), "model"))
+    return jobs
+
+
+def test_take_hands_over_each_file_once_and_close_drops_the_rest(tmp_path: Path) -> None:
+    jobs = _two_files(tmp_path)
+    interval = sys.getswitchinterval()
+    with direct.BackgroundReads(jobs, CPU) as reads:
+        assert sys.getswitchinterval() <= direct.SWITCH_INTERVAL_S
+        first = reads.take(jobs[0][0], jobs[0][1])
+        assert torch.equal(first["w"], torch.zeros(64, 64)) and torch.equal(first["b"], torch.arange(5.0))
+        assert not reads.planned(jobs[0][0], jobs[0][1])  # handed over: a second take reads again
+        assert torch.equal(reads.take(jobs[0][0], ["w"])["w"], torch.zeros(64, 64))
+    assert not reads._results and _no_reader_left()
+    assert sys.getswitchinterval() == interval
+
+
+def test_a_stopped_read_raises_cancelled(tmp_path: Path) -> None:
+    header, names, _ = _two_files(tmp_path)[0]
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(direct.ReadCancelled):
+        direct.read_tensors(header, names, CPU, stop=stop)
+
+
+@pytest.mark.parametrize("inference", [True, False])
+def test_tensors_follow_the_callers_inference_mode(tmp_path: Path, inference: bool) -> None:
+    """ComfyUI builds engines under inference mode: the weights must be what reading there would give."""
+    jobs = _two_files(tmp_path)
+    with torch.inference_mode(inference), direct.BackgroundReads(jobs, CPU) as reads:
+        got = reads.take(jobs[1][0], jobs[1][1])
+    assert got["w"].is_inference() == inference
+
+
+def test_take_waits_for_reads_still_under_way(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loader usually asks for a file before its read is done (on the GPU the checks are faster
+    than reading 24 GB): take must wait for it, file after file, and get every file."""
+    jobs = _two_files(tmp_path)
+    real = direct.read_tensors
+    gate = threading.Event()
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        gate.wait(5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(direct, "read_tensors", slow)
+    with direct.BackgroundReads(jobs, CPU) as reads:
+        threading.Timer(0.2, gate.set).start()
+        got = [reads.take(header, names) for header, names, _ in jobs]
+    assert [float(g["w"][0, 0]) for g in got] == [0.0, 1.0]
+    assert _no_reader_left()
