@@ -22,7 +22,14 @@ import torch
 from safetensors.torch import save_file
 
 from fastlora_core.errors import ModelLoadError
-from fastlora_core.loading import direct, load_pipeline, read_header, single_file, transformer_only, write_single_files
+from fastlora_core.loading import (
+    direct,
+    load_pipeline,
+    read_header,
+    single_file,
+    transformer_only,
+    write_single_files,
+)
 from fastlora_core.specs import ModelSource
 from fastlora_core.tiny import build_tiny_pipeline
 
