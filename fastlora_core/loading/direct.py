@@ -76,7 +76,6 @@ def read_tensors(header: Header, names: Iterable[str], device: torch.device | st
     """
     device = torch.device(device)
     cuda = device.type == "cuda"
-    cancel = stop  # ``stop`` also names the end of a byte run below
     info = header.tensors
     wanted = sorted(set(names), key=lambda k: info[k].offsets)
     raw = {k: torch.empty(info[k].offsets[1] - info[k].offsets[0], dtype=torch.uint8, device=device) for k in wanted}
@@ -95,12 +94,12 @@ def read_tensors(header: Header, names: Iterable[str], device: torch.device | st
     try:
         with ThreadPoolExecutor(workers) as pool:
             k = 0
-            for start, stop, members in runs:
+            for start, end, members in runs:
                 first = 0  # members[first:] are not completely copied yet
-                for pos in range(start, stop, chunk_bytes):
-                    if cancel is not None and cancel.is_set():
+                for pos in range(start, end, chunk_bytes):
+                    if stop is not None and stop.is_set():
                         raise ReadCancelled(str(header.path))
-                    n, which = min(chunk_bytes, stop - pos), k % 2
+                    n, which = min(chunk_bytes, end - pos), k % 2
                     k += 1
                     if free_again[which] is not None:
                         free_again[which].synchronize()

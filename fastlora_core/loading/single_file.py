@@ -262,7 +262,7 @@ def background_reads(plans: Sequence[_Plan], device: torch.device | None,
     return direct.BackgroundReads(jobs, device)
 
 
-def _single_files_pipeline(source: ModelSource, plans: dict[Role, _Plan], dtype: torch.dtype,
+def _single_files_pipeline(source: ModelSource, plans: dict[str, _Plan], dtype: torch.dtype,
                            device: torch.device | None, on_device: Collection[str],
                            reads: direct.BackgroundReads | None) -> FluxPipeline:
     """The rest of :func:`_load_single_files` once the plans fit (the reads may be under way)."""
