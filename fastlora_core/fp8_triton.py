@@ -1,0 +1,57 @@
+"""The Triton kernels behind :mod:`fastlora_core.kernels` (imported only on a GPU with Triton).
+
+Both kernels quantise rows with one body, :func:`_quantise_row`, so the per-layer and the grouped
+launch cannot drift apart: ``amax / 448`` rounded to bf16 then stored as fp32 (as torchao computes it
+in the weight's dtype), and ``clamp(x / scale, -448, 448)`` rounded to nearest-even. The row is read
+twice (the second pass hits L2) and written once.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _quantise_row(xrow, qrow, K, BLOCK: tl.constexpr):
+    """Quantise one row of ``K`` bf16 values at ``xrow`` into fp8 at ``qrow``; returns its fp32 scale."""
+    amax = tl.zeros([BLOCK], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        x = tl.load(xrow + offs, mask=offs < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    m = tl.max(amax, axis=0)
+    # torchao: (bf16 amax) / 448 computed in bf16 (fp32 math, rounded to bf16), then .to(fp32)
+    scale = tl.math.div_rn(m, 448.0).to(tl.bfloat16).to(tl.float32)
+    for k0 in range(0, K, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        x = tl.load(xrow + offs, mask=offs < K, other=0.0).to(tl.float32)
+        y = tl.math.div_rn(x, scale)
+        y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+        tl.store(qrow + offs, y.to(tl.float8e4nv), mask=offs < K)
+    return scale
+
+
+@triton.jit
+def rowwise_fp8_quant(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK: tl.constexpr):
+    """One program per row of one matrix."""
+    row = tl.program_id(0).to(tl.int64)
+    scale = _quantise_row(x_ptr + row * stride_x, q_ptr + row * stride_q, K, BLOCK)
+    tl.store(s_ptr + row, scale)
+
+
+@triton.jit
+def grouped_rowwise_fp8_quant(table_ptr, x_base, q_base, s_base, BLOCK: tl.constexpr):
+    """One program per (row, matrix) of a group. Table row: offsets (in elements) of x, qdata and
+    scale from the three base tensors, rows, columns. Offsets and columns are multiples of 16, so
+    rows stay 16-byte aligned and the loads and stores are vectorised as in the per-layer kernel
+    (whose pointers Triton checks)."""
+    entry = table_ptr + tl.program_id(1) * 5
+    row = tl.program_id(0).to(tl.int64)
+    rows = tl.load(entry + 3)
+    K = tl.multiple_of(tl.where(row < rows, tl.load(entry + 4), 0), 16)  # rows past the end: nothing
+    row = tl.minimum(row, rows - 1)
+    xrow = x_base + tl.multiple_of(tl.load(entry) + row * K, 16)
+    qrow = q_base + tl.multiple_of(tl.load(entry + 1) + row * K, 16)
+    scale = _quantise_row(xrow, qrow, K, BLOCK)
+    tl.store(s_base + tl.load(entry + 2) + row, scale, mask=K > 0)
