@@ -188,12 +188,12 @@ class BackgroundReads:
         job = self._jobs.get(header.path)
         return job is not None and header.path in self._done and sorted(job[1]) == sorted(names)
 
-    def take(self, header: Header, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    def take(self, header: Header, names: Iterable[str], role: str = "model") -> dict[str, torch.Tensor]:
         """The tensors of ``header``'s file once read (as :func:`read_tensors` returns them); read here
-        and now when that file and those names were not planned."""
+        and now (naming the file as ``role``) when that file and those names were not planned."""
         names = list(names)
         if not self.planned(header, names):
-            return read_tensors(header, names, self.device, role=self._jobs.get(header.path, (None, None, "model"))[2])
+            return read_tensors(header, names, self.device, role=role)
         self._done.pop(header.path).wait()
         result = self._results.pop(header.path)
         if isinstance(result, BaseException):

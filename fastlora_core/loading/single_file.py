@@ -202,7 +202,7 @@ def _build(plan: _Plan, dtype: torch.dtype, dry_run: bool, device: torch.device 
         if device is not None:
             raw: dict[str, torch.Tensor] = {}
             for header, wanted, role in direct_jobs(plan, shards):
-                raw.update(reads.take(header, wanted) if reads is not None and reads.device == device
+                raw.update(reads.take(header, wanted, role) if reads is not None and reads.device == device
                            else direct.read_tensors(header, wanted, device, role=role))
             sd = _collect(plan, raw.pop, dtype, keep_fp32)  # pop: each file tensor freed once converted
             del raw
