@@ -5,9 +5,10 @@ written *into existing* tensors (the inner tensors of a torchao ``Float8Tensor``
 to ``torchao`` 0.18's torch path (``_choose_scale_float8`` + ``_quantize_affine_float8``): the scale
 is ``amax/448`` rounded to bf16 (torchao computes it in the weight's dtype) then stored as fp32, and
 the data is ``clamp(x_fp32 / scale, -448, 448)`` rounded to nearest-even. One read of the row from
-HBM (second pass hits L2) and one write (the kernels: :mod:`.fp8_triton`). Used by the *fused* swap (``lora/fused.py``, after a one-time
+HBM (second pass hits L2) and one write. Used by the *fused* swap (``lora/fused.py``, after a one-time
 bit-exact self-check, with torchao as the fallback): requantise only the touched layers, with no new
-allocation, so compiled graphs see the new values. Triton is imported lazily.
+allocation, so compiled graphs see the new values. The kernels themselves are in :mod:`.fp8_triton`,
+imported on first use.
 
 ``grouped_rowwise_fp8_quant(group)`` - the same quantisation for many matrices in one launch
 (:class:`QuantGroup`). A swap of 418 layers launched from Python one kernel per layer; on a host
@@ -74,8 +75,8 @@ def grouped_rowwise_fp8_quant(group: QuantGroup, x_base: torch.Tensor) -> None:
     was made (the same layout, possibly a new allocation)."""
     assert x_base.dtype == torch.bfloat16 and x_base.is_contiguous() and x_base.data_ptr() % 32 == 0
     assert x_base.numel() >= group.x_extent
-    _kernels().grouped_rowwise_fp8_quant[(group.max_rows, group.table.shape[0])](group.table, x_base, group.q_base, group.s_base,
-                                                               BLOCK=1024, num_warps=4)
+    launch = _kernels().grouped_rowwise_fp8_quant[(group.max_rows, group.table.shape[0])]
+    launch(group.table, x_base, group.q_base, group.s_base, BLOCK=1024, num_warps=4)
 
 
 def rowwise_fp8_quant_into(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> None:

@@ -18,6 +18,8 @@ from .plans import COMPONENT_OF, Role, _Plan
 if TYPE_CHECKING:  # pragma: no cover
     from diffusers import FluxPipeline
 
+    from .direct import BackgroundReads
+
 logger = logging.getLogger(__name__)
 
 
@@ -86,13 +88,13 @@ def _load_diffusers(folder: Path, dtype: torch.dtype, device: torch.device | Non
     plans = {name: component_plan(folder, name, headers[name]) for name in direct}
     # The weights start arriving now, while diffusers is imported and the modules are checked and
     # built (decision 37); a failure below stops the reads and drops what they read.
-    with background_reads([plan for plan, _ in plans.values()], device,
-                          {plan.role: shards for plan, shards in plans.values()}) as reads:
+    with background_reads(list(plans.values()), device) as reads:
         return _diffusers_pipeline(folder, dtype, device, plans, direct, reads)
 
 
 def _diffusers_pipeline(folder: Path, dtype: torch.dtype, device: torch.device | None,
-                        plans: dict[str, tuple[_Plan, list[Header]]], direct: list[str], reads: Any) -> FluxPipeline:
+                        plans: dict[str, tuple[_Plan, list[Header]]], direct: list[str],
+                        reads: BackgroundReads | None) -> FluxPipeline:
     """The rest of :func:`_load_diffusers` once the headers are read (the reads may be under way)."""
     from diffusers import FluxPipeline
 

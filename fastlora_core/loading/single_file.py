@@ -202,7 +202,7 @@ def _build(plan: _Plan, dtype: torch.dtype, dry_run: bool, device: torch.device 
         if device is not None:
             raw: dict[str, torch.Tensor] = {}
             for header, wanted, role in direct_jobs(plan, shards):
-                raw.update(reads.take(header, wanted, role) if reads is not None and reads.device == device
+                raw.update(reads.take(header, wanted, role) if reads is not None
                            else direct.read_tensors(header, wanted, device, role=role))
             sd = _collect(plan, raw.pop, dtype, keep_fp32)  # pop: each file tensor freed once converted
             del raw
@@ -247,19 +247,19 @@ def _load_single_files(source: ModelSource, dtype: torch.dtype, device: torch.de
         "vae": _plan_vae(headers["vae"]),
     }
     _check_fit(plans)
-    with background_reads([plan for plan in plans.values() if COMPONENT_OF[plan.role] in on_device], device) as reads:
+    with background_reads([(plan, ()) for plan in plans.values() if COMPONENT_OF[plan.role] in on_device],
+                          device) as reads:
         return _single_files_pipeline(source, plans, dtype, device, on_device, reads)
 
 
-def background_reads(plans: Sequence[_Plan], device: torch.device | None,
-                     shards: Mapping[str, Sequence[Header]] | None = None) -> Any:
-    """The direct reads of ``plans`` started on a thread of their own (:class:`.direct.BackgroundReads`,
-    decision 37), or a do-nothing context when there is no device to read to. ``shards``: per role, the
-    files of a sharded component."""
+def background_reads(plans: Sequence[tuple[_Plan, Sequence[Header]]], device: torch.device | None
+                     ) -> contextlib.AbstractContextManager[direct.BackgroundReads | None]:
+    """The direct reads of ``plans`` (each with its shards, ``()`` for a single file) started on a
+    thread of their own (:class:`.direct.BackgroundReads`, decision 37), or a do-nothing context when
+    there is no device to read to."""
     if device is None or not plans or not direct.BACKGROUND:
         return contextlib.nullcontext(None)
-    jobs = [job for plan in plans for job in direct_jobs(plan, (shards or {}).get(plan.role, ()))]
-    return direct.BackgroundReads(jobs, device)
+    return direct.BackgroundReads([job for plan, shards in plans for job in direct_jobs(plan, shards)], device)
 
 
 def _single_files_pipeline(source: ModelSource, plans: dict[str, _Plan], dtype: torch.dtype,

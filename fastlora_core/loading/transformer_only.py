@@ -20,6 +20,8 @@ from .single_file import _build, background_reads
 if TYPE_CHECKING:  # pragma: no cover
     from diffusers import FluxPipeline
 
+    from .direct import BackgroundReads
+
 logger = logging.getLogger(__name__)
 
 
@@ -39,7 +41,7 @@ def _load_transformer_only(source: ModelSource, dtype: torch.dtype, device: torc
         plan = component_plan(folder, "transformer", shards)[0] if device is not None else None
     else:
         plan = _plan_transformer(read_header(source.transformer or "", "transformer"))
-    with background_reads([plan] if plan is not None else [], device, {"transformer": shards}) as reads:
+    with background_reads([(plan, shards)] if plan is not None else [], device) as reads:
         transformer = _transformer(source, plan, shards, dtype, device, reads)
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
@@ -55,7 +57,7 @@ def _load_transformer_only(source: ModelSource, dtype: torch.dtype, device: torc
 
 
 def _transformer(source: ModelSource, plan: _Plan | None, shards: list[Header], dtype: torch.dtype,
-                 device: torch.device | None, reads: Any) -> Any:
+                 device: torch.device | None, reads: BackgroundReads | None) -> Any:
     """The transformer module: checked on meta tensors, then built from the (background) reads; a
     diffusers folder without a device loads through ``from_pretrained``."""
     if plan is None:  # a diffusers folder read on the CPU
