@@ -264,7 +264,7 @@ def group_micro(args):
             q8, dq = kernels._to_fp8_per_tensor(qs)
             k8, dk = kernels._to_fp8_per_tensor(ks)
             v8, dv = kernels._to_fp8_per_tensor(vs)
-            ms_core = bench(lambda: kernels.cudnn_fp8_sdpa(q8, k8, v8, dq, dk, dv, 1 / math.sqrt(d)))
+            ms_core = bench(lambda: kernels.cudnn_fp8_sdpa(q8, k8, v8, dq, dk, dv, 1 / dv, 1 / math.sqrt(d), True))
             out["cudnn_fp8"] = {"us": round(ms * 1000, 1), "TFLOPs": round(fl / ms / 1e9, 1),
                                 "core_us": round(ms_core * 1000, 1), "core_TFLOPs": round(fl / ms_core / 1e9, 1),
                                 "rel_err": round(rel(o, ref), 5)}

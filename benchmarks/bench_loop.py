@@ -19,6 +19,14 @@ strategy merges the LoRA into these weights, so this is also the loop with a LoR
 - ``perrow_contiguous``: the baseline with the engine's ``optimize.hand_over_contiguous`` (single blocks
   return tensors with standard strides, so the first one shares the others' graph: 2 graphs, not 3),
   to measure what that costs or saves in the loop and the compile.
+- ``fp8_attention``: the baseline with every attention call through cuDNN's fused FP8 attention with an
+  e4m3 output (``experimental_kernels.fp8_sdpa``, a custom op inside the compiled blocks; needs
+  ``nvidia-cudnn-frontend``).
+- ``bf16``: no quantisation at all, for the error of the others.
+
+Every attempt also saves its first forward's output (``<attempt>_forward.pt``; weights and inputs are
+seeded, so all attempts see the same model); the parent reports each one's relative L2 distance to the
+``bf16`` attempt's output when both ran (``fidelity.json``).
 """
 
 from __future__ import annotations
@@ -31,7 +39,24 @@ import sys
 import time
 from pathlib import Path
 
-ATTEMPTS = ("perrow", "pertensor", "max_autotune", "pertensor_max_autotune", "perrow_contiguous")
+ATTEMPTS = ("perrow", "pertensor", "max_autotune", "pertensor_max_autotune", "perrow_contiguous", "fp8_attention",
+            "bf16")
+
+
+def use_fp8_attention() -> None:
+    """Route the Flux attention processors' unmasked calls through cuDNN FP8 attention."""
+    import diffusers.models.transformers.transformer_flux as flux
+
+    from .experimental_kernels import fp8_sdpa
+
+    original = flux.dispatch_attention_fn
+
+    def dispatch(query, key, value, attn_mask=None, **kwargs):
+        if attn_mask is None and kwargs.get("backend") is None:
+            return fp8_sdpa(query, key, value)
+        return original(query, key, value, attn_mask=attn_mask, **kwargs)
+
+    flux.dispatch_attention_fn = dispatch
 
 
 def worker(attempt: str, out: Path, loops: int) -> None:
@@ -59,8 +84,11 @@ def worker(attempt: str, out: Path, loops: int) -> None:
 
     model = build_transformer()
     gran = PerTensor() if attempt.startswith("pertensor") else PerRow()
-    quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=gran, set_inductor_config=False),
-              filter_fn=_is_quantizable_linear)
+    if attempt != "bf16":
+        quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=gran, set_inductor_config=False),
+                  filter_fn=_is_quantizable_linear)
+    if attempt == "fp8_attention":
+        use_fp8_attention()
     kwargs: dict[str, object] = {"fullgraph": True}
     if attempt.endswith("max_autotune"):
         kwargs["mode"] = "max-autotune-no-cudagraphs"
@@ -77,6 +105,7 @@ def worker(attempt: str, out: Path, loops: int) -> None:
         res["compile_first_forward_s"] = round(time.perf_counter() - t0, 1)
         res["graphs"] = dynamo_counts()
         save()
+        torch.save(forward(model, inp.hidden, inp, 0).cpu(), out.with_name(f"{attempt}_forward.pt"))
         res["loop"] = time_loops(lambda: run_loop(model, inp), loops)
         save()
         res["profile_one_forward"] = profile_step(model, inp, top=12)
@@ -115,6 +144,23 @@ def main() -> None:
         f = out / f"{attempt}.json"
         data = json.loads(f.read_text()) if f.exists() else {}
         print(json.dumps({k: v for k, v in data.items() if k != "profile_one_forward"}), flush=True)
+    fidelity(out)
+
+
+def fidelity(out: Path) -> None:
+    """Each attempt's first forward against the ``bf16`` attempt's (relative L2), into ``fidelity.json``."""
+    import torch
+
+    reference = out / "bf16_forward.pt"
+    if not reference.exists():
+        return
+    ref = torch.load(reference).float()
+    result = {}
+    for f in sorted(out.glob("*_forward.pt")):
+        o = torch.load(f).float()
+        result[f.name.removesuffix("_forward.pt")] = round(float((o - ref).norm() / ref.norm()), 5)
+    (out / "fidelity.json").write_text(json.dumps(result, indent=1))
+    print("relative L2 to bf16:", json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@
    diffusers attention-dispatch layout); they are scaled per tensor to e4m3 (the scaling is plain torch,
    so inductor fuses it into the RoPE kernel), the output is bf16 ``[B, S, H, D]``.
    Measured 2026-11-29 (cuDNN 9.19, frontend 1.32): refused on Hopper ("bf16 output only on Blackwell";
-   the SM90 python engine needs nvidia-cutlass-dsl). Kept for Blackwell and for the next attempt.
+   the SM90 python engine needs nvidia-cutlass-dsl). ``out_fp8=True`` asks for an e4m3 output instead
+   (scaled by ``1 / descale_v``: attention output is a convex combination of V's rows, so it cannot
+   exceed V's absolute maximum) and dequantises it in plain torch: the form Hopper's engine takes.
 """
 
 from __future__ import annotations
@@ -61,10 +63,10 @@ def cudnn_fp8_available() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
 
 
-def _cudnn_graph(b: int, h: int, s: int, d: int, attn_scale: float):
+def _cudnn_graph(b: int, h: int, s: int, d: int, attn_scale: float, out_fp8: bool = False):
     import cudnn
 
-    key = (b, h, s, d, attn_scale, torch.cuda.current_device())
+    key = (b, h, s, d, attn_scale, out_fp8, torch.cuda.current_device())
     g = _CUDNN_STATE.get(key)
     if g is not None:
         return g
@@ -86,7 +88,8 @@ def _cudnn_graph(b: int, h: int, s: int, d: int, attn_scale: float):
     o, _stats, _amax_s, amax_o = graph.sdpa_fp8(
         q=q, k=k, v=v, descale_q=dq, descale_k=dk, descale_v=dv, descale_s=ds, scale_s=ss, scale_o=so,
         generate_stats=False, attn_scale=attn_scale, use_causal_mask=False)
-    o.set_uid(3).set_output(True).set_dim((b, h, s, d)).set_stride(stride).set_data_type(cudnn.data_type.BFLOAT16)
+    o_type = cudnn.data_type.FP8_E4M3 if out_fp8 else cudnn.data_type.BFLOAT16
+    o.set_uid(3).set_output(True).set_dim((b, h, s, d)).set_stride(stride).set_data_type(o_type)
     amax_o.set_uid(12).set_output(True).set_dim((1, 1, 1, 1)).set_stride((1, 1, 1, 1)).set_data_type(
         cudnn.data_type.FLOAT)
     graph.validate()
@@ -98,7 +101,6 @@ def _cudnn_graph(b: int, h: int, s: int, d: int, attn_scale: float):
     consts = {
         "s_scale": torch.full((1, 1, 1, 1), FP8_MAX, dtype=torch.float32, device=dev),
         "s_descale": torch.full((1, 1, 1, 1), 1.0 / FP8_MAX, dtype=torch.float32, device=dev),
-        "o_scale": torch.ones((1, 1, 1, 1), dtype=torch.float32, device=dev),
         "amax_o": torch.empty((1, 1, 1, 1), dtype=torch.float32, device=dev),
         "ws": torch.empty(max(graph.get_workspace_size(), 1), dtype=torch.uint8, device=dev),
     }
@@ -109,23 +111,26 @@ def _cudnn_graph(b: int, h: int, s: int, d: int, attn_scale: float):
 
 @torch.library.custom_op("fastlora::cudnn_fp8_sdpa", mutates_args=())
 def cudnn_fp8_sdpa(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, dq: torch.Tensor,
-                   dk: torch.Tensor, dv: torch.Tensor, attn_scale: float) -> torch.Tensor:
+                   dk: torch.Tensor, dv: torch.Tensor, o_scale: torch.Tensor, attn_scale: float,
+                   out_fp8: bool) -> torch.Tensor:
+    """``[B, S, H, D]`` e4m3 q/k/v with their per-tensor descales -> attention, bf16 or (``out_fp8``)
+    e4m3 multiplied by ``o_scale``."""
     import cudnn
 
     b, s, h, d = q8.shape
-    graph, c = _cudnn_graph(b, h, s, d, attn_scale)
-    out = torch.empty(q8.shape, dtype=torch.bfloat16, device=q8.device)
+    graph, c = _cudnn_graph(b, h, s, d, attn_scale, out_fp8)
+    out = torch.empty(q8.shape, dtype=torch.float8_e4m3fn if out_fp8 else torch.bfloat16, device=q8.device)
     handle = _CUDNN_STATE["handle"]
     cudnn.set_stream(handle, torch.cuda.current_stream().cuda_stream)
     pack = {0: q8.contiguous(), 1: k8.contiguous(), 2: v8.contiguous(), 5: dq, 6: dk, 7: dv,
-            8: c["s_descale"], 9: c["s_scale"], 10: c["o_scale"], 3: out, 12: c["amax_o"]}
+            8: c["s_descale"], 9: c["s_scale"], 10: o_scale, 3: out, 12: c["amax_o"]}
     graph.execute(pack, c["ws"], handle=handle)
     return out
 
 
 @cudnn_fp8_sdpa.register_fake
-def _(q8, k8, v8, dq, dk, dv, attn_scale):
-    return torch.empty(q8.shape, dtype=torch.bfloat16, device=q8.device)
+def _(q8, k8, v8, dq, dk, dv, o_scale, attn_scale, out_fp8):
+    return torch.empty(q8.shape, dtype=torch.float8_e4m3fn if out_fp8 else torch.bfloat16, device=q8.device)
 
 
 def _to_fp8_per_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,11 +140,17 @@ def _to_fp8_per_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x8, (1.0 / scale).reshape(1, 1, 1, 1)
 
 
-def fp8_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_scale: float | None = None) -> torch.Tensor:
-    """bf16 ``[B, S, H, D]`` q/k/v -> bf16 ``[B, S, H, D]`` through cuDNN FP8 attention."""
+def fp8_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_scale: float | None = None,
+             out_fp8: bool = True) -> torch.Tensor:
+    """bf16 ``[B, S, H, D]`` q/k/v -> bf16 ``[B, S, H, D]`` through cuDNN FP8 attention.
+
+    ``out_fp8`` (Hopper): cuDNN writes e4m3 scaled by ``1 / descale_v``, which keeps every output
+    element within e4m3's range, and the result is multiplied back by ``descale_v`` here."""
     if attn_scale is None:
         attn_scale = 1.0 / math.sqrt(q.shape[-1])
     q8, dq = _to_fp8_per_tensor(q)
     k8, dk = _to_fp8_per_tensor(k)
     v8, dv = _to_fp8_per_tensor(v)
-    return cudnn_fp8_sdpa(q8, k8, v8, dq, dk, dv, float(attn_scale))
+    o_scale = 1.0 / dv if out_fp8 else torch.ones_like(dv)
+    out = cudnn_fp8_sdpa(q8, k8, v8, dq, dk, dv, o_scale, float(attn_scale), out_fp8)
+    return (out.float() * dv).to(q.dtype) if out_fp8 else out
