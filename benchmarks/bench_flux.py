@@ -7,7 +7,7 @@ Usage (on a CUDA machine with diffusers, peft, torchao installed):
 
 Groups (each runs in its own Python process; results are merged into one JSON):
   micro        device ceilings (copy GB/s, bf16 mm, fp8 _scaled_mm), attention kernels on the Flux shape
-               (SDPA default / flash / efficient / cuDNN, cuDNN FP8 through experimental_kernels), Flux
+               (SDPA default / flash / efficient / cuDNN, cuDNN FP8 through fastlora_core.fp8_attention), Flux
                GEMM shapes bf16 vs fp8 row-wise, row-wise fp8 requantisation (torchao vs Triton kernel).
   eager        bf16 eager without LoRA and with a rank-64 PEFT LoRA (unfused) = the baseline.
   fp8_fused    torchao fp8 dynamic per-row + regional compile, LoRA merged + re-quantised in place;
@@ -256,15 +256,15 @@ def group_micro(args):
             except Exception as exc:  # noqa: BLE001
                 out[name] = f"error: {exc}"[:300]
         try:
-            from benchmarks import experimental_kernels as kernels
+            from fastlora_core import fp8_attention as kernels
 
             qs, ks, vs = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # [B, S, H, D]
             o = kernels.fp8_sdpa(qs, ks, vs).transpose(1, 2)
             ms = bench(lambda: kernels.fp8_sdpa(qs, ks, vs))
-            q8, dq = kernels._to_fp8_per_tensor(qs)
-            k8, dk = kernels._to_fp8_per_tensor(ks)
-            v8, dv = kernels._to_fp8_per_tensor(vs)
-            ms_core = bench(lambda: kernels.cudnn_fp8_sdpa(q8, k8, v8, dq, dk, dv, 1 / dv, 1 / math.sqrt(d), True))
+            q8, dq = kernels.to_fp8_per_tensor(qs)
+            k8, dk = kernels.to_fp8_per_tensor(ks)
+            v8, dv = kernels.to_fp8_per_tensor(vs)
+            ms_core = bench(lambda: kernels.cudnn_fp8_sdpa(q8, k8, v8, dq, dk, dv, 1 / dv, 1 / math.sqrt(d)))
             out["cudnn_fp8"] = {"us": round(ms * 1000, 1), "TFLOPs": round(fl / ms / 1e9, 1),
                                 "core_us": round(ms_core * 1000, 1), "core_TFLOPs": round(fl / ms_core / 1e9, 1),
                                 "rel_err": round(rel(o, ref), 5)}
@@ -543,7 +543,7 @@ def group_fp8_fused(args):
             def attn8():
                 import diffusers.models.transformers.transformer_flux as tf
 
-                from benchmarks import experimental_kernels as kernels
+                from fastlora_core import fp8_attention as kernels
 
                 o_std = forward(model, inp.hidden, inp, 0).clone()
                 orig = tf.dispatch_attention_fn

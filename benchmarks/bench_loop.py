@@ -19,9 +19,9 @@ strategy merges the LoRA into these weights, so this is also the loop with a LoR
 - ``perrow_contiguous``: the baseline with the engine's ``optimize.hand_over_contiguous`` (single blocks
   return tensors with standard strides, so the first one shares the others' graph: 2 graphs, not 3),
   to measure what that costs or saves in the loop and the compile.
-- ``fp8_attention``: the baseline with every attention call through cuDNN's fused FP8 attention with an
-  e4m3 output (``experimental_kernels.fp8_sdpa``, a custom op inside the compiled blocks; needs
-  ``nvidia-cudnn-frontend``).
+- ``fp8_attention``: the baseline with every attention call through cuDNN's fused FP8 attention
+  (``fastlora_core.fp8_attention``, the engine's ``attention="cudnn_fp8"``: a custom op inside the
+  compiled blocks; needs ``nvidia-cudnn-frontend``).
 - ``bf16``: no quantisation at all, for the error of the others.
 
 Every attempt also saves its first forward's output (``<attempt>_forward.pt``; weights and inputs are
@@ -41,22 +41,6 @@ from pathlib import Path
 
 ATTEMPTS = ("perrow", "pertensor", "max_autotune", "pertensor_max_autotune", "perrow_contiguous", "fp8_attention",
             "bf16")
-
-
-def use_fp8_attention() -> None:
-    """Route the Flux attention processors' unmasked calls through cuDNN FP8 attention."""
-    import diffusers.models.transformers.transformer_flux as flux
-
-    from .experimental_kernels import fp8_sdpa
-
-    original = flux.dispatch_attention_fn
-
-    def dispatch(query, key, value, attn_mask=None, **kwargs):
-        if attn_mask is None and kwargs.get("backend") is None:
-            return fp8_sdpa(query, key, value)
-        return original(query, key, value, attn_mask=attn_mask, **kwargs)
-
-    flux.dispatch_attention_fn = dispatch
 
 
 def worker(attempt: str, out: Path, loops: int) -> None:
@@ -88,7 +72,9 @@ def worker(attempt: str, out: Path, loops: int) -> None:
         quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=gran, set_inductor_config=False),
                   filter_fn=_is_quantizable_linear)
     if attempt == "fp8_attention":
-        use_fp8_attention()
+        from fastlora_core import fp8_attention
+
+        res["fp8_attention_layers"] = fp8_attention.install(model, torch.device("cuda", torch.cuda.current_device()))
     kwargs: dict[str, object] = {"fullgraph": True}
     if attempt.endswith("max_autotune"):
         kwargs["mode"] = "max-autotune-no-cudagraphs"

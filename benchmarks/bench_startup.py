@@ -18,7 +18,8 @@ fresh ``python3`` process with the engine's defaults (on an H200: fp8, regional 
 weight on the CPU as it did before decision 29 (no direct read to the GPU), for a comparison in one call.
 ``api_warm_serial``: the direct reads start after diffusers' import and the checks, as before decision 37.
 ``_profile`` and ``_importtime`` (API runs): the child under ``cProfile`` or ``python -X importtime``, for
-where the time goes (``VARIANTS``). The API child imports what a script using the API imports (torch and
+where the time goes (``VARIANTS``). ``_cudnnfp8``: the engine with ``attention="cudnn_fp8"`` (its first
+image compiles the blocks with the FP8 attention op; the steady image compares with ``api_warm``). The API child imports what a script using the API imports (torch and
 the pack); diffusers and transformers are imported by the engine's loader, in its ``read`` phase.
 ``api_disk_cold``: warm compile cache, but first an attempt to drop the model's files from the page cache
 (``/proc/sys/vm/drop_caches``, then ``posix_fadvise(DONTNEED)`` per file); whether it worked is measured
@@ -48,8 +49,8 @@ RUNS = ("api_cold", "api_warm", "cli_cold", "cli_warm", "api_disk_cold")  # a wa
 #: Suffixes of API runs: ``_ordinary`` (weights read on the CPU, as before decision 29), ``_serial``
 #: (the direct reads after diffusers' import and the checks, as before decision 37), ``_profile``
 #: (the child under cProfile: ``child.prof``; its times are inflated), ``_importtime`` (``python -X
-#: importtime``: ``importtime.txt``).
-VARIANTS = ("ordinary", "serial", "profile", "importtime")
+#: importtime``: ``importtime.txt``), ``_cudnnfp8`` (``attention="cudnn_fp8"``).
+VARIANTS = ("ordinary", "serial", "profile", "importtime", "cudnnfp8")
 PROMPT = "a photo of a red fox in a snowy forest, golden hour"
 
 
@@ -65,7 +66,7 @@ def tiny_options() -> dict[str, Any]:
 
 # -- the child: one process from start to its second image ---------------------------------------------
 def child(model: str, lora: str, cache: str, out: str, tiny: bool, ordinary: bool = False,
-          serial: bool = False) -> None:
+          serial: bool = False, attention: str = "auto") -> None:
     from fastlora_core.timings import process_age
 
     started = process_age()
@@ -95,7 +96,8 @@ def child(model: str, lora: str, cache: str, out: str, tiny: bool, ordinary: boo
     if ordinary:  # the way before decision 29, for a comparison in the same call: everything read on the CPU
         load_pipeline = loading.load_pipeline
         loading.load_pipeline = lambda source, dtype, device=None, on_device=(): load_pipeline(source, dtype)
-    options = EngineOptions(compile_cache_dir=cache, **(tiny_options() if tiny else {}))
+    options = EngineOptions(compile_cache_dir=cache, attention=attention,  # type: ignore[arg-type]
+                            **(tiny_options() if tiny else {}))
     engine = registry.get_engine(ModelSource.from_diffusers(model), options)
     stack = LoraStack.of((lora, 1.0))
     first = engine.generate(GenerateRequest(prompt=PROMPT, seed=0, **request_kwargs(tiny)), stack)
@@ -288,7 +290,7 @@ def run_one(name: str, model: Path, lora: Path, work: Path, out: Path, tiny: boo
         if "importtime" in variants:
             python = [sys.executable, "-X", "importtime"]
         cmd = python + ["-m", "benchmarks.bench_startup", "--child", str(model), str(lora), str(cache),
-                        str(result)] + (["--tiny"] if tiny else []) + [f"--{v}" for v in ("ordinary", "serial")
+                        str(result)] + (["--tiny"] if tiny else []) + [f"--{v}" for v in ("ordinary", "serial", "cudnnfp8")
                                                                          if v in variants]
     else:
         result = run_dir / "timings.json"
@@ -324,7 +326,8 @@ def run_one(name: str, model: Path, lora: Path, work: Path, out: Path, tiny: boo
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         args = sys.argv[2:]
-        child(*args[:4], tiny="--tiny" in args, ordinary="--ordinary" in args, serial="--serial" in args)
+        child(*args[:4], tiny="--tiny" in args, ordinary="--ordinary" in args, serial="--serial" in args,
+              attention="cudnn_fp8" if "--cudnnfp8" in args else "auto")
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)

@@ -155,6 +155,10 @@ def check_device_support(options: EngineOptions, device: torch.device) -> None:
                 f"quantization=fp8 needs compute capability >= 8.9; this GPU is {major}.{minor}. "
                 "Use quantization=int8_weight_only (or fp8_weight_only) instead."
             )
+    if options.attention == "cudnn_fp8":
+        from . import fp8_attention
+
+        fp8_attention.check(device)
     if options.offload != "none" and device.type != "cuda":
         raise OptionsError(
             f"offload={options.offload} moves weights between CPU and GPU; this engine runs on "
@@ -229,6 +233,12 @@ def set_attention(transformer: torch.nn.Module, choice: str, device: torch.devic
     if choice == "auto":
         logger.info("attention: auto -> PyTorch SDPA (native dispatch) on %s", device)
         return "sdpa"
+    if choice == "cudnn_fp8":
+        from . import fp8_attention
+
+        marked = fp8_attention.install(transformer, device)
+        logger.info("attention: cuDNN FP8 attention in %d attention layers", marked)
+        return choice
     if choice == "flash_attn":
         try:
             import flash_attn  # noqa: F401
