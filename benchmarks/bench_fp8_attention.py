@@ -13,6 +13,8 @@ Flux.1-dev at 1024x1024 attends over 4608 tokens (512 text + 4096 image), 24 hea
   dequantisation in eager torch; compiled, inductor fuses those into the neighbouring kernels).
   Timed from the host, one call at a time, the kernel's number includes the frontend's per-call host
   work (~0.4 ms); inside the compiled model the GPU's own time is in ``bench_loop``'s profile.
+  ``host_us_per_call``: host time per call queued back to back, for SDPA, the custom op (the
+  frontend's ordered execute) and the frontend's dict form.
 
 Error: relative L2 distance and cosine similarity against float32 attention for the ``CASES`` below,
 next to the bf16 kernel's own error. Needs ``nvidia-cudnn-frontend`` (carried as a wheel) and an SM90+ GPU.
@@ -81,9 +83,27 @@ def inputs(case: str, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, t
     return q, k, v
 
 
+def host_us(fn, calls: int = 200) -> float:
+    """Host microseconds per call when calls are queued back to back (the GPU catches up after)."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return round(host / calls * 1e6, 1)
+
+
 def measure(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, iters: int) -> dict[str, Any]:
     """One case: the bf16 kernel, then cuDNN FP8 attention."""
-    from fastlora_core.fp8_attention import cudnn_fp8_sdpa, fp8_sdpa, to_fp8_per_tensor
+    from fastlora_core.fp8_attention import (
+        _cudnn_graph,
+        _handles,
+        cudnn_fp8_sdpa,
+        fp8_sdpa,
+        to_fp8_per_tensor,
+    )
 
     ref = reference(q, k, v)
     flops = 4 * SHAPE[0] * SHAPE[2] * SHAPE[1] ** 2 * SHAPE[3]
@@ -99,6 +119,15 @@ def measure(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, iters: int) -> di
         whole = time_ms(lambda: fp8_sdpa(q, k, v), iters)
         row["cudnn_fp8"] = {"kernel_ms": kernel, "kernel_tflops": round(flops / kernel / 1e9, 1),
                             "eager_with_quantisation_ms": whole, **error(fp8_sdpa(q, k, v), ref)}
+        graph, c = _cudnn_graph(SHAPE[0], SHAPE[2], SHAPE[1], SHAPE[3], scale, q.device)
+        out = torch.empty(q8.shape, dtype=torch.float8_e4m3fn, device=q.device)
+        pack = {0: q8, 1: k8, 2: v8, 5: dq, 6: dk, 7: dv, 8: c["s_descale"], 9: c["s_scale"], 10: 1.0 / dv, 3: out,
+                12: c["amax_o"]}
+        row["host_us_per_call"] = {
+            "sdpa_bf16": host_us(lambda: attention_bf16(q, k, v)),
+            "cudnn_fp8_op": host_us(lambda: cudnn_fp8_sdpa(q8, k8, v8, dq, dk, dv, 1.0 / dv, scale)),
+            "cudnn_fp8_execute_dict": host_us(lambda: graph.execute(pack, c["workspace"], handle=_handles[q.device.index])),
+        }
     except Exception as exc:  # noqa: BLE001 - a refusal is a result here
         row["cudnn_fp8"] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
     return row

@@ -28,7 +28,8 @@ the pack); diffusers and transformers are imported by the engine's loader, in it
 Recorded per run: wall time from launch to exit, the child's own process age at its first image (process
 start -> first image), the breakdown (interpreter + early imports, heavy imports, the engine's phases from
 ``FluxEngine.timings``: read, masters, t5, transformer (quantisation + transfer), move_rest, first_lora,
-first_image), the steady second image, and ``compile_est`` = first image - steady image. JSON saved after
+first_image), the steady image (the median of ``--steady-images`` images after the first, API runs;
+one by default), and ``compile_est`` = first image - steady image. JSON saved after
 every run. ``--tiny``: the tiny random model on the CPU (compile off), for the CPU test of this script.
 """
 
@@ -38,6 +39,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -66,7 +68,7 @@ def tiny_options() -> dict[str, Any]:
 
 # -- the child: one process from start to its second image ---------------------------------------------
 def child(model: str, lora: str, cache: str, out: str, tiny: bool, ordinary: bool = False,
-          serial: bool = False, attention: str = "auto") -> None:
+          serial: bool = False, attention: str = "auto", steady: int = 1) -> None:
     from fastlora_core.timings import process_age
 
     started = process_age()
@@ -102,12 +104,13 @@ def child(model: str, lora: str, cache: str, out: str, tiny: bool, ordinary: boo
     stack = LoraStack.of((lora, 1.0))
     first = engine.generate(GenerateRequest(prompt=PROMPT, seed=0, **request_kwargs(tiny)), stack)
     age = process_age()
-    second = engine.generate(GenerateRequest(prompt=PROMPT, seed=1, **request_kwargs(tiny)), stack)
+    later = [engine.generate(GenerateRequest(prompt=PROMPT, seed=1 + i, **request_kwargs(tiny)), stack)
+             for i in range(steady)]
     result = {
         "process_start_to_main_s": round(started, 3) if started is not None else None,
         "imports_s": round(imports_s, 3), "engine": engine.timings, "direct_read_s": direct_reads,
         "process_start_to_first_image_s": round(age, 3) if age is not None else None,
-        "first_image_compiles": first.new_compiles, "steady_image_s": [round(second.seconds, 3)],
+        "first_image_compiles": first.new_compiles, "steady_image_s": [round(r.seconds, 3) for r in later],
         "device": str(engine.device), "options": repr(engine.options),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
     }
@@ -256,7 +259,7 @@ def breakdown(child_json: dict[str, Any]) -> dict[str, Any]:
     parts["build_other"] = max(0.0, eng["build"] - sum(eng.get(k, 0.0) for k in
                                                         ("read", "masters", "t5", "transformer", "move_rest")))
     parts["first_lora"] = eng.get("first_lora", 0.0)
-    steady = child_json["steady_image_s"][0] if child_json["steady_image_s"] else 0.0
+    steady = statistics.median(child_json["steady_image_s"]) if child_json["steady_image_s"] else 0.0
     parts["compile_est"] = max(0.0, eng.get("first_image", 0.0) - steady)
     parts["image"] = min(steady, eng.get("first_image", 0.0))
     total = child_json.get("process_start_to_first_image_s")
@@ -267,7 +270,8 @@ def breakdown(child_json: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def run_one(name: str, model: Path, lora: Path, work: Path, out: Path, tiny: bool, timeout: float) -> dict[str, Any]:
+def run_one(name: str, model: Path, lora: Path, work: Path, out: Path, tiny: bool, timeout: float,
+            steady: int = 1) -> dict[str, Any]:
     kind, _, mode = name.partition("_")
     variants = {v for v in VARIANTS if mode.endswith(f"_{v}")}
     for v in variants:
@@ -291,7 +295,7 @@ def run_one(name: str, model: Path, lora: Path, work: Path, out: Path, tiny: boo
             python = [sys.executable, "-X", "importtime"]
         cmd = python + ["-m", "benchmarks.bench_startup", "--child", str(model), str(lora), str(cache),
                         str(result)] + (["--tiny"] if tiny else []) + [f"--{v}" for v in ("ordinary", "serial", "cudnnfp8")
-                                                                         if v in variants]
+                                                                         if v in variants] + [f"--steady={steady}"]
     else:
         result = run_dir / "timings.json"
         req = request_kwargs(tiny)
@@ -326,8 +330,9 @@ def run_one(name: str, model: Path, lora: Path, work: Path, out: Path, tiny: boo
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         args = sys.argv[2:]
+        steady = [int(a.split("=", 1)[1]) for a in args if a.startswith("--steady=")]
         child(*args[:4], tiny="--tiny" in args, ordinary="--ordinary" in args, serial="--serial" in args,
-              attention="cudnn_fp8" if "--cudnnfp8" in args else "auto")
+              attention="cudnn_fp8" if "--cudnnfp8" in args else "auto", steady=steady[0] if steady else 1)
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
@@ -335,6 +340,8 @@ def main() -> None:
     ap.add_argument("--runs", default=",".join(RUNS))
     ap.add_argument("--budget", type=float, default=560, help="seconds; a run is skipped when too little is left")
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--steady-images", type=int, default=1,
+                    help="images after the first in API runs (their median is the steady image)")
     ap.add_argument("--bytecode", choices=("cached", "as-is"), default="cached",
                     help="cached: the runs load byte code as after pip install (cache_bytecode); as-is: whatever "
                          "this Python does (the device image compiles every module from source in every process)")
@@ -370,7 +377,7 @@ def main() -> None:
             res["runs"][name] = {"skipped": f"budget: {left:.0f} s left"}
             continue
         print(f"[{time.strftime('%H:%M:%S')}] {name}", flush=True)
-        res["runs"][name] = run_one(name, model, lora, work, out, a.tiny, timeout=left)
+        res["runs"][name] = run_one(name, model, lora, work, out, a.tiny, timeout=left, steady=a.steady_images)
         print(json.dumps(res["runs"][name].get("breakdown") or res["runs"][name].get("error_tail")), flush=True)
         save()
     save()

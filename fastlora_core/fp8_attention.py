@@ -44,6 +44,9 @@ BACKEND = "fastlora_cudnn_fp8"
 #: The largest e4m3 value: the scaled tensors span [-FP8_MAX, FP8_MAX].
 FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)
 
+#: The graph's tensors by uid: q, k, v, their descales, softmax descale and scale, output scale, output, amax.
+UIDS = (0, 1, 2, 5, 6, 7, 8, 9, 10, 3, 12)
+
 _graphs: dict[tuple[Any, ...], tuple[Any, dict[str, torch.Tensor]]] = {}
 _handles: dict[int, Any] = {}
 _lock = threading.Lock()
@@ -104,9 +107,11 @@ def cudnn_fp8_sdpa(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale
     out = torch.empty(q8.shape, dtype=torch.float8_e4m3fn, device=q8.device)
     handle = _handles[q8.device.index]
     cudnn.set_stream(handle, torch.cuda.current_stream(q8.device).cuda_stream)
-    graph.execute({0: q8.contiguous(), 1: k8.contiguous(), 2: v8.contiguous(), 5: descale_q, 6: descale_k,
-                   7: descale_v, 8: c["s_descale"], 9: c["s_scale"], 10: scale_o, 3: out, 12: c["amax_o"]},
-                  c["workspace"], handle=handle)
+    # The ordered form (buffers in UIDS' order) skips the frontend's per-call dict handling: less host
+    # time per call, which matters at 57 calls per step.
+    graph.execute((q8.contiguous(), k8.contiguous(), v8.contiguous(), descale_q, descale_k, descale_v,
+                   c["s_descale"], c["s_scale"], scale_o, out, c["amax_o"]), c["workspace"], handle=handle,
+                  tensor_uids=UIDS)
     return out
 
 
