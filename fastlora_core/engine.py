@@ -8,6 +8,7 @@ written, so a refused stack leaves the engine serving the previous one bit for b
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import threading
@@ -124,6 +125,7 @@ class FluxEngine:
         ``pipeline``: use this already loaded ``FluxPipeline`` instead of loading ``source`` (see
         :meth:`from_pipeline`).
         """
+        started = time.perf_counter()
         options = options or EngineOptions()
         self.key = EngineKey(source, options)  # what was asked for (``auto`` stays ``auto``)
         self.source = source
@@ -150,8 +152,9 @@ class FluxEngine:
 
         self._deterministic_before = enable_deterministic() if options.deterministic else None
         if options.compile != "off":
-            configure_compile_cache(options)
+            configure_compile_cache(options)  # imports inductor's config: a share of the start-up's imports
         t0 = time.perf_counter()
+        self.phases.add("setup", t0 - started)
         # Decided once, before anything is read: the weights (and the fused strategy's masters) go
         # straight to the GPU only when it has ample room (decision 29).
         self._ample_room = self._has_ample_room()
@@ -190,8 +193,10 @@ class FluxEngine:
         GPU memory when it has ample room), ``masters`` (the fused strategy's bf16 copies; none to make
         after a direct read), ``t5`` and ``transformer`` (quantised layer by layer while moving to the
         device: transfer and quantisation together), ``move_rest`` (CLIP, VAE, the rest),
-        ``build`` (the whole constructor, ``load_seconds``: the phases plus checks and set-up); then, on
-        first use, ``first_lora`` (the first stack applied: reading, staging, swapping) and
+        ``setup`` (the constructor before ``build``: options, the compile cache's configuration),
+        ``build`` (the rest of the constructor, ``load_seconds``: the phases plus checks and set-up); then,
+        on first use, ``first_lora`` (the first stack applied: reading, staging, swapping),
+        ``compile_setup`` (wrapping the blocks for ``torch.compile``; none with compile off) and
         ``first_image`` (the first ``generate``'s sampling: compilation included when compile is on).
         Phases on a GPU end synchronised. Keys appear as phases run."""
         return self.phases.as_dict()
@@ -409,7 +414,8 @@ class FluxEngine:
         with self._lock:
             self._check_usable()
             swap = self.apply(stack) if stack is not None else None
-            self._ensure_compiled()
+            with self.phases.phase("compile_setup") if not self._compiled else contextlib.nullcontext():
+                self._ensure_compiled()
             before = dynamo_compile_count()
             t0 = time.perf_counter()
 
