@@ -27,7 +27,7 @@ the pack); diffusers and transformers are imported by the engine's loader, in it
 
 Recorded per run: wall time from launch to exit, the child's own process age at its first image (process
 start -> first image), the breakdown (interpreter + early imports, heavy imports, the engine's phases from
-``FluxEngine.timings``: setup, read, masters, t5, transformer (quantisation + transfer), move_rest,
+``FluxEngine.timings``: checks, setup, read, masters, t5, transformer (quantisation + transfer), move_rest,
 first_lora, compile_setup, first_image), the steady image (the median of ``--steady-images`` images after the first, API runs;
 one by default), and ``compile_est`` = first image - steady image. JSON saved after
 every run. ``--tiny``: the tiny random model on the CPU (compile off), for the CPU test of this script.
@@ -253,7 +253,7 @@ def breakdown(child_json: dict[str, Any]) -> dict[str, Any]:
     """The child's numbers as one flat row: every part, and what no phase covers."""
     eng = child_json["engine"]
     parts = {"start_and_early_imports": child_json.get("process_start_to_main_s") or 0.0,
-             "imports": child_json["imports_s"], "engine_setup": eng.get("setup", 0.0)}
+             "imports": child_json["imports_s"], "checks": eng.get("checks", 0.0), "engine_setup": eng.get("setup", 0.0)}
     for k in ("read", "masters", "t5", "transformer", "move_rest"):
         parts[k] = eng.get(k, 0.0)
     parts["build_other"] = max(0.0, eng["build"] - sum(eng.get(k, 0.0) for k in

@@ -194,6 +194,8 @@ class FluxEngine:
         after a direct read), ``t5`` and ``transformer`` (quantised layer by layer while moving to the
         device: transfer and quantisation together), ``move_rest`` (CLIP, VAE, the rest),
         ``setup`` (the constructor before ``build``: options, the compile cache's configuration),
+        ``checks`` (added by ``registry.get_engine``: the dependency and device checks before the
+        constructor, which import the optional packages they check and start CUDA),
         ``build`` (the rest of the constructor, ``load_seconds``: the phases plus checks and set-up); then,
         on first use, ``first_lora`` (the first stack applied: reading, staging, swapping),
         ``compile_setup`` (wrapping the blocks for ``torch.compile``; none with compile off) and

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from . import deps
 from .engine import FluxEngine
@@ -26,8 +27,10 @@ def get_engine(source: ModelSource, options: EngineOptions | None = None) -> Flu
     is released or loaded, so a typo never costs the engine you have. A missing required package
     raises ``DependencyError`` naming it (instead of a bare ModuleNotFoundError mid-load)."""
     options = options or EngineOptions()
+    started = time.perf_counter()
     deps.require()
     resolved = resolve(options)  # device checks before anything is released
+    checks_s = time.perf_counter() - started  # imports the optional packages it checks; starts CUDA
     key = EngineKey(source, options)
     with _lock:
         engine = _engines.get(key)
@@ -35,6 +38,7 @@ def get_engine(source: ModelSource, options: EngineOptions | None = None) -> Flu
             return engine
         release_all()
         engine = FluxEngine(source, options, resolved=resolved)
+        engine.phases.add("checks", checks_s)
         _engines[key] = engine
         return engine
 

@@ -40,7 +40,7 @@ def test_generate_command_with_lora_stack(tmp_path: Path, tiny_dir: Path, tiny_l
     timings = json.loads((out / "timings.json").read_text())
     engine = timings["engine"]
     # where the start-up went: every build phase, then the first LoRA and the first image
-    assert {"setup", "read", "t5", "transformer", "move_rest", "build", "first_lora", "first_image"} <= set(engine)  # masters: fp8 only
+    assert {"checks", "setup", "read", "t5", "transformer", "move_rest", "build", "first_lora", "first_image"} <= set(engine)  # masters: fp8 only
     assert all(v >= 0 for v in engine.values())
     build_phases = sum(engine[k] for k in ("read", "masters", "t5", "transformer", "move_rest") if k in engine)
     assert build_phases <= engine["build"] + 0.01
