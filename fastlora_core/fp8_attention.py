@@ -95,10 +95,8 @@ def _cudnn_graph(b: int, h: int, s: int, d: int, attn_scale: float, device: torc
         return graph, consts
 
 
-@torch.library.custom_op("fastlora::cudnn_fp8_sdpa", mutates_args=())
-def cudnn_fp8_sdpa(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale_q: torch.Tensor,
-                   descale_k: torch.Tensor, descale_v: torch.Tensor, scale_o: torch.Tensor,
-                   attn_scale: float) -> torch.Tensor:
+def _run(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale_q: torch.Tensor, descale_k: torch.Tensor,
+         descale_v: torch.Tensor, scale_o: torch.Tensor, attn_scale: float) -> torch.Tensor:
     """e4m3 ``[B, S, H, D]`` q/k/v and their ``[1, 1, 1, 1]`` float32 descales -> the e4m3 attention
     output multiplied by ``scale_o``."""
     import cudnn
@@ -116,9 +114,22 @@ def cudnn_fp8_sdpa(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale
     return out
 
 
-@cudnn_fp8_sdpa.register_fake
-def _(q8, k8, v8, descale_q, descale_k, descale_v, scale_o, attn_scale):
+def _fake(q8, k8, v8, descale_q, descale_k, descale_v, scale_o, attn_scale):
     return torch.empty(q8.shape, dtype=torch.float8_e4m3fn, device=q8.device)
+
+
+def _register() -> Any:
+    """``fastlora::cudnn_fp8_sdpa``, an opaque op to ``torch.compile``, registered once per process: a
+    second copy of this module (the pack imported under two names) reuses the first one's."""
+    try:
+        return torch.ops.fastlora.cudnn_fp8_sdpa
+    except AttributeError:
+        op = torch.library.custom_op("fastlora::cudnn_fp8_sdpa", _run, mutates_args=())
+        op.register_fake(_fake)
+        return op
+
+
+cudnn_fp8_sdpa = _register()
 
 
 def to_fp8_per_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -97,3 +97,20 @@ def test_what_fp8_attention_cannot_do_runs_as_diffusers_would(monkeypatch) -> No
     assert torch.equal(got, original(q, k, v, attn_mask=mask))
     assert torch.equal(router(q, k, v, is_causal=True, backend=fp8_attention.BACKEND),
                        original(q, k, v, is_causal=True))
+
+
+def test_a_second_copy_of_the_module_reuses_the_registered_op(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """ComfyUI imports the pack under its folder's name; a process that also imports it as
+    ``fastlora_core`` holds two copies of this module, and the second must not fail registering the op."""
+    import importlib
+    import sys
+    import types
+    from pathlib import Path
+
+    package = types.ModuleType("fastlora_second_copy")
+    package.__path__ = [str(Path(fp8_attention.__file__).parent)]
+    monkeypatch.setitem(sys.modules, "fastlora_second_copy", package)
+    second = importlib.import_module("fastlora_second_copy.fp8_attention")
+    monkeypatch.delitem(sys.modules, "fastlora_second_copy.fp8_attention")
+    assert second is not fp8_attention
+    assert str(second.cudnn_fp8_sdpa) == "fastlora.cudnn_fp8_sdpa"
