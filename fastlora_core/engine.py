@@ -8,7 +8,6 @@ written, so a refused stack leaves the engine serving the previous one bit for b
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 import threading
@@ -196,7 +195,8 @@ class FluxEngine:
         ``setup`` (the constructor before ``build``: options, the compile cache's configuration),
         ``checks`` (added by ``registry.get_engine``: the dependency and device checks before the
         constructor, which import the optional packages they check and start CUDA),
-        ``build`` (the rest of the constructor, ``load_seconds``: the phases plus checks and set-up); then,
+        ``build`` (the rest of the constructor, ``load_seconds``: the phases above and the steps between
+        them); then,
         on first use, ``first_lora`` (the first stack applied: reading, staging, swapping),
         ``compile_setup`` (wrapping the blocks for ``torch.compile``; none with compile off) and
         ``first_image`` (the first ``generate``'s sampling: compilation included when compile is on).
@@ -283,7 +283,8 @@ class FluxEngine:
     def _ensure_compiled(self) -> None:
         if self._compiled or self.options.compile == "off":
             return
-        compile_transformer(self.transformer, self.options.compile, self.options.dynamic_shapes)
+        with self.phases.phase("compile_setup"):
+            compile_transformer(self.transformer, self.options.compile, self.options.dynamic_shapes)
         self._compiled = True
 
     # -- LoRA ----------------------------------------------------------------------------------
@@ -416,8 +417,7 @@ class FluxEngine:
         with self._lock:
             self._check_usable()
             swap = self.apply(stack) if stack is not None else None
-            with self.phases.phase("compile_setup") if not self._compiled else contextlib.nullcontext():
-                self._ensure_compiled()
+            self._ensure_compiled()
             before = dynamo_compile_count()
             t0 = time.perf_counter()
 

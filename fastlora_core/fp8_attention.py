@@ -48,6 +48,8 @@ FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)
 #: The graph's tensors by uid: q, k, v, their descales, softmax descale and scale, output scale, output, amax.
 UIDS = (0, 1, 2, 5, 6, 7, 8, 9, 10, 3, 12)
 
+# Built graphs by shape and device, with their few small tensors, and one cuDNN handle per device: kept
+# for the process, as cuDNN's own caches are.
 _graphs: dict[tuple[Any, ...], tuple[Any, dict[str, torch.Tensor]]] = {}
 _handles: dict[int, Any] = {}
 _lock = threading.Lock()
