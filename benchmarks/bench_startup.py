@@ -19,8 +19,9 @@ weight on the CPU as it did before decision 29 (no direct read to the GPU), for 
 ``api_warm_serial``: the direct reads start after diffusers' import and the checks, as before decision 37.
 ``_profile`` and ``_importtime`` (API runs): the child under ``cProfile`` or ``python -X importtime``, for
 where the time goes (``VARIANTS``). ``_cudnnfp8``: the engine with ``attention="cudnn_fp8"`` (its first
-image compiles the blocks with the FP8 attention op; the steady image compares with ``api_warm``). The API child imports what a script using the API imports (torch and
-the pack); diffusers and transformers are imported by the engine's loader, in its ``read`` phase.
+image compiles the blocks with the FP8 attention op; the steady image compares with ``api_warm``). The
+API child imports what a script using the API imports (torch and the pack); diffusers and transformers
+are imported by the engine's loader, in its ``read`` phase.
 ``api_disk_cold``: warm compile cache, but first an attempt to drop the model's files from the page cache
 (``/proc/sys/vm/drop_caches``, then ``posix_fadvise(DONTNEED)`` per file); whether it worked is measured
 (read throughput of the largest file before and after), not assumed.
@@ -28,9 +29,9 @@ the pack); diffusers and transformers are imported by the engine's loader, in it
 Recorded per run: wall time from launch to exit, the child's own process age at its first image (process
 start -> first image), the breakdown (interpreter + early imports, heavy imports, the engine's phases from
 ``FluxEngine.timings``: checks, setup, read, masters, t5, transformer (quantisation + transfer), move_rest,
-first_lora, compile_setup, first_image), the steady image (the median of ``--steady-images`` images after the first, API runs;
-one by default), and ``compile_est`` = first image - steady image. JSON saved after
-every run. ``--tiny``: the tiny random model on the CPU (compile off), for the CPU test of this script.
+first_lora, compile_setup, first_image), the steady image (the median of ``--steady-images`` images
+after the first, API runs; one by default), and ``compile_est`` = first image - steady image. JSON saved
+after every run. ``--tiny``: the tiny random model on the CPU (compile off), for the CPU test of this script.
 """
 
 from __future__ import annotations

@@ -37,13 +37,12 @@ from typing import Any
 import torch
 
 from .errors import OptionsError
+from .kernels import FP8_MAX
 
 logger = logging.getLogger(__name__)
 
 #: The marker put into a processor's ``_attention_backend`` (diffusers' own names are enum values).
 BACKEND = "fastlora_cudnn_fp8"
-#: The largest e4m3 value: the scaled tensors span [-FP8_MAX, FP8_MAX].
-FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)
 
 #: The graph's tensors by uid: q, k, v, their descales, softmax descale and scale, output scale, output, amax.
 UIDS = (0, 1, 2, 5, 6, 7, 8, 9, 10, 3, 12)
