@@ -1,0 +1,755 @@
+"""Flux.1's two text encoders without transformers: T5 v1.1 (``T5EncoderModel``, the 4096-wide
+prompt embeddings) and CLIP-L (``CLIPTextModel``, the pooled prompt vector).
+
+Stand-ins for transformers 5.25's classes as ``FluxPipeline`` calls them
+(``text_encoder_2(ids, output_hidden_states=False)[0]`` and
+``text_encoder(ids, output_hidden_states=False).pooler_output``):
+
+- the same module tree, so the same ``state_dict`` keys, shapes and order (transformers 5 has no
+  ``text_model.`` level in ``CLIPTextModel``; T5 lists the tied embedding as both ``shared.weight``
+  and ``encoder.embed_tokens.weight``) and the same ``nn.Linear`` / ``nn.Embedding`` leaves, so
+  LoRA key maps and the loader's plans apply unchanged;
+- the same arithmetic in the same order as transformers' default attention implementation for both
+  models, ``"sdpa"`` (``torch.nn.functional.scaled_dot_product_attention`` with the masks
+  ``masking_utils`` builds for it), so float32 outputs are bitwise equal on the CPU
+  (``tests/test_runtime_text.py``);
+- no buffers: CLIP's ``position_ids`` (a non-persistent buffer in transformers, absent from its
+  ``state_dict``) is made with ``torch.arange`` in ``forward``, so a model built under
+  ``torch.device("meta")`` and loaded with ``load_state_dict(sd, strict=True, assign=True)`` has
+  nothing left on the meta device;
+- state dicts as saved on disk load with ``strict=True`` too: T5 with ``shared.weight`` alone
+  (transformers saves the tied embedding once), CLIP with transformers 4 / ComfyUI ``text_model.*``
+  keys (transformers 5 strips that prefix on load as well).
+
+Inference only: dropout follows ``self.training`` as in transformers, but there is no gradient
+checkpointing, cache, ``output_attentions`` or ``inputs_embeds`` (transformers stays the path for
+those).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CLIPTextEncoder", "T5Encoder", "TextEncoderConfig", "TextEncoderOutput"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared pieces
+# --------------------------------------------------------------------------------------------------
+
+
+class TextEncoderConfig:
+    """A model config with attribute access (``config.d_model``), as transformers' configs give it.
+
+    Holds every key it was built from (unknown keys too, so ``config.json`` round-trips); ``aliases``
+    maps transformers' generic names (``hidden_size``) to the model's own (``d_model``)."""
+
+    def __init__(self, values: Mapping[str, Any], aliases: Mapping[str, str] | None = None) -> None:
+        object.__setattr__(self, "_aliases", dict(aliases or {}))
+        self.__dict__.update(values)
+
+    def __getattr__(self, name: str) -> Any:
+        aliases = self.__dict__.get("_aliases", {})
+        if name in aliases:
+            return getattr(self, aliases[name])
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """``dict.get`` over the attributes (aliases included)."""
+        try:
+            return getattr(self, key)
+        except AttributeError:
+            return default
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self.get(key, _MISSING) is not _MISSING
+
+    def to_dict(self) -> dict[str, Any]:
+        """The values as a plain dict (what ``config.json`` holds)."""
+        return {k: v for k, v in self.__dict__.items() if k != "_aliases"}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.to_dict()!r})"
+
+
+_MISSING = object()
+
+
+@dataclass
+class TextEncoderOutput:
+    """What the encoders return: attribute access like transformers' ``BaseModelOutput(WithPooling)``
+    and tuple-style indexing over the fields that are set (``out[0]`` is ``last_hidden_state``)."""
+
+    last_hidden_state: torch.Tensor
+    pooler_output: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        """The fields that are not None, in order (transformers' ``ModelOutput.to_tuple``)."""
+        return tuple(v for v in (self.last_hidden_state, self.pooler_output, self.hidden_states) if v is not None)
+
+    def keys(self) -> list[str]:
+        names = ("last_hidden_state", "pooler_output", "hidden_states")
+        return [n for n in names if getattr(self, n) is not None]
+
+    def __getitem__(self, key: int | slice | str) -> Any:
+        if isinstance(key, str):
+            if key not in self.keys():
+                raise KeyError(key)
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+
+def _gelu_new(x: torch.Tensor) -> torch.Tensor:
+    """transformers' ``NewGELUActivation`` (T5 v1.1's ``gelu_new``), written the same way."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """transformers' ``QuickGELUActivation`` (CLIP's ``quick_gelu``)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+def _gelu_fast(x: torch.Tensor) -> torch.Tensor:
+    """transformers' ``FastGELUActivation``."""
+    return 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def _gelu(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x)
+
+
+#: transformers' ``ACT2FN`` entries these encoders' configs use, as the same torch calls.
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu_new": _gelu_new,
+    "quick_gelu": _quick_gelu,
+    "gelu_fast": _gelu_fast,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu": _gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+}
+
+
+def _activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    try:
+        return _ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"FastLoRA's text encoders do not implement the activation {name!r} "
+                         f"(known: {', '.join(sorted(_ACTIVATIONS))}); use transformers' class.") from None
+
+
+def _as_mapping(config: Mapping[str, Any] | Any) -> Mapping[str, Any]:
+    """A config dict from a mapping or a config object (``to_dict()``, e.g. a transformers config)."""
+    if isinstance(config, Mapping):
+        return config
+    to_dict = getattr(config, "to_dict", None)
+    if callable(to_dict):
+        return to_dict()
+    raise TypeError(f"A text encoder config must be a mapping, not {type(config).__name__}.")
+
+
+class _EncoderBase(nn.Module):
+    """``dtype`` / ``device`` as transformers' ``PreTrainedModel`` reports them."""
+
+    config: TextEncoderConfig
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The first floating-point parameter's dtype (T5 may keep ``wo`` in float32)."""
+        return next(p.dtype for p in self.parameters() if p.is_floating_point())
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+
+# --------------------------------------------------------------------------------------------------
+# T5
+# --------------------------------------------------------------------------------------------------
+
+#: ``T5Config`` defaults (transformers 5.25) for the keys the encoder reads.
+_T5_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 32128,
+    "d_model": 512,
+    "d_kv": 64,
+    "d_ff": 2048,
+    "num_layers": 6,
+    "num_heads": 8,
+    "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128,
+    "dropout_rate": 0.1,
+    "layer_norm_epsilon": 1e-6,
+    "initializer_factor": 1.0,
+    "feed_forward_proj": "relu",
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+    "is_decoder": False,
+    "output_hidden_states": False,
+}
+_T5_ALIASES = {"hidden_size": "d_model", "num_attention_heads": "num_heads", "num_hidden_layers": "num_layers",
+               "head_dim": "d_kv"}
+
+
+def _t5_config(config: Mapping[str, Any]) -> TextEncoderConfig:
+    values = {**_T5_DEFAULTS, **{k: v for k, v in config.items() if v is not None or k not in _T5_DEFAULTS}}
+    proj = str(values["feed_forward_proj"])
+    act_info = proj.split("-")
+    if len(act_info) > 1 and act_info[0] != "gated" or len(act_info) > 2:
+        raise ValueError(f"feed_forward_proj {proj!r} is not 'gated-{{ACT_FN}}' or '{{ACT_FN}}'.")
+    # T5Config.__post_init__ derives these from feed_forward_proj; values given in config.json win.
+    values["dense_act_fn"] = config.get("dense_act_fn", "gelu_new" if proj == "gated-gelu" else act_info[-1])
+    values["is_gated_act"] = config.get("is_gated_act", act_info[0] == "gated")
+    if values.get("is_decoder"):
+        raise ValueError("T5Encoder is the encoder stack only; is_decoder=True needs transformers.")
+    values["use_cache"] = False  # what T5EncoderModel sets on its config
+    values["is_encoder_decoder"] = False
+    _activation(str(values["dense_act_fn"]))
+    return TextEncoderConfig(values, _T5_ALIASES)
+
+
+class T5LayerNorm(nn.Module):
+    """RMS norm without bias; the variance is taken in float32 and the result cast back to a half
+    weight dtype, exactly as transformers' ``T5LayerNorm``."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        variance = hidden_states.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        if self.weight.dtype in [torch.float16, torch.bfloat16]:
+            hidden_states = hidden_states.to(self.weight.dtype)
+        return self.weight * hidden_states
+
+
+def _to_wo_dtype(hidden_states: torch.Tensor, wo: nn.Linear) -> torch.Tensor:
+    """transformers keeps T5's ``wo`` in float32 under fp16 (``_keep_in_fp32_modules``): the input
+    is cast to its dtype (never to int8)."""
+    weight = wo.weight
+    if isinstance(weight, torch.Tensor) and hidden_states.dtype != weight.dtype and weight.dtype != torch.int8:
+        hidden_states = hidden_states.to(weight.dtype)
+    return hidden_states
+
+
+class T5DenseActDense(nn.Module):
+    """Original T5's feed-forward (``feed_forward_proj="relu"``)."""
+
+    def __init__(self, config: TextEncoderConfig) -> None:
+        super().__init__()
+        self.wi = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
+        self.dropout = nn.Dropout(config.dropout_rate)
+        self.act = _activation(config.dense_act_fn)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.wi(hidden_states)
+        hidden_states = self.act(hidden_states)
+        hidden_states = self.dropout(hidden_states)
+        return self.wo(_to_wo_dtype(hidden_states, self.wo))
+
+
+class T5DenseGatedActDense(nn.Module):
+    """T5 v1.1's gated feed-forward (``"gated-gelu"``: ``gelu_new(wi_0 x) * wi_1 x``)."""
+
+    def __init__(self, config: TextEncoderConfig) -> None:
+        super().__init__()
+        self.wi_0 = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.wi_1 = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
+        self.dropout = nn.Dropout(config.dropout_rate)
+        self.act = _activation(config.dense_act_fn)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_gelu = self.act(self.wi_0(hidden_states))
+        hidden_linear = self.wi_1(hidden_states)
+        hidden_states = hidden_gelu * hidden_linear
+        hidden_states = self.dropout(hidden_states)
+        return self.wo(_to_wo_dtype(hidden_states, self.wo))
+
+
+class T5LayerFF(nn.Module):
+    def __init__(self, config: TextEncoderConfig) -> None:
+        super().__init__()
+        self.DenseReluDense: nn.Module = (T5DenseGatedActDense(config) if config.is_gated_act
+                                          else T5DenseActDense(config))
+        self.layer_norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        forwarded_states = self.layer_norm(hidden_states)
+        forwarded_states = self.DenseReluDense(forwarded_states)
+        return hidden_states + self.dropout(forwarded_states)
+
+
+def _relative_position_bucket(relative_position: torch.Tensor, bidirectional: bool = True, num_buckets: int = 32,
+                              max_distance: int = 128) -> torch.Tensor:
+    """T5's bucketing of key - query offsets (transformers' ``T5Attention._relative_position_bucket``)."""
+    relative_buckets: torch.Tensor | int = 0
+    if bidirectional:
+        num_buckets //= 2
+        relative_buckets += (relative_position > 0).to(torch.long) * num_buckets
+        relative_position = torch.abs(relative_position)
+    else:
+        relative_position = -torch.min(relative_position, torch.zeros_like(relative_position))
+    max_exact = num_buckets // 2
+    is_small = relative_position < max_exact
+    relative_position_if_large = max_exact + (
+        torch.log(relative_position.float() / max_exact)
+        / math.log(max_distance / max_exact)
+        * (num_buckets - max_exact)
+    ).to(torch.long)
+    relative_position_if_large = torch.min(
+        relative_position_if_large, torch.full_like(relative_position_if_large, num_buckets - 1)
+    )
+    relative_buckets += torch.where(is_small, relative_position, relative_position_if_large)
+    assert isinstance(relative_buckets, torch.Tensor)
+    return relative_buckets
+
+
+class T5Attention(nn.Module):
+    """T5 self-attention: unscaled scores plus the relative position bias, through SDPA with the
+    bias (and padding) as an additive float mask, as transformers' ``sdpa_attention_forward``."""
+
+    def __init__(self, config: TextEncoderConfig, has_relative_attention_bias: bool = False) -> None:
+        super().__init__()
+        self.has_relative_attention_bias = has_relative_attention_bias
+        self.relative_attention_num_buckets = config.relative_attention_num_buckets
+        self.relative_attention_max_distance = config.relative_attention_max_distance
+        self.d_model = config.d_model
+        self.key_value_proj_dim = config.d_kv
+        self.n_heads = config.num_heads
+        self.dropout = config.dropout_rate
+        self.inner_dim = self.n_heads * self.key_value_proj_dim
+        self.scaling = 1.0
+        self.q = nn.Linear(self.d_model, self.inner_dim, bias=False)
+        self.k = nn.Linear(self.d_model, self.inner_dim, bias=False)
+        self.v = nn.Linear(self.d_model, self.inner_dim, bias=False)
+        self.o = nn.Linear(self.inner_dim, self.d_model, bias=False)
+        if self.has_relative_attention_bias:
+            self.relative_attention_bias = nn.Embedding(self.relative_attention_num_buckets, self.n_heads)
+
+    def compute_bias(self, query_length: int, key_length: int, device: torch.device | None = None) -> torch.Tensor:
+        """The bias ``[1, heads, query_length, key_length]`` from the bucketed offsets (encoder:
+        bidirectional, no cache)."""
+        if device is None:
+            device = self.relative_attention_bias.weight.device
+        context_position = torch.arange(query_length, dtype=torch.long, device=device)[:, None]
+        memory_position = torch.arange(key_length, dtype=torch.long, device=device)[None, :]
+        relative_position = memory_position - context_position
+        relative_position_bucket = _relative_position_bucket(
+            relative_position, bidirectional=True, num_buckets=self.relative_attention_num_buckets,
+            max_distance=self.relative_attention_max_distance,
+        )
+        values = self.relative_attention_bias(relative_position_bucket)
+        return values.permute([2, 0, 1]).unsqueeze(0)
+
+    def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor | None = None,
+                position_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.key_value_proj_dim)
+        query_states = self.q(hidden_states).view(hidden_shape).transpose(1, 2)
+        key_states = self.k(hidden_states).view(hidden_shape).transpose(1, 2)
+        value_states = self.v(hidden_states).view(hidden_shape).transpose(1, 2)
+        if position_bias is None:
+            key_length = key_states.shape[-2]
+            if not self.has_relative_attention_bias:
+                position_bias = torch.zeros((1, self.n_heads, input_shape[1], key_length),
+                                            device=query_states.device, dtype=query_states.dtype)
+            else:
+                position_bias = self.compute_bias(input_shape[1], key_length, device=query_states.device)
+        # transformers' create_position_bias_mask (not causal: the encoder).
+        if mask is None:
+            bias_mask = position_bias
+        elif mask.dtype == torch.bool:
+            min_dtype = max(torch.finfo(key_states.dtype).min, torch.finfo(position_bias.dtype).min)
+            bias_mask = torch.where(mask, position_bias, min_dtype)
+        else:
+            bias_mask = position_bias + mask
+        attn_output = F.scaled_dot_product_attention(
+            query_states, key_states, value_states, attn_mask=bias_mask.contiguous(),
+            dropout_p=0.0 if not self.training else self.dropout, scale=self.scaling, is_causal=False,
+        )
+        attn_output = attn_output.reshape(attn_output.shape[0], -1, query_states.shape[2], value_states.shape[-1])
+        attn_output = attn_output.transpose(1, 2).contiguous()
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.o(attn_output), position_bias
+
+
+class T5LayerSelfAttention(nn.Module):
+    def __init__(self, config: TextEncoderConfig, has_relative_attention_bias: bool = False) -> None:
+        super().__init__()
+        self.SelfAttention = T5Attention(config, has_relative_attention_bias=has_relative_attention_bias)
+        self.layer_norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        normed_hidden_states = self.layer_norm(hidden_states)
+        attention_output, position_bias = self.SelfAttention(normed_hidden_states, mask=attention_mask,
+                                                             position_bias=position_bias)
+        return hidden_states + self.dropout(attention_output), position_bias
+
+
+def _clamp_fp16(hidden_states: torch.Tensor) -> torch.Tensor:
+    """T5's guard against fp16 overflow (transformers' ``T5Block``): clamp to the fp16 range, 1000
+    below it once an inf appeared."""
+    if hidden_states.dtype == torch.float16:
+        clamp_value = torch.where(
+            torch.isinf(hidden_states).any(),
+            torch.finfo(hidden_states.dtype).max - 1000,
+            torch.finfo(hidden_states.dtype).max,
+        )
+        hidden_states = torch.clamp(hidden_states, min=-clamp_value, max=clamp_value)
+    return hidden_states
+
+
+class T5Block(nn.Module):
+    def __init__(self, config: TextEncoderConfig, has_relative_attention_bias: bool = False) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList()
+        self.layer.append(T5LayerSelfAttention(config, has_relative_attention_bias=has_relative_attention_bias))
+        self.layer.append(T5LayerFF(config))
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden_states, position_bias = self.layer[0](hidden_states, attention_mask=attention_mask,
+                                                     position_bias=position_bias)
+        hidden_states = _clamp_fp16(hidden_states)
+        hidden_states = self.layer[-1](hidden_states)
+        return _clamp_fp16(hidden_states), position_bias
+
+
+def _t5_padding_mask(attention_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """The mask transformers' ``create_bidirectional_mask`` gives SDPA: None without padding, else a
+    boolean ``[batch, 1, query, key]`` (a 4-D mask is used as given)."""
+    if attention_mask is None or attention_mask.dim() == 4:
+        return attention_mask
+    padding = attention_mask.to(device=device, dtype=torch.bool)
+    if padding.all():
+        return None
+    batch, kv_length = padding.shape
+    q_idx = torch.arange(kv_length, device=device)[None, None, :, None]
+    kv_idx = torch.arange(kv_length, device=device)[None, None, None, :]
+    b_idx = torch.arange(batch, device=device)[:, None, None, None]
+    mask = q_idx.new_ones((), dtype=torch.bool)
+    mask = mask & (q_idx >= 0)
+    mask = mask & padding[b_idx, kv_idx]
+    return mask.expand(batch, -1, kv_length, kv_length)
+
+
+class T5Stack(nn.Module):
+    """The encoder stack (``T5EncoderModel.encoder``); ``embed_tokens`` is the model's ``shared``
+    embedding, registered under both names as transformers ties them."""
+
+    def __init__(self, config: TextEncoderConfig, embed_tokens: nn.Embedding) -> None:
+        super().__init__()
+        self.embed_tokens = embed_tokens
+        self.block = nn.ModuleList(
+            [T5Block(config, has_relative_attention_bias=bool(i == 0)) for i in range(config.num_layers)]
+        )
+        self.final_layer_norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                output_hidden_states: bool = False) -> TextEncoderOutput:
+        inputs_embeds = self.embed_tokens(input_ids)
+        mask = _t5_padding_mask(attention_mask, inputs_embeds.device)
+        position_bias: torch.Tensor | None = None
+        hidden_states = self.dropout(inputs_embeds)
+        all_hidden: list[torch.Tensor] = []
+        for layer_module in self.block:
+            if output_hidden_states:
+                all_hidden.append(hidden_states)
+            hidden_states, position_bias = layer_module(hidden_states, mask, position_bias)
+        hidden_states = self.final_layer_norm(hidden_states)
+        hidden_states = self.dropout(hidden_states)
+        # transformers records each block's input then output and ties the last to last_hidden_state.
+        hidden = tuple(all_hidden) + (hidden_states,) if output_hidden_states else None
+        return TextEncoderOutput(last_hidden_state=hidden_states, hidden_states=hidden)
+
+
+class T5Encoder(_EncoderBase):
+    """Stand-in for transformers' ``T5EncoderModel`` (T5 v1.1 / T5-XXL as Flux uses it).
+
+    Build with :meth:`from_config` from the ``config.json`` dict. ``forward(input_ids)[0]`` is the
+    last hidden state. Attention is transformers' default ``"sdpa"`` implementation."""
+
+    _keep_in_fp32_modules = ["wo"]  # as T5PreTrainedModel: the loader keeps them float32 at fp16
+    main_input_name = "input_ids"
+
+    def __init__(self, config: TextEncoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        self.encoder = T5Stack(config, self.shared)
+        self._register_load_state_dict_pre_hook(_fill_tied_t5_embedding)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | Any) -> T5Encoder:
+        """From a ``T5Config`` dict (``config.json``); unknown keys are kept on ``.config``, unused."""
+        return cls(_t5_config(_as_mapping(config)))
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.shared
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                output_hidden_states: bool | None = None) -> TextEncoderOutput:
+        """``input_ids [batch, seq]`` -> ``last_hidden_state [batch, seq, d_model]`` (``out[0]``);
+        ``attention_mask [batch, seq]`` (1 = token, 0 = padding) as in transformers."""
+        if output_hidden_states is None:
+            output_hidden_states = bool(self.config.get("output_hidden_states", False))
+        return self.encoder(input_ids, attention_mask=attention_mask, output_hidden_states=output_hidden_states)
+
+
+def _fill_tied_t5_embedding(state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """``shared.weight`` and ``encoder.embed_tokens.weight`` are one tensor (transformers ties them
+    and saves only ``shared.weight``): a state dict with one of them loads strictly."""
+    shared, embed = prefix + "shared.weight", prefix + "encoder.embed_tokens.weight"
+    if shared in state_dict and embed not in state_dict:
+        state_dict[embed] = state_dict[shared]
+    elif embed in state_dict and shared not in state_dict:
+        state_dict[shared] = state_dict[embed]
+
+
+# --------------------------------------------------------------------------------------------------
+# CLIP
+# --------------------------------------------------------------------------------------------------
+
+#: ``CLIPTextConfig`` defaults (transformers 5.25) for the keys the encoder reads.
+_CLIP_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 49408,
+    "hidden_size": 512,
+    "intermediate_size": 2048,
+    "projection_dim": 512,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 8,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+    "attention_dropout": 0.0,
+    "initializer_range": 0.02,
+    "initializer_factor": 1.0,
+    "pad_token_id": 1,
+    "bos_token_id": 49406,
+    "eos_token_id": 49407,
+    "output_hidden_states": False,
+}
+
+
+def _clip_config(config: Mapping[str, Any]) -> TextEncoderConfig:
+    values = {**_CLIP_DEFAULTS, **{k: v for k, v in config.items() if v is not None or k not in _CLIP_DEFAULTS}}
+    if values["hidden_size"] % values["num_attention_heads"] != 0:
+        raise ValueError(f"The hidden size ({values['hidden_size']}) is not a multiple of the number of attention "
+                         f"heads ({values['num_attention_heads']}).")
+    _activation(values["hidden_act"])
+    return TextEncoderConfig(values)
+
+
+class CLIPTextEmbeddings(nn.Module):
+    """Token plus absolute position embeddings; positions come from ``torch.arange`` (transformers'
+    non-persistent ``position_ids`` buffer holds the same values)."""
+
+    def __init__(self, config: TextEncoderConfig) -> None:
+        super().__init__()
+        self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        seq_length = input_ids.shape[-1]
+        max_position_embedding = self.position_embedding.weight.shape[0]
+        if seq_length > max_position_embedding:
+            raise ValueError(f"Sequence length must be less than max_position_embeddings (got `sequence length`: "
+                             f"{seq_length} and max_position_embeddings: {max_position_embedding}")
+        position_ids = torch.arange(seq_length, dtype=torch.long,
+                                    device=self.position_embedding.weight.device).unsqueeze(0)
+        inputs_embeds = self.token_embedding(input_ids)
+        return inputs_embeds + self.position_embedding(position_ids)
+
+
+class CLIPAttention(nn.Module):
+    """Multi-head attention through SDPA: ``is_causal=True`` without a padding mask, else the
+    boolean causal-and-padding mask (transformers' ``sdpa_attention_forward``)."""
+
+    def __init__(self, config: TextEncoderConfig) -> None:
+        super().__init__()
+        self.embed_dim = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = self.embed_dim // self.num_heads
+        self.scale = self.head_dim**-0.5
+        self.dropout = config.attention_dropout
+        self.k_proj = nn.Linear(self.embed_dim, self.embed_dim)
+        self.v_proj = nn.Linear(self.embed_dim, self.embed_dim)
+        self.q_proj = nn.Linear(self.embed_dim, self.embed_dim)
+        self.out_proj = nn.Linear(self.embed_dim, self.embed_dim)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        queries = self.q_proj(hidden_states)
+        keys = self.k_proj(hidden_states)
+        values = self.v_proj(hidden_states)
+        queries = queries.view(hidden_shape).transpose(1, 2)
+        keys = keys.view(hidden_shape).transpose(1, 2)
+        values = values.view(hidden_shape).transpose(1, 2)
+        q_length = queries.shape[2]
+        is_causal = q_length > 1 and attention_mask is None
+        attn_output = F.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=attention_mask,
+            dropout_p=0.0 if not self.training else float(self.dropout), scale=self.scale, is_causal=is_causal,
+        )
+        attn_output = attn_output.reshape(attn_output.shape[0], -1, q_length, values.shape[-1])
+        attn_output = attn_output.transpose(1, 2).contiguous()
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.out_proj(attn_output)
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, config: TextEncoderConfig) -> None:
+        super().__init__()
+        self.activation_fn = _activation(config.hidden_act)
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.fc1(hidden_states)
+        hidden_states = self.activation_fn(hidden_states)
+        return self.fc2(hidden_states)
+
+
+class CLIPEncoderLayer(nn.Module):
+    def __init__(self, config: TextEncoderConfig) -> None:
+        super().__init__()
+        self.embed_dim = config.hidden_size
+        self.self_attn = CLIPAttention(config)
+        self.layer_norm1 = nn.LayerNorm(self.embed_dim, eps=config.layer_norm_eps)
+        self.mlp = CLIPMLP(config)
+        self.layer_norm2 = nn.LayerNorm(self.embed_dim, eps=config.layer_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = self.layer_norm1(hidden_states)
+        hidden_states = self.self_attn(hidden_states, attention_mask=attention_mask)
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.layer_norm2(hidden_states)
+        hidden_states = self.mlp(hidden_states)
+        return residual + hidden_states
+
+
+class CLIPEncoder(nn.Module):
+    def __init__(self, config: TextEncoderConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([CLIPEncoderLayer(config) for _ in range(config.num_hidden_layers)])
+
+
+def _clip_causal_mask(attention_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """The mask transformers' ``create_causal_mask`` gives SDPA: None (SDPA's ``is_causal``) without
+    padding, else the boolean ``[batch, 1, query, key]`` causal-and-padding mask (4-D: as given)."""
+    if attention_mask is None or attention_mask.dim() == 4:
+        return attention_mask
+    padding = attention_mask.to(device=device, dtype=torch.bool)
+    batch, kv_length = padding.shape
+    if padding.sum() == padding.numel():  # _ignore_causal_mask_sdpa (query length == key length)
+        return None
+    q_idx = torch.arange(kv_length, device=device)[None, None, :, None]
+    kv_idx = torch.arange(kv_length, device=device)[None, None, None, :]
+    b_idx = torch.arange(batch, device=device)[:, None, None, None]
+    mask = q_idx.new_ones((), dtype=torch.bool)
+    mask = mask & (kv_idx <= q_idx)
+    mask = mask & padding[b_idx, kv_idx]
+    return mask.expand(batch, -1, kv_length, kv_length)
+
+
+class CLIPTextEncoder(_EncoderBase):
+    """Stand-in for transformers 5's ``CLIPTextModel`` (CLIP-L as Flux uses it: the pooled output).
+
+    Build with :meth:`from_config` from the ``config.json`` dict. Returns ``.last_hidden_state``
+    (after the final layer norm) and ``.pooler_output`` (the hidden state at the end token: the
+    highest id when ``eos_token_id == 2``, transformers' legacy rule for old configs such as
+    FLUX.1-dev's, else the first ``eos_token_id``). Attention is transformers' default ``"sdpa"``.
+
+    ``state_dict`` keys are transformers 5's (``embeddings.token_embedding.weight``, no
+    ``text_model.``); a state dict in the transformers 4 / ComfyUI layout (``text_model.*``) also
+    loads, its prefix dropped."""
+
+    main_input_name = "input_ids"
+
+    def __init__(self, config: TextEncoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embeddings = CLIPTextEmbeddings(config)
+        self.encoder = CLIPEncoder(config)
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.eos_token_id = config.eos_token_id
+        self._register_load_state_dict_pre_hook(_strip_text_model_prefix)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | Any) -> CLIPTextEncoder:
+        """From a ``CLIPTextConfig`` dict (``config.json``); unknown keys are kept on ``.config``, unused."""
+        return cls(_clip_config(_as_mapping(config)))
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings.token_embedding
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                output_hidden_states: bool | None = None) -> TextEncoderOutput:
+        """``input_ids [batch, seq]`` -> ``last_hidden_state [batch, seq, hidden]`` and
+        ``pooler_output [batch, hidden]``; ``attention_mask`` (1 = token, 0 = padding) as in
+        transformers. ``hidden_states`` (when asked): the embeddings and each layer's output, the
+        last one before the final layer norm (transformers' CLIP does not tie it)."""
+        if output_hidden_states is None:
+            output_hidden_states = bool(self.config.get("output_hidden_states", False))
+        input_shape = input_ids.size()
+        input_ids = input_ids.view(-1, input_shape[-1])
+        hidden_states = self.embeddings(input_ids)
+        mask = _clip_causal_mask(attention_mask, hidden_states.device)
+        all_hidden: list[torch.Tensor] = []
+        for layer in self.encoder.layers:
+            if output_hidden_states and not all_hidden:
+                all_hidden.append(hidden_states)
+            hidden_states = layer(hidden_states, mask)
+            if output_hidden_states:
+                all_hidden.append(hidden_states)
+        last_hidden_state = self.final_layer_norm(hidden_states)
+        batch_index = torch.arange(last_hidden_state.shape[0], device=last_hidden_state.device)
+        ids = input_ids.to(dtype=torch.int, device=last_hidden_state.device)
+        if self.eos_token_id == 2:
+            # Configs from before transformers PR #24773 (eos_token_id 2): the end token has the highest id.
+            pooled_output = last_hidden_state[batch_index, ids.argmax(dim=-1)]
+        else:
+            # The first eos_token_id of each row (the pad token may be the same id).
+            pooled_output = last_hidden_state[batch_index, (ids == self.eos_token_id).int().argmax(dim=-1)]
+        return TextEncoderOutput(last_hidden_state=last_hidden_state, pooler_output=pooled_output,
+                                 hidden_states=tuple(all_hidden) if output_hidden_states else None)
+
+
+def _strip_text_model_prefix(state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Accept transformers 4 / ComfyUI CLIP keys (``text_model.embeddings...``): transformers 5
+    renames them on load the same way (its ``PrefixChange("text_model")`` conversion)."""
+    old = prefix + "text_model."
+    for key in [k for k in state_dict if k.startswith(old)]:
+        state_dict[prefix + key[len(old):]] = state_dict.pop(key)
