@@ -37,6 +37,7 @@ from .optimize import (
     resolve,
     restore_deterministic,
     set_attention,
+    why_not_own_modules,
 )
 from .specs import EngineKey, EngineOptions, GenerateRequest, LoraStack, ModelSource
 from .timings import Phases
@@ -160,9 +161,12 @@ class FluxEngine:
         if pipeline is None:
             from .loading import load_pipeline
 
+            why_not = why_not_own_modules(options)
+            if why_not is not None:
+                logger.info("loading with diffusers' and transformers' classes: %s", why_not)
             with self.phases.phase("read"):
                 pipeline = load_pipeline(source, self.dtype, self.device if self._ample_room else None,
-                                         self._read_to_device())
+                                         self._read_to_device(), own_modules=why_not is None)
         pipe, pipeline = pipeline, None
         try:
             self._optimise(pipe)

@@ -16,7 +16,9 @@ Where: diffusers' Flux attention processors call ``transformer_flux.dispatch_att
 ``backend=processor._attention_backend``. :func:`install` marks the processors of one transformer
 with :data:`BACKEND` and puts a router in front of that function: calls marked so, without a mask,
 dropout, causal masking, custom scale or GQA, take the FP8 kernel; every other call goes to
-diffusers' function unchanged, so other Flux models in the process are not affected.
+diffusers' function unchanged, so other Flux models in the process are not affected. FastLoRA's own
+Flux modules (``runtime.flux``, decision 39) make only plain calls and have a kernel slot per
+attention layer: :func:`install` sets it to :func:`fp8_sdpa` there.
 
 Precision: softmax probabilities and the output are e4m3 too. On a random-weight full-size Flux the
 forward's error against bf16 stayed 5.57 % (5.56 % with fp8 linears alone), but on a peaky synthetic
@@ -196,10 +198,13 @@ def _router(original):
 def install(transformer: torch.nn.Module, device: torch.device) -> int:
     """Route ``transformer``'s attention through FP8 attention on ``device`` (checked and probed
     first: ``OptionsError`` when it cannot run); returns how many processors were marked."""
-    import diffusers.models.transformers.transformer_flux as flux
-
     check(device)
     probe(device)
+    set_fn = getattr(transformer, "set_attention_fn", None)
+    if set_fn is not None:  # FastLoRA's own Flux modules (runtime.flux): one kernel slot per layer
+        return int(set_fn(fp8_sdpa))
+    import diffusers.models.transformers.transformer_flux as flux
+
     with _lock:
         if not hasattr(flux.dispatch_attention_fn, "fastlora_original"):
             flux.dispatch_attention_fn = _router(flux.dispatch_attention_fn)

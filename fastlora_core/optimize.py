@@ -136,6 +136,22 @@ def resolve(options: EngineOptions) -> Resolved:
     return Resolved(resolved, device, TORCH_DTYPES[resolved.dtype])
 
 
+def why_not_own_modules(options: EngineOptions) -> str | None:
+    """Why an engine with these (resolved) options loads diffusers' and transformers' classes instead
+    of FastLoRA's own Flux modules (:mod:`fastlora_core.runtime`, decision 39), or None.
+
+    The own modules cover the default path and every option that changes only the transformer's
+    weights or kernels. Offload needs diffusers' pipeline hooks, bitsandbytes' T5 layers are
+    transformers' integration, and ``flash_attn`` is a diffusers attention backend."""
+    if options.offload != "none":
+        return f"offload={options.offload} uses diffusers' offload hooks"
+    if options.t5_quantization != "none":
+        return f"t5_quantization={options.t5_quantization} uses bitsandbytes through transformers"
+    if options.attention == "flash_attn":
+        return "attention=flash_attn is a diffusers attention backend"
+    return None
+
+
 def check_device_support(options: EngineOptions, device: torch.device) -> None:
     """Checks that need the device or an optional package. Raises OptionsError saying what to change."""
     for name, value, package in (("quantization", options.quantization, "torchao"),

@@ -459,16 +459,17 @@ BAD_CASES = [
 ]  # an incomplete source cannot be made at all (ModelSource is valid by construction, test_engine)
 
 
+@pytest.mark.parametrize("own_modules", [False, True], ids=["diffusers-classes", "own-modules"])
 @pytest.mark.parametrize("case", BAD_CASES)
 def test_bad_source_raises_model_load_error(bad_sources: dict[str, tuple[ModelSource, list[str]]], case: str,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+                                            own_modules: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     source, words = bad_sources[case]
     built: list[str] = []
     real = single_file._build
-    monkeypatch.setattr(single_file, "_build", lambda plan, dtype, dry_run: (built.append(plan.role) if not dry_run else None,
-                                                                         real(plan, dtype, dry_run))[1])
+    monkeypatch.setattr(single_file, "_build", lambda plan, dtype, dry_run, **kw: (
+        built.append(plan.role) if not dry_run else None, real(plan, dtype, dry_run, **kw))[1])
     with pytest.raises(ModelLoadError) as info:
-        load_pipeline(source, torch.float32)
+        load_pipeline(source, torch.float32, own_modules=own_modules)
     msg = str(info.value)
     for w in words:
         assert w.lower() in msg.lower(), (w, msg)

@@ -61,7 +61,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def load_pipeline(source: ModelSource, dtype: torch.dtype, device: torch.device | None = None,
-                  on_device: Collection[str] = DIRECT_COMPONENTS) -> FluxPipeline:
+                  on_device: Collection[str] = DIRECT_COMPONENTS, own_modules: bool = False) -> FluxPipeline:
     """Load a Flux pipeline from a diffusers folder or from ComfyUI single files.
 
     Contract:
@@ -74,7 +74,12 @@ def load_pipeline(source: ModelSource, dtype: torch.dtype, device: torch.device 
         ``vae``) go straight into that device's memory and are cast and converted there
         (:mod:`.direct`; decision 29): the same weights, bitwise, without a CPU copy; the other
         components stay on the CPU. The function keeps no state: a failure
-        leaves nothing behind and the next call starts afresh.
+        leaves nothing behind and the next call starts afresh. ``own_modules``: FastLoRA's own
+        modules, tokenizers and sampler (:mod:`fastlora_core.runtime`, decision 39) in a
+        :class:`~fastlora_core.runtime.pipeline.FluxRuntimePipeline` with the same attributes, the
+        same state-dict keys and, for the same weights, the same images; without diffusers' and
+        transformers' imports. A diffusers folder whose scheduler the own sampler does not implement
+        loads through diffusers (logged).
 
     Failure modes (all :class:`ModelLoadError`, raised before any weight is read unless noted):
         missing file or folder; folder without ``model_index.json``; a pipeline that is not Flux.1
@@ -88,9 +93,9 @@ def load_pipeline(source: ModelSource, dtype: torch.dtype, device: torch.device 
     if dtype not in SUPPORTED_DTYPES:
         raise OptionsError(f"dtype={dtype} is not supported; use torch.bfloat16, torch.float16 or torch.float32.")
     if source.transformer_only:
-        return _load_transformer_only(source, dtype, device if "transformer" in on_device else None)
+        return _load_transformer_only(source, dtype, device if "transformer" in on_device else None, own_modules)
     if source.kind == "diffusers":
         assert source.diffusers_dir is not None
-        return _load_diffusers(Path(source.diffusers_dir), dtype, device, on_device)
-    return _load_single_files(source, dtype, device, on_device)
+        return _load_diffusers(Path(source.diffusers_dir), dtype, device, on_device, own_modules)
+    return _load_single_files(source, dtype, device, on_device, own_modules)
 

@@ -36,9 +36,11 @@ _COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "vae", "schedule
 
 
 def _load_diffusers(folder: Path, dtype: torch.dtype, device: torch.device | None = None,
-                    on_device: Collection[str] = ()) -> FluxPipeline:
+                    on_device: Collection[str] = (), own_modules: bool = False) -> Any:
     """``device``: the weights of the components in ``on_device`` are read straight into that
-    device's memory; the others load on the CPU with ``from_pretrained``."""
+    device's memory; the others load on the CPU with ``from_pretrained``. ``own_modules``: FastLoRA's
+    own modules, tokenizers and sampler (:mod:`.own`) instead of diffusers' pipeline, unless the folder
+    needs diffusers' (a scheduler variant; logged)."""
     if not folder.exists():
         raise ModelLoadError(f"The diffusers folder {folder} does not exist. Check the path (ComfyUI: models/diffusers/<name>).")
     if not folder.is_dir():
@@ -84,7 +86,18 @@ def _load_diffusers(folder: Path, dtype: torch.dtype, device: torch.device | Non
         headers[comp] = [read_header(f, f"{comp} weights") for f in files]
     from .single_file import background_reads
 
+    if own_modules:
+        from . import own
+
+        why = own.why_not_folder(folder)
+        if why is not None:
+            logger.info("%s loads through diffusers' pipeline: %s", folder, why)
+            own_modules = False
     direct = [name for name in DIRECT_COMPONENTS if name in on_device] if device is not None else []
+    if own_modules:
+        plans = {name: component_plan(folder, name, headers[name]) for name in DIRECT_COMPONENTS}
+        with background_reads([plans[name] for name in direct], device) as reads:
+            return _own_pipeline(folder, dtype, device, plans, direct, reads)
     plans = {name: component_plan(folder, name, headers[name]) for name in direct}
     # The weights start arriving now, while diffusers is imported and the modules are checked and
     # built (decision 37); a failure below stops the reads and drops what they read.
@@ -115,6 +128,28 @@ def _diffusers_pipeline(folder: Path, dtype: torch.dtype, device: torch.device |
                              "the download is complete and matches FLUX.1-dev's layout.") from e
     _finish(pipe, keep=direct)
     logger.info("loaded diffusers Flux pipeline from %s (%s)", folder, dtype)
+    return pipe
+
+
+def _own_pipeline(folder: Path, dtype: torch.dtype, device: torch.device | None,
+                  plans: dict[str, tuple[_Plan, list[Header]]], direct: list[str],
+                  reads: BackgroundReads | None) -> Any:
+    """:func:`_diffusers_pipeline` with FastLoRA's own modules: every component through its plan
+    (``direct`` ones from the reads under way, the others from their files on the CPU), the folder's
+    tokenizers and scheduler config."""
+    from . import own
+    from .single_file import _build
+
+    for plan, _ in plans.values():  # dry run on meta tensors
+        _build(plan, dtype, dry_run=True, own_modules=True)
+    clip_tok, t5_tok = own.tokenizers(folder / "tokenizer", folder / "tokenizer_2",
+                                      int(plans["text_encoder"][0].config.get("max_position_embeddings", 77)))
+    modules = {name: _build(plan, dtype, dry_run=False, device=device if name in direct else None, shards=shards,
+                            reads=reads if name in direct else None, own_modules=True)
+               for name, (plan, shards) in plans.items()}
+    pipe = own.pipeline(modules, clip_tok, t5_tok, own.folder_scheduler_config(folder))
+    _finish(pipe, keep=direct)
+    logger.info("loaded Flux from the diffusers folder %s with FastLoRA's own modules (%s)", folder, dtype)
     return pipe
 
 

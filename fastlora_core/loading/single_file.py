@@ -6,13 +6,13 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ..errors import ModelLoadError
 from ..specs import ModelSource
-from . import direct
+from . import direct, own
 from .diffusers_folder import _finish
 from .header import Header, read_header
 from .keymaps import _bfl_to_diffusers, _ldm_vae_to_diffusers
@@ -30,9 +30,6 @@ from .plans import (
     load_shipped_config,
 )
 from .tokenizers import _load_tokenizers, find_tokenizer_dirs
-
-if TYPE_CHECKING:  # pragma: no cover
-    from diffusers import FluxPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -179,14 +176,17 @@ def direct_jobs(plan: _Plan, shards: Sequence[Header] = ()) -> list[tuple[Header
 
 
 def _build(plan: _Plan, dtype: torch.dtype, dry_run: bool, device: torch.device | None = None,
-           shards: Sequence[Header] = (), reads: direct.BackgroundReads | None = None) -> torch.nn.Module | None:
+           shards: Sequence[Header] = (), reads: direct.BackgroundReads | None = None,
+           own_modules: bool = False) -> torch.nn.Module | None:
     """Dry run: convert meta tensors of the header shapes and compare with the module's state dict.
     Real run: read, convert, cast and assign the weights. Returns the module (None in a dry run).
     ``device``: read the file's tensors straight into that device's memory (:func:`.direct.read_tensors`)
     and cast and convert them there; otherwise through ``safe_open`` on the CPU. ``shards``: the
-    files to read when ``plan.header`` merges several (a sharded diffusers component; device only).
-    ``reads``: reads already under way (started with :func:`direct_jobs`); the files are taken from it."""
-    module = _empty_module(_factory(plan, dtype))
+    files to read when ``plan.header`` merges several (a sharded diffusers component).
+    ``reads``: reads already under way (started with :func:`direct_jobs`); the files are taken from it.
+    ``own_modules``: build FastLoRA's own module for the role (:mod:`.own`) instead of the diffusers /
+    transformers class."""
+    module = own.empty(own.factory(plan)) if own_modules else _empty_module(_factory(plan, dtype))
     keep_fp32 = _fp32_names(module, dtype)
     if dry_run:
         info = plan.header.tensors
@@ -207,9 +207,11 @@ def _build(plan: _Plan, dtype: torch.dtype, dry_run: bool, device: torch.device 
             sd = _collect(plan, raw.pop, dtype, keep_fp32)  # pop: each file tensor freed once converted
             del raw
         else:
-            assert not shards, "sharded components are read with a device"
-            with safe_open(str(plan.header.path), framework="pt", device="cpu") as f:
-                sd = _collect(plan, f.get_tensor, dtype, keep_fp32)
+            with contextlib.ExitStack() as files:
+                handles = [files.enter_context(safe_open(str(h.path), framework="pt", device="cpu"))
+                           for h in (shards or (plan.header,))]
+                where = {k: f for f in handles for k in f.keys()}
+                sd = _collect(plan, lambda k: where[k].get_tensor(k), dtype, keep_fp32)
     except ModelLoadError:
         raise
     except Exception as e:  # noqa: BLE001 - I/O or decoding failure while reading
@@ -234,9 +236,10 @@ def _build(plan: _Plan, dtype: torch.dtype, dry_run: bool, device: torch.device 
 
 
 def _load_single_files(source: ModelSource, dtype: torch.dtype, device: torch.device | None = None,
-                       on_device: Collection[str] = ()) -> FluxPipeline:
+                       on_device: Collection[str] = (), own_modules: bool = False) -> Any:
     """``device``: the files of the components in ``on_device`` are read straight into that device's
-    memory; the others load on the CPU."""
+    memory; the others load on the CPU. ``own_modules``: FastLoRA's own modules and sampler
+    (:mod:`.own`) instead of diffusers' pipeline."""
     paths: dict[Role, str] = {"transformer": source.transformer or "", "clip_l": source.clip_l or "",
                               "t5xxl": source.t5xxl or "", "vae": source.vae or ""}
     headers = {role: read_header(p, role) for role, p in paths.items()}
@@ -249,7 +252,7 @@ def _load_single_files(source: ModelSource, dtype: torch.dtype, device: torch.de
     _check_fit(plans)
     with background_reads([(plan, ()) for plan in plans.values() if COMPONENT_OF[plan.role] in on_device],
                           device) as reads:
-        return _single_files_pipeline(source, plans, dtype, device, on_device, reads)
+        return _single_files_pipeline(source, plans, dtype, device, on_device, reads, own_modules)
 
 
 def background_reads(plans: Sequence[tuple[_Plan, Sequence[Header]]], device: torch.device | None
@@ -264,26 +267,37 @@ def background_reads(plans: Sequence[tuple[_Plan, Sequence[Header]]], device: to
 
 def _single_files_pipeline(source: ModelSource, plans: dict[str, _Plan], dtype: torch.dtype,
                            device: torch.device | None, on_device: Collection[str],
-                           reads: direct.BackgroundReads | None) -> FluxPipeline:
+                           reads: direct.BackgroundReads | None, own_modules: bool = False) -> Any:
     """The rest of :func:`_load_single_files` once the plans fit (the reads may be under way)."""
     clip_d, t5_d = find_tokenizer_dirs(source.tokenizer_dir)
-    clip_tok, t5_tok = _load_tokenizers(clip_d, t5_d, int(plans["clip_l"].config["max_position_embeddings"]))
-    if len(clip_tok) > plans["clip_l"].config["vocab_size"] or len(t5_tok) > plans["t5xxl"].config["vocab_size"]:
+    clip_len = int(plans["clip_l"].config["max_position_embeddings"])
+    clip_tok: Any
+    t5_tok: Any
+    clip_tok, t5_tok = own.tokenizers(clip_d, t5_d, clip_len) if own_modules else _load_tokenizers(clip_d, t5_d, clip_len)
+    sizes = (own.vocab_size(clip_tok), own.vocab_size(t5_tok)) if own_modules else (len(clip_tok), len(t5_tok))
+    if sizes[0] > plans["clip_l"].config["vocab_size"] or sizes[1] > plans["t5xxl"].config["vocab_size"]:
         raise ModelLoadError(f"The tokenizers in {clip_d.parent} do not match the text encoders (vocabulary "
-                             f"{len(clip_tok)}/{len(t5_tok)} vs {plans['clip_l'].config['vocab_size']}/"
+                             f"{sizes[0]}/{sizes[1]} vs {plans['clip_l'].config['vocab_size']}/"
                              f"{plans['t5xxl'].config['vocab_size']}). Use the tokenizers that belong to these files.")
     for plan in plans.values():  # full dry run on meta tensors: nothing has been read yet
-        _build(plan, dtype, dry_run=True)
+        _build(plan, dtype, dry_run=True, own_modules=own_modules)
     for plan in plans.values():
         for pre in plan.ignored_prefixes:
             logger.info("%s: ignoring the '%s*' tensors in %s", plan.role, pre, plan.header.path.name)
 
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
-
     modules = {plan.role: _build(plan, dtype, dry_run=False, device=device if COMPONENT_OF[plan.role] in on_device
-                                 else None, reads=reads) for plan in plans.values()}
+                                 else None, reads=reads, own_modules=own_modules) for plan in plans.values()}
     sched_name = "scheduler_dev" if plans["transformer"].config["guidance_embeds"] else "scheduler_schnell"
     sched_cfg = {k: v for k, v in load_shipped_config(sched_name).items() if not k.startswith("_")}
+    keep = on_device if device is not None else ()
+    if own_modules:
+        runtime = own.pipeline({COMPONENT_OF[role]: m for role, m in modules.items()}, clip_tok, t5_tok, sched_cfg)
+        _finish(runtime, keep=keep)
+        logger.info("loaded Flux from single files with FastLoRA's own modules (%s): %s", dtype, source.describe())
+        return runtime
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler.from_config(sched_cfg),
         text_encoder=modules["clip_l"],
@@ -293,7 +307,7 @@ def _single_files_pipeline(source: ModelSource, plans: dict[str, _Plan], dtype: 
         vae=modules["vae"],
         transformer=modules["transformer"],
     )
-    _finish(pipe, keep=on_device if device is not None else ())
+    _finish(pipe, keep=keep)
     logger.info("loaded Flux pipeline from single files (%s): %s", dtype, source.describe())
     return pipe
 
