@@ -19,7 +19,9 @@ weight on the CPU as it did before decision 29 (no direct read to the GPU), for 
 ``api_warm_serial``: the direct reads start after diffusers' import and the checks, as before decision 37.
 ``_profile`` and ``_importtime`` (API runs): the child under ``cProfile`` or ``python -X importtime``, for
 where the time goes (``VARIANTS``). ``_cudnnfp8``: the engine with ``attention="cudnn_fp8"`` (its first
-image compiles the blocks with the FP8 attention op; the steady image compares with ``api_warm``). The
+image compiles the blocks with the FP8 attention op; the steady image compares with ``api_warm``).
+``_threads1``: ``TORCHINDUCTOR_COMPILE_THREADS=1`` (no pool of compile workers). ``_diffusers``:
+diffusers' and transformers' classes instead of FastLoRA's own modules (as before decision 39). The
 API child imports what a script using the API imports (torch and the pack); diffusers and transformers
 are imported by the engine's loader, in its ``read`` phase.
 ``api_disk_cold``: warm compile cache, but first an attempt to drop the model's files from the page cache
@@ -52,8 +54,11 @@ RUNS = ("api_cold", "api_warm", "cli_cold", "cli_warm", "api_disk_cold")  # a wa
 #: Suffixes of API runs: ``_ordinary`` (weights read on the CPU, as before decision 29), ``_serial``
 #: (the direct reads after diffusers' import and the checks, as before decision 37), ``_profile``
 #: (the child under cProfile: ``child.prof``; its times are inflated), ``_importtime`` (``python -X
-#: importtime``: ``importtime.txt``), ``_cudnnfp8`` (``attention="cudnn_fp8"``).
-VARIANTS = ("ordinary", "serial", "profile", "importtime", "cudnnfp8")
+#: importtime``: ``importtime.txt``), ``_cudnnfp8`` (``attention="cudnn_fp8"``), ``_threads1``
+#: (``TORCHINDUCTOR_COMPILE_THREADS=1``: inductor loads its cached kernels in the process, without
+#: starting its pool of compile workers), ``_diffusers`` (diffusers' and transformers' classes, as
+#: before decision 39).
+VARIANTS = ("ordinary", "serial", "profile", "importtime", "cudnnfp8", "threads1", "diffusers")
 PROMPT = "a photo of a red fox in a snowy forest, golden hour"
 
 
@@ -69,7 +74,7 @@ def tiny_options() -> dict[str, Any]:
 
 # -- the child: one process from start to its second image ---------------------------------------------
 def child(model: str, lora: str, cache: str, out: str, tiny: bool, ordinary: bool = False,
-          serial: bool = False, attention: str = "auto", steady: int = 1) -> None:
+          serial: bool = False, attention: str = "auto", steady: int = 1, classes: bool = False) -> None:
     from fastlora_core.timings import process_age
 
     started = process_age()
@@ -96,9 +101,13 @@ def child(model: str, lora: str, cache: str, out: str, tiny: bool, ordinary: boo
     direct.read_tensors = timed_read
     if serial:  # the reads after the imports and checks, as before decision 37, for a same-call comparison
         direct.BACKGROUND = False
+    load_pipeline = loading.load_pipeline
     if ordinary:  # the way before decision 29, for a comparison in the same call: everything read on the CPU
-        load_pipeline = loading.load_pipeline
-        loading.load_pipeline = lambda source, dtype, device=None, on_device=(): load_pipeline(source, dtype)
+        loading.load_pipeline = lambda source, dtype, device=None, on_device=(), own_modules=False: load_pipeline(
+            source, dtype, own_modules=own_modules and not classes)
+    elif classes:  # diffusers' and transformers' classes, as before decision 39
+        loading.load_pipeline = lambda source, dtype, device=None, on_device=(), own_modules=False: load_pipeline(
+            source, dtype, device, on_device, own_modules=False)
     options = EngineOptions(compile_cache_dir=cache, attention=attention,  # type: ignore[arg-type]
                             **(tiny_options() if tiny else {}))
     engine = registry.get_engine(ModelSource.from_diffusers(model), options)
@@ -296,7 +305,7 @@ def run_one(name: str, model: Path, lora: Path, work: Path, out: Path, tiny: boo
         if "importtime" in variants:
             python = [sys.executable, "-X", "importtime"]
         cmd = python + ["-m", "benchmarks.bench_startup", "--child", str(model), str(lora), str(cache),
-                        str(result)] + (["--tiny"] if tiny else []) + [f"--{v}" for v in ("ordinary", "serial", "cudnnfp8")
+                        str(result)] + (["--tiny"] if tiny else []) + [f"--{v}" for v in ("ordinary", "serial", "cudnnfp8", "diffusers")
                                                                          if v in variants] + [f"--steady={steady}"]
     else:
         result = run_dir / "timings.json"
@@ -310,6 +319,8 @@ def run_one(name: str, model: Path, lora: Path, work: Path, out: Path, tiny: boo
     res["command"] = " ".join(cmd)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(
         [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    if "threads1" in variants:
+        env["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
     t0 = time.time()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -334,7 +345,8 @@ def main() -> None:
         args = sys.argv[2:]
         steady = [int(a.split("=", 1)[1]) for a in args if a.startswith("--steady=")]
         child(*args[:4], tiny="--tiny" in args, ordinary="--ordinary" in args, serial="--serial" in args,
-              attention="cudnn_fp8" if "--cudnnfp8" in args else "auto", steady=steady[0] if steady else 1)
+              attention="cudnn_fp8" if "--cudnnfp8" in args else "auto", steady=steady[0] if steady else 1,
+              classes="--diffusers" in args)
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
