@@ -23,7 +23,7 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DiagonalGaussian", "FluxVAE", "VAEConfig"]
+__all__ = ["DecoderOutput", "DiagonalGaussian", "EncoderOutput", "FluxVAE", "VAEConfig"]
 
 #: diffusers' ``AutoencoderKL`` constructor defaults for the keys this module reads.
 _DEFAULTS: dict[str, Any] = {
@@ -33,12 +33,17 @@ _DEFAULTS: dict[str, Any] = {
     "scaling_factor": 0.18215, "shift_factor": None, "latents_mean": None, "latents_std": None,
     "force_upcast": True, "use_quant_conv": True, "use_post_quant_conv": True, "mid_block_add_attention": True,
 }
-_ACTIVATIONS = {"silu": nn.SiLU, "swish": nn.SiLU}
+#: diffusers' ``activations.ACT2CLS`` (the resnets' ``act_fn``; the encoder / decoder output act is SiLU).
+_ACTIVATIONS: dict[str, type[nn.Module]] = {"swish": nn.SiLU, "silu": nn.SiLU, "mish": nn.Mish,
+                                            "gelu": nn.GELU, "relu": nn.ReLU}
+#: diffusers' ``AutoencoderKL`` uses eps 1e-6 in every group norm of the VAE.
+_EPS = 1e-6
 
 
 class VAEConfig(Mapping[str, Any]):
-    """The VAE's config: diffusers' defaults overlaid with ``config.json`` (unknown keys kept, unused);
-    read as attributes (``vae.config.scaling_factor``) or as a mapping."""
+    """The VAE's config: diffusers' defaults overlaid with ``config.json`` (unknown keys kept, unused;
+    ``_class_name`` and other private keys dropped); read as attributes (``vae.config.scaling_factor``,
+    as the pipeline does) or as a mapping (``dict(vae.config)``)."""
 
     def __init__(self, values: Mapping[str, Any]) -> None:
         merged = {**_DEFAULTS, **{k: v for k, v in values.items() if not k.startswith("_")}}
@@ -61,9 +66,13 @@ class VAEConfig(Mapping[str, Any]):
     def __len__(self) -> int:
         return len(self._values)
 
+    def __repr__(self) -> str:
+        return f"VAEConfig({self._values!r})"
+
 
 class ResnetBlock2D(nn.Module):
-    """diffusers' ``ResnetBlock2D`` without a time embedding (what the VAE uses)."""
+    """diffusers' ``ResnetBlock2D`` without a time embedding (what the VAE uses): norm, act, conv twice,
+    plus a 1x1 shortcut convolution where the width changes."""
 
     def __init__(self, in_channels: int, out_channels: int, groups: int, eps: float, act: str) -> None:
         super().__init__()
@@ -82,17 +91,23 @@ class ResnetBlock2D(nn.Module):
         hidden = self.nonlinearity(self.norm2(hidden))
         hidden = self.conv2(self.dropout(hidden))
         if self.conv_shortcut is not None:
+            # diffusers 0.42 makes the input contiguous only in training; in eval the tensor keeps its
+            # layout (the upsampler's output is strided differently) and the convolution kernel, so its
+            # roundings, follow the layout: calling .contiguous() here changes float32 results.
+            if self.training:
+                input_tensor = input_tensor.contiguous()
             input_tensor = self.conv_shortcut(input_tensor)
-        return (input_tensor + hidden) / 1.0
+        return (input_tensor + hidden) / 1.0  # output_scale_factor 1.0, kept for the same op order
 
 
 class Attention(nn.Module):
     """The mid block's single-head self-attention over pixels (diffusers' ``Attention`` built with
-    ``_from_deprecated_attn_block=True``, run by ``AttnProcessor2_0``)."""
+    ``_from_deprecated_attn_block=True``, run by ``AttnProcessor2_0``): group norm, q/k/v, SDPA,
+    out projection, residual, ``rescale_output_factor`` 1."""
 
     def __init__(self, channels: int, groups: int, eps: float) -> None:
         super().__init__()
-        self.heads = 1
+        self.heads = 1  # diffusers: in_channels // attention_head_dim with attention_head_dim = in_channels
         self.group_norm = nn.GroupNorm(num_channels=channels, num_groups=groups, eps=eps, affine=True)
         self.to_q = nn.Linear(channels, channels, bias=True)
         self.to_k = nn.Linear(channels, channels, bias=True)
@@ -117,15 +132,18 @@ class Attention(nn.Module):
         hidden_states = hidden_states.to(query.dtype)
         hidden_states = self.to_out[1](self.to_out[0](hidden_states))
         hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
-        return (hidden_states + residual) / 1.0
+        return (hidden_states + residual) / 1.0  # residual_connection, rescale_output_factor 1.0
 
 
 class UNetMidBlock2D(nn.Module):
+    """resnet, attention (when ``mid_block_add_attention``), resnet at the lowest resolution. Without
+    attention ``attentions`` is empty, as diffusers' list of ``None`` holds no parameters either."""
+
     def __init__(self, channels: int, groups: int, act: str, add_attention: bool) -> None:
         super().__init__()
         self.add_attention = add_attention
-        self.attentions = nn.ModuleList([Attention(channels, groups, 1e-6)] if add_attention else [])
-        self.resnets = nn.ModuleList([ResnetBlock2D(channels, channels, groups, 1e-6, act) for _ in range(2)])
+        self.attentions = nn.ModuleList([Attention(channels, groups, _EPS)] if add_attention else [])
+        self.resnets = nn.ModuleList([ResnetBlock2D(channels, channels, groups, _EPS, act) for _ in range(2)])
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden_states = self.resnets[0](hidden_states)
@@ -146,7 +164,8 @@ class Downsample2D(nn.Module):
 
 
 class Upsample2D(nn.Module):
-    """Nearest 2x upsampling then a 3x3 convolution."""
+    """Nearest 2x upsampling then a 3x3 convolution (diffusers' ``contiguous`` guards kept: they are
+    no-ops for values, but keep the same memory layout into ``interpolate``)."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -161,11 +180,13 @@ class Upsample2D(nn.Module):
 
 
 class DownEncoderBlock2D(nn.Module):
+    """One encoder level: ``layers`` resnets, then a downsampler except at the last level."""
+
     def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, act: str,
                  add_downsample: bool) -> None:
         super().__init__()
         self.resnets = nn.ModuleList([ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups,
-                                                    1e-6, act) for i in range(layers)])
+                                                    _EPS, act) for i in range(layers)])
         self.downsamplers = nn.ModuleList([Downsample2D(out_channels)]) if add_downsample else None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -177,11 +198,14 @@ class DownEncoderBlock2D(nn.Module):
 
 
 class UpDecoderBlock2D(nn.Module):
+    """One decoder level: ``layers`` resnets (``layers_per_block + 1``), then an upsampler except at the
+    last level."""
+
     def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, act: str,
                  add_upsample: bool) -> None:
         super().__init__()
         self.resnets = nn.ModuleList([ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups,
-                                                    1e-6, act) for i in range(layers)])
+                                                    _EPS, act) for i in range(layers)])
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if add_upsample else None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -193,6 +217,8 @@ class UpDecoderBlock2D(nn.Module):
 
 
 class Encoder(nn.Module):
+    """Images -> ``2 * latent_channels`` moments (mean and log-variance), diffusers' ``vae.Encoder``."""
+
     def __init__(self, cfg: VAEConfig) -> None:
         super().__init__()
         channels, groups, act = cfg.block_out_channels, cfg.norm_num_groups, cfg.act_fn
@@ -204,7 +230,7 @@ class Encoder(nn.Module):
             self.down_blocks.append(DownEncoderBlock2D(prev, out, cfg.layers_per_block, groups, act,
                                                        add_downsample=i != len(channels) - 1))
         self.mid_block = UNetMidBlock2D(channels[-1], groups, act, cfg.mid_block_add_attention)
-        self.conv_norm_out = nn.GroupNorm(num_channels=channels[-1], num_groups=groups, eps=1e-6)
+        self.conv_norm_out = nn.GroupNorm(num_channels=channels[-1], num_groups=groups, eps=_EPS)
         self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(channels[-1], 2 * cfg.latent_channels, 3, padding=1)
 
@@ -217,6 +243,8 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
+    """Latents -> images, diffusers' ``vae.Decoder`` with group norm (no spatial norm)."""
+
     def __init__(self, cfg: VAEConfig) -> None:
         super().__init__()
         channels, groups, act = cfg.block_out_channels, cfg.norm_num_groups, cfg.act_fn
@@ -229,7 +257,7 @@ class Decoder(nn.Module):
             prev, out = out, reversed_channels[i]
             self.up_blocks.append(UpDecoderBlock2D(prev, out, cfg.layers_per_block + 1, groups, act,
                                                    add_upsample=i != len(channels) - 1))
-        self.conv_norm_out = nn.GroupNorm(num_channels=channels[0], num_groups=groups, eps=1e-6)
+        self.conv_norm_out = nn.GroupNorm(num_channels=channels[0], num_groups=groups, eps=_EPS)
         self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(channels[0], cfg.out_channels, 3, padding=1)
 
@@ -241,7 +269,8 @@ class Decoder(nn.Module):
 
 
 class DiagonalGaussian:
-    """The encoder's posterior (diffusers' ``DiagonalGaussianDistribution``)."""
+    """The encoder's posterior (diffusers' ``DiagonalGaussianDistribution``, not deterministic):
+    ``mean``, ``logvar`` clamped to [-30, 20], ``std``, ``var``, ``sample()``, ``mode()``."""
 
     def __init__(self, parameters: torch.Tensor) -> None:
         self.parameters = parameters
@@ -250,35 +279,64 @@ class DiagonalGaussian:
         self.std = torch.exp(0.5 * self.logvar)
         self.var = torch.exp(self.logvar)
 
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        rand_device = "cpu" if generator is not None and generator.device.type == "cpu" else self.parameters.device
-        noise = torch.randn(self.mean.shape, generator=generator, device=rand_device,
-                            dtype=self.parameters.dtype).to(self.parameters.device)
+    def sample(self, generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+        """``mean + std * noise``, the noise drawn as diffusers' ``randn_tensor`` draws it (a CPU
+        generator draws on the CPU, a list draws one batch item per generator)."""
+        device, dtype = self.parameters.device, self.parameters.dtype
+        if isinstance(generator, list) and len(generator) == 1:
+            generator = generator[0]
+        first = generator[0] if isinstance(generator, list) else generator
+        rand_device = device
+        if first is not None and first.device.type != device.type:
+            if first.device.type != "cpu":
+                raise ValueError(f"Cannot generate a {device} tensor from a generator of type {first.device.type}.")
+            rand_device = torch.device("cpu")
+        shape = tuple(self.mean.shape)
+        if isinstance(generator, list):
+            noise = torch.cat([torch.randn((1, *shape[1:]), generator=g, device=rand_device, dtype=dtype)
+                               for g in generator[:shape[0]]], dim=0).to(device)
+        else:
+            noise = torch.randn(shape, generator=generator, device=rand_device, dtype=dtype).to(device)
         return self.mean + self.std * noise
 
     def mode(self) -> torch.Tensor:
+        """The posterior's mode, its mean."""
         return self.mean
 
 
 @dataclass
 class EncoderOutput:
+    """``encode``'s result (diffusers' ``AutoencoderKLOutput``)."""
+
     latent_dist: DiagonalGaussian
 
 
 @dataclass
 class DecoderOutput:
+    """``decode``'s result (diffusers' ``DecoderOutput``)."""
+
     sample: torch.Tensor
 
 
 class FluxVAE(nn.Module):
-    """Flux's autoencoder (or any ``AutoencoderKL`` config built from the two block types above)."""
+    """Flux's autoencoder (or any ``AutoencoderKL`` config built from the two block types above), with
+    ``AutoencoderKL``'s parameter names, config and ``encode`` / ``decode`` / ``forward``."""
+
+    #: diffusers' flags; always off here (tiled and sliced encode / decode are not implemented).
+    use_tiling = False
+    use_slicing = False
 
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
         unsupported = {t for t in config.down_block_types if t != "DownEncoderBlock2D"} | {
             t for t in config.up_block_types if t != "UpDecoderBlock2D"}
         if unsupported or config.act_fn not in _ACTIVATIONS:
-            raise ValueError(f"FastLoRA's VAE does not implement {sorted(unsupported) or config.act_fn}.")
+            raise ValueError(f"FastLoRA's VAE does not implement {sorted(unsupported) or config.act_fn}; "
+                             "load this autoencoder through diffusers.")
+        if len(config.down_block_types) != len(config.block_out_channels) or \
+                len(config.up_block_types) != len(config.block_out_channels):
+            raise ValueError(f"VAE config has {len(config.block_out_channels)} block_out_channels but "
+                             f"{len(config.down_block_types)} down / {len(config.up_block_types)} up block types.")
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
@@ -288,27 +346,59 @@ class FluxVAE(nn.Module):
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> FluxVAE:
+        """Build from diffusers' ``vae/config.json`` dict (or a ``VAEConfig``); random weights, or meta
+        parameters under ``torch.device("meta")`` for the loader's ``load_state_dict(assign=True)``."""
         return cls(config if isinstance(config, VAEConfig) else VAEConfig(config))
 
     @property
     def dtype(self) -> torch.dtype:
+        """The parameters' dtype (all are the same)."""
         return next(self.parameters()).dtype
 
     @property
     def device(self) -> torch.device:
+        """The parameters' device."""
         return next(self.parameters()).device
+
+    def enable_tiling(self, *args: Any, **kwargs: Any) -> None:
+        """Not implemented: diffusers' ``AutoencoderKL`` is the path for tiled decoding."""
+        raise NotImplementedError("FastLoRA's own VAE has no tiled encode/decode; load the VAE through "
+                                  "diffusers' AutoencoderKL to use enable_tiling().")
+
+    def enable_slicing(self) -> None:
+        """Not implemented: diffusers' ``AutoencoderKL`` is the path for sliced decoding."""
+        raise NotImplementedError("FastLoRA's own VAE has no sliced encode/decode; load the VAE through "
+                                  "diffusers' AutoencoderKL to use enable_slicing().")
+
+    def disable_tiling(self) -> None:
+        """Nothing to do: tiling is never on."""
+
+    def disable_slicing(self) -> None:
+        """Nothing to do: slicing is never on."""
 
     def encode(self, x: torch.Tensor, return_dict: bool = True) -> EncoderOutput | tuple[DiagonalGaussian]:
         """Images ``[B, 3, H, W]`` in -1..1 -> the posterior over latents ``[B, C, H/f, W/f]``."""
+        posterior = DiagonalGaussian(self._moments(x))
+        return EncoderOutput(posterior) if return_dict else (posterior,)
+
+    def _moments(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's output through ``quant_conv`` where the config has one."""
         h = self.encoder(x)
         if self.quant_conv is not None:
             h = self.quant_conv(h)
-        posterior = DiagonalGaussian(h)
-        return EncoderOutput(posterior) if return_dict else (posterior,)
+        return h
 
     def decode(self, z: torch.Tensor, return_dict: bool = True) -> DecoderOutput | tuple[torch.Tensor]:
-        """Latents -> images ``[B, 3, H, W]`` (about -1..1)."""
+        """Latents (already unscaled: ``z / scaling_factor + shift_factor``) -> images ``[B, 3, H, W]``
+        (about -1..1)."""
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         decoded = self.decoder(z)
         return DecoderOutput(decoded) if return_dict else (decoded,)
+
+    def forward(self, sample: torch.Tensor, sample_posterior: bool = False, return_dict: bool = True,
+                generator: torch.Generator | None = None) -> DecoderOutput | tuple[torch.Tensor]:
+        """Encode then decode (the posterior's mode, or a sample of it), as ``AutoencoderKL.forward``."""
+        posterior = DiagonalGaussian(self._moments(sample))
+        z = posterior.sample(generator=generator) if sample_posterior else posterior.mode()
+        return self.decode(z, return_dict=return_dict)
