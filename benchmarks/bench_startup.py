@@ -22,8 +22,9 @@ where the time goes (``VARIANTS``). ``_cudnnfp8``: the engine with ``attention="
 image compiles the blocks with the FP8 attention op; the steady image compares with ``api_warm``).
 ``_threads1``: ``TORCHINDUCTOR_COMPILE_THREADS=1`` (no pool of compile workers). ``_diffusers``:
 diffusers' and transformers' classes instead of FastLoRA's own modules (as before decision 39). The
-API child imports what a script using the API imports (torch and the pack); diffusers and transformers
-are imported by the engine's loader, in its ``read`` phase.
+API child imports what a script using the API imports (torch and the pack); the engine's loader builds
+FastLoRA's own modules (decision 39), or imports diffusers and transformers in its ``read`` phase
+(``_diffusers``).
 ``api_disk_cold``: warm compile cache, but first an attempt to drop the model's files from the page cache
 (``/proc/sys/vm/drop_caches``, then ``posix_fadvise(DONTNEED)`` per file); whether it worked is measured
 (read throughput of the largest file before and after), not assumed.

@@ -116,3 +116,12 @@ def test_readme_install_section_names_no_invented_url() -> None:
     assert f"comfy node install {name}" in install
     assert "requirements.txt" in install and "git clone" in install
     assert "github.com/fastlora" not in (ROOT / "README.md").read_text()
+
+
+def test_every_library_package_is_installed() -> None:
+    """``pip install .`` ships the packages pyproject lists: a subpackage missing there would import in
+    a checkout and fail in an installed copy."""
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "fastlora_core").rglob("*.py")
+             if "__pycache__" not in p.parts}
+    assert found == listed, (sorted(found - listed), sorted(listed - found))

@@ -1,4 +1,5 @@
-"""Model sources -> ``diffusers.FluxPipeline`` on CPU (docs/ARCHITECTURE.md, decision 10).
+"""Model sources -> a Flux pipeline: FastLoRA's own (``runtime.pipeline.FluxRuntimePipeline``, decision
+39) or ``diffusers.FluxPipeline`` (docs/ARCHITECTURE.md, decision 10).
 
 Two kinds of source (:class:`~fastlora_core.specs.ModelSource`):
 
@@ -65,7 +66,7 @@ def load_pipeline(source: ModelSource, dtype: torch.dtype, device: torch.device 
     """Load a Flux pipeline from a diffusers folder or from ComfyUI single files.
 
     Contract:
-        Returns a ``diffusers.FluxPipeline`` on CPU, every module in eval mode with
+        Returns a ``diffusers.FluxPipeline`` (or, with ``own_modules``, FastLoRA's pipeline) on CPU, every module in eval mode with
         ``requires_grad=False``. Weights are in ``dtype`` (float32, float16 or bfloat16) whatever
         their storage dtype (fp32/fp16/bf16/float8_e4m3fn, ComfyUI ``scaled_fp8`` included); like
         ``from_pretrained``, T5's ``wo`` layers stay float32 when ``dtype`` is float16. Both source
