@@ -2,7 +2,7 @@
 
 Why: attention is ~28 of the ~93 ms of kernel time in one fp8 Flux forward on the H200 (1024x1024),
 and cuDNN's fused FP8 attention runs Flux's shape in 282 us against 412 us for its bf16 kernel:
-the 28-step loop went 2.86 -> 2.65 s, an image through the engine 3.00 -> 2.87 s
+the 28-step loop went 2.86 -> 2.65 s, an image through the engine 2.95 -> 2.76 s with the own modules
 (benchmarks/RESULTS.md, NOTES attempt 42).
 
 How: q, k and v are scaled per tensor to e4m3 (plain torch, so inductor fuses the scaling into the

@@ -148,7 +148,7 @@ class EngineOptions:
     attention: ``auto`` is PyTorch's SDPA with its own kernel dispatch (on Hopper it already
         picks cuDNN / flash; nothing is probed or timed); explicit choices fail clearly when
         unavailable. ``cudnn_fp8`` (opt-in; Hopper or newer, ``nvidia-cudnn-frontend``): cuDNN's
-        FP8 attention, 3.00 -> 2.87 s per image on the H200, less exact (``fastlora_core.fp8_attention``).
+        FP8 attention, 2.95 -> 2.76 s per image on the H200, less exact (``fastlora_core.fp8_attention``).
     compile: ``full`` compiles the whole transformer, ``regional`` each repeated block (much
         faster to compile, nearly the same speed).
     offload: ``model`` moves whole components to the GPU when used; ``sequential`` streams layers.

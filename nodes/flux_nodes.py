@@ -228,7 +228,7 @@ class OptimizedFluxLoader:
             "attention": _combo(specs.ATTENTIONS, o.attention,
                                 "Attention kernel. auto uses PyTorch SDPA's own kernel choice (nothing is probed); explicit "
                                 "choices fail clearly when unavailable. cudnn_fp8: cuDNN's FP8 attention (Hopper or "
-                                "newer, needs nvidia-cudnn-frontend): ~4 % faster per image on an H200, less exact; "
+                                "newer, needs nvidia-cudnn-frontend): ~6 % faster per image on an H200, less exact; "
                                 "check your images."),
             "compile": _combo(specs.COMPILE_MODES, o.compile,
                               "torch.compile: regional compiles each repeated block (fast to compile, "
