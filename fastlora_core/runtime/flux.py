@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .base import RuntimeModule, as_mapping
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -610,17 +612,7 @@ class FluxSingleTransformerBlock(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
-def _as_mapping(config: Mapping[str, Any] | Any) -> Mapping[str, Any]:
-    """A config dict from a mapping or a config object with ``to_dict()`` (ours, or another's)."""
-    if isinstance(config, Mapping):
-        return config
-    to_dict = getattr(config, "to_dict", None)
-    if callable(to_dict):
-        return dict(to_dict())
-    raise TypeError(f"expected a config mapping, got {type(config).__name__}")
-
-
-class FluxTransformer(nn.Module):
+class FluxTransformer(RuntimeModule):
     """Flux.1's transformer (dev with ``guidance_embeds=True``, schnell without): latents ``[B, S, C]``,
     T5 embeddings, pooled CLIP, timestep (and guidance) in sigma units -> the predicted flow."""
 
@@ -654,17 +646,7 @@ class FluxTransformer(nn.Module):
         """Build (random weights) from a diffusers transformer config dict; unknown keys are ignored."""
         if isinstance(config, FluxTransformerConfig):
             return cls(config)
-        return cls(FluxTransformerConfig.from_mapping(_as_mapping(config)))
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The first parameter's dtype."""
-        return next(self.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        """The first parameter's device."""
-        return next(self.parameters()).device
+        return cls(FluxTransformerConfig.from_mapping(as_mapping(config)))
 
     #: Block classes :meth:`compile_repeated_blocks` compiles one by one (regional compilation).
     _repeated_blocks = ("FluxTransformerBlock", "FluxSingleTransformerBlock")

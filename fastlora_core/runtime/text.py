@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .base import RuntimeModule, as_mapping
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["CLIPTextEncoder", "T5Encoder", "TextEncoderConfig", "TextEncoderOutput"]
@@ -160,29 +162,8 @@ def _activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
                          f"(known: {', '.join(sorted(_ACTIVATIONS))}); use transformers' class.") from None
 
 
-def _as_mapping(config: Mapping[str, Any] | Any) -> Mapping[str, Any]:
-    """A config dict from a mapping or a config object (``to_dict()``, e.g. a transformers config)."""
-    if isinstance(config, Mapping):
-        return config
-    to_dict = getattr(config, "to_dict", None)
-    if callable(to_dict):
-        return to_dict()
-    raise TypeError(f"A text encoder config must be a mapping, not {type(config).__name__}.")
-
-
-class _EncoderBase(nn.Module):
-    """``dtype`` / ``device`` as transformers' ``PreTrainedModel`` reports them."""
-
+class _EncoderBase(RuntimeModule):
     config: TextEncoderConfig
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The first floating-point parameter's dtype (T5 may keep ``wo`` in float32)."""
-        return next(p.dtype for p in self.parameters() if p.is_floating_point())
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
 
 
 # --------------------------------------------------------------------------------------------------
@@ -511,7 +492,7 @@ class T5Encoder(_EncoderBase):
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | Any) -> T5Encoder:
         """From a ``T5Config`` dict (``config.json``); unknown keys are kept on ``.config``, unused."""
-        return cls(_t5_config(_as_mapping(config)))
+        return cls(_t5_config(as_mapping(config)))
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.shared
@@ -710,7 +691,7 @@ class CLIPTextEncoder(_EncoderBase):
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | Any) -> CLIPTextEncoder:
         """From a ``CLIPTextConfig`` dict (``config.json``); unknown keys are kept on ``.config``, unused."""
-        return cls(_clip_config(_as_mapping(config)))
+        return cls(_clip_config(as_mapping(config)))
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embeddings.token_embedding

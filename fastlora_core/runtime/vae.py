@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .base import RuntimeModule
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["DecoderOutput", "DiagonalGaussian", "EncoderOutput", "FluxVAE", "VAEConfig"]
@@ -318,7 +320,7 @@ class DecoderOutput:
     sample: torch.Tensor
 
 
-class FluxVAE(nn.Module):
+class FluxVAE(RuntimeModule):
     """Flux's autoencoder (or any ``AutoencoderKL`` config built from the two block types above), with
     ``AutoencoderKL``'s parameter names, config and ``encode`` / ``decode`` / ``forward``."""
 
@@ -349,16 +351,6 @@ class FluxVAE(nn.Module):
         """Build from diffusers' ``vae/config.json`` dict (or a ``VAEConfig``); random weights, or meta
         parameters under ``torch.device("meta")`` for the loader's ``load_state_dict(assign=True)``."""
         return cls(config if isinstance(config, VAEConfig) else VAEConfig(config))
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The parameters' dtype (all are the same)."""
-        return next(self.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        """The parameters' device."""
-        return next(self.parameters()).device
 
     def enable_tiling(self, *args: Any, **kwargs: Any) -> None:
         """Not implemented: diffusers' ``AutoencoderKL`` is the path for tiled decoding."""
