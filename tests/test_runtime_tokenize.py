@@ -22,7 +22,7 @@ from fastlora_core.loading.tokenizers import _load_tokenizers
 from fastlora_core.runtime.tokenize import TokenizerFilesError, load_clip_tokenizer, load_t5_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-COMFYUI = Path(os.environ.get("COMFYUI_DIR", "/work/comfyui"))
+COMFYUI = Path(os.environ.get("COMFYUI_DIR") or "COMFYUI_DIR-not-set")  # a ComfyUI checkout, if given
 COMFY_CLIP = COMFYUI / "comfy" / "sd1_tokenizer"
 COMFY_T5 = COMFYUI / "comfy" / "text_encoders" / "t5_tokenizer"
 needs_comfy = pytest.mark.skipif(not (COMFY_CLIP / "vocab.json").is_file() or not (COMFY_T5 / "tokenizer.json").is_file(),
