@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 
-from fastlora_core.loading.tokenizers import _load_tokenizers
+from fastlora_core.loading import tokenizers
 from fastlora_core.runtime.tokenize import TokenizerFilesError, load_clip_tokenizer, load_t5_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,10 +57,9 @@ FLUX_CLIP_CONFIG: dict[str, Any] = {
 }
 
 
-def _reference(clip_dir: Path | None = None, t5_dir: Path | None = None) -> tuple[Any, Any]:
-    """transformers' tokenizers, loaded as FastLoRA's single-file loader loads them."""
-    clip_ref, t5_ref = _load_tokenizers(clip_dir or COMFY_CLIP, t5_dir or COMFY_T5, 77)
-    return clip_ref, t5_ref
+def _reference_clip(folder: Path) -> Any:
+    """transformers' CLIP tokenizer, loaded as FastLoRA's single-file loader loads it."""
+    return tokenizers.load_clip_tokenizer(folder, 77)
 
 
 def _ids(tok: Any, prompts: list[str], max_length: int) -> torch.Tensor:
@@ -126,7 +125,7 @@ def comfy_variants(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _check_clip(folder: Path) -> None:
-    ref, _ = _reference(clip_dir=folder)
+    ref = _reference_clip(folder)
     ours = load_clip_tokenizer(folder)
     assert _backend_json(ours.backend_tokenizer) == _backend_json(ref.backend_tokenizer)
     assert (ours.pad_token, ours.pad_token_id, ours.model_max_length, len(ours)) == (
@@ -140,7 +139,7 @@ def _check_clip(folder: Path) -> None:
 
 
 def _check_t5(folder: Path) -> None:
-    _, ref = _reference(t5_dir=folder)
+    ref = tokenizers.load_t5_tokenizer(folder)
     ours = load_t5_tokenizer(folder)
     assert _backend_json(ours.backend_tokenizer) == _backend_json(ref.backend_tokenizer)
     assert (ours.pad_token, ours.pad_token_id, ours.model_max_length, len(ours)) == (

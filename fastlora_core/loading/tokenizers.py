@@ -85,25 +85,35 @@ def find_tokenizer_dirs(tokenizer_dir: str | os.PathLike[str] | None) -> tuple[P
 
 
 def _load_tokenizers(clip_d: Path, t5_d: Path, clip_max_len: int) -> tuple[Any, Any]:
+    """transformers' CLIP and T5 tokenizers of two folders (:func:`load_clip_tokenizer`,
+    :func:`load_t5_tokenizer`)."""
+    return load_clip_tokenizer(clip_d, clip_max_len), load_t5_tokenizer(t5_d)
+
+
+def load_clip_tokenizer(clip_d: Path, clip_max_len: int) -> Any:
+    """transformers' CLIP tokenizer of a folder (the fast class where ``tokenizer.json`` exists), its
+    ``model_max_length`` lowered to ``clip_max_len``."""
     import transformers
 
     clip_cls = getattr(transformers, "CLIPTokenizerFast", None) if (clip_d / "tokenizer.json").is_file() else None
-    t5_cls = getattr(transformers, "T5TokenizerFast", None) if (t5_d / "tokenizer.json").is_file() else None
     try:
         clip_tok = (clip_cls or transformers.CLIPTokenizer).from_pretrained(str(clip_d), local_files_only=True)
     except Exception as e:  # noqa: BLE001
         raise ModelLoadError(f"The CLIP tokenizer in {clip_d} cannot be loaded ({e}). Use ComfyUI's "
                              "comfy/sd1_tokenizer or a diffusers Flux folder's tokenizer/.") from e
-    try:
-        t5_tok = (t5_cls or transformers.T5Tokenizer).from_pretrained(str(t5_d), local_files_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise ModelLoadError(f"The T5 tokenizer in {t5_d} cannot be loaded ({e}). Use ComfyUI's "
-                             "comfy/text_encoders/t5_tokenizer or a diffusers Flux folder's tokenizer_2/.") from e
     if clip_tok.model_max_length > clip_max_len:
         # ComfyUI's sd1_tokenizer says 8192; the pipeline pads CLIP prompts to model_max_length.
         clip_tok.model_max_length = clip_max_len
-    return clip_tok, t5_tok
+    return clip_tok
 
 
+def load_t5_tokenizer(t5_d: Path) -> Any:
+    """transformers' T5 tokenizer of a folder (the fast class where ``tokenizer.json`` exists)."""
+    import transformers
 
-
+    t5_cls = getattr(transformers, "T5TokenizerFast", None) if (t5_d / "tokenizer.json").is_file() else None
+    try:
+        return (t5_cls or transformers.T5Tokenizer).from_pretrained(str(t5_d), local_files_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise ModelLoadError(f"The T5 tokenizer in {t5_d} cannot be loaded ({e}). Use ComfyUI's "
+                             "comfy/text_encoders/t5_tokenizer or a diffusers Flux folder's tokenizer_2/.") from e
