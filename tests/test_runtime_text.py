@@ -1,4 +1,4 @@
-"""FastLoRA's own Flux text encoders (``fastlora_core.runtime.text``) against transformers' classes.
+"""FastLoRA's own Flux text encoders (``fastlora_core.runtime.t5`` and ``.clip``) against transformers' classes.
 
 Same config and weights -> the same state dict layout and the same outputs, bit for bit in float32
 (and, as it turns out, in bf16 and fp16 too): T5's last hidden state (what Flux's transformer attends
@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 import torch
 
-from fastlora_core.runtime.text import CLIPTextEncoder, T5Encoder
+from fastlora_core.runtime.clip import CLIPTextEncoder
+from fastlora_core.runtime.t5 import T5Encoder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -304,7 +305,7 @@ def test_configs_are_validated_like_transformers() -> None:
 
 
 def test_the_module_imports_no_diffusers_or_transformers() -> None:
-    code = ("import sys, fastlora_core.runtime.text; "
+    code = ("import sys, fastlora_core.runtime.t5, fastlora_core.runtime.clip; "
             "bad = sorted({m.split('.')[0] for m in sys.modules} & {'diffusers', 'transformers', 'peft'}); "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

@@ -35,10 +35,12 @@ def factory(plan: _Plan) -> Callable[[], torch.nn.Module]:
         from ..runtime.vae import FluxVAE
 
         return lambda: FluxVAE.from_config(plan.config)
-    from ..runtime.text import CLIPTextEncoder, T5Encoder
-
     if plan.role == "clip_l":
+        from ..runtime.clip import CLIPTextEncoder
+
         return lambda: CLIPTextEncoder.from_config(plan.config)
+    from ..runtime.t5 import T5Encoder
+
     return lambda: T5Encoder.from_config(plan.config)
 
 
