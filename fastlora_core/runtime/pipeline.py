@@ -202,7 +202,7 @@ class FluxRuntimePipeline:
 
     def __init__(self, *, transformer: Any, text_encoder: Any, text_encoder_2: Any, tokenizer: Tokenizer | None,
                  tokenizer_2: Tokenizer | None, vae: Any, scheduler: FlowMatchEuler) -> None:
-        """Modules are ``Any``: FastLoRA's own (``runtime.flux``, ``runtime.text``, ``runtime.vae``) or
+        """Modules are ``Any``: FastLoRA's own (``runtime.flux``, ``runtime.t5``, ``runtime.clip``, ``runtime.vae``) or
         the diffusers / transformers classes they stand for; text encoders, tokenizers and the VAE may be
         None for a transformer-only pipeline (which then cannot sample by itself)."""
         self.transformer = transformer
