@@ -12,28 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastlora_core.loading.own import TransformersTokenizer
 from fastlora_core.runtime.pipeline import FlowMatchEuler, FluxRuntimePipeline, unsupported_scheduler
 from fastlora_core.tiny import build_tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class _HFTokenizer:
-    """transformers' tokenizer behind the runtime's tokenizer interface, as the pipeline calls it."""
-
-    def __init__(self, tok) -> None:
-        self.tok = tok
-        self.model_max_length = tok.model_max_length
-
-    def __call__(self, prompts: list[str], max_length: int) -> torch.Tensor:
-        return self.tok(prompts, padding="max_length", max_length=max_length, truncation=True,
-                        return_tensors="pt").input_ids
-
-
 def _runtime_of(pipe) -> FluxRuntimePipeline:
     return FluxRuntimePipeline(transformer=pipe.transformer, text_encoder=pipe.text_encoder,
-                               text_encoder_2=pipe.text_encoder_2, tokenizer=_HFTokenizer(pipe.tokenizer),
-                               tokenizer_2=_HFTokenizer(pipe.tokenizer_2), vae=pipe.vae,
+                               text_encoder_2=pipe.text_encoder_2, tokenizer=TransformersTokenizer(pipe.tokenizer),
+                               tokenizer_2=TransformersTokenizer(pipe.tokenizer_2), vae=pipe.vae,
                                scheduler=FlowMatchEuler.from_config(dict(pipe.scheduler.config)))
 
 

@@ -50,7 +50,7 @@ def empty(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
         return build()
 
 
-class _TransformersTokenizer:
+class TransformersTokenizer:
     """A transformers tokenizer behind the runtime's tokenizer interface (the fallback for folders
     the own loaders cannot read)."""
 
@@ -80,15 +80,7 @@ def tokenizers(clip_dir: Path, t5_dir: Path, clip_max_len: int) -> tuple[Tokeniz
     from .tokenizers import _load_tokenizers
 
     clip_tok, t5_tok = _load_tokenizers(clip_dir, t5_dir, clip_max_len)
-    return _TransformersTokenizer(clip_tok), _TransformersTokenizer(t5_tok)
-
-
-def vocab_size(tok: Tokenizer) -> int:
-    """Tokens the tokenizer can emit (to check against the text encoder's embedding)."""
-    backend = getattr(tok, "backend_tokenizer", None)
-    if backend is not None:
-        return int(backend.get_vocab_size(with_added_tokens=True))
-    return len(tok)  # type: ignore[arg-type]
+    return TransformersTokenizer(clip_tok), TransformersTokenizer(t5_tok)
 
 
 def folder_scheduler_config(folder: Path) -> dict[str, Any]:

@@ -274,7 +274,7 @@ def _single_files_pipeline(source: ModelSource, plans: dict[str, _Plan], dtype: 
     clip_tok: Any
     t5_tok: Any
     clip_tok, t5_tok = own.tokenizers(clip_d, t5_d, clip_len) if own_modules else _load_tokenizers(clip_d, t5_d, clip_len)
-    sizes = (own.vocab_size(clip_tok), own.vocab_size(t5_tok)) if own_modules else (len(clip_tok), len(t5_tok))
+    sizes = (len(clip_tok), len(t5_tok))
     if sizes[0] > plans["clip_l"].config["vocab_size"] or sizes[1] > plans["t5xxl"].config["vocab_size"]:
         raise ModelLoadError(f"The tokenizers in {clip_d.parent} do not match the text encoders (vocabulary "
                              f"{sizes[0]}/{sizes[1]} vs {plans['clip_l'].config['vocab_size']}/"

@@ -163,21 +163,14 @@ def prepare_latents(batch: int, channels: int, height: int, width: int, vae_scal
             latent_image_ids(height // 2, width // 2, device, dtype))
 
 
-def module_dtype(module: torch.nn.Module) -> torch.dtype:
-    """A module's ``dtype`` as diffusers and transformers report it (their property where the module
-    has one: T5 keeps some layers in float32, and the property names the first floating parameter's)."""
-    dtype = getattr(module, "dtype", None)
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    return next(p.dtype for p in module.parameters() if p.is_floating_point())
-
-
 class Tokenizer(Protocol):
     """What the sampler needs of a tokenizer: padded, truncated ids ``[len(prompts), max_length]``."""
 
     model_max_length: int
 
     def __call__(self, prompts: list[str], max_length: int) -> torch.Tensor: ...
+
+    def __len__(self) -> int: ...  # the vocabulary with added tokens
 
 
 @dataclass
@@ -239,14 +232,14 @@ class FluxRuntimePipeline:
         ids = self.tokenizer(prompts, self.tokenizer_max_length)
         model_device = next(self.text_encoder.parameters()).device
         pooled = self.text_encoder(ids.to(model_device), output_hidden_states=False).pooler_output
-        return pooled.to(dtype=module_dtype(self.text_encoder), device=device)
+        return pooled.to(dtype=self.text_encoder.dtype, device=device)
 
     def _t5_embeds(self, prompts: list[str], max_sequence_length: int, device: torch.device) -> torch.Tensor:
         assert self.tokenizer_2 is not None and self.text_encoder_2 is not None
         ids = self.tokenizer_2(prompts, max_sequence_length)
         model_device = next(self.text_encoder_2.parameters()).device
         embeds = self.text_encoder_2(ids.to(model_device), output_hidden_states=False)[0]
-        return embeds.to(dtype=module_dtype(self.text_encoder_2), device=device)
+        return embeds.to(dtype=self.text_encoder_2.dtype, device=device)
 
     def encode_prompt(self, prompts: list[str], num_images_per_prompt: int, max_sequence_length: int,
                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -257,7 +250,7 @@ class FluxRuntimePipeline:
         embeds = self._t5_embeds(prompts, max_sequence_length, device)
         _, seq_len, _ = embeds.shape
         embeds = embeds.repeat(1, num_images_per_prompt, 1).view(batch * num_images_per_prompt, seq_len, -1)
-        dtype = module_dtype(self.text_encoder if self.text_encoder is not None else self.transformer)
+        dtype = (self.text_encoder if self.text_encoder is not None else self.transformer).dtype
         text_ids = torch.zeros(embeds.shape[1], 3).to(device=device, dtype=dtype)
         return embeds, pooled, text_ids
 
