@@ -20,7 +20,9 @@ weight on the CPU as it did before decision 29 (no direct read to the GPU), for 
 ``_profile`` and ``_importtime`` (API runs): the child under ``cProfile`` or ``python -X importtime``, for
 where the time goes (``VARIANTS``). ``_cudnnfp8``: the engine with ``attention="cudnn_fp8"`` (its first
 image compiles the blocks with the FP8 attention op; the steady image compares with ``api_warm``).
-``_threads1``: ``TORCHINDUCTOR_COMPILE_THREADS=1`` (no pool of compile workers). ``_diffusers``:
+``_threads1``: ``TORCHINDUCTOR_COMPILE_THREADS=1`` (no pool of compile workers). ``_plaincompile``:
+``FASTLORA_PRECOMPILE=0`` (plain regional ``torch.compile``, the blocks re-traced in every process, as
+before decision 40; its first run after other runs still compiles its own graphs). ``_diffusers``:
 diffusers' and transformers' classes instead of FastLoRA's own modules (as before decision 39). The
 API child imports what a script using the API imports (torch and the pack); the engine's loader builds
 FastLoRA's own modules (decision 39), or imports diffusers and transformers in its ``read`` phase
@@ -58,8 +60,8 @@ RUNS = ("api_cold", "api_warm", "cli_cold", "cli_warm", "api_disk_cold")  # a wa
 #: importtime``: ``importtime.txt``), ``_cudnnfp8`` (``attention="cudnn_fp8"``), ``_threads1``
 #: (``TORCHINDUCTOR_COMPILE_THREADS=1``: inductor loads its cached kernels in the process, without
 #: starting its pool of compile workers), ``_diffusers`` (diffusers' and transformers' classes, as
-#: before decision 39).
-VARIANTS = ("ordinary", "serial", "profile", "importtime", "cudnnfp8", "threads1", "diffusers")
+#: before decision 39), ``_plaincompile`` (``FASTLORA_PRECOMPILE=0``: no saved blocks, as before decision 40).
+VARIANTS = ("ordinary", "serial", "profile", "importtime", "cudnnfp8", "threads1", "diffusers", "plaincompile")
 PROMPT = "a photo of a red fox in a snowy forest, golden hour"
 
 
@@ -122,6 +124,7 @@ def child(model: str, lora: str, cache: str, out: str, tiny: bool, ordinary: boo
         "imports_s": round(imports_s, 3), "engine": engine.timings, "direct_read_s": direct_reads,
         "process_start_to_first_image_s": round(age, 3) if age is not None else None,
         "first_image_compiles": first.new_compiles, "steady_image_s": [round(r.seconds, 3) for r in later],
+        "saved_blocks": vars(engine.precompiled.stats) if engine.precompiled is not None else None,
         "device": str(engine.device), "options": repr(engine.options),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
     }
@@ -322,6 +325,8 @@ def run_one(name: str, model: Path, lora: Path, work: Path, out: Path, tiny: boo
         [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     if "threads1" in variants:
         env["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
+    if "plaincompile" in variants:
+        env["FASTLORA_PRECOMPILE"] = "0"
     t0 = time.time()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,6 +40,7 @@ from .optimize import (
     set_attention,
     why_not_own_modules,
 )
+from .precompile import PrecompiledBlocks
 from .specs import EngineKey, EngineOptions, GenerateRequest, LoraStack, ModelSource
 from .timings import Phases
 
@@ -151,8 +153,11 @@ class FluxEngine:
         self.last_swap: SwapReport | None = None  # the last apply that changed weights (GET /fastlora/stats)
 
         self._deterministic_before = enable_deterministic() if options.deterministic else None
+        self._compile_cache: Path | None = None
+        self.precompiled: PrecompiledBlocks | None = None  # regional compile's saved blocks (decision 40)
         if options.compile != "off":
-            configure_compile_cache(options)  # imports inductor's config: a share of the start-up's imports
+            # imports inductor's config: a share of the start-up's imports
+            self._compile_cache = configure_compile_cache(options)
         t0 = time.perf_counter()
         self.phases.add("setup", t0 - started)
         # Decided once, before anything is read: the weights (and the fused strategy's masters) go
@@ -288,7 +293,8 @@ class FluxEngine:
         if self._compiled or self.options.compile == "off":
             return
         with self.phases.phase("compile_setup"):
-            compile_transformer(self.transformer, self.options.compile, self.options.dynamic_shapes)
+            self.precompiled = compile_transformer(self.transformer, self.options.compile,
+                                                   self.options.dynamic_shapes, self._compile_cache)
         self._compiled = True
 
     # -- LoRA ----------------------------------------------------------------------------------

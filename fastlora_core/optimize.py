@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
-from . import deps
+from . import deps, precompile
 from .errors import OptionsError
+from .precompile import PrecompiledBlocks
 from .specs import EngineOptions
 
 logger = logging.getLogger(__name__)
@@ -364,9 +365,15 @@ def hand_over_contiguous(transformer: torch.nn.Module) -> int:
     inside the compiled graph, and the next block concatenates its inputs anyway (ARCHITECTURE
     decision 31: +0.2 % per loop on the H200, one re-trace fewer per process start). The block keeps
     its class name (``compile_repeated_blocks`` matches on it), its state dict and its values;
-    returns how many blocks were changed."""
+    returns how many blocks were changed. FastLoRA's own single block has a switch for it
+    (``contiguous_outputs``); diffusers' gets a subclass with the same name."""
     changed = 0
     for block in getattr(transformer, "single_transformer_blocks", ()):
+        if hasattr(type(block), "contiguous_outputs"):
+            if not block.contiguous_outputs:
+                block.contiguous_outputs = True
+                changed += 1
+            continue
         base = type(block)
         if base in _CONTIGUOUS_CLASSES.values():
             continue
@@ -386,10 +393,15 @@ def hand_over_contiguous(transformer: torch.nn.Module) -> int:
     return changed
 
 
-def compile_transformer(transformer: torch.nn.Module, mode: str, dynamic: bool) -> None:
+def compile_transformer(transformer: torch.nn.Module, mode: str, dynamic: bool,
+                        cache_dir: Path | None = None) -> PrecompiledBlocks | None:
     """``full``: the whole transformer as one graph; ``regional``: each repeated block (the 19 double
     and 38 single blocks share two graphs), compiling in a fraction of the time. Never uses inductor
-    ``freezing``: frozen weights are constants and in-place LoRA updates would be ignored."""
+    ``freezing``: frozen weights are constants and in-place LoRA updates would be ignored.
+
+    With ``cache_dir`` (the compile cache), regional compilation of FastLoRA's own transformer saves
+    each compiled block class there and later processes load it without re-tracing
+    (:mod:`.precompile`, decision 40); returns that dispatcher, or None for plain ``torch.compile``."""
     import torch._inductor.config as inductor_config
 
     if getattr(inductor_config, "freezing", False):
@@ -408,9 +420,24 @@ def compile_transformer(transformer: torch.nn.Module, mode: str, dynamic: bool) 
         transformer.compile(**kwargs)
     elif mode == "regional":
         hand_over_contiguous(transformer)
+        why = precompile.why_not(transformer, dynamic) if cache_dir is not None else "no compile cache folder"
+        if not why:
+            blocks = PrecompiledBlocks(precompile.folder_for(cache_dir), _device_of(transformer))  # type: ignore[arg-type]
+            n = blocks.install(precompile.repeated_blocks(transformer))
+            logger.info("regional compile: %d blocks, compiled block classes saved to and loaded from %s", n,
+                        blocks.folder)
+            return blocks
+        logger.info("regional compile with plain torch.compile (blocks re-traced in every process): %s", why)
         transformer.compile_repeated_blocks(**kwargs)  # type: ignore[operator]
     elif mode != "off":
         raise OptionsError(f"unknown compile mode {mode!r}")
+    return None
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    for tensor in module.parameters():
+        return tensor.device
+    return torch.device("cpu")
 
 
 def enable_deterministic() -> tuple[bool, bool]:
@@ -444,7 +471,8 @@ def apply_offload(pipe, mode: str, device: torch.device) -> None:
 
 
 def dynamo_compile_count() -> int:
-    """Graphs dynamo has compiled in this process so far (recompiles included)."""
+    """Graphs dynamo has compiled in this process so far (recompiles included; a precompile trace
+    that restarted counts once)."""
     from torch._dynamo.utils import counters
 
-    return int(counters["stats"]["unique_graphs"])
+    return int(counters["stats"]["unique_graphs"]) - precompile.extra_graphs()

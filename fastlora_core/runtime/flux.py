@@ -573,6 +573,11 @@ class FluxTransformerBlock(nn.Module):
 class FluxSingleTransformerBlock(nn.Module):
     """Single-stream block over text+image tokens: attention and MLP in parallel, one output projection."""
 
+    #: Return the two streams as tensors of their own instead of slices of one tensor (diffusers'
+    #: strides): set by ``optimize.hand_over_contiguous`` so every single block sees the same input
+    #: strides and they share one compiled graph.
+    contiguous_outputs: bool = False
+
     def __init__(self, dim: int, num_attention_heads: int, attention_head_dim: int,
                  mlp_ratio: float = 4.0) -> None:
         super().__init__()
@@ -604,6 +609,11 @@ class FluxSingleTransformerBlock(nn.Module):
         if hidden_states.dtype == torch.float16:
             hidden_states = hidden_states.clip(-65504, 65504)
         encoder_hidden_states, hidden_states = hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]
+        if self.contiguous_outputs:
+            # clone, not .contiguous(): with batch 1 a slice counts as contiguous but keeps the
+            # parent's batch stride, which is what Dynamo's guard compares
+            return (encoder_hidden_states.clone(memory_format=torch.contiguous_format),
+                    hidden_states.clone(memory_format=torch.contiguous_format))
         return encoder_hidden_states, hidden_states
 
 

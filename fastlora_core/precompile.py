@@ -1,0 +1,496 @@
+"""Regional compilation whose compiled blocks are saved to disk and loaded without re-tracing.
+
+With ``compile=regional`` every process start used to re-trace the two Flux block classes with Dynamo
+even when inductor's cache held the compiled kernels: 2.6-3.5 s of a warm start on the H200
+(ARCHITECTURE decision 40). PyTorch's explicit precompile API (``torch.compile(fn).aot_compile(...)``,
+``torch.compiler.load_compiled_function``) compiles a function once for example inputs and saves the
+result, guards included; a later process loads it and calls it without tracing.
+
+What the saved guards cannot carry is identity: Dynamo guards a block's parameters, and the attention
+kernel a block calls, by object, and those objects are new in every process (torchao's fp8 weights
+cannot be written into a saved guard at all). This module therefore keeps the guards Dynamo can save
+(input shapes, strides, dtypes, grad mode, the blocks' module tree and their constant attributes) and
+guards the rest itself:
+
+* **the file's key** hashes the software (torch, Triton, torchao, Python, this format), the device,
+  the source files of every module class in the block, the block's parameters (name, type, shape,
+  dtype, strides, a quantised tensor's layout), the names and closures of the functions the block's
+  modules hold (the attention kernel), and the call's inputs and grad mode. Anything that would trace
+  differently hashes differently;
+* **every call** checks that each block still holds the same parameter objects and attribute values it
+  was fingerprinted with (a few identity tests); a change re-fingerprints the block before the call.
+
+A guard that still fails (something only Dynamo checks changed) or a file that will not load compiles
+the block again from source and replaces the file. Anything this module cannot do (an older torch, a
+block Dynamo cannot save) falls back to plain ``torch.compile`` of the block, logged, so compilation
+never becomes less available than before.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.metadata
+import logging
+import os
+import sys
+import threading
+import time
+import types
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+#: Bumped when what a saved file holds, or how its key is made, changes.
+FORMAT = 1
+
+#: The folder (under the compile cache) that holds the saved blocks.
+FOLDER = "fastlora-blocks"
+
+#: ``FASTLORA_PRECOMPILE=0`` turns saving and loading compiled blocks off (plain regional
+#: ``torch.compile``, re-traced in every process): a switch for comparisons and a way out.
+ENV_SWITCH = "FASTLORA_PRECOMPILE"
+
+
+def why_not(transformer: torch.nn.Module, dynamic: bool) -> str:
+    """Why the blocks of ``transformer`` cannot be precompiled here ("" when they can)."""
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return f"{ENV_SWITCH}=0"
+    if dynamic:
+        return "dynamic_shapes compiles one graph for every size; saved blocks are per size"
+    if not hasattr(torch.compiler, "load_compiled_function"):
+        return f"torch {torch.__version__} has no precompile API (torch.compiler.load_compiled_function)"
+    from .runtime.flux import FluxTransformer
+
+    if not isinstance(transformer, FluxTransformer):
+        return (f"{type(transformer).__name__} is not FastLoRA's own Flux transformer (diffusers' blocks "
+                "hold attention processors and hooks a saved guard cannot hold)")
+    return ""
+
+
+def repeated_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
+    """The blocks regional compilation compiles (the transformer's ``_repeated_blocks`` classes)."""
+    names = getattr(transformer, "_repeated_blocks", ())
+    return [m for m in transformer.modules() if type(m).__name__ in names]
+
+
+# --------------------------------------------------------------------------------------------------
+# Keys
+# --------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _software() -> tuple[str, ...]:
+    """Versions that change what inductor generates, read once per process."""
+
+    def version(name: str) -> str:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return "-"
+
+    return (f"format {FORMAT}", f"torch {torch.__version__}", f"triton {version('triton')}",
+            f"torchao {version('torchao')}", f"peft {version('peft')}", f"python {sys.version.split()[0]}")
+
+
+@functools.cache
+def _device_id(device: torch.device) -> str:
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"{torch.cuda.get_device_name(device)} sm{major}{minor}"
+    return device.type
+
+
+@functools.cache
+def _file_digest(path: str) -> str:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    except OSError:
+        return "unreadable"
+
+
+def _class_source(cls: type) -> str:
+    """The class and a digest of the file that defines it (its code and everything it calls there)."""
+    module = sys.modules.get(cls.__module__)
+    path = getattr(module, "__file__", None)
+    return f"{cls.__module__}.{cls.__qualname__}@{_file_digest(path) if path else '-'}"
+
+
+def _tensor_meta(t: torch.Tensor) -> tuple:
+    """What Dynamo would guard on for a tensor, plus a quantised tensor's layout (its inner tensors
+    and flatten context)."""
+    meta: tuple = (type(t).__qualname__, tuple(t.shape), t.dtype, t.device.type, t.requires_grad)
+    flatten = getattr(t, "__tensor_flatten__", None)
+    if flatten is not None and type(t) not in (torch.Tensor, torch.nn.Parameter):
+        names, ctx = flatten()
+        inner = tuple((n, _tensor_meta(getattr(t, n))) for n in names)
+        return (*meta, inner, repr(ctx))
+    return (*meta, tuple(t.stride()))
+
+
+def _value_id(value: object) -> str:
+    """A process-independent description of an attribute value a module holds (not a tensor or a
+    module): constants by value, functions by name, closure and defaults."""
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device)):
+        return repr(value)
+    if isinstance(value, (tuple, list)):
+        return f"{type(value).__name__}({', '.join(_value_id(v) for v in value)})"
+    if isinstance(value, functools.partial):
+        return f"partial({_value_id(value.func)}, {_value_id(value.args)}, {sorted(value.keywords)})"
+    if isinstance(value, types.MethodType):
+        return f"method {_value_id(value.__func__)} of {type(value.__self__).__qualname__}"
+    if isinstance(value, types.FunctionType):
+        module = sys.modules.get(value.__module__)
+        path = getattr(module, "__file__", None)
+        cells = tuple(c.cell_contents for c in value.__closure__ or ())
+        return (f"fn {value.__module__}.{value.__qualname__}@{_file_digest(path) if path else '-'} "
+                f"closure {_value_id(cells)} defaults {_value_id(value.__defaults__)}")
+    return f"{type(value).__module__}.{type(value).__qualname__} {value!r}"
+
+
+_MISSING = object()
+
+
+def _same(current: object, recorded: object) -> bool:
+    """Whether an attribute still holds what was fingerprinted: tensors and functions by identity
+    (held weakly, so a fingerprint never keeps freed weights alive), constants by value."""
+    if isinstance(recorded, weakref.ref):
+        return current is recorded()
+    return type(current) is type(recorded) and current == recorded
+
+
+def _record(value: object) -> object:
+    if isinstance(value, (dict, list, set)):
+        return type(value)(value)  # a copy: the container may be changed in place
+    try:
+        return weakref.ref(value) if not isinstance(value, (bool, int, float, str, tuple, type(None))) else value
+    except TypeError:  # not weak-referenceable (a dict, a list): compared by value
+        return value
+
+
+@dataclass
+class _Fingerprint:
+    """A block's trace-relevant state: a digest, and what keeps it valid: each attribute, parameter
+    and submodule the block's modules hold (as recorded by :func:`_record`), how many of each (an
+    added attribute shadows a class default), and each module's class."""
+
+    digest: str
+    watched: list[tuple[dict, str, object]] = field(default_factory=list)
+    sizes: list[tuple[dict, int]] = field(default_factory=list)
+    classes: list[tuple[weakref.ref, type]] = field(default_factory=list)
+
+    def still_valid(self) -> bool:
+        return (all(len(holder) == n for holder, n in self.sizes)
+                and all(_same(holder.get(name, _MISSING), recorded) for holder, name, recorded in self.watched)
+                and all(type(ref()) is cls for ref, cls in self.classes))
+
+
+def fingerprint(block: torch.nn.Module) -> _Fingerprint:
+    """Hash what the block's trace depends on besides the call's inputs: its module tree (classes and
+    their source files), parameters and buffers (meta, not values) and the plain attributes its
+    modules hold (constants, functions such as the attention kernel)."""
+    parts: list[str] = []
+    watched: list[tuple[dict, str, object]] = []
+    sizes: list[tuple[dict, int]] = []
+    classes: list[tuple[torch.nn.Module, type]] = []
+    for name, module in block.named_modules():
+        parts.append(f"module {name} {_class_source(type(module))}")
+        classes.append((module, type(module)))
+        for holder in (module.__dict__, module._parameters, module._buffers, module._modules):
+            sizes.append((holder, len(holder)))
+        for key, child in module._modules.items():
+            watched.append((module._modules, key, _record(child)))
+        for holder_name in ("_parameters", "_buffers"):
+            holder = module.__dict__[holder_name]
+            for key, tensor in holder.items():
+                watched.append((holder, key, _record(tensor)))
+                parts.append(f"{holder_name} {name}.{key} "
+                             f"{_tensor_meta(tensor) if tensor is not None else None}")
+        attrs = module.__dict__
+        for key in sorted(attrs):
+            value = attrs[key]
+            if key.startswith("_") or isinstance(value, (torch.Tensor, torch.nn.Module)):
+                continue
+            watched.append((attrs, key, _record(value)))
+            parts.append(f"attr {name}.{key} {_value_id(value)}")
+    digest = hashlib.sha256("\n".join(parts).encode()).hexdigest()
+    return _Fingerprint(digest, watched, sizes, [(weakref.ref(m), cls) for m, cls in classes])
+
+
+def _input_meta(value: object) -> object:
+    if isinstance(value, torch.Tensor):
+        return _tensor_meta(value)
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__, tuple(_input_meta(v) for v in value))
+    if isinstance(value, dict):
+        return tuple((k, _input_meta(v)) for k, v in sorted(value.items()))
+    return _value_id(value)
+
+
+def call_signature(args: tuple, kwargs: dict, sizes: bool = True) -> tuple:
+    """The call's inputs as Dynamo sees them (tensor meta, constants) and the autograd mode; with
+    ``sizes=False`` tensors count by rank only (the slot of a graph compiled with dynamic shapes)."""
+    meta = (_input_meta(args), _input_meta(kwargs)) if sizes else (_rank_meta(args), _rank_meta(kwargs))
+    return (*meta, torch.is_grad_enabled(), torch.is_inference_mode_enabled(), "sizes" if sizes else "dynamic")
+
+
+def _rank_meta(value: object) -> object:
+    if isinstance(value, torch.Tensor):
+        return (type(value).__qualname__, value.dim(), value.dtype, value.device.type, value.requires_grad)
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__, tuple(_rank_meta(v) for v in value))
+    if isinstance(value, dict):
+        return tuple((k, _rank_meta(v)) for k, v in sorted(value.items()))
+    return _value_id(value)
+
+
+# --------------------------------------------------------------------------------------------------
+# Compiling, saving, loading
+# --------------------------------------------------------------------------------------------------
+
+
+def _serialisable_guards(entries: Iterable[Any]) -> list[bool]:
+    """Keep the guards a saved file can hold: not globals, not identity (ID/closure matches), not the
+    parameters (new objects in every process; quantised ones cannot be written). The fingerprint and
+    :meth:`_Fingerprint.still_valid` stand in for the dropped ones."""
+    from torch._dynamo.guards import CheckFunctionManager
+
+    unsupported = CheckFunctionManager.UNSUPPORTED_SERIALIZATION_GUARD_TYPES
+    return [not (e.is_global or e.guard_type in unsupported or "_parameters" in e.name or "_buffers" in e.name)
+            for e in entries]
+
+
+def _picklable(block: torch.nn.Module) -> None:
+    """Drop torchao's per-instance ``extra_repr`` (a partial bound to the layer, which the guard
+    pickler cannot write); the class's own ``extra_repr`` takes over (the weight's type still shows
+    in its repr)."""
+    for module in block.modules():
+        value = module.__dict__.get("extra_repr")
+        if isinstance(value, types.MethodType) and isinstance(value.__func__, functools.partial):
+            del module.__dict__["extra_repr"]
+
+
+@dataclass
+class PrecompileStats:
+    """What the blocks' dispatch did in this process."""
+
+    compiled: int = 0
+    loaded: int = 0
+    saved: int = 0
+    compile_seconds: float = 0.0
+    load_seconds: float = 0.0
+    failures: list[str] = field(default_factory=list)
+
+
+class PrecompiledBlocks:
+    """The compiled forward of each block class, per block fingerprint and call signature, loaded
+    from ``folder`` when saved there, else compiled and saved. Install with :meth:`install`."""
+
+    def __init__(self, folder: Path, device: torch.device) -> None:
+        self.folder = folder
+        self.device = device
+        self.stats = PrecompileStats()
+        self._functions: dict[tuple, Callable[..., Any]] = {}
+        self._fingerprints: dict[int, _Fingerprint] = {}
+        self._plain: dict[type, str] = {}  # block classes that fell back to torch.compile, and why
+        self._static_only: set[type] = set()  # block classes a dynamic-shape graph failed for
+        self._lock = threading.RLock()
+
+    def install(self, blocks: Iterable[torch.nn.Module]) -> int:
+        """Route every block's calls through :meth:`_call` (the slot ``Module.compile`` uses, so the
+        block's own ``forward`` and state stay as they are); returns how many blocks."""
+        n = 0
+        for block in blocks:
+            _picklable(block)
+            block._compiled_call_impl = functools.partial(self._call, block)
+            n += 1
+        return n
+
+    # -- the call ------------------------------------------------------------------------------
+    def _call(self, block: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if type(block) in self._plain:
+            return self._to_plain(block)(*args, **kwargs)
+        if (block._forward_hooks or block._forward_pre_hooks or torch.nn.modules.module._global_forward_hooks
+                or torch.nn.modules.module._global_forward_pre_hooks):
+            return block._call_impl(*args, **kwargs)  # a compiled forward would skip the hooks
+        fp = self._fingerprints.get(id(block))
+        if fp is None or not fp.still_valid():
+            fp = self._fingerprints[id(block)] = fingerprint(block)
+        slot = (type(block), fp.digest, call_signature(args, kwargs))
+        fn = self._functions.get(slot)
+        if fn is None:
+            fn = self._get(slot, block, args, kwargs)
+            if fn is None:
+                return self._to_plain(block)(*args, **kwargs)
+        try:
+            return fn(block, *args, **kwargs)
+        except RuntimeError as exc:
+            if "GuardManager check failed" not in str(exc):
+                raise
+            logger.info("compiled %s: a saved guard failed (%s); compiling it again", type(block).__name__,
+                        " ".join(str(exc).split())[-300:])
+            with self._lock:
+                fn = self._compile(slot, block, args, kwargs)
+                if fn is None:
+                    self._plain[type(block)] = self.stats.failures[-1]
+                    return self._to_plain(block)(*args, **kwargs)
+                self._functions[slot] = fn
+            return fn(block, *args, **kwargs)
+
+    def _to_plain(self, block: torch.nn.Module) -> Callable[..., Any]:
+        """Plain regional ``torch.compile`` for this block (what ``Module.compile`` installs)."""
+        compiled = torch.compile(block._call_impl, fullgraph=True)
+        block._compiled_call_impl = compiled
+        return compiled
+
+    def _prefix(self, cls: type, digest: str, inference: bool) -> str:
+        """The part of a file name fixed by the software, the device, the block and the autograd mode
+        (files of one block as it is now sort together); the call's inputs make the rest."""
+        text = repr((_software(), _device_id(self.device), _class_source(cls), digest, inference))
+        return f"{cls.__name__}-{hashlib.sha256(text.encode()).hexdigest()[:20]}"
+
+    def path(self, slot: tuple) -> Path:
+        cls, digest, signature = slot
+        inference = signature[-2]  # call_signature's torch.is_inference_mode_enabled()
+        rest = hashlib.sha256(repr(signature).encode()).hexdigest()[:20]
+        return self.folder / f"{self._prefix(cls, digest, inference)}-{rest}.bin"
+
+    def _read(self, path: Path, cls: type) -> Callable[..., Any] | None:
+        """Deserialise one saved file (None when it does not load: it is compiled again and replaced)."""
+        t0 = time.perf_counter()
+        try:
+            with open(path, "rb") as f:
+                fn = torch.compiler.load_compiled_function(f)
+        except Exception as exc:  # a damaged or foreign file
+            logger.warning("could not load the compiled block %s (%s: %s); compiling it again",
+                           path, type(exc).__name__, exc)
+            return None
+        seconds = time.perf_counter() - t0
+        self.stats.loaded += 1
+        self.stats.load_seconds += seconds
+        logger.info("loaded compiled %s from %s (%.2f s)", cls.__name__, path, seconds)
+        return fn
+
+    def _get(self, slot: tuple, block: torch.nn.Module, args: tuple, kwargs: dict) -> Callable[..., Any] | None:
+        """The slot's function. Like Dynamo's automatic dynamic shapes: the first size a block class
+        sees gets a graph for exactly that size; a second size gets one graph with dynamic shapes that
+        serves every later size. Each is loaded from its file when saved, else compiled and saved.
+        None when this block class cannot be precompiled (it then runs plain ``torch.compile``)."""
+        with self._lock:
+            fn = self._functions.get(slot)
+            if fn is not None or type(block) in self._plain:
+                return fn
+            fn = self._load(slot, block)
+            if fn is None:
+                cls, digest, _ = slot
+                dynamic_slot = (cls, digest, call_signature(args, kwargs, sizes=False))
+                fn = self._functions.get(dynamic_slot) or self._load(dynamic_slot, block)
+                second_size = any(s[:2] == slot[:2] for s in self._functions)
+                if fn is None and second_size and cls not in self._static_only:
+                    fn = self._compile(dynamic_slot, block, args, kwargs, dynamic=True)
+                    if fn is None:
+                        self._static_only.add(cls)
+                if fn is None:
+                    fn = self._compile(slot, block, args, kwargs)
+                    if fn is None:
+                        self._plain[cls] = self.stats.failures[-1]
+                        return None
+            self._functions[slot] = fn
+            return fn
+
+    def _load(self, slot: tuple, block: torch.nn.Module) -> Callable[..., Any] | None:
+        """The slot's saved function, or None (no file, or one that does not load)."""
+        fn = self._functions.get(slot)
+        if fn is not None:
+            return fn
+        path = self.path(slot)
+        fn = self._read(path, type(block)) if path.is_file() else None
+        if fn is not None:
+            self._functions[slot] = fn
+        return fn
+
+    @staticmethod
+    def _trace(compiler: Any, block: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+        """``aot_compile`` with Dynamo's restarts: a dynamic-shape trace asks to start over once it
+        knows which float scalars to specialise (``TensorifyScalarRestartAnalysis``, remembered
+        for the next attempt); ``torch.compile`` restarts by itself, the precompile API does not."""
+        from torch._dynamo.exc import RestartAnalysis
+        from torch._dynamo.utils import counters
+
+        global _EXTRA_GRAPHS
+        before = counters["stats"]["unique_graphs"]
+        made = 0
+        try:
+            for attempt in range(4):
+                try:
+                    fn = compiler.aot_compile(((block, *args), kwargs))
+                    made = 1
+                    return fn
+                except RestartAnalysis:
+                    if attempt == 3:
+                        raise
+            raise AssertionError("unreachable")
+        finally:
+            _EXTRA_GRAPHS += counters["stats"]["unique_graphs"] - before - made
+
+    def _compile(self, slot: tuple, block: torch.nn.Module, args: tuple, kwargs: dict,
+                 dynamic: bool = False) -> Callable[..., Any] | None:
+        """Compile the block's forward for this call (``dynamic``: for any size) and save it; called
+        with the lock held."""
+        import torch._dynamo.config as dynamo_config
+
+        t0 = time.perf_counter()
+        try:
+            with dynamo_config.patch(enable_aot_compile=True):
+                compiler = torch.compile(type(block).forward, fullgraph=True, dynamic=True if dynamic else None,
+                                         options={"guard_filter_fn": _serialisable_guards})
+            fn = self._trace(compiler, block, args, kwargs)
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+            self.stats.failures.append(reason)
+            if dynamic:
+                logger.warning("cannot precompile %s with dynamic shapes (%s); compiling one graph per size "
+                               "instead", type(block).__name__, reason)
+            else:
+                logger.warning("cannot precompile %s (%s); compiling it with plain torch.compile (traced "
+                               "again in every process)", type(block).__name__, reason)
+            return None
+        seconds = time.perf_counter() - t0
+        self.stats.compiled += 1
+        self.stats.compile_seconds += seconds
+        path = self.path(slot)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fn.save_compiled_function(str(path))
+        except Exception as exc:  # still usable in this process; the next one compiles again
+            reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+            self.stats.failures.append(reason)
+            logger.warning("compiled %s but could not save it to %s (%s); later processes compile it again",
+                           type(block).__name__, path, reason)
+        else:
+            self.stats.saved += 1
+            logger.info("compiled %s in %.1f s, saved to %s", type(block).__name__, seconds, path)
+        self._functions[slot] = fn
+        return fn
+
+
+#: Graphs Dynamo counted for traces that did not become a compiled function (restarted or failed
+#: ones); see :func:`extra_graphs`.
+_EXTRA_GRAPHS = 0
+
+
+def extra_graphs() -> int:
+    """How many of Dynamo's counted graphs (``counters["stats"]["unique_graphs"]``) were precompile
+    traces that restarted or failed, so a count of compiled graphs can leave them out."""
+    return _EXTRA_GRAPHS
+
+
+def folder_for(cache_dir: Path | str) -> Path:
+    """Where saved blocks live inside a compile cache folder."""
+    return Path(cache_dir) / FOLDER

@@ -1,0 +1,213 @@
+"""Saved compiled blocks (``fastlora_core.precompile``, ARCHITECTURE decision 40).
+
+Regional compilation of FastLoRA's own transformer saves each compiled block class and a later
+process loads it without re-tracing. What a user relies on: the loaded graph computes what the block
+computes with *its own, current* weights (LoRA swaps write in place); anything that would trace
+differently gets its own graph instead of a stale one; a damaged file costs a compile, never an
+error; hooks still run. CPU, float32, tiny blocks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastlora_core import precompile
+from fastlora_core.precompile import PrecompiledBlocks, fingerprint
+from fastlora_core.runtime.flux import (
+    FluxSingleTransformerBlock,
+    FluxTransformer,
+    FluxTransformerConfig,
+    native_attention,
+)
+
+pytestmark = pytest.mark.slow  # each test compiles a block (seconds on the CPU)
+
+DIM, HEADS, HEAD_DIM = 32, 2, 16
+CPU = torch.device("cpu")
+
+
+def _blocks(n: int = 2, seed: int = 0) -> list[FluxSingleTransformerBlock]:
+    torch.manual_seed(seed)
+    return [FluxSingleTransformerBlock(DIM, HEADS, HEAD_DIM).eval().requires_grad_(False) for _ in range(n)]
+
+
+def _inputs(img: int = 16, txt: int = 8, seed: int = 1) -> dict[str, object]:
+    g = torch.Generator().manual_seed(seed)
+    rope = (torch.randn(txt + img, HEAD_DIM, generator=g), torch.randn(txt + img, HEAD_DIM, generator=g))
+    return {"hidden_states": torch.randn(1, img, DIM, generator=g),
+            "encoder_hidden_states": torch.randn(1, txt, DIM, generator=g),
+            "temb": torch.randn(1, DIM, generator=g), "image_rotary_emb": rope}
+
+
+def _run(block: torch.nn.Module, inputs: dict[str, object]) -> tuple[torch.Tensor, ...]:
+    with torch.inference_mode():
+        return tuple(block(**inputs))
+
+
+def _eager(block: torch.nn.Module, inputs: dict[str, object]) -> tuple[torch.Tensor, ...]:
+    with torch.inference_mode():
+        return tuple(type(block).forward(block, **inputs))
+
+
+def _close(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> bool:
+    return all(torch.allclose(x, y, atol=1e-5, rtol=1e-5) for x, y in zip(a, b))  # inductor reorders sums
+
+
+def test_a_compiled_block_is_saved_and_a_fresh_dispatcher_loads_it_without_compiling(tmp_path: Path) -> None:
+    blocks, inputs = _blocks(), _inputs()
+    first = PrecompiledBlocks(tmp_path, CPU)
+    assert first.install(blocks) == 2
+    out = _run(blocks[0], inputs)
+    assert (first.stats.compiled, first.stats.saved, first.stats.loaded) == (1, 1, 0)
+    assert _close(out, _eager(blocks[0], inputs))
+    assert len(list(tmp_path.glob("FluxSingleTransformerBlock-*.bin"))) == 1
+
+    again = PrecompiledBlocks(tmp_path, CPU)  # what a restarted process builds
+    again.install(blocks)
+    loaded = _run(blocks[0], inputs)
+    assert (again.stats.compiled, again.stats.loaded) == (0, 1)
+    assert all(torch.equal(a, b) for a, b in zip(loaded, out))  # the same compiled code
+
+
+def test_one_graph_serves_every_block_with_its_own_weights_and_sees_in_place_writes(tmp_path: Path) -> None:
+    blocks, inputs = _blocks(3), _inputs()
+    dispatch = PrecompiledBlocks(tmp_path, CPU)
+    dispatch.install(blocks)
+    for block in blocks:
+        assert _close(_run(block, inputs), _eager(block, inputs))
+    before = _run(blocks[2], inputs)
+    with torch.no_grad():  # what a fused LoRA swap does: write into the weight
+        blocks[2].proj_out.weight.mul_(1.5)
+    after = _run(blocks[2], inputs)
+    assert not _close(after, before)
+    assert _close(after, _eager(blocks[2], inputs))
+    assert dispatch.stats.compiled == 1
+
+
+def test_a_new_attention_kernel_gets_its_own_graph_not_a_stale_one(tmp_path: Path) -> None:
+    blocks, inputs = _blocks(1), _inputs()
+    dispatch = PrecompiledBlocks(tmp_path, CPU)
+    dispatch.install(blocks)
+    plain = _run(blocks[0], inputs)
+
+    def doubled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return 2 * native_attention(q, k, v)
+
+    blocks[0].attn.attention_fn = doubled  # a Python function: Dynamo's own guard on it cannot be saved
+    changed = _run(blocks[0], inputs)
+    assert not _close(changed, plain)
+    assert _close(changed, _eager(blocks[0], inputs))
+    assert dispatch.stats.compiled == 2
+    assert len(list(tmp_path.glob("*.bin"))) == 2
+
+
+def test_fingerprint_follows_structure_and_types_not_values() -> None:
+    a, b = _blocks(2)
+    assert fingerprint(a).digest == fingerprint(b).digest  # other random weights, same graph
+    fp = fingerprint(a)
+    assert fp.still_valid()
+    a.proj_out.weight = torch.nn.Parameter(a.proj_out.weight.to(torch.bfloat16), requires_grad=False)
+    assert not fp.still_valid()
+    assert fingerprint(a).digest != fingerprint(b).digest
+    b.contiguous_outputs = True  # a constant the forward branches on
+    assert fingerprint(b).digest != fingerprint(_blocks(1)[0]).digest
+    c = _blocks(1)[0]
+    fp = fingerprint(c)
+    c.attn.attention_fn = native_attention  # an instance attribute shadowing the class default
+    assert not fp.still_valid()
+    fp = fingerprint(c)
+    c.proj_mlp = torch.nn.Linear(DIM, 4 * DIM)  # a submodule replaced (an adapter slot does this)
+    assert not fp.still_valid()
+
+
+def test_a_damaged_saved_file_costs_a_compile_and_is_replaced(tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    blocks, inputs = _blocks(1), _inputs()
+    PrecompiledBlocks(tmp_path, CPU).install(blocks)
+    expected = _run(blocks[0], inputs)
+    (saved,) = tmp_path.glob("*.bin")
+    saved.write_bytes(b"not a compiled block")
+    damaged = PrecompiledBlocks(tmp_path, CPU)
+    damaged.install(blocks)
+    with caplog.at_level(logging.WARNING, logger="fastlora_core.precompile"):
+        out = _run(blocks[0], inputs)
+    assert "could not load the compiled block" in caplog.text and str(saved) in caplog.text
+    assert (damaged.stats.loaded, damaged.stats.compiled) == (0, 1)
+    assert _close(out, expected)
+    repaired = PrecompiledBlocks(tmp_path, CPU)
+    repaired.install(blocks)
+    _run(blocks[0], inputs)
+    assert (repaired.stats.loaded, repaired.stats.compiled) == (1, 0)
+
+
+def test_a_second_size_compiles_one_dynamic_graph_that_later_sizes_reuse(tmp_path: Path) -> None:
+    blocks = _blocks(1)
+    dispatch = PrecompiledBlocks(tmp_path, CPU)
+    dispatch.install(blocks)
+    for img in (16, 24, 40, 16):
+        inputs = _inputs(img=img)
+        assert _close(_run(blocks[0], inputs), _eager(blocks[0], inputs))
+    assert dispatch.stats.compiled == 2  # 16 tokens exactly, then any size
+    later = PrecompiledBlocks(tmp_path, CPU)  # a restart serves a size never seen from the saved dynamic graph
+    later.install(blocks)
+    _run(blocks[0], _inputs(img=16))
+    _run(blocks[0], _inputs(img=48))
+    assert (later.stats.compiled, later.stats.loaded) == (0, 2)
+
+
+def test_blocks_with_hooks_run_eagerly_with_their_hooks(tmp_path: Path) -> None:
+    blocks, inputs = _blocks(1), _inputs()
+    dispatch = PrecompiledBlocks(tmp_path, CPU)
+    dispatch.install(blocks)
+    calls: list[int] = []
+    blocks[0].register_forward_hook(lambda module, args, output: calls.append(1))
+    assert _close(_run(blocks[0], inputs), _eager(blocks[0], inputs))
+    assert calls == [1] and dispatch.stats.compiled == 0
+
+
+def test_why_not_names_what_keeps_plain_torch_compile(monkeypatch: pytest.MonkeyPatch) -> None:
+    own = FluxTransformer(FluxTransformerConfig(num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                                num_attention_heads=2, joint_attention_dim=32,
+                                                pooled_projection_dim=32, axes_dims_rope=(4, 6, 6)))
+    assert precompile.why_not(own, dynamic=False) == ""
+    assert "dynamic" in precompile.why_not(own, dynamic=True)
+    assert "own Flux transformer" in precompile.why_not(torch.nn.Linear(2, 2), dynamic=False)
+    monkeypatch.setenv("FASTLORA_PRECOMPILE", "0")
+    assert "FASTLORA_PRECOMPILE=0" in precompile.why_not(own, dynamic=False)
+    assert len(precompile.repeated_blocks(own)) == 2
+
+
+_CHILD = """
+import json, sys, torch
+torch.set_num_threads(2)
+from fastlora_core.engine import FluxEngine
+from fastlora_core.specs import EngineOptions, GenerateRequest, ModelSource
+engine = FluxEngine(ModelSource.from_diffusers(sys.argv[1]),
+                    EngineOptions(dtype="float32", device="cpu", compile="regional", compile_cache_dir=sys.argv[2]))
+result = engine.generate(GenerateRequest(prompt="a red fox", seed=7, steps=2, width=64, height=64,
+                                         max_sequence_length=16))
+torch.save(result.images, sys.argv[3])
+print(json.dumps({"new_compiles": result.new_compiles, **vars(engine.precompiled.stats)}))
+"""
+
+
+def test_a_restarted_process_loads_the_blocks_and_makes_the_same_image(tiny_dir: Path, tmp_path: Path) -> None:
+    """The user-visible promise: the second process compiles nothing and its image is the first's."""
+    runs = []
+    for i in range(2):
+        proc = subprocess.run([sys.executable, "-c", _CHILD, str(tiny_dir), str(tmp_path / "cache"),
+                               str(tmp_path / f"image{i}.pt")], capture_output=True, text=True, timeout=600,
+                              env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert runs[0]["compiled"] == 2 and runs[0]["saved"] == 2 and runs[0]["new_compiles"] == 2
+    assert runs[1]["compiled"] == 0 and runs[1]["loaded"] == 2 and runs[1]["new_compiles"] == 0
+    first, second = (torch.load(tmp_path / f"image{i}.pt") for i in range(2))
+    assert torch.equal(first, second)  # the same saved graphs, the same machine and thread count
