@@ -17,8 +17,12 @@ guards the rest itself:
   dtype, strides, a quantised tensor's layout), the names and closures of the functions the block's
   modules hold (the attention kernel), and the call's inputs and grad mode. Anything that would trace
   differently hashes differently;
-* **every call** checks that each block still holds the same parameter objects and attribute values it
-  was fingerprinted with (a few identity tests); a change re-fingerprints the block before the call.
+* **every call** checks that each block still holds the same parameter objects, submodules, attribute
+  values and classes it was fingerprinted with, and as many of each (tens of identity tests); a change
+  re-fingerprints the block before the call.
+
+Sizes follow Dynamo's automatic dynamic shapes: a block class's first size gets a graph for exactly
+that size, its second one graph with dynamic shapes that every later size reuses.
 
 A guard that still fails (something only Dynamo checks changed) or a file that will not load compiles
 the block again from source and replaces the file. Anything this module cannot do (an older torch, a
@@ -162,7 +166,10 @@ def _same(current: object, recorded: object) -> bool:
     (held weakly, so a fingerprint never keeps freed weights alive), constants by value."""
     if isinstance(recorded, weakref.ref):
         return current is recorded()
-    return type(current) is type(recorded) and current == recorded
+    try:
+        return type(current) is type(recorded) and bool(current == recorded)
+    except Exception:  # an attribute whose == is not a plain answer: fingerprint again to be safe
+        return False
 
 
 def _record(value: object) -> object:
@@ -331,8 +338,9 @@ class PrecompiledBlocks:
         try:
             return fn(block, *args, **kwargs)
         except RuntimeError as exc:
-            if "GuardManager check failed" not in str(exc):
-                raise
+            guard_check = getattr(fn, "guard_check", None)
+            if guard_check is None or guard_check(block, *args, **kwargs):
+                raise  # not a guard: the block's own error (an out-of-memory, a bad input)
             logger.info("compiled %s: a saved guard failed (%s); compiling it again", type(block).__name__,
                         " ".join(str(exc).split())[-300:])
             with self._lock:

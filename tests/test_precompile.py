@@ -108,6 +108,21 @@ def test_a_new_attention_kernel_gets_its_own_graph_not_a_stale_one(tmp_path: Pat
     assert len(list(tmp_path.glob("*.bin"))) == 2
 
 
+def test_a_saved_guard_that_fails_compiles_again_instead_of_running_a_stale_graph(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dynamo's guards that a file can hold stay the second line of defence behind the fingerprint."""
+    blocks, inputs = _blocks(1), _inputs()
+    dispatch = PrecompiledBlocks(tmp_path, CPU)
+    dispatch.install(blocks)
+    plain = _run(blocks[0], inputs)
+    monkeypatch.setattr(precompile._Fingerprint, "still_valid", lambda self: True)  # a change it misses
+    blocks[0].attn.attention_fn = lambda q, k, v: 2 * native_attention(q, k, v)
+    changed = _run(blocks[0], inputs)
+    assert not _close(changed, plain)
+    assert _close(changed, _eager(blocks[0], inputs))
+    assert dispatch.stats.compiled == 2
+
+
 def test_fingerprint_follows_structure_and_types_not_values() -> None:
     a, b = _blocks(2)
     assert fingerprint(a).digest == fingerprint(b).digest  # other random weights, same graph
