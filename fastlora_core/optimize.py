@@ -420,9 +420,9 @@ def compile_transformer(transformer: torch.nn.Module, mode: str, dynamic: bool,
         transformer.compile(**kwargs)
     elif mode == "regional":
         hand_over_contiguous(transformer)
-        why = precompile.why_not(transformer, dynamic) if cache_dir is not None else "no compile cache folder"
-        if not why:
-            blocks = PrecompiledBlocks(precompile.folder_for(cache_dir), _device_of(transformer))  # type: ignore[arg-type]
+        why = "no compile cache folder" if cache_dir is None else precompile.why_not(transformer, dynamic)
+        if cache_dir is not None and not why:
+            blocks = PrecompiledBlocks(precompile.folder_for(cache_dir), next(transformer.parameters()).device)
             n = blocks.install(precompile.repeated_blocks(transformer))
             logger.info("regional compile: %d blocks, compiled block classes saved to and loaded from %s", n,
                         blocks.folder)
@@ -432,12 +432,6 @@ def compile_transformer(transformer: torch.nn.Module, mode: str, dynamic: bool,
     elif mode != "off":
         raise OptionsError(f"unknown compile mode {mode!r}")
     return None
-
-
-def _device_of(module: torch.nn.Module) -> torch.device:
-    for tensor in module.parameters():
-        return tensor.device
-    return torch.device("cpu")
 
 
 def enable_deterministic() -> tuple[bool, bool]:

@@ -247,6 +247,11 @@ def call_signature(args: tuple, kwargs: dict, sizes: bool = True) -> tuple:
     return (*meta, torch.is_grad_enabled(), torch.is_inference_mode_enabled(), "sizes" if sizes else "dynamic")
 
 
+def _in_inference_mode(signature: tuple) -> bool:
+    """The inference-mode flag of a :func:`call_signature`."""
+    return bool(signature[-2])
+
+
 def _rank_meta(value: object) -> object:
     if isinstance(value, torch.Tensor):
         return (type(value).__qualname__, value.dim(), value.dtype, value.device.type, value.requires_grad)
@@ -365,9 +370,8 @@ class PrecompiledBlocks:
 
     def path(self, slot: tuple) -> Path:
         cls, digest, signature = slot
-        inference = signature[-2]  # call_signature's torch.is_inference_mode_enabled()
         rest = hashlib.sha256(repr(signature).encode()).hexdigest()[:20]
-        return self.folder / f"{self._prefix(cls, digest, inference)}-{rest}.bin"
+        return self.folder / f"{self._prefix(cls, digest, _in_inference_mode(signature))}-{rest}.bin"
 
     def _read(self, path: Path, cls: type) -> Callable[..., Any] | None:
         """Deserialise one saved file (None when it does not load: it is compiled again and replaced)."""

@@ -499,7 +499,8 @@ def test_cancel_between_blocks_keeps_the_regional_compile(pack: Any) -> None:
     (first,) = run(pack, "Generate", engine=base, **gen_inputs())
     engine = registry.peek(base.key)
     compiles = engine.compiles
-    assert compiles > 0
+    # the blocks run compiled: compiled now, or loaded as saved by an earlier engine (decision 40)
+    assert compiles > 0 or (engine.precompiled is not None and engine.precompiled.stats.loaded > 0)
 
     class Stop(Exception):
         pass
