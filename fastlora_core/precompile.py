@@ -37,6 +37,7 @@ import hashlib
 import importlib.metadata
 import logging
 import os
+import platform
 import sys
 import threading
 import time
@@ -105,9 +106,14 @@ def _software() -> tuple[str, ...]:
 
 @functools.cache
 def _device_id(device: torch.device) -> str:
+    """What the compiled code was built for: the GPU model and compute capability, or the CPU's
+    architecture and vector instructions (a cache folder shared between machines must not hand
+    AVX-512 code to a CPU without it)."""
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         return f"{torch.cuda.get_device_name(device)} sm{major}{minor}"
+    if device.type == "cpu":
+        return f"cpu {platform.machine()} {torch.backends.cpu.get_cpu_capability()}"
     return device.type
 
 
