@@ -125,11 +125,11 @@ def _file_digest(path: str) -> str:
         return "unreadable"
 
 
-def _class_source(cls: type) -> str:
-    """The class and a digest of the file that defines it (its code and everything it calls there)."""
-    module = sys.modules.get(cls.__module__)
-    path = getattr(module, "__file__", None)
-    return f"{cls.__module__}.{cls.__qualname__}@{_file_digest(path) if path else '-'}"
+def _source(obj: type | types.FunctionType) -> str:
+    """A class or function by name, with a digest of the file that defines it (its code and
+    everything it calls there)."""
+    path = getattr(sys.modules.get(obj.__module__), "__file__", None)
+    return f"{obj.__module__}.{obj.__qualname__}@{_file_digest(path) if path else '-'}"
 
 
 def _tensor_meta(t: torch.Tensor) -> tuple:
@@ -156,11 +156,8 @@ def _value_id(value: object) -> str:
     if isinstance(value, types.MethodType):
         return f"method {_value_id(value.__func__)} of {type(value.__self__).__qualname__}"
     if isinstance(value, types.FunctionType):
-        module = sys.modules.get(value.__module__)
-        path = getattr(module, "__file__", None)
         cells = tuple(c.cell_contents for c in value.__closure__ or ())
-        return (f"fn {value.__module__}.{value.__qualname__}@{_file_digest(path) if path else '-'} "
-                f"closure {_value_id(cells)} defaults {_value_id(value.__defaults__)}")
+        return f"fn {_source(value)} closure {_value_id(cells)} defaults {_value_id(value.__defaults__)}"
     return f"{type(value).__module__}.{type(value).__qualname__} {value!r}"
 
 
@@ -183,7 +180,7 @@ def _record(value: object) -> object:
         return type(value)(value)  # a copy: the container may be changed in place
     try:
         return weakref.ref(value) if not isinstance(value, (bool, int, float, str, tuple, type(None))) else value
-    except TypeError:  # not weak-referenceable (a dict, a list): compared by value
+    except TypeError:  # not weak-referenceable (a torch.dtype, a slice): compared by value
         return value
 
 
@@ -213,7 +210,7 @@ def fingerprint(block: torch.nn.Module) -> _Fingerprint:
     sizes: list[tuple[dict, int]] = []
     classes: list[tuple[torch.nn.Module, type]] = []
     for name, module in block.named_modules():
-        parts.append(f"module {name} {_class_source(type(module))}")
+        parts.append(f"module {name} {_source(type(module))}")
         classes.append((module, type(module)))
         for holder in (module.__dict__, module._parameters, module._buffers, module._modules):
             sizes.append((holder, len(holder)))
@@ -236,36 +233,28 @@ def fingerprint(block: torch.nn.Module) -> _Fingerprint:
     return _Fingerprint(digest, watched, sizes, [(weakref.ref(m), cls) for m, cls in classes])
 
 
-def _input_meta(value: object) -> object:
+def _input_meta(value: object, sizes: bool) -> object:
+    """One input as Dynamo sees it; tensors by :func:`_tensor_meta`, or by rank only without ``sizes``."""
     if isinstance(value, torch.Tensor):
-        return _tensor_meta(value)
+        if sizes:
+            return _tensor_meta(value)
+        return (type(value).__qualname__, value.dim(), value.dtype, value.device.type, value.requires_grad)
     if isinstance(value, (tuple, list)):
-        return (type(value).__name__, tuple(_input_meta(v) for v in value))
+        return (type(value).__name__, tuple(_input_meta(v, sizes) for v in value))
     if isinstance(value, dict):
-        return tuple((k, _input_meta(v)) for k, v in sorted(value.items()))
+        return tuple((k, _input_meta(v, sizes)) for k, v in sorted(value.items()))
     return _value_id(value)
 
 
 def call_signature(args: tuple, kwargs: dict, sizes: bool = True) -> tuple:
     """The call's inputs as Dynamo sees them (tensor meta, constants) and the autograd mode; with
     ``sizes=False`` tensors count by rank only (the slot of a graph compiled with dynamic shapes)."""
-    meta = (_input_meta(args), _input_meta(kwargs)) if sizes else (_rank_meta(args), _rank_meta(kwargs))
-    return (*meta, torch.is_grad_enabled(), torch.is_inference_mode_enabled(), "sizes" if sizes else "dynamic")
+    return (_input_meta(args, sizes), _input_meta(kwargs, sizes), torch.is_grad_enabled(), torch.is_inference_mode_enabled(), "sizes" if sizes else "dynamic")
 
 
 def _in_inference_mode(signature: tuple) -> bool:
     """The inference-mode flag of a :func:`call_signature`."""
     return bool(signature[-2])
-
-
-def _rank_meta(value: object) -> object:
-    if isinstance(value, torch.Tensor):
-        return (type(value).__qualname__, value.dim(), value.dtype, value.device.type, value.requires_grad)
-    if isinstance(value, (tuple, list)):
-        return (type(value).__name__, tuple(_rank_meta(v) for v in value))
-    if isinstance(value, dict):
-        return tuple((k, _rank_meta(v)) for k, v in sorted(value.items()))
-    return _value_id(value)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -371,7 +360,7 @@ class PrecompiledBlocks:
     def _prefix(self, cls: type, digest: str, inference: bool) -> str:
         """The part of a file name fixed by the software, the device, the block and the autograd mode
         (files of one block as it is now sort together); the call's inputs make the rest."""
-        text = repr((_software(), _device_id(self.device), _class_source(cls), digest, inference))
+        text = repr((_software(), _device_id(self.device), _source(cls), digest, inference))
         return f"{cls.__name__}-{hashlib.sha256(text.encode()).hexdigest()[:20]}"
 
     def path(self, slot: tuple) -> Path:
