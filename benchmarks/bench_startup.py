@@ -22,7 +22,10 @@ where the time goes (``VARIANTS``). ``_cudnnfp8``: the engine with ``attention="
 image compiles the blocks with the FP8 attention op; the steady image compares with ``api_warm``).
 ``_threads1``: ``TORCHINDUCTOR_COMPILE_THREADS=1`` (no pool of compile workers). ``_plaincompile``:
 ``FASTLORA_PRECOMPILE=0`` (plain regional ``torch.compile``, the blocks re-traced in every process, as
-before decision 40; its first run after other runs still compiles its own graphs). ``_diffusers``:
+before decision 40; its first run after other runs still compiles its own graphs). ``_bgcompile``:
+``FASTLORA_BACKGROUND_COMPILE=1`` (decision 41: a block class without a saved graph is compiled by a worker
+process while the images run uncompiled; ``saved_blocks`` counts the graphs loaded from workers and the
+uncompiled block calls). ``_diffusers``:
 diffusers' and transformers' classes instead of FastLoRA's own modules (as before decision 39). The
 API child imports what a script using the API imports (torch and the pack); the engine's loader builds
 FastLoRA's own modules (decision 39), or imports diffusers and transformers in its ``read`` phase
@@ -60,8 +63,11 @@ RUNS = ("api_cold", "api_warm", "cli_cold", "cli_warm", "api_disk_cold")  # a wa
 #: importtime``: ``importtime.txt``), ``_cudnnfp8`` (``attention="cudnn_fp8"``), ``_threads1``
 #: (``TORCHINDUCTOR_COMPILE_THREADS=1``: inductor loads its cached kernels in the process, without
 #: starting its pool of compile workers), ``_diffusers`` (diffusers' and transformers' classes, as
-#: before decision 39), ``_plaincompile`` (``FASTLORA_PRECOMPILE=0``: no saved blocks, as before decision 40).
-VARIANTS = ("ordinary", "serial", "profile", "importtime", "cudnnfp8", "threads1", "diffusers", "plaincompile")
+#: before decision 39), ``_plaincompile`` (``FASTLORA_PRECOMPILE=0``: no saved blocks, as before decision 40),
+#: ``_bgcompile`` (``FASTLORA_BACKGROUND_COMPILE=1``: missing block graphs compiled by worker processes while
+#: the first images run uncompiled, decision 41; use ``--steady-images 3`` to see when the graphs arrive).
+VARIANTS = ("ordinary", "serial", "profile", "importtime", "cudnnfp8", "threads1", "diffusers", "plaincompile",
+            "bgcompile")
 PROMPT = "a photo of a red fox in a snowy forest, golden hour"
 
 
@@ -327,6 +333,8 @@ def run_one(name: str, model: Path, lora: Path, work: Path, out: Path, tiny: boo
         env["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
     if "plaincompile" in variants:
         env["FASTLORA_PRECOMPILE"] = "0"
+    if "bgcompile" in variants:
+        env["FASTLORA_BACKGROUND_COMPILE"] = "1"
     t0 = time.time()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

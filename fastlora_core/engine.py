@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from . import cancel
+from . import background_compile, cancel
+from .background_compile import BackgroundCompiler
 from .errors import EngineReleasedError, LoraFitError, LoraFormatError, OptionsError, out_of_memory
 from .lora.adapter import AdapterStrategy
 from .lora.base import ResolvedEntry, SwapStrategy
@@ -155,9 +156,14 @@ class FluxEngine:
         self._deterministic_before = enable_deterministic() if options.deterministic else None
         self._compile_cache: Path | None = None
         self.precompiled: PrecompiledBlocks | None = None  # regional compile's saved blocks (decision 40)
+        self._background: BackgroundCompiler | None = None
         if options.compile != "off":
             # imports inductor's config: a share of the start-up's imports
             self._compile_cache = configure_compile_cache(options)
+            if (background_compile.requested() and options.compile == "regional" and not options.deterministic
+                    and not options.dynamic_shapes):
+                # workers start when a block class has no saved graph (decision 41)
+                self._background = BackgroundCompiler(self.device)
         t0 = time.perf_counter()
         self.phases.add("setup", t0 - started)
         # Decided once, before anything is read: the weights (and the fused strategy's masters) go
@@ -294,7 +300,8 @@ class FluxEngine:
             return
         with self.phases.phase("compile_setup"):
             self.precompiled = compile_transformer(self.transformer, self.options.compile,
-                                                   self.options.dynamic_shapes, self._compile_cache)
+                                                   self.options.dynamic_shapes, self._compile_cache,
+                                                   self._background)
         self._compiled = True
 
     # -- LoRA ----------------------------------------------------------------------------------
@@ -450,6 +457,8 @@ class FluxEngine:
                 ) from exc
             finally:
                 self._cancel.check = None
+                if self._background is not None:
+                    self._background.release_idle()  # workers this image did not need
             seconds = time.perf_counter() - t0
             if "first_image" not in self.phases.seconds:  # compile (when on) + the first image's sampling
                 self.phases.add("first_image", seconds)
@@ -466,6 +475,8 @@ class FluxEngine:
         with self._lock:
             self._check_usable()
             swap = self.apply(stack)
+            if self._compiled and self._background is not None:
+                self._background.release_idle()  # workers the earlier runs did not need
             self._ensure_compiled()
             return swap
 
@@ -574,6 +585,8 @@ class FluxEngine:
             if self.released:
                 return
             self.released = True
+            if self._background is not None:
+                self._background.close()
             self.device_loras.clear()
             for attr in ("pipe", "transformer", "strategy"):
                 if hasattr(self, attr):

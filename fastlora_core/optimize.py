@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from . import deps, precompile
+from .background_compile import BackgroundCompiler
 from .errors import OptionsError
 from .precompile import PrecompiledBlocks
 from .specs import EngineOptions
@@ -224,12 +225,40 @@ def configure_compile_cache(options: EngineOptions) -> Path:
     path = compile_cache_dir(options)
     path.mkdir(parents=True, exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    _cache_settings()
+    return path
+
+
+def _cache_settings() -> None:
     import torch._inductor.config as inductor_config
 
     inductor_config.fx_graph_cache = True
     if hasattr(inductor_config, "autotune_local_cache"):
         inductor_config.autotune_local_cache = True
-    return path
+
+
+def _compile_settings() -> None:
+    """Process-wide settings FastLoRA's compiles need (the serving process's and a compile worker's)."""
+    import torch._inductor.config as inductor_config
+
+    if getattr(inductor_config, "freezing", False):
+        logger.warning("inductor freezing is on; turning it off (in-place LoRA swaps need live weights)")
+        inductor_config.freezing = False
+    # Regional compilation shares one graph per block class; blocks that differ in structure (an
+    # adapter slot covering some blocks only, several resolutions) each add an entry. Past dynamo's
+    # default limit of 8 it would silently run those blocks eagerly, so allow more.
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name) and getattr(dynamo_config, name) < 64:
+            setattr(dynamo_config, name, 64)
+
+
+def configure_worker_compile() -> None:
+    """A background compile worker's settings: the serving process's (its cache folder comes with
+    the inherited ``TORCHINDUCTOR_CACHE_DIR``)."""
+    _cache_settings()
+    _compile_settings()
 
 
 def _sdpa_backend_available(name: str, device: torch.device) -> bool:
@@ -394,27 +423,18 @@ def hand_over_contiguous(transformer: torch.nn.Module) -> int:
 
 
 def compile_transformer(transformer: torch.nn.Module, mode: str, dynamic: bool,
-                        cache_dir: Path | None = None) -> PrecompiledBlocks | None:
+                        cache_dir: Path | None = None,
+                        background: BackgroundCompiler | None = None) -> PrecompiledBlocks | None:
     """``full``: the whole transformer as one graph; ``regional``: each repeated block (the 19 double
     and 38 single blocks share two graphs), compiling in a fraction of the time. Never uses inductor
     ``freezing``: frozen weights are constants and in-place LoRA updates would be ignored.
 
     With ``cache_dir`` (the compile cache), regional compilation of FastLoRA's own transformer saves
     each compiled block class there and later processes load it without re-tracing
-    (:mod:`.precompile`, decision 40); returns that dispatcher, or None for plain ``torch.compile``."""
-    import torch._inductor.config as inductor_config
-
-    if getattr(inductor_config, "freezing", False):
-        logger.warning("inductor freezing is on; turning it off (in-place LoRA swaps need live weights)")
-        inductor_config.freezing = False
-    # Regional compilation shares one graph per block class; blocks that differ in structure (an
-    # adapter slot covering some blocks only, several resolutions) each add an entry. Past dynamo's
-    # default limit of 8 it would silently run those blocks eagerly, so allow more.
-    import torch._dynamo.config as dynamo_config
-
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(dynamo_config, name) and getattr(dynamo_config, name) < 64:
-            setattr(dynamo_config, name, 64)
+    (:mod:`.precompile`, decision 40); returns that dispatcher, or None for plain ``torch.compile``.
+    ``background``: the dispatcher hands block classes it has no file for to these workers and runs
+    the blocks eagerly meanwhile (:mod:`.background_compile`, decision 41); closed when unused."""
+    _compile_settings()
     kwargs: dict[str, object] = {"fullgraph": True, "dynamic": True if dynamic else None}
     if mode == "full":
         transformer.compile(**kwargs)
@@ -422,7 +442,8 @@ def compile_transformer(transformer: torch.nn.Module, mode: str, dynamic: bool,
         hand_over_contiguous(transformer)
         why = "no compile cache folder" if cache_dir is None else precompile.why_not(transformer, dynamic)
         if cache_dir is not None and not why:
-            blocks = PrecompiledBlocks(precompile.folder_for(cache_dir), next(transformer.parameters()).device)
+            blocks = PrecompiledBlocks(precompile.folder_for(cache_dir), next(transformer.parameters()).device,
+                                       background)
             n = blocks.install(precompile.repeated_blocks(transformer))
             logger.info("regional compile: %d blocks, compiled block classes saved to and loaded from %s", n,
                         blocks.folder)
@@ -431,6 +452,8 @@ def compile_transformer(transformer: torch.nn.Module, mode: str, dynamic: bool,
         transformer.compile_repeated_blocks(**kwargs)  # type: ignore[operator]
     elif mode != "off":
         raise OptionsError(f"unknown compile mode {mode!r}")
+    if background is not None:
+        background.close()
     return None
 
 

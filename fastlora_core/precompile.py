@@ -46,9 +46,12 @@ import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from .background_compile import BackgroundCompiler, Job
 
 logger = logging.getLogger(__name__)
 
@@ -292,6 +295,8 @@ class PrecompileStats:
     saved: int = 0
     compile_seconds: float = 0.0
     load_seconds: float = 0.0
+    background: int = 0  # graphs compiled by a background worker and loaded (decision 41)
+    eager_calls: int = 0  # block calls run uncompiled while a worker compiled their graph
     failures: list[str] = field(default_factory=list)
 
 
@@ -299,9 +304,11 @@ class PrecompiledBlocks:
     """The compiled forward of each block class, per block fingerprint and call signature, loaded
     from ``folder`` when saved there, else compiled and saved. Install with :meth:`install`."""
 
-    def __init__(self, folder: Path, device: torch.device) -> None:
+    def __init__(self, folder: Path, device: torch.device, background: BackgroundCompiler | None = None) -> None:
         self.folder = folder
         self.device = device
+        self.background = background  # workers that compile missing graphs (decision 41), or None
+        self._pending: dict[tuple, Job] = {}  # slots a worker is compiling
         self.stats = PrecompileStats()
         self._functions: dict[tuple, Callable[..., Any]] = {}
         self._fingerprints: dict[int, _Fingerprint] = {}
@@ -319,6 +326,16 @@ class PrecompiledBlocks:
             n += 1
         return n
 
+    def settle(self, timeout: float | None = None) -> bool:
+        """Wait until background workers have finished the graphs they are compiling (True), or
+        ``timeout`` seconds have passed (False). The next call of each block then loads its graph."""
+        deadline = None if timeout is None else time.perf_counter() + timeout
+        for job in list(self._pending.values()):
+            left = None if deadline is None else max(0.0, deadline - time.perf_counter())
+            if not job.done.wait(left):
+                return False
+        return True
+
     # -- the call ------------------------------------------------------------------------------
     def _call(self, block: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         if type(block) in self._plain:
@@ -335,6 +352,9 @@ class PrecompiledBlocks:
             fn = self._get(slot, block, args, kwargs)
             if fn is None:
                 return self._to_plain(block)(*args, **kwargs)
+            if fn is _EAGER:  # a worker is compiling it
+                self.stats.eager_calls += 1
+                return block._call_impl(*args, **kwargs)
         try:
             return fn(block, *args, **kwargs)
         except RuntimeError as exc:
@@ -400,16 +420,37 @@ class PrecompiledBlocks:
                 fn = self._functions.get(dynamic_slot) or self._load(dynamic_slot, block)
                 second_size = any(s[:2] == slot[:2] for s in self._functions)
                 if fn is None and second_size and cls not in self._static_only:
-                    fn = self._compile(dynamic_slot, block, args, kwargs, dynamic=True)
+                    fn = self._compile_or_hand_over(dynamic_slot, block, args, kwargs, dynamic=True)
                     if fn is None:
                         self._static_only.add(cls)
                 if fn is None:
-                    fn = self._compile(slot, block, args, kwargs)
+                    fn = self._compile_or_hand_over(slot, block, args, kwargs)
                     if fn is None:
                         self._plain[cls] = self.stats.failures[-1]
                         return None
-            self._functions[slot] = fn
+            if fn is not _EAGER:
+                self._functions[slot] = fn
             return fn
+
+    def _compile_or_hand_over(self, slot: tuple, block: torch.nn.Module, args: tuple, kwargs: dict,
+                              dynamic: bool = False) -> Callable[..., Any] | None:
+        """:meth:`_compile`, or with background workers: hand the slot to one and return ``_EAGER``
+        until it has saved the file, then load it. A worker's failure compiles the slot here."""
+        job = self._pending.get(slot)
+        if job is None and self.background is not None:
+            job = self.background.submit(block, slot[1], self.path(slot), args, kwargs, dynamic)
+            if job is not None:
+                self._pending[slot] = job
+        if job is not None:
+            if not job.done.is_set():
+                return _EAGER
+            fn = self._load(slot, block) if job.ok else None
+            self._pending.pop(slot, None)
+            if fn is not None:
+                return fn
+            logger.warning("the compile worker could not compile %s (%s); compiling it here", job.block,
+                           job.error or "its file did not load")
+        return self._compile(slot, block, args, kwargs, dynamic)
 
     def _load(self, slot: tuple, block: torch.nn.Module) -> Callable[..., Any] | None:
         """The slot's saved function, or None (no file, or one that does not load)."""
@@ -420,6 +461,10 @@ class PrecompiledBlocks:
         fn = self._read(path, type(block)) if path.is_file() else None
         if fn is not None:
             self._functions[slot] = fn
+            job = self._pending.pop(slot, None)
+            if job is not None:  # saved by a worker (it may not have replied yet)
+                self.stats.background += 1
+                logger.info("%s compiled by a worker and loaded", job.block)
         return fn
 
     @staticmethod
@@ -485,6 +530,11 @@ class PrecompiledBlocks:
             logger.info("compiled %s in %.1f s, saved to %s", type(block).__name__, seconds, path)
         self._functions[slot] = fn
         return fn
+
+
+def _EAGER(*args: Any, **kwargs: Any) -> Any:
+    """Marks a slot a background worker is compiling: its blocks run uncompiled meanwhile."""
+    raise AssertionError("a marker, never called")
 
 
 #: Graphs Dynamo counted for traces that did not become a compiled function (restarted or failed

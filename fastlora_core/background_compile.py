@@ -1,0 +1,363 @@
+"""Compile a missing block graph in a worker process while the blocks run eagerly (opt-in, decision 41).
+
+With a cold compile cache the first image of a process waits for the two Flux block classes to compile
+(10.6 s of a 25.7 s start on the H200, RESULTS.md). With ``FASTLORA_BACKGROUND_COMPILE=1`` a block
+class whose graph is neither loaded nor saved is handed to a worker process instead, and the blocks run
+eagerly (uncompiled, slower per image, the same weights) until the worker has saved the graph where
+:class:`~.precompile.PrecompiledBlocks` looks; the next call loads it, exactly as a restarted process
+would.
+
+The worker gets the block's *structure*, not its weights: the module tree as a pickle in which every
+tensor is a :class:`TensorSpec` (class, shape, strides, storage offset, dtype, a quantised tensor's
+inner tensors and layout). It builds random weights of that structure on the same device, checks that
+the block's fingerprint equals the one the serving process sent (so the file lands under the name the
+serving process will look for), compiles and saves with the same code a restarted process uses. A
+worker that cannot do any of this (a block it cannot rebuild, an out-of-memory, a crash) reports
+failure and the serving process compiles the block itself, as it would without this module.
+
+Off by default: the gain is measured on the GPU first (benchmarks/NOTES.md). Not used with
+``deterministic=True`` (the first image must equal the later ones) or without a saved-block folder.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import itertools
+import json
+import logging
+import os
+import pickle
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+#: ``FASTLORA_BACKGROUND_COMPILE=1`` turns the worker on.
+ENV_SWITCH = "FASTLORA_BACKGROUND_COMPILE"
+
+
+def requested() -> bool:
+    """Whether the user switched background compilation on."""
+    return os.environ.get(ENV_SWITCH, "0") == "1"
+
+
+# --------------------------------------------------------------------------------------------------
+# A block without its weights
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TensorSpec:
+    """Everything about a tensor a trace depends on, without its data: enough to build a random
+    tensor that Dynamo, inductor and the block's fingerprint cannot tell from the original."""
+
+    cls: type
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+    dtype: torch.dtype
+    requires_grad: bool
+    parameter: bool
+    inference: bool  # an inference tensor (Dynamo guards its dispatch keys)
+    inner: dict[str, TensorSpec] | None = None  # a tensor subclass's inner tensors (__tensor_flatten__)
+    ctx: Any = None
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> TensorSpec:
+        flatten = getattr(t, "__tensor_flatten__", None)
+        is_param = isinstance(t, torch.nn.Parameter)
+        if flatten is not None and type(t) not in (torch.Tensor, torch.nn.Parameter):
+            names, ctx = flatten()
+            inner = {n: cls.of(getattr(t, n)) for n in names}
+            return cls(type(t), tuple(t.shape), tuple(t.stride()), 0, t.dtype, t.requires_grad, is_param,
+                       t.is_inference(), inner, ctx)
+        return cls(torch.Tensor, tuple(t.shape), tuple(t.stride()), int(t.storage_offset()), t.dtype,
+                   t.requires_grad, is_param, t.is_inference())
+
+    def build(self, device: torch.device) -> torch.Tensor:
+        with torch.inference_mode(self.inference):
+            return self._build(device)
+
+    def _build(self, device: torch.device) -> torch.Tensor:
+        if self.inner is not None:
+            inner = {n: s.build(device) for n, s in self.inner.items()}
+            unflatten = getattr(self.cls, "__tensor_unflatten__")  # noqa: B009 (a protocol method, not on type)
+            t = unflatten(inner, self.ctx, self.size, self.stride)
+        else:
+            extent = 1 + sum((n - 1) * s for n, s in zip(self.size, self.stride)) if all(self.size) else 0
+            flat = torch.empty(self.offset + extent, dtype=self.dtype, device=device)
+            _fill(flat)
+            t = flat.as_strided(self.size, self.stride, self.offset)
+        if self.parameter:
+            return torch.nn.Parameter(t, requires_grad=self.requires_grad)
+        return t.requires_grad_(self.requires_grad) if self.requires_grad else t
+
+
+def _fill(t: torch.Tensor) -> None:
+    """Small random values (scales and weights alike; only shapes matter to a compile, but random
+    data keeps inductor's benchmarking of kernel variants honest)."""
+    if t.is_floating_point():
+        t.copy_(torch.randn(t.shape, device=t.device).mul_(0.05))
+    else:
+        t.zero_()
+
+
+def _specs(value: Any) -> Any:
+    """Tensors in nested tuples, lists and dicts replaced by their :class:`TensorSpec`."""
+    if isinstance(value, torch.Tensor):
+        return TensorSpec.of(value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_specs(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _specs(v) for k, v in value.items()}
+    return value
+
+
+def _built(value: Any, device: torch.device) -> Any:
+    if isinstance(value, TensorSpec):
+        return value.build(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_built(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _built(v, device) for k, v in value.items()}
+    return value
+
+
+def skeleton(block: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``block`` whose parameters and buffers are :class:`TensorSpec` (no weight is copied),
+    without the dispatcher that routes its calls."""
+    memo: dict[int, Any] = {}
+    for module in block.modules():
+        for holder in (module._parameters, module._buffers):
+            for tensor in holder.values():
+                if tensor is not None:
+                    memo[id(tensor)] = TensorSpec.of(tensor)
+        route = module.__dict__.get("_compiled_call_impl")
+        if route is not None:
+            memo[id(route)] = None
+    return copy.deepcopy(block, memo)
+
+
+def rebuild(block: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Random weights of the recorded structure, on ``device`` (in place of :func:`skeleton`'s specs)."""
+    for module in block.modules():
+        for holder in (module._parameters, module._buffers):
+            for name, value in holder.items():
+                if isinstance(value, TensorSpec):
+                    holder[name] = value.build(device)
+    return block
+
+
+# --------------------------------------------------------------------------------------------------
+# The serving process's side
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """One block class's graph being compiled by a worker."""
+
+    block: str
+    path: str  # where the serving process will look for the file
+    done: threading.Event = field(default_factory=threading.Event)
+    ok: bool = False
+    error: str = ""
+    seconds: float = 0.0
+
+
+class _Worker:
+    """One worker process: jobs as JSON lines on its stdin, replies as JSON lines on its stdout (inside
+    the worker, anything else printed to stdout goes to stderr: inductor and Triton may print)."""
+
+    def __init__(self, device: torch.device) -> None:
+        package = __name__.rpartition(".")[0]
+        package_dir = Path(__file__).resolve().parent
+        env = dict(os.environ, **{ENV_SWITCH: "0"})
+        self.process = subprocess.Popen([sys.executable, "-c", _BOOT, package, str(package_dir), str(device)],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        self.jobs: dict[int, Job] = {}  # sent, not yet answered (the reader thread removes them)
+        assert self.process.stdout is not None
+        self._replies = self.process.stdout
+        self._reader = threading.Thread(target=self._read, name="fastlora-compile-worker", daemon=True)
+        self._reader.start()
+
+    def send(self, number: int, job: Job, message: dict[str, Any]) -> None:
+        self.jobs[number] = job
+        assert self.process.stdin is not None
+        self.process.stdin.write((json.dumps(message) + "\n").encode())
+        self.process.stdin.flush()
+
+    def _read(self) -> None:
+        for line in self._replies:
+            try:
+                reply = json.loads(line.decode("utf-8", "replace"))
+                job = self.jobs.pop(reply["id"])
+            except (ValueError, KeyError):
+                logger.warning("compile worker: unreadable reply %r", line[:200])
+                continue
+            job.ok, job.error, job.seconds = bool(reply["ok"]), str(reply.get("error", "")), float(reply["seconds"])
+            if job.ok and reply.get("path") != job.path:
+                job.ok = False
+                job.error = (f"the worker saved {reply.get('path')} but this process looks for {job.path} "
+                             "(its software or device key differs)")
+            job.done.set()
+        code = self.process.wait()
+        for job in self.jobs.values():  # a worker that died mid-job
+            job.error = f"the compile worker exited with code {code} before replying"
+            job.done.set()
+        self.jobs.clear()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.jobs)
+
+    def close(self) -> None:
+        """Ask the worker to exit once its jobs are done (end of its input)."""
+        if self.process.stdin is not None and not self.process.stdin.closed:
+            try:
+                self.process.stdin.close()
+            except OSError:
+                pass
+
+
+class BackgroundCompiler:
+    """Worker processes that compile block graphs for a :class:`~.precompile.PrecompiledBlocks`.
+
+    :meth:`submit` hands a block to an idle worker, or starts one (no worker runs until a block class
+    has no saved graph: started earlier, two workers importing torch slowed a warm start on a 2-core
+    CPU by 1.6 s); :meth:`release_idle` lets idle workers exit."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._workers: list[_Worker] = []
+        self._numbers = itertools.count()
+        self._lock = threading.Lock()
+        self.closed = False
+
+    def submit(self, block: torch.nn.Module, digest: str, path: Path, args: tuple, kwargs: dict,
+               dynamic: bool) -> Job | None:
+        """Hand ``block``'s compile for this call to a worker; None when it cannot be handed over
+        (the caller compiles it itself)."""
+        try:
+            payload = pickle.dumps((skeleton(block), _specs(args), _specs(kwargs)))
+        except Exception as exc:  # a block with something the worker could not rebuild
+            logger.info("compiling %s here: its structure cannot be sent to a worker (%s: %s)",
+                        type(block).__name__, type(exc).__name__, exc)
+            return None
+        message = {"payload": base64.b64encode(payload).decode(), "digest": digest, "dynamic": dynamic,
+                   "folder": str(path.parent), "grad": torch.is_grad_enabled(),
+                   "inference": torch.is_inference_mode_enabled()}
+        job = Job(type(block).__name__, str(path))
+        with self._lock:
+            if self.closed:
+                return None
+            idle = [w for w in self._workers if not w.busy and w.process.poll() is None]
+            worker = idle[0] if idle else None
+            number = next(self._numbers)
+            message["id"] = number
+            try:
+                if worker is None:
+                    worker = _Worker(self.device)
+                    self._workers.append(worker)
+                worker.send(number, job, message)
+            except OSError as exc:
+                logger.info("compiling %s here: the worker did not take the job (%s)", job.block, exc)
+                return None
+        logger.info("compiling %s in a worker process; its blocks run uncompiled until it is saved", job.block)
+        return job
+
+    def release_idle(self) -> None:
+        """Let workers without a job exit (they hold a process, and a CUDA context once used)."""
+        with self._lock:
+            for worker in [w for w in self._workers if not w.busy]:
+                worker.close()
+                self._workers.remove(worker)
+
+    def close(self) -> None:
+        with self._lock:
+            self.closed = True
+            for worker in self._workers:
+                worker.close()
+            self._workers.clear()
+
+
+# --------------------------------------------------------------------------------------------------
+# The worker's side
+# --------------------------------------------------------------------------------------------------
+
+#: Imports the pack under the name the serving process uses, then runs :func:`worker_main`. Class names
+#: in the pickle and in the block's fingerprint include that name, so it must be the same. A top-level
+#: ``fastlora_core`` is imported from its own folder's parent (the serving process may have found it
+#: through a ``sys.path`` entry the worker does not inherit); inside ComfyUI it is a sub-package of the
+#: custom node's folder, whose own ``__init__`` imports ComfyUI, so the parents are registered as bare
+#: packages instead.
+_BOOT = """
+import importlib, os, sys, types
+name, folder, device = sys.argv[1], sys.argv[2], sys.argv[3]
+sys.stdout.flush()
+fd = os.dup(1)
+os.dup2(2, 1)
+parts = name.split(".")
+if len(parts) == 1:
+    sys.path.insert(0, os.path.dirname(folder))
+for i in range(1, len(parts)):
+    parent = ".".join(parts[:i])
+    if parent not in sys.modules:
+        module = types.ModuleType(parent)
+        path = folder
+        for _ in range(len(parts) - i):
+            path = os.path.dirname(path)
+        module.__path__ = [path]
+        sys.modules[parent] = module
+importlib.import_module(name + ".background_compile").worker_main(fd, device)
+"""
+
+
+def _compile_one(message: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    from .precompile import PrecompiledBlocks, call_signature, fingerprint
+
+    block, args, kwargs = pickle.loads(base64.b64decode(message["payload"]))
+    with torch.inference_mode(message["inference"]), torch.set_grad_enabled(message["grad"]):
+        block = rebuild(block, device)
+        args, kwargs = _built(args, device), _built(kwargs, device)
+        digest = fingerprint(block).digest
+        if digest != message["digest"]:
+            return {"ok": False, "error": "the rebuilt block's fingerprint differs from the original's"}
+        blocks = PrecompiledBlocks(Path(message["folder"]), device)
+        dynamic = bool(message["dynamic"])
+        slot = (type(block), digest, call_signature(args, kwargs, sizes=not dynamic))
+        fn = blocks._compile(slot, block, args, kwargs, dynamic=dynamic)
+        if fn is None or blocks.stats.saved != 1:
+            return {"ok": False, "error": "; ".join(blocks.stats.failures) or "not saved"}
+        return {"ok": True, "path": str(blocks.path(slot))}
+
+
+def worker_main(fd: int, device_name: str, read: Callable[[], str] = sys.stdin.readline) -> None:
+    """Compile the jobs read from stdin until it ends; one JSON reply per job on ``fd``."""
+    logging.basicConfig(level=logging.WARNING, format="FastLoRA compile worker: %(levelname)s %(message)s")
+    from .optimize import configure_worker_compile
+
+    configure_worker_compile()
+    device = torch.device(device_name)
+    with os.fdopen(fd, "w", encoding="utf-8") as replies:
+        for line in iter(read, ""):
+            message = json.loads(line)
+            t0 = time.perf_counter()
+            try:
+                reply = _compile_one(message, device)
+            except Exception as exc:  # reported; the serving process compiles the block itself
+                reply = {"ok": False, "error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"}
+            reply.update(id=message["id"], seconds=time.perf_counter() - t0)
+            replies.write(json.dumps(reply) + "\n")
+            replies.flush()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
