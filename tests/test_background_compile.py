@@ -183,3 +183,14 @@ def test_an_engine_makes_its_first_image_uncompiled_and_later_ones_with_the_work
     assert run["later"]["background"] == 2 and run["later"]["compiled"] == 0 and run["later_compiles"] == 0
     assert run["eager_vs_compiled"] < 1e-3  # float32: inductor only reorders sums
     assert run["compiled_twice_equal"]
+
+
+def test_a_worker_that_cannot_start_leaves_the_compile_to_the_serving_process(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocks, inputs = _blocks(1), _inputs()
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
+    dispatch = PrecompiledBlocks(tmp_path, CPU, BackgroundCompiler(CPU))
+    dispatch.install(blocks)
+    out = _run(blocks[0], inputs)
+    assert (dispatch.stats.compiled, dispatch.stats.eager_calls) == (1, 0)
+    assert _close(out, _eager(blocks[0], inputs))
