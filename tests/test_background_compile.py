@@ -20,6 +20,7 @@ import pytest
 import torch
 from test_precompile import _blocks, _close, _eager, _inputs, _run  # tests/ is on sys.path
 
+from fastlora_core import background_compile
 from fastlora_core.background_compile import BackgroundCompiler, TensorSpec, rebuild, skeleton
 from fastlora_core.optimize import quantize_transformer
 from fastlora_core.precompile import PrecompiledBlocks, fingerprint
@@ -188,7 +189,10 @@ def test_an_engine_makes_its_first_image_uncompiled_and_later_ones_with_the_work
 def test_a_worker_that_cannot_start_leaves_the_compile_to_the_serving_process(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     blocks, inputs = _blocks(1), _inputs()
-    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
+    def cannot_start(self: object, device: torch.device) -> None:
+        raise FileNotFoundError("no Python executable to start a worker with")
+
+    monkeypatch.setattr(background_compile._Worker, "__init__", cannot_start)
     dispatch = PrecompiledBlocks(tmp_path, CPU, BackgroundCompiler(CPU))
     dispatch.install(blocks)
     out = _run(blocks[0], inputs)
