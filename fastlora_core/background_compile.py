@@ -70,6 +70,7 @@ class TensorSpec:
     inference: bool  # an inference tensor (Dynamo guards its dispatch keys)
     inner: dict[str, TensorSpec] | None = None  # a tensor subclass's inner tensors (__tensor_flatten__)
     ctx: Any = None
+    base: TensorSpec | None = None  # a view's base (Dynamo guards a view's base with dynamic shapes)
 
     @classmethod
     def of(cls, t: torch.Tensor) -> TensorSpec:
@@ -80,8 +81,9 @@ class TensorSpec:
             inner = {n: cls.of(getattr(t, n)) for n in names}
             return cls(type(t), tuple(t.shape), tuple(t.stride()), 0, t.dtype, t.requires_grad, is_param,
                        t.is_inference(), inner, ctx)
+        base = cls.of(t._base) if t._base is not None else None
         return cls(torch.Tensor, tuple(t.shape), tuple(t.stride()), int(t.storage_offset()), t.dtype,
-                   t.requires_grad, is_param, t.is_inference())
+                   t.requires_grad, is_param, t.is_inference(), base=base)
 
     def build(self, device: torch.device) -> torch.Tensor:
         with torch.inference_mode(self.inference):
@@ -92,7 +94,12 @@ class TensorSpec:
             inner = {n: s.build(device) for n, s in self.inner.items()}
             unflatten = getattr(self.cls, "__tensor_unflatten__")  # noqa: B009 (a protocol method, not on type)
             t = unflatten(inner, self.ctx, self.size, self.stride)
-        else:
+        elif self.base is not None:
+            t = self.base.build(device).as_strided(self.size, self.stride, self.offset)
+        elif self.offset == 0:
+            t = torch.empty_strided(self.size, self.stride, dtype=self.dtype, device=device)
+            _fill(t)
+        else:  # an offset without a view (rare): as close as torch allows
             extent = 1 + sum((n - 1) * s for n, s in zip(self.size, self.stride)) if all(self.size) else 0
             flat = torch.empty(self.offset + extent, dtype=self.dtype, device=device)
             _fill(flat)

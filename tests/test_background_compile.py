@@ -66,13 +66,20 @@ def test_a_block_travels_without_its_weights_and_rebuilds_to_the_same_fingerprin
         assert not ours & {t.data_ptr() for p in rebuilt.parameters() for t in _plain(p)}  # its own tensors
 
 
-def test_an_input_view_keeps_its_strides_offset_and_inference_flag() -> None:
+def test_an_input_keeps_its_strides_offset_view_and_inference_flag() -> None:
     with torch.inference_mode():
         base = torch.randn(1, 24, 32)
         view = base[:, 8:]  # what the single blocks get: a slice of text + image
     built = TensorSpec.of(view).build(CPU)
     assert (built.shape, built.stride(), built.storage_offset(), built.is_inference()) == (
         view.shape, view.stride(), view.storage_offset(), True)
+    assert built._base is None and view._base is None  # inference tensors keep no base
+    base = torch.randn(1, 24, 32)
+    view = base[:, 8:]
+    built = TensorSpec.of(view).build(CPU)  # Dynamo guards a view's base with dynamic shapes
+    assert built._base is not None and built._base.shape == base.shape and built.stride() == view.stride()
+    plain = TensorSpec.of(torch.empty_strided((3, 4), (1, 3)).normal_()).build(CPU)
+    assert plain._base is None and plain.stride() == (1, 3)
 
 
 def test_blocks_run_uncompiled_while_a_worker_compiles_then_load_its_graph(tmp_path: Path) -> None:
@@ -198,3 +205,22 @@ def test_a_worker_that_cannot_start_leaves_the_compile_to_the_serving_process(
     out = _run(blocks[0], inputs)
     assert (dispatch.stats.compiled, dispatch.stats.eager_calls) == (1, 0)
     assert _close(out, _eager(blocks[0], inputs))
+
+
+def test_a_second_size_is_handed_over_as_one_dynamic_graph_that_later_sizes_reuse(tmp_path: Path) -> None:
+    blocks = _blocks(1)
+    background = BackgroundCompiler(CPU)
+    try:
+        dispatch = PrecompiledBlocks(tmp_path, CPU, background)
+        dispatch.install(blocks)
+        for img in (16, 24):  # the first size, then a second one: each handed over, then loaded
+            inputs = _inputs(img=img)
+            assert all(torch.equal(a, b) for a, b in zip(_run(blocks[0], inputs), _eager(blocks[0], inputs)))
+            assert dispatch.settle(timeout=300)
+            assert _close(_run(blocks[0], inputs), _eager(blocks[0], inputs))
+        inputs = _inputs(img=40)  # a third size: the dynamic graph, nothing handed over
+        assert _close(_run(blocks[0], inputs), _eager(blocks[0], inputs))
+        assert (dispatch.stats.background, dispatch.stats.eager_calls, dispatch.stats.compiled) == (2, 2, 0)
+        assert len(list(tmp_path.glob("*.bin"))) == 2
+    finally:
+        background.close()
