@@ -17,6 +17,8 @@ fresh ``python3`` process with the engine's defaults (on an H200: fp8, regional 
 ``api_warm_ordinary`` (any API run with the ``_ordinary`` suffix): the same, but the engine reads every
 weight on the CPU as it did before decision 29 (no direct read to the GPU), for a comparison in one call.
 ``api_warm_serial``: the direct reads start after diffusers' import and the checks, as before decision 37.
+``api_warm_noidle``: the loader blocks on unfinished reads instead of importing the compiler meanwhile, as
+before decision 42 (the compiler's imports then fall on the first image).
 ``_profile`` and ``_importtime`` (API runs): the child under ``cProfile`` or ``python -X importtime``, for
 where the time goes (``VARIANTS``). ``_cudnnfp8``: the engine with ``attention="cudnn_fp8"`` (its first
 image compiles the blocks with the FP8 attention op; the steady image compares with ``api_warm``).
@@ -58,7 +60,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ("api_cold", "api_warm", "cli_cold", "cli_warm", "api_disk_cold")  # a warm run follows its cold one
 #: Suffixes of API runs: ``_ordinary`` (weights read on the CPU, as before decision 29), ``_serial``
-#: (the direct reads after diffusers' import and the checks, as before decision 37), ``_profile``
+#: (the direct reads after diffusers' import and the checks, as before decision 37), ``_noidle`` (no imports
+#: while waiting for a read, as before decision 42), ``_profile``
 #: (the child under cProfile: ``child.prof``; its times are inflated), ``_importtime`` (``python -X
 #: importtime``: ``importtime.txt``), ``_cudnnfp8`` (``attention="cudnn_fp8"``), ``_threads1``
 #: (``TORCHINDUCTOR_COMPILE_THREADS=1``: inductor loads its cached kernels in the process, without
@@ -66,7 +69,7 @@ RUNS = ("api_cold", "api_warm", "cli_cold", "cli_warm", "api_disk_cold")  # a wa
 #: before decision 39), ``_plaincompile`` (``FASTLORA_PRECOMPILE=0``: no saved blocks, as before decision 40),
 #: ``_bgcompile`` (``FASTLORA_BACKGROUND_COMPILE=1``: missing block graphs compiled by worker processes while
 #: the first images run uncompiled, decision 41; use ``--steady-images 3`` to see when the graphs arrive).
-VARIANTS = ("ordinary", "serial", "profile", "importtime", "cudnnfp8", "threads1", "diffusers", "plaincompile",
+VARIANTS = ("ordinary", "serial", "noidle", "profile", "importtime", "cudnnfp8", "threads1", "diffusers", "plaincompile",
             "bgcompile")
 PROMPT = "a photo of a red fox in a snowy forest, golden hour"
 
@@ -83,7 +86,8 @@ def tiny_options() -> dict[str, Any]:
 
 # -- the child: one process from start to its second image ---------------------------------------------
 def child(model: str, lora: str, cache: str, out: str, tiny: bool, ordinary: bool = False,
-          serial: bool = False, attention: str = "auto", steady: int = 1, classes: bool = False) -> None:
+          serial: bool = False, attention: str = "auto", steady: int = 1, classes: bool = False,
+          noidle: bool = False) -> None:
     from fastlora_core.timings import process_age
 
     started = process_age()
@@ -108,6 +112,18 @@ def child(model: str, lora: str, cache: str, out: str, tiny: bool, ordinary: boo
             direct_reads.append(round(time.perf_counter() - t, 3))
 
     direct.read_tensors = timed_read
+    idle_work: list[float] = []  # seconds of work done while waiting for a read (decision 42)
+    do_idle_work = direct._do_idle_work
+
+    def timed_idle_work(until: Any) -> None:
+        pending, t = bool(direct._idle) and direct.IDLE_WORK and not until.is_set(), time.perf_counter()
+        do_idle_work(until)
+        if pending:
+            idle_work.append(round(time.perf_counter() - t, 3))
+
+    direct._do_idle_work = timed_idle_work
+    if noidle:  # no work while waiting for a read, as before decision 42
+        direct.IDLE_WORK = False
     if serial:  # the reads after the imports and checks, as before decision 37, for a same-call comparison
         direct.BACKGROUND = False
     load_pipeline = loading.load_pipeline
@@ -128,6 +144,7 @@ def child(model: str, lora: str, cache: str, out: str, tiny: bool, ordinary: boo
     result = {
         "process_start_to_main_s": round(started, 3) if started is not None else None,
         "imports_s": round(imports_s, 3), "engine": engine.timings, "direct_read_s": direct_reads,
+        "idle_work_s": idle_work,
         "process_start_to_first_image_s": round(age, 3) if age is not None else None,
         "first_image_compiles": first.new_compiles, "steady_image_s": [round(r.seconds, 3) for r in later],
         "saved_blocks": vars(engine.precompiled.stats) if engine.precompiled is not None else None,
@@ -315,7 +332,7 @@ def run_one(name: str, model: Path, lora: Path, work: Path, out: Path, tiny: boo
         if "importtime" in variants:
             python = [sys.executable, "-X", "importtime"]
         cmd = python + ["-m", "benchmarks.bench_startup", "--child", str(model), str(lora), str(cache),
-                        str(result)] + (["--tiny"] if tiny else []) + [f"--{v}" for v in ("ordinary", "serial", "cudnnfp8", "diffusers")
+                        str(result)] + (["--tiny"] if tiny else []) + [f"--{v}" for v in ("ordinary", "serial", "noidle", "cudnnfp8", "diffusers")
                                                                          if v in variants] + [f"--steady={steady}"]
     else:
         result = run_dir / "timings.json"
@@ -359,7 +376,7 @@ def main() -> None:
         args = sys.argv[2:]
         steady = [int(a.split("=", 1)[1]) for a in args if a.startswith("--steady=")]
         child(*args[:4], tiny="--tiny" in args, ordinary="--ordinary" in args, serial="--serial" in args,
-              attention="cudnn_fp8" if "--cudnnfp8" in args else "auto", steady=steady[0] if steady else 1,
+              noidle="--noidle" in args, attention="cudnn_fp8" if "--cudnnfp8" in args else "auto", steady=steady[0] if steady else 1,
               classes="--diffusers" in args)
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])

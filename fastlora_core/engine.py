@@ -8,6 +8,7 @@ written, so a refused stack leaves the engine serving the previous one bit for b
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import threading
@@ -34,6 +35,7 @@ from .optimize import (
     configure_compile_cache,
     dynamo_compile_count,
     enable_deterministic,
+    import_compiler,
     quantize_t5,
     quantize_transformer,
     resolve,
@@ -170,12 +172,14 @@ class FluxEngine:
         # straight to the GPU only when it has ample room (decision 29).
         self._ample_room = self._has_ample_room()
         if pipeline is None:
-            from .loading import load_pipeline
+            from .loading import direct, load_pipeline
 
             why_not = why_not_own_modules(options)
             if why_not is not None:
                 logger.info("loading with diffusers' and transformers' classes: %s", why_not)
-            with self.phases.phase("read"):
+            # the compiler's imports, done while waiting for a read rather than on the first image (decision 42)
+            idle = direct.while_waiting(import_compiler) if options.compile != "off" else contextlib.nullcontext()
+            with self.phases.phase("read"), idle:
                 pipeline = load_pipeline(source, self.dtype, self.device if self._ample_room else None,
                                          self._read_to_device(), own_modules=why_not is None)
         pipe, pipeline = pipeline, None

@@ -254,6 +254,15 @@ def _compile_settings() -> None:
             setattr(dynamo_config, name, 64)
 
 
+def import_compiler() -> None:
+    """Import what compiling, or loading a saved block (:mod:`.precompile`), needs first: inductor's
+    compile entry point and the precompile API. The first call would import them anyway (about 0.8 s
+    of a 2-core CPU's first image; hundreds of modules); the loader does it while it waits for a
+    read (``loading.direct.while_waiting``, decision 42)."""
+    import torch._dynamo.aot_compile  # noqa: F401
+    import torch._inductor.compile_fx  # noqa: F401
+
+
 def configure_worker_compile() -> None:
     """A background compile worker's settings: the serving process's (its cache folder comes with
     the inherited ``TORCHINDUCTOR_CACHE_DIR``)."""

@@ -216,3 +216,43 @@ def test_take_waits_for_reads_still_under_way(tmp_path: Path, monkeypatch: pytes
         got = [reads.take(header, names) for header, names, _ in jobs]
     assert [float(g["w"][0, 0]) for g in got] == [0.0, 1.0]
     assert _no_reader_left()
+
+
+def test_work_handed_over_runs_while_a_read_is_under_way_and_only_then(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decision 42: the loader imports what the first image needs instead of blocking on a read; a
+    read already done is handed over without delay, and a failing task only costs a log line."""
+    jobs = _two_files(tmp_path)
+    real = direct.read_tensors
+    gate = threading.Event()
+    ran: list[str] = []
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        gate.wait(5)
+        return real(*args, **kwargs)
+
+    def failing() -> None:
+        ran.append("failing")
+        raise ImportError("no such module")
+
+    def task() -> None:
+        ran.append("task" if not gate.is_set() else "task after the read")
+        gate.set()
+
+    monkeypatch.setattr(direct, "read_tensors", slow)
+    with direct.while_waiting(failing, task), direct.BackgroundReads(jobs, CPU) as reads:
+        first = reads.take(jobs[0][0], jobs[0][1])
+    assert ran == ["failing", "task"] and torch.equal(first["w"], torch.zeros(64, 64))
+
+    ran.clear()
+    with direct.while_waiting(task), direct.BackgroundReads(jobs[:1], CPU) as reads:
+        reads._thread.join()  # the read is done before the loader asks for it
+        reads.take(jobs[0][0], jobs[0][1])
+    assert ran == [] and not direct._idle  # not run, and dropped with the block
+
+    monkeypatch.setattr(direct, "IDLE_WORK", False)
+    gate.clear()
+    threading.Timer(0.2, gate.set).start()
+    with direct.while_waiting(task), direct.BackgroundReads(jobs[:1], CPU) as reads:
+        reads.take(jobs[0][0], jobs[0][1])
+    assert ran == []

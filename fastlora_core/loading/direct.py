@@ -13,7 +13,8 @@ ordinary staging memory and synchronous copies (that is how the tests drive it).
 
 :class:`BackgroundReads` runs these reads on a thread of their own, started as soon as the headers
 say what to read, so that they overlap the loader's other work: importing diffusers and
-transformers, building modules on the meta device, loading tokenizers (decision 37).
+transformers, building modules on the meta device, loading tokenizers (decision 37); where the loader
+still has to wait for a read, it does work handed to :func:`while_waiting` instead (decision 42).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -136,6 +137,38 @@ def read_tensors(header: Header, names: Iterable[str], device: torch.device | st
 #: start-up benchmark turns it off for a same-call comparison.
 BACKGROUND = True
 
+#: Whether :meth:`BackgroundReads.take` does the work handed to :func:`while_waiting` while a read is
+#: still under way; the start-up benchmark turns it off for a same-call comparison.
+IDLE_WORK = True
+_idle: list[Callable[[], object]] = []
+
+
+@contextlib.contextmanager
+def while_waiting(*tasks: Callable[[], object]) -> Iterator[None]:
+    """Work the loading thread may do, each task once, instead of blocking on a background read
+    that is not finished (decision 42): imports that a later step needs anyway, such as the
+    compiler's, whose first use would otherwise stand on the first image's path. A task that fails
+    is logged and left to its later step. Tasks not run by the end of the block are dropped."""
+    _idle.extend(tasks)
+    try:
+        yield
+    finally:
+        for task in tasks:
+            if task in _idle:
+                _idle.remove(task)
+
+
+def _do_idle_work(until: threading.Event) -> None:
+    while IDLE_WORK and _idle and not until.is_set():
+        task = _idle.pop(0)
+        t0 = time.perf_counter()
+        try:
+            task()
+        except Exception as exc:  # noqa: BLE001 - its later step does it again and reports
+            logger.info("work while waiting for a read failed (%s: %s); done later", type(exc).__name__, exc)
+        logger.info("%s while waiting for a read: %.2f s", getattr(task, "__name__", task), time.perf_counter() - t0)
+
+
 #: Python's thread switch interval while background reads run. The reading threads need the GIL
 #: briefly a few thousand times (each chunk's reads, each tensor's copy) while the loader's thread
 #: imports modules, which holds it for long stretches: at the default 5 ms each hand-over could wait
@@ -194,7 +227,9 @@ class BackgroundReads:
         names = list(names)
         if not self.planned(header, names):
             return read_tensors(header, names, self.device, role=role)
-        self._done.pop(header.path).wait()
+        done = self._done.pop(header.path)
+        _do_idle_work(until=done)
+        done.wait()
         result = self._results.pop(header.path)
         if isinstance(result, BaseException):
             raise result
