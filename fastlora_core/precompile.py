@@ -32,6 +32,7 @@ never becomes less available than before.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import importlib.metadata
@@ -325,6 +326,12 @@ class PrecompiledBlocks:
             block._compiled_call_impl = functools.partial(self._call, block)
             n += 1
         return n
+
+    def report(self) -> dict[str, Any]:
+        """What this process did with saved blocks (GET /fastlora/stats): compiled, loaded, saved,
+        seconds, failures, and how many block graphs background workers are compiling now."""
+        return {**dataclasses.asdict(self.stats), "compiling_in_background": len(self._pending),
+                "folder": str(self.folder)}
 
     def settle(self, timeout: float | None = None) -> bool:
         """Wait until background workers have finished the graphs they are compiling (True), or

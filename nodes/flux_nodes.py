@@ -98,6 +98,8 @@ def stats() -> dict[str, Any]:
             # (to the GPU) + the strategy's writes
             "last_swap": engine.last_swap.as_dict() if engine.last_swap is not None else None,
             "timings": engine.timings,
+            # regional compile's saved blocks (decision 40): loaded or compiled, and background workers
+            "saved_blocks": engine.precompiled.report() if engine.precompiled is not None else None,
         })
     return {
         **STATS,

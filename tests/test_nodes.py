@@ -501,6 +501,10 @@ def test_cancel_between_blocks_keeps_the_regional_compile(pack: Any) -> None:
     compiles = engine.compiles
     # the blocks run compiled: compiled now, or loaded as saved by an earlier engine (decision 40)
     assert compiles > 0 or (engine.precompiled is not None and engine.precompiled.stats.loaded > 0)
+    flux_nodes = sys.modules[pack.__name__ + ".nodes.flux_nodes"]
+    (live,) = flux_nodes.stats()["engines"]  # GET /fastlora/stats says which
+    blocks = live["saved_blocks"]
+    assert blocks["compiled"] + blocks["loaded"] == 2 and blocks["compiling_in_background"] == 0
 
     class Stop(Exception):
         pass
