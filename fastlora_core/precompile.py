@@ -28,6 +28,9 @@ A guard that still fails (something only Dynamo checks changed) or a file that w
 the block again from source and replaces the file. Anything this module cannot do (an older torch, a
 block Dynamo cannot save) falls back to plain ``torch.compile`` of the block, logged, so compilation
 never becomes less available than before.
+
+With background workers (:mod:`.background_compile`, opt-in, decision 41) a graph that is neither loaded
+nor saved is compiled by a worker process instead; the blocks run uncompiled until its file appears.
 """
 
 from __future__ import annotations
