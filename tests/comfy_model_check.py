@@ -260,7 +260,9 @@ def main(comfy_dir: str, work: str, out_path: str, compile_mode: str) -> None:
         a2 = sample(with_loras(ours, [("a", 1.0)]))
         results["aba"] = {"identical": bool(torch.equal(a1, a2)), "b_differs": not torch.equal(a1, b),
                           "half_differs": not torch.equal(a1, a_half), "compiles_during": engine.compiles - c0,
-                          "compiles_total": engine.compiles}
+                          "compiles_total": engine.compiles,
+                          # blocks loaded as saved by an earlier process count as compiled (decision 40)
+                          "blocks_loaded": engine.precompiled.stats.loaded if engine.precompiled else 0}
 
         def refused(name: str, fn: Any) -> None:
             try:

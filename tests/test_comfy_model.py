@@ -87,7 +87,8 @@ def test_a_b_a_is_bit_identical_without_compiling(report: dict[str, Any]) -> Non
     aba = report["aba"]
     assert aba["identical"] and aba["b_differs"] and aba["half_differs"]
     assert aba["compiles_during"] == 0
-    assert aba["compiles_total"] > 0  # compiled once (regional), then never again
+    # compiled once (regional), or loaded as saved by an earlier process (decision 40), then never again
+    assert aba["compiles_total"] > 0 or aba["blocks_loaded"] > 0
     later = [report["scenarios"][n]["new_compiles"] for n in SCENARIOS if n not in ("no_lora", "batch_2",
                                                                                    "size_80x48", "cfg_3_negative")]
     assert later == [0] * len(later)
