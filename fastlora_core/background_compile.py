@@ -32,7 +32,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -348,7 +347,7 @@ def _compile_one(message: dict[str, Any], device: torch.device) -> dict[str, Any
         return {"ok": True, "path": str(blocks.path(slot))}
 
 
-def worker_main(fd: int, device_name: str, read: Callable[[], str] = sys.stdin.readline) -> None:
+def worker_main(fd: int, device_name: str) -> None:
     """Compile the jobs read from stdin until it ends; one JSON reply per job on ``fd``."""
     logging.basicConfig(level=logging.WARNING, format="FastLoRA compile worker: %(levelname)s %(message)s")
     from .optimize import configure_worker_compile
@@ -356,7 +355,7 @@ def worker_main(fd: int, device_name: str, read: Callable[[], str] = sys.stdin.r
     configure_worker_compile()
     device = torch.device(device_name)
     with os.fdopen(fd, "w", encoding="utf-8") as replies:
-        for line in iter(read, ""):
+        for line in sys.stdin:
             message = json.loads(line)
             t0 = time.perf_counter()
             try:
