@@ -21,7 +21,6 @@ from typing import Any
 import torch
 
 from . import background_compile, cancel
-from .background_compile import BackgroundCompiler
 from .errors import EngineReleasedError, LoraFitError, LoraFormatError, OptionsError, out_of_memory
 from .lora.adapter import AdapterStrategy
 from .lora.base import ResolvedEntry, SwapStrategy
@@ -158,14 +157,14 @@ class FluxEngine:
         self._deterministic_before = enable_deterministic() if options.deterministic else None
         self._compile_cache: Path | None = None
         self.precompiled: PrecompiledBlocks | None = None  # regional compile's saved blocks (decision 40)
-        self._background: BackgroundCompiler | None = None
+        self._background: background_compile.BackgroundCompiler | None = None
         if options.compile != "off":
             # imports inductor's config: a share of the start-up's imports
             self._compile_cache = configure_compile_cache(options)
             if (background_compile.requested() and options.compile == "regional" and not options.deterministic
                     and not options.dynamic_shapes):
                 # workers start when a block class has no saved graph (decision 41)
-                self._background = BackgroundCompiler(self.device)
+                self._background = background_compile.BackgroundCompiler(self.device)
         t0 = time.perf_counter()
         self.phases.add("setup", t0 - started)
         # Decided once, before anything is read: the weights (and the fused strategy's masters) go
