@@ -176,7 +176,8 @@ third = engine.generate(request)
 print(json.dumps({"first": stats, "first_compiles": first.new_compiles, "later": vars(engine.precompiled.stats),
                   "later_compiles": second.new_compiles + third.new_compiles,
                   "eager_vs_compiled": (first.images - second.images).abs().max().item(),
-                  "compiled_twice_equal": torch.equal(second.images, third.images)}))
+                  "compiled_twice_equal": torch.equal(second.images, third.images),
+                  "workers_left": len(engine._background._workers)}))
 """
 
 
@@ -191,6 +192,7 @@ def test_an_engine_makes_its_first_image_uncompiled_and_later_ones_with_the_work
     assert run["later"]["background"] == 2 and run["later"]["compiled"] == 0 and run["later_compiles"] == 0
     assert run["eager_vs_compiled"] < 1e-3  # float32: inductor only reorders sums
     assert run["compiled_twice_equal"]
+    assert run["workers_left"] == 0  # idle workers exit after an image: no process is left behind
 
 
 def test_a_worker_that_cannot_start_leaves_the_compile_to_the_serving_process(
