@@ -98,7 +98,7 @@ class TensorSpec:
         elif self.offset == 0:
             t = torch.empty_strided(self.size, self.stride, dtype=self.dtype, device=device)
             _fill(t)
-        else:  # an offset without a view (rare): as close as torch allows
+        else:  # a slice that keeps no base (made in inference mode): a slice of a buffer of its own
             extent = 1 + sum((n - 1) * s for n, s in zip(self.size, self.stride)) if all(self.size) else 0
             flat = torch.empty(self.offset + extent, dtype=self.dtype, device=device)
             _fill(flat)
