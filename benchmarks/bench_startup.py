@@ -17,8 +17,10 @@ fresh ``python3`` process with the engine's defaults (on an H200: fp8, regional 
 ``api_warm_ordinary`` (any API run with the ``_ordinary`` suffix): the same, but the engine reads every
 weight on the CPU as it did before decision 29 (no direct read to the GPU), for a comparison in one call.
 ``api_warm_serial``: the direct reads start after diffusers' import and the checks, as before decision 37.
-``api_warm_noidle``: the loader blocks on unfinished reads instead of importing the compiler meanwhile, as
-before decision 42 (the compiler's imports then fall on the first image).
+``api_warm_noidle``: the loader blocks on unfinished reads instead of importing the compiler and checking
+the fp8 swap kernels meanwhile, as before decision 42 (that work then falls on the first LoRA and image);
+``idle_tasks_s`` says which of them ran while waiting and for how long, ``first_swap`` splits the first
+LoRA (file read, staging on the GPU, the whole swap).
 ``_profile`` and ``_importtime`` (API runs): the child under ``cProfile`` or ``python -X importtime``, for
 where the time goes (``VARIANTS``). ``_cudnnfp8``: the engine with ``attention="cudnn_fp8"`` (its first
 image compiles the blocks with the FP8 attention op; the steady image compares with ``api_warm``).
@@ -48,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import statistics
@@ -122,6 +125,15 @@ def child(model: str, lora: str, cache: str, out: str, tiny: bool, ordinary: boo
             idle_work.append(round(time.perf_counter() - t, 3))
 
     direct._do_idle_work = timed_idle_work
+    idle_tasks: dict[str, float] = {}  # each task's seconds, from the loader's log line
+
+    class IdleTasks(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.msg.endswith("while waiting for a read: %.2f s"):
+                idle_tasks[str(record.args[0])] = round(float(record.args[1]), 3)  # type: ignore[index]
+
+    direct.logger.addHandler(IdleTasks())
+    direct.logger.setLevel(logging.INFO)
     if noidle:  # no work while waiting for a read, as before decision 42
         direct.IDLE_WORK = False
     if serial:  # the reads after the imports and checks, as before decision 37, for a same-call comparison
@@ -144,7 +156,8 @@ def child(model: str, lora: str, cache: str, out: str, tiny: bool, ordinary: boo
     result = {
         "process_start_to_main_s": round(started, 3) if started is not None else None,
         "imports_s": round(imports_s, 3), "engine": engine.timings, "direct_read_s": direct_reads,
-        "idle_work_s": idle_work,
+        "idle_work_s": idle_work, "idle_tasks_s": idle_tasks,
+        "first_swap": engine.last_swap.as_dict() if engine.last_swap is not None else None,
         "process_start_to_first_image_s": round(age, 3) if age is not None else None,
         "first_image_compiles": first.new_compiles, "steady_image_s": [round(r.seconds, 3) for r in later],
         "saved_blocks": vars(engine.precompiled.stats) if engine.precompiled is not None else None,

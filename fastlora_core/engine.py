@@ -8,7 +8,6 @@ written, so a refused stack leaves the engine serving the previous one bit for b
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 import threading
@@ -22,6 +21,7 @@ import torch
 
 from . import background_compile, cancel
 from .errors import EngineReleasedError, LoraFitError, LoraFormatError, OptionsError, out_of_memory
+from .lora import fused
 from .lora.adapter import AdapterStrategy
 from .lora.base import ResolvedEntry, SwapStrategy
 from .lora.cache import GLOBAL_CACHE, MEMORY_PREFIX, DeviceLoraCache, FileKey, LoraCache, file_key
@@ -176,9 +176,7 @@ class FluxEngine:
             why_not = why_not_own_modules(options)
             if why_not is not None:
                 logger.info("loading with diffusers' and transformers' classes: %s", why_not)
-            # the compiler's imports, done while waiting for a read rather than on the first image (decision 42)
-            idle = direct.while_waiting(import_compiler) if options.compile != "off" else contextlib.nullcontext()
-            with self.phases.phase("read"), idle:
+            with self.phases.phase("read"), direct.while_waiting(*self._work_while_reading()):
                 pipeline = load_pipeline(source, self.dtype, self.device if self._ample_room else None,
                                          self._read_to_device(), own_modules=why_not is None)
         pipe, pipeline = pipeline, None
@@ -193,6 +191,21 @@ class FluxEngine:
         self.load_seconds = time.perf_counter() - t0
         self.phases.add("build", self.load_seconds)
         logger.info("engine ready in %.1f s (%s, %s)", self.load_seconds, source.describe(), options)
+
+    def _work_while_reading(self) -> list[Callable[[], object]]:
+        """What the loader does while it waits for a read rather than on the first LoRA or image
+        (decision 42): the compiler's imports, and the first fp8 fused swap's kernel check."""
+        tasks: list[Callable[[], object]] = []
+        if self.options.compile != "off":
+            tasks.append(import_compiler)
+        if self.device.type == "cuda" and self.options.swap_strategy == "fused" and self.options.quantization == "fp8":
+            device = self.device
+
+            def prepare_fp8_swaps() -> None:
+                fused.prepare_fp8_swaps(device)
+
+            tasks.append(prepare_fp8_swaps)
+        return tasks
 
     @classmethod
     def from_pipeline(cls, pipe: Any, options: EngineOptions | None = None, *, label: str = "in-memory pipeline",

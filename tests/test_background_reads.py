@@ -256,3 +256,39 @@ def test_work_handed_over_runs_while_a_read_is_under_way_and_only_then(tmp_path:
     with direct.while_waiting(task), direct.BackgroundReads(jobs[:1], CPU) as reads:
         reads.take(jobs[0][0], jobs[0][1])
     assert ran == []
+
+
+def test_the_loader_is_handed_the_first_images_and_the_first_fp8_swaps_once_only_work() -> None:
+    """Decision 42's work list: the compiler's imports whenever something will compile, and the fp8
+    kernels' check where the first fused fp8 swap on a GPU would run it; nothing for other set-ups."""
+    from types import SimpleNamespace
+
+    from fastlora_core.engine import FluxEngine
+    from fastlora_core.specs import EngineOptions
+
+    def names(device: str, **options: Any) -> list[str]:
+        fake = SimpleNamespace(options=EngineOptions(**options), device=torch.device(device))
+        return [task.__name__ for task in FluxEngine._work_while_reading(fake)]  # type: ignore[arg-type]
+
+    fp8 = dict(quantization="fp8", swap_strategy="fused", compile="regional")
+    assert names("cuda", **fp8) == ["import_compiler", "prepare_fp8_swaps"]
+    assert names("cuda", **{**fp8, "compile": "off"}) == ["prepare_fp8_swaps"]
+    assert names("cuda", **{**fp8, "swap_strategy": "adapter"}) == ["import_compiler"]
+    assert names("cuda", **{**fp8, "quantization": "none"}) == ["import_compiler"]
+    assert names("cpu", **fp8) == ["import_compiler"]
+
+
+def test_the_fp8_kernel_check_runs_once_per_process_and_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whether the engine's loader ran it or the first swap does, the self-check runs once per GPU:
+    a second engine (or the swap after the loader's run) takes the remembered result."""
+    from fastlora_core.lora import fused
+
+    calls: list[torch.device] = []
+    monkeypatch.setattr(fused, "_kernels_ok", {})
+    monkeypatch.setattr(fused, "_triton_fp8_self_check", lambda device: calls.append(device) or device.index == 0)
+    gpu0, gpu1 = torch.device("cuda", 0), torch.device("cuda", 1)
+    assert fused.fp8_kernels_ok(gpu0) and fused.fp8_kernels_ok(gpu0)
+    assert not fused.fp8_kernels_ok(gpu1) and not fused.fp8_kernels_ok(gpu1)
+    assert calls == [gpu0, gpu1]
+    fused.prepare_fp8_swaps(CPU)  # nothing to prepare for the CPU
+    assert calls == [gpu0, gpu1]

@@ -77,6 +77,29 @@ def test_fp8_fused_swaps_requantise_exactly_without_recompiling(
     assert not torch.equal(images[_stack(tiny_loras, ("style", 1.0))], base)
 
 
+@pytest.mark.skipif(not _fp8_ok(), reason="fp8 needs compute capability >= 8.9")
+def test_the_fp8_swaps_prepared_ahead_pass_their_check_and_the_first_swap_does_not_repeat_it(
+        tiny_source: ModelSource, tiny_loras: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decision 42: the engine's loader may run the first fp8 swap's kernel check while it waits
+    for a read; the Triton kernels must pass it here, and an engine's first swap takes its result."""
+    from fastlora_core.lora import fused
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    fused.prepare_fp8_swaps(torch.device("cuda"))
+    assert fused._kernels_ok[device] is True, "the Triton requantisation should be in use on this GPU"
+
+    def again(device: torch.device) -> bool:
+        raise AssertionError("the kernel check ran a second time in this process")
+
+    monkeypatch.setattr(fused, "_triton_fp8_self_check", again)
+    engine = FluxEngine(tiny_source, dataclasses.replace(GPU, quantization="fp8", compile="off"))
+    try:
+        engine.apply(_stack(tiny_loras, ("style", 1.0)))
+        assert engine.strategy._fast_fp8 is True
+    finally:
+        engine.release()
+
+
 def test_with_ample_room_the_transformer_is_read_straight_to_the_gpu(tiny_source: ModelSource,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Decision 29: no CPU copy of the transformer when the GPU has room; the same weights, bitwise."""

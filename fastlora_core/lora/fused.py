@@ -218,7 +218,7 @@ class FusedStrategy(SwapStrategy):
         if type(weight).__name__ != "Float8Tensor" or list(getattr(weight, "block_size", [])) != [1, weight.shape[-1]]:
             return False
         if self._fast_fp8 is None:
-            self._fast_fp8 = _triton_fp8_self_check(weight.device)
+            self._fast_fp8 = fp8_kernels_ok(weight.device)
         return bool(self._fast_fp8)
 
     # -- grouped fp8 path (CUDA, masters on the GPU) ------------------------------------------------
@@ -418,6 +418,33 @@ def _accumulate(acc: torch.Tensor, original: torch.Tensor, items: list) -> None:
             up = layer.up.to(device=acc.device, dtype=torch.float32)
             down = layer.down.to(device=acc.device, dtype=torch.float32)
             acc.addmm_(up, down, alpha=entry.strength * layer.scale)
+
+
+#: The self-check's result per GPU, once per process (a property of the machine and the installed
+#: Triton and torchao, not of an engine).
+_kernels_ok: dict[torch.device, bool] = {}
+
+
+def fp8_kernels_ok(device: torch.device) -> bool:
+    """Whether the Triton requantisation reproduces torchao's per-row float8 bit for bit on
+    ``device`` (:func:`_triton_fp8_self_check`, run on first use, then remembered)."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device not in _kernels_ok:
+        _kernels_ok[device] = _triton_fp8_self_check(device)
+    return _kernels_ok[device]
+
+
+def prepare_fp8_swaps(device: torch.device) -> None:
+    """The once-per-process work of the first fp8 fused swap on a GPU, done ahead (the engine runs it
+    while its loader waits for a read, decision 42): the kernels' self-check, which compiles the two
+    Triton kernels with an empty Triton cache (1.7 s of the first LoRA on the H200) or loads them,
+    and cuBLAS's start where nothing has used it yet (the first merge's ``addmm`` would pay it)."""
+    if device.type != "cuda":
+        return
+    fp8_kernels_ok(device)
+    x = torch.zeros(16, 16, device=device, dtype=torch.bfloat16)
+    x.addmm_(x, x)
 
 
 def _triton_fp8_self_check(device: torch.device) -> bool:
