@@ -65,6 +65,10 @@ FORMAT = 1
 #: The folder (under the compile cache) that holds the saved blocks.
 FOLDER = "fastlora-blocks"
 
+#: A saved file neither loaded nor written for this long is deleted when the folder next gets a file
+#: (an upgrade of torch or of the pack, another GPU or other options leave files no process will load).
+UNUSED_DAYS = 30
+
 #: ``FASTLORA_PRECOMPILE=0`` turns saving and loading compiled blocks off (plain regional
 #: ``torch.compile``, re-traced in every process): a switch for comparisons and a way out.
 ENV_SWITCH = "FASTLORA_PRECOMPILE"
@@ -409,6 +413,7 @@ class PrecompiledBlocks:
                            path, type(exc).__name__, exc)
             return None
         seconds = time.perf_counter() - t0
+        _mark_used(path)
         self.stats.loaded += 1
         self.stats.load_seconds += seconds
         logger.info("loaded compiled %s from %s (%.2f s)", cls.__name__, path, seconds)
@@ -528,8 +533,7 @@ class PrecompiledBlocks:
         self.stats.compile_seconds += seconds
         path = self.path(slot)
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            fn.save_compiled_function(str(path))
+            _save(fn, path)
         except Exception as exc:  # still usable in this process; the next one compiles again
             reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
             self.stats.failures.append(reason)
@@ -538,8 +542,61 @@ class PrecompiledBlocks:
         else:
             self.stats.saved += 1
             logger.info("compiled %s in %.1f s, saved to %s", type(block).__name__, seconds, path)
+            prune(self.folder)
         self._functions[slot] = fn
         return fn
+
+
+def _save(fn: Any, path: Path) -> None:
+    """Write a compiled function under ``path`` whole or not at all: into a temporary file of the same
+    folder, then renamed. Another process (a second server sharing the cache, a background worker's
+    serving process) never reads a half-written file, and a writer killed midway leaves none behind
+    under the real name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.part")
+    try:
+        fn.save_compiled_function(str(part))
+        os.replace(part, path)
+    finally:
+        part.unlink(missing_ok=True)
+
+
+def _mark_used(path: Path) -> None:
+    """Record a load in the file's modification time (what :func:`prune` goes by; access times are
+    often not kept). A read-only cache is left as it is."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
+def prune(folder: Path, unused_days: float = UNUSED_DAYS) -> int:
+    """Delete saved blocks not loaded or written for ``unused_days``, and temporary files a killed
+    writer left (older than a day); returns how many files went. Anything that cannot be deleted
+    stays."""
+    now = time.time()
+    removed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return 0
+    for entry in entries:
+        if entry.name.endswith(".bin"):
+            limit = unused_days * 86400
+        elif entry.name.startswith(".") and entry.name.endswith(".part"):
+            limit = 86400
+        else:
+            continue
+        try:
+            if entry.is_file() and now - entry.stat().st_mtime > limit:
+                os.unlink(entry.path)
+                removed += 1
+        except OSError:
+            continue
+    if removed:
+        logger.info("deleted %d saved compiled block file(s) unused for %g days from %s", removed,
+                    unused_days, folder)
+    return removed
 
 
 def _EAGER(*args: Any, **kwargs: Any) -> Any:

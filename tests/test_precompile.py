@@ -162,6 +162,60 @@ def test_a_damaged_saved_file_costs_a_compile_and_is_replaced(tmp_path: Path,
     assert (repaired.stats.loaded, repaired.stats.compiled) == (1, 0)
 
 
+def test_a_file_is_written_whole_or_not_at_all(tmp_path: Path) -> None:
+    """Another process (a second server sharing the cache, the serving process of a background
+    worker) must never load a half-written file, and a writer that fails midway leaves nothing under
+    the real name: the next process compiles instead of tripping over a damaged file."""
+
+    class Compiled:
+        def __init__(self, fail: bool) -> None:
+            self.fail = fail
+
+        def save_compiled_function(self, path: str) -> None:
+            Path(path).write_bytes(b"half")
+            assert not target.exists(), "written under the real name before it was complete"
+            if self.fail:
+                raise OSError("No space left on device")
+            Path(path).write_bytes(b"whole")
+
+    target = tmp_path / "blocks" / "FluxSingleTransformerBlock-a-b.bin"
+    with pytest.raises(OSError, match="No space"):
+        precompile._save(Compiled(fail=True), target)
+    assert list(target.parent.iterdir()) == []
+    precompile._save(Compiled(fail=False), target)
+    assert target.read_bytes() == b"whole" and [p.name for p in target.parent.iterdir()] == [target.name]
+
+
+def test_files_unused_for_a_month_are_deleted_when_a_block_is_saved_and_loads_count_as_use(
+        tmp_path: Path) -> None:
+    """An upgrade (or other options, another GPU) leaves files no process will load again: the next
+    save deletes those neither loaded nor written for UNUSED_DAYS, and a temporary file a killed writer
+    left. A file that is loaded stays, however old it was; other files in the folder are not touched."""
+    import os
+    import time
+
+    old = time.time() - (precompile.UNUSED_DAYS + 1) * 86400
+    tmp_path.mkdir(exist_ok=True)
+    stale, orphan, young_part, foreign = (tmp_path / "FluxTransformerBlock-old-x.bin", tmp_path / ".a.bin.1-2.part",
+                                          tmp_path / ".b.bin.3-4.part", tmp_path / "notes.txt")
+    for f in (stale, orphan, young_part, foreign):
+        f.write_bytes(b"x")
+    for f in (stale, orphan, foreign):
+        os.utime(f, (old, old))
+    blocks, inputs = _blocks(1), _inputs()
+    PrecompiledBlocks(tmp_path, CPU).install(blocks)
+    _run(blocks[0], inputs)  # compiles and saves: the folder is pruned
+    (saved,) = tmp_path.glob("FluxSingleTransformerBlock-*.bin")
+    assert not stale.exists() and not orphan.exists() and young_part.exists() and foreign.exists()
+
+    os.utime(saved, (old, old))
+    restarted = PrecompiledBlocks(tmp_path, CPU)
+    restarted.install(blocks)
+    _run(blocks[0], inputs)
+    assert restarted.stats.loaded == 1
+    assert precompile.prune(tmp_path) == 0 and saved.exists()  # loading it counted as use
+
+
 def test_a_second_size_compiles_one_dynamic_graph_that_later_sizes_reuse(tmp_path: Path) -> None:
     blocks = _blocks(1)
     dispatch = PrecompiledBlocks(tmp_path, CPU)
