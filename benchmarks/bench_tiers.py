@@ -11,6 +11,11 @@ engine is built from RAM with the tier's options. Recorded: engine build, first 
 cache of its own), two more images, the transformer loop, swaps between two rank-64 LoRAs from the
 RAM cache, peak allocated / reserved GPU memory, and whether it fit (an OOM is recorded, not
 raised). The 16 GB tiers run in order and stop at the first that fits (``--all`` runs them all).
+A tier name ending in ``_bgcompile`` runs that tier with ``FASTLORA_BACKGROUND_COMPILE=1`` (decision 41:
+the blocks run uncompiled while worker processes compile them). The cap is per process, so a worker's
+GPU memory is outside it: ``device_used_peak_gib`` (every tier) samples the whole GPU's used memory
+(``cudaMemGetInfo``, every 50 ms: this process's CUDA context and reserve plus any worker's), which
+is what must fit on the real card; ``saved_blocks`` says how many block calls ran uncompiled.
 ``16gb_model`` is the MODEL path: a transformer-only engine sampling given conditioning (the
 text encoders and VAE are ComfyUI's nodes there, which ComfyUI moves off the GPU while sampling);
 ``e2e_s_per_image`` is then the 28-step denoising without text encoding and VAE decode. (``fp8``
@@ -38,6 +43,33 @@ TIERS: dict[str, tuple[float, dict[str, object]]] = {
 }
 SIXTEEN = ("16gb_fused", "16gb_model", "16gb_model_adapter")
 TRANSFORMER_ONLY = ("16gb_model", "16gb_model_adapter")
+BACKGROUND = "_bgcompile"  # tier suffix: the same tier with background compile workers (decision 41)
+
+
+class DeviceMemory:
+    """The whole GPU's used memory, sampled on a thread (all processes: the cap of
+    ``set_per_process_memory_fraction`` does not cover a background compile worker)."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        import threading
+
+        import torch
+
+        self.peak = 0
+        self._stop = threading.Event()
+
+        def sample() -> None:
+            while not self._stop.wait(interval):
+                free, total = torch.cuda.mem_get_info()
+                self.peak = max(self.peak, total - free)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return round(self.peak / 2**30, 2)
 
 
 def worker(tier: str, out: Path, steps: int) -> None:
@@ -49,7 +81,7 @@ def worker(tier: str, out: Path, steps: int) -> None:
     from .bench_engine import build_pipeline, lora_paths
     from .fullsize import Inputs, run_loop, time_loops
 
-    cap, overrides = TIERS[tier]
+    cap, overrides = TIERS[tier.removesuffix(BACKGROUND)]
     res: dict[str, object] = {"tier": tier, "cap_gib": cap, "device": torch.cuda.get_device_name(),
                               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
@@ -60,7 +92,7 @@ def worker(tier: str, out: Path, steps: int) -> None:
     res["options"] = repr(opts)
     pipe = build_pipeline()
     paths = lora_paths(pipe.transformer)
-    alone = tier in TRANSFORMER_ONLY
+    alone = tier.removesuffix(BACKGROUND) in TRANSFORMER_ONLY
     if alone:
         from diffusers import FluxPipeline
 
@@ -72,6 +104,7 @@ def worker(tier: str, out: Path, steps: int) -> None:
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(cap * 2**30 / total, 0)
     torch.cuda.reset_peak_memory_stats()
+    device_memory = DeviceMemory()
     save()
     req = GenerateRequest(prompt="a photo of a cat on a red sofa", seed=0, steps=steps, width=1024, height=1024)
     stack_a = LoraStack.of((paths["A64"], 1.0))
@@ -127,6 +160,8 @@ def worker(tier: str, out: Path, steps: int) -> None:
                 inp = Inputs(steps=steps)
                 res["transformer_loop"] = time_loops(lambda: run_loop(engine.transformer, inp), 2)
         res["compiles_total"] = engine.compiles
+        if engine.precompiled is not None:
+            res["saved_blocks"] = engine.precompiled.report()
         res["fits"] = True
     except Exception as exc:  # noqa: BLE001 - an OOM (torch's, or the engine's wrapped one) is a result here
         oom = isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
@@ -134,6 +169,7 @@ def worker(tier: str, out: Path, steps: int) -> None:
         res["oom" if oom else "error"] = f"{type(exc).__name__}: {exc}"[:1500]
     res["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     res["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+    res["device_used_peak_gib"] = device_memory.stop()
     save()
 
 
@@ -154,6 +190,8 @@ def main() -> None:
     deadline = time.time() + a.budget
     fitted16 = False
     for tier in [t for t in a.tiers.split(",") if t]:
+        if tier.removesuffix(BACKGROUND) not in TIERS:
+            raise SystemExit(f"unknown tier {tier!r}: one of {', '.join(TIERS)}, each optionally + {BACKGROUND}")
         if tier in SIXTEEN and fitted16 and not a.all:
             continue
         left = deadline - time.time()
@@ -163,8 +201,9 @@ def main() -> None:
         print(f"tier {tier}", flush=True)
         cmd = [sys.executable, "-m", "benchmarks.bench_tiers", "--out", str(out), "--worker", tier,
                "--steps", str(a.steps)]
+        env = dict(os.environ, **({"FASTLORA_BACKGROUND_COMPILE": "1"} if tier.endswith(BACKGROUND) else {}))
         try:
-            subprocess.run(cmd, timeout=left, env=dict(os.environ))
+            subprocess.run(cmd, timeout=left, env=env)
         except subprocess.TimeoutExpired:
             print(f"{tier}: timed out", flush=True)
         f = out / f"{tier}.json"
