@@ -18,9 +18,11 @@ fresh ``python3`` process with the engine's defaults (on an H200: fp8, regional 
 weight on the CPU as it did before decision 29 (no direct read to the GPU), for a comparison in one call.
 ``api_warm_serial``: the direct reads start after diffusers' import and the checks, as before decision 37.
 ``api_warm_noidle``: the loader blocks on unfinished reads instead of importing the compiler and checking
-the fp8 swap kernels meanwhile, as before decision 42 (that work then falls on the first LoRA and image);
-``idle_tasks_s`` says which of them ran while waiting and for how long, ``first_swap`` splits the first
-LoRA (file read, staging on the GPU, the whole swap).
+the fp8 swap kernels meanwhile, as before decision 42 (that work then falls on the first LoRA and image).
+``api_warm_nodefer``: the checks import torchao (which imports Dynamo) before the weights' reads start, as
+before decision 43, instead of trusting the record of an earlier process's import and leaving the import to
+the wait. The child's ``idle_tasks_s`` says which tasks ran while the loader waited and for how long,
+``first_swap`` splits the first LoRA (file read, staging on the GPU, the whole swap).
 ``_profile`` and ``_importtime`` (API runs): the child under ``cProfile`` or ``python -X importtime``, for
 where the time goes (``VARIANTS``). ``_cudnnfp8``: the engine with ``attention="cudnn_fp8"`` (its first
 image compiles the blocks with the FP8 attention op; the steady image compares with ``api_warm``).
@@ -64,7 +66,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNS = ("api_cold", "api_warm", "cli_cold", "cli_warm", "api_disk_cold")  # a warm run follows its cold one
 #: Suffixes of API runs: ``_ordinary`` (weights read on the CPU, as before decision 29), ``_serial``
 #: (the direct reads after diffusers' import and the checks, as before decision 37), ``_noidle`` (no imports
-#: while waiting for a read, as before decision 42), ``_profile``
+#: while waiting for a read, as before decision 42), ``_nodefer`` (torchao imported by the checks before the
+#: reads start, as before decision 43), ``_profile``
 #: (the child under cProfile: ``child.prof``; its times are inflated), ``_importtime`` (``python -X
 #: importtime``: ``importtime.txt``), ``_cudnnfp8`` (``attention="cudnn_fp8"``), ``_threads1``
 #: (``TORCHINDUCTOR_COMPILE_THREADS=1``: inductor loads its cached kernels in the process, without
@@ -72,7 +75,7 @@ RUNS = ("api_cold", "api_warm", "cli_cold", "cli_warm", "api_disk_cold")  # a wa
 #: before decision 39), ``_plaincompile`` (``FASTLORA_PRECOMPILE=0``: no saved blocks, as before decision 40),
 #: ``_bgcompile`` (``FASTLORA_BACKGROUND_COMPILE=1``: missing block graphs compiled by worker processes while
 #: the first images run uncompiled, decision 41; use ``--steady-images 3`` to see when the graphs arrive).
-VARIANTS = ("ordinary", "serial", "noidle", "profile", "importtime", "cudnnfp8", "threads1", "diffusers", "plaincompile",
+VARIANTS = ("ordinary", "serial", "noidle", "nodefer", "profile", "importtime", "cudnnfp8", "threads1", "diffusers", "plaincompile",
             "bgcompile")
 PROMPT = "a photo of a red fox in a snowy forest, golden hour"
 
@@ -90,7 +93,7 @@ def tiny_options() -> dict[str, Any]:
 # -- the child: one process from start to its second image ---------------------------------------------
 def child(model: str, lora: str, cache: str, out: str, tiny: bool, ordinary: bool = False,
           serial: bool = False, attention: str = "auto", steady: int = 1, classes: bool = False,
-          noidle: bool = False) -> None:
+          noidle: bool = False, nodefer: bool = False) -> None:
     from fastlora_core.timings import process_age
 
     started = process_age()
@@ -134,6 +137,10 @@ def child(model: str, lora: str, cache: str, out: str, tiny: bool, ordinary: boo
 
     direct.logger.addHandler(IdleTasks())
     direct.logger.setLevel(logging.INFO)
+    if nodefer:  # the checks import torchao (and Dynamo with it) before the reads start, as before decision 43
+        from fastlora_core import deps
+
+        deps.TRUST_RECORDS = False
     if noidle:  # no work while waiting for a read, as before decision 42
         direct.IDLE_WORK = False
     if serial:  # the reads after the imports and checks, as before decision 37, for a same-call comparison
@@ -345,7 +352,7 @@ def run_one(name: str, model: Path, lora: Path, work: Path, out: Path, tiny: boo
         if "importtime" in variants:
             python = [sys.executable, "-X", "importtime"]
         cmd = python + ["-m", "benchmarks.bench_startup", "--child", str(model), str(lora), str(cache),
-                        str(result)] + (["--tiny"] if tiny else []) + [f"--{v}" for v in ("ordinary", "serial", "noidle", "cudnnfp8", "diffusers")
+                        str(result)] + (["--tiny"] if tiny else []) + [f"--{v}" for v in ("ordinary", "serial", "noidle", "nodefer", "cudnnfp8", "diffusers")
                                                                          if v in variants] + [f"--steady={steady}"]
     else:
         result = run_dir / "timings.json"
@@ -357,7 +364,8 @@ def run_one(name: str, model: Path, lora: Path, work: Path, out: Path, tiny: boo
         if tiny:
             cmd += ["--device", "cpu", "--dtype", "float32", "--compile", "off"]
     res["command"] = " ".join(cmd)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(
+    # The cache home (decision 43's import records) goes with the compile cache: cold runs have neither.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FASTLORA_CACHE_DIR": str(cache), "PYTHONPATH": os.pathsep.join(
         [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     if "threads1" in variants:
         env["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
@@ -389,7 +397,7 @@ def main() -> None:
         args = sys.argv[2:]
         steady = [int(a.split("=", 1)[1]) for a in args if a.startswith("--steady=")]
         child(*args[:4], tiny="--tiny" in args, ordinary="--ordinary" in args, serial="--serial" in args,
-              noidle="--noidle" in args, attention="cudnn_fp8" if "--cudnnfp8" in args else "auto", steady=steady[0] if steady else 1,
+              noidle="--noidle" in args, nodefer="--nodefer" in args, attention="cudnn_fp8" if "--cudnnfp8" in args else "auto", steady=steady[0] if steady else 1,
               classes="--diffusers" in args)
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])

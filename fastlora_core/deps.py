@@ -6,6 +6,12 @@ Checks are cheap (package metadata, no import) except ``usable``, which really i
 package once, at the moment a feature needs it: an installed build that does not match the
 installed torch (a common state of torchao, bitsandbytes and triton) fails there, not at start-up.
 Stdlib only at import time, so the pack can report a missing torch too.
+
+An import that succeeded is recorded (``<cache home>/imports.json``: the package's version and file,
+torch's version, Python's). A later process with the same install trusts the record: ``usable``
+answers without importing, and the import waits for :func:`import_deferred` (the engine runs it
+while its loader waits for a read, decision 43) or for :func:`confirm` at first use. torchao's
+import brings in Dynamo (about a second), which stood before the weights' reads started.
 """
 
 from __future__ import annotations
@@ -14,11 +20,17 @@ import functools
 import importlib
 import importlib.metadata
 import importlib.util
+import json
+import logging
+import os
 import re
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import DependencyError
+
+logger = logging.getLogger(__name__)
 
 # import name -> (pip distribution, minimum version). Same versions as requirements.txt and
 # pyproject.toml (tests/test_deps.py keeps the three in step). torch is never installed by us.
@@ -167,15 +179,111 @@ def require() -> None:
         raise DependencyError(message)
 
 
+def cache_home() -> Path:
+    """FastLoRA's per-user cache folder: ``$FASTLORA_CACHE_DIR``, else ``$XDG_CACHE_HOME/fastlora``,
+    else ``~/.cache/fastlora`` (the compile cache is its ``inductor`` folder)."""
+    base = os.environ.get("FASTLORA_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fastlora")
+    return Path(base)
+
+
+#: Whether :func:`usable` may trust an earlier process's record instead of importing (the start-up
+#: benchmark turns it off for a same-call comparison).
+TRUST_RECORDS = True
+_RECORDS = "imports.json"
+_deferred: list[str] = []  # trusted, not imported yet (in the order usable() met them)
+
+
+def _stamp(name: str) -> str | None:
+    """What a successful import of ``name`` depended on, as one string (None: nothing to go by)."""
+    try:
+        spec = importlib.util.find_spec(name)
+        origin = spec.origin if spec is not None else None
+        st = os.stat(origin) if origin else None
+    except (ImportError, ValueError, OSError):
+        return None
+    if st is None:
+        return None
+    dist = OPTIONAL.get(name, (name, ""))[0]
+    return repr((installed_version(dist), installed_version("torch"), sys.version, origin, st.st_mtime_ns, st.st_size))
+
+
+def _records() -> dict[str, str]:
+    try:
+        data = json.loads((cache_home() / _RECORDS).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_record(name: str, stamp: str | None) -> None:
+    """Record (``stamp``) or forget (None) a successful import; a cache that cannot be written is
+    left as it is (the next process imports again)."""
+    records = _records()
+    if records.get(name) == stamp:
+        return
+    if stamp is None:
+        records.pop(name, None)
+    else:
+        records[name] = stamp
+    path = cache_home() / _RECORDS
+    part = path.with_name(f".{_RECORDS}.{os.getpid()}.part")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part.write_text(json.dumps(records, indent=1))
+        os.replace(part, path)
+    except OSError as exc:
+        logger.debug("could not write %s (%s)", path, exc)
+        part.unlink(missing_ok=True)
+
+
 @functools.cache
 def usable(name: str) -> str:
     """'' when optional package ``name`` imports here; else why not (the import's error). Imported
-    once per process, at first use: a build that does not match torch often fails only here."""
+    once per process, at first use: a build that does not match torch often fails only here. When
+    an earlier process imported this very install, the import is left to :func:`import_deferred` or
+    :func:`confirm`."""
     if not _found(name):
         dist = OPTIONAL.get(name, (name, ""))[0]
         return f"{dist} is not installed (pip install {_pip_name(dist)})"
+    if name in sys.modules:
+        return ""
+    stamp = _stamp(name)
+    if TRUST_RECORDS and stamp is not None and _records().get(name) == stamp:
+        _deferred.append(name)
+        return ""
     try:
         importlib.import_module(name)
     except Exception as exc:  # ImportError, OSError (CUDA libs), RuntimeError (torch mismatch) ...
         return f"{name} is installed but does not import with this torch ({type(exc).__name__}: {exc})"
+    _write_record(name, stamp)
     return ""
+
+
+def deferred() -> list[str]:
+    """Packages :func:`usable` vouched for from a record and nobody has imported yet."""
+    return [name for name in _deferred if name not in sys.modules]
+
+
+def import_deferred() -> None:
+    """Import the packages :func:`usable` vouched for from a record (work for a wait: decision 43).
+    A failure is left to :func:`confirm` at the package's first use."""
+    for name in deferred():
+        importlib.import_module(name)
+
+
+def confirm(name: str) -> None:
+    """Import ``name`` before its first use (at once when already imported). An install that
+    imported in an earlier process but not now (its record trusted by :func:`usable`) raises
+    ``DependencyError`` saying what to do, and its record is forgotten."""
+    if name in sys.modules:
+        return
+    try:
+        importlib.import_module(name)
+    except Exception as exc:
+        _write_record(name, None)
+        dist = OPTIONAL.get(name, (name, ""))[0]
+        raise DependencyError(
+            f"{dist} imported in an earlier run but does not import now ({type(exc).__name__}: {exc}). Start "
+            f"again (FastLoRA then checks it before loading and falls back where it can), or reinstall "
+            f"{_pip_name(dist)} for this torch") from exc

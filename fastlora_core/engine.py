@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from . import background_compile, cancel
+from . import background_compile, cancel, deps
 from .errors import EngineReleasedError, LoraFitError, LoraFormatError, OptionsError, out_of_memory
 from .lora import fused
 from .lora.adapter import AdapterStrategy
@@ -159,8 +159,7 @@ class FluxEngine:
         self.precompiled: PrecompiledBlocks | None = None  # regional compile's saved blocks (decision 40)
         self._background: background_compile.BackgroundCompiler | None = None
         if options.compile != "off":
-            # imports inductor's config: a share of the start-up's imports
-            self._compile_cache = configure_compile_cache(options)
+            self._compile_cache = configure_compile_cache(options)  # the folder only: no import (decision 43)
             if (background_compile.requested() and options.compile == "regional" and not options.deterministic
                     and not options.dynamic_shapes):
                 # workers start when a block class has no saved graph (decision 41)
@@ -193,9 +192,13 @@ class FluxEngine:
         logger.info("engine ready in %.1f s (%s, %s)", self.load_seconds, source.describe(), options)
 
     def _work_while_reading(self) -> list[Callable[[], object]]:
-        """What the loader does while it waits for a read rather than on the first LoRA or image
-        (decision 42): the compiler's imports, and the first fp8 fused swap's kernel check."""
+        """What the loader does while it waits for a read rather than before the reads start or on
+        the first LoRA or image (decisions 42, 43): the optional packages the checks vouched for
+        from a record (torchao, which brings in Dynamo; Triton), the compiler's imports, and the
+        first fp8 fused swap's kernel check."""
         tasks: list[Callable[[], object]] = []
+        if deps.deferred():
+            tasks.append(deps.import_deferred)
         if self.options.compile != "off":
             tasks.append(import_compiler)
         if self.device.type == "cuda" and self.options.swap_strategy == "fused" and self.options.quantization == "fp8":

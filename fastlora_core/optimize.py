@@ -9,6 +9,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -191,10 +192,7 @@ def compile_cache_dir(options: EngineOptions) -> Path:
     ``~/.cache/fastlora/inductor``."""
     if options.compile_cache_dir:
         return Path(options.compile_cache_dir).expanduser()
-    base = os.environ.get("FASTLORA_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fastlora"
-    )
-    return Path(base) / "inductor"
+    return deps.cache_home() / "inductor"
 
 
 def user_inductor_cache_dir() -> str | None:
@@ -202,10 +200,14 @@ def user_inductor_cache_dir() -> str | None:
 
     The first time inductor needs its cache folder (importing torchao or diffusers is enough) it
     writes its own default, a per-user temporary folder, into that variable. That value is torch's,
-    not the user's, and must not switch off the persistent cache."""
+    not the user's, and must not switch off the persistent cache. Before inductor is imported in
+    this process, nothing in it can have written the variable: it is the user's (checked without
+    importing inductor, whose import brings in Dynamo: decision 43)."""
     value = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     if not value:
         return None
+    if "torch._inductor" not in sys.modules:
+        return value
     try:
         from torch._inductor.runtime.cache_dir_utils import default_cache_dir
     except ImportError:  # another torch layout: trust the variable
@@ -225,8 +227,7 @@ def configure_compile_cache(options: EngineOptions) -> Path:
     path = compile_cache_dir(options)
     path.mkdir(parents=True, exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
-    _cache_settings()
-    return path
+    return path  # inductor's own cache settings follow with the compile settings (_compile_settings)
 
 
 def _cache_settings() -> None:
@@ -238,7 +239,10 @@ def _cache_settings() -> None:
 
 
 def _compile_settings() -> None:
-    """Process-wide settings FastLoRA's compiles need (the serving process's and a compile worker's)."""
+    """Process-wide settings FastLoRA's compiles need (the serving process's and a compile worker's),
+    applied before the first compile rather than with the cache folder: importing inductor's config
+    imports Dynamo, which would stand before the weights' reads (decision 43)."""
+    _cache_settings()
     import torch._inductor.config as inductor_config
 
     if getattr(inductor_config, "freezing", False):
@@ -266,7 +270,6 @@ def import_compiler() -> None:
 def configure_worker_compile() -> None:
     """A background compile worker's settings: the serving process's (its cache folder comes with
     the inherited ``TORCHINDUCTOR_CACHE_DIR``)."""
-    _cache_settings()
     _compile_settings()
 
 
@@ -347,6 +350,7 @@ def quantize_transformer(transformer: torch.nn.Module, mode: str, device: torch.
     high-precision layer), and the rest of the model follows."""
     if mode == "none":
         return
+    deps.confirm("torchao")  # vouched for from a record at the checks: imported here at the latest
     from torchao.quantization import quantize_
 
     quantize_(transformer, torchao_config(mode), filter_fn=_is_quantizable_linear, device=device)
@@ -443,6 +447,8 @@ def compile_transformer(transformer: torch.nn.Module, mode: str, dynamic: bool,
     (:mod:`.precompile`, decision 40); returns that dispatcher, or None for plain ``torch.compile``.
     ``background``: the dispatcher hands block classes it has no file for to these workers and runs
     the blocks eagerly meanwhile (:mod:`.background_compile`, decision 41); closed when unused."""
+    if mode != "off" and next(transformer.parameters()).device.type == "cuda":
+        deps.confirm("triton")  # vouched for from a record at the checks (why_not_compile)
     _compile_settings()
     kwargs: dict[str, object] = {"fullgraph": True, "dynamic": True if dynamic else None}
     if mode == "full":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -17,6 +18,7 @@ import comfy_stub  # tests/ helper (pytest puts tests/ on sys.path)
 import pytest
 
 from fastlora_core import deps
+from fastlora_core.errors import DependencyError
 
 ROOT = comfy_stub.ROOT
 NODES = ["Generate", "LoraHotswap", "LoraHotswapModel", "OptimizedFluxLoader", "PadDummyLora"]
@@ -186,3 +188,106 @@ def test_requirements_and_pyproject_match_the_dependency_table() -> None:
     for listed in (requirements, pyproject):
         assert {d: v for d, v in listed.items() if d in table} == table
         assert set(listed) - set(table) <= {dist for dist, _ in deps.OPTIONAL.values()}
+
+
+# -- decision 43: an optional package an earlier process imported is vouched for from a record ----------
+
+
+def _fake_package(root: Path, name: str, body: str = "VALUE = 1\n") -> Path:
+    package = root / name
+    package.mkdir(parents=True, exist_ok=True)
+    init = package / "__init__.py"
+    init.write_text(body)
+    return init
+
+
+@pytest.fixture
+def records_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A cache home of its own, a fresh ``usable`` cache, and a folder on sys.path for fake packages."""
+    monkeypatch.setenv("FASTLORA_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    deps.usable.cache_clear()
+    yield tmp_path
+    deps.usable.cache_clear()
+
+
+def _forget_module(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """As in a new process: the module not imported, usable() not asked yet."""
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    deps.usable.cache_clear()
+
+
+def test_an_import_that_worked_is_trusted_by_the_next_process_until_the_install_changes(
+        records_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    name = "fastlora_fake_optional_a"
+    init = _fake_package(records_home / "site", name)
+    assert deps.usable(name) == "" and name in sys.modules  # first process: imported, then recorded
+    assert name in json.loads((records_home / "cache" / "imports.json").read_text())
+
+    _forget_module(monkeypatch, name)
+    assert deps.usable(name) == "" and name not in sys.modules  # vouched for, not imported
+    assert deps.deferred() == [name]
+    deps.import_deferred()
+    assert name in sys.modules and deps.deferred() == []
+
+    _forget_module(monkeypatch, name)
+    init.write_text("VALUE = 2  # an upgrade\n")
+    assert deps.usable(name) == "" and name in sys.modules  # another install: imported again
+    _forget_module(monkeypatch, name)
+    monkeypatch.setattr(deps, "TRUST_RECORDS", False)
+    assert deps.usable(name) == "" and name in sys.modules  # the switch: always import
+
+
+def test_a_trusted_package_that_no_longer_imports_is_refused_at_first_use_with_what_to_do(
+        records_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same files and versions as the record, yet the import fails now (a CUDA library removed
+    under it): the first use says what to do, and the next start imports before trusting."""
+    import os
+
+    name = "fastlora_fake_optional_b"
+    init = _fake_package(records_home / "site", name, "VALUE = 1" + " " * 40 + "\n")
+    assert deps.usable(name) == ""
+    stat = init.stat()
+    _forget_module(monkeypatch, name)
+    init.write_text("raise OSError('libcudart.so.13: cannot open')\n"[:stat.st_size].ljust(stat.st_size - 1) + "\n")
+    os.utime(init, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    shutil.rmtree(init.parent / "__pycache__", ignore_errors=True)  # same mtime and size: a cached .pyc would win
+    assert deps.usable(name) == ""  # the stamp still matches: vouched for
+    with pytest.raises(DependencyError, match=rf"{name} imported in an earlier run but does not import now "
+                                              r"\(OSError: libcudart.so.13: cannot open\)\. Start again"):
+        deps.confirm(name)
+    _forget_module(monkeypatch, name)
+    assert deps.usable(name).startswith(f"{name} is installed but does not import with this torch (OSError")
+
+
+def test_the_checks_before_the_reads_import_neither_torchao_nor_dynamo_when_vouched_for(tmp_path: Path) -> None:
+    """Decision 43: with a record from an earlier process, the dependency and device checks and the
+    compile cache's set-up leave torchao (and the Dynamo it imports, about a second) to the wait for
+    the weights; the engine then quantises with it as before."""
+    code = textwrap.dedent(f"""
+        import json, sys
+        import torch
+        from fastlora_core import deps, optimize, registry
+        from fastlora_core.specs import EngineOptions, GenerateRequest, ModelSource
+        from fastlora_core.tiny import write_tiny_model
+        options = EngineOptions(quantization="int8_weight_only", compile="regional", dtype="float32")
+        deps.require()
+        optimize.resolve(options)
+        optimize.configure_compile_cache(options)
+        out = {{"before_reads": sorted(m for m in ("torchao", "torch._dynamo", "torch._inductor") if m in sys.modules),
+               "deferred": deps.deferred()}}
+        engine = registry.get_engine(ModelSource.from_diffusers(str(write_tiny_model({str(tmp_path / "model")!r}))),
+                                     options)
+        out["quantised"] = type(engine.transformer.transformer_blocks[0].attn.to_q.weight).__name__
+        print("RESULT " + json.dumps(out))
+    """)
+    env = dict(__import__("os").environ, FASTLORA_CACHE_DIR=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
+    runs = []
+    for _ in range(2):  # the first process imports and records, the second trusts the record
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                              cwd=str(ROOT), env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs.append(json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))[7:]))
+    assert "torchao" in runs[0]["before_reads"] and runs[0]["deferred"] == []
+    assert runs[1]["before_reads"] == [] and runs[1]["deferred"] == ["torchao"]
+    assert runs[0]["quantised"] == runs[1]["quantised"] != "Parameter"
