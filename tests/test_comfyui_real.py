@@ -1,7 +1,7 @@
 """Against a real ComfyUI checkout (set COMFYUI_DIR; skipped otherwise): start it headless with the pack
 in a custom_nodes folder and the tiny model in a models tree, run every workflows/api graph through
-fastlora_core.headless, and check ComfyUI's caching, bit-exact A -> B -> A swaps, zero recompiles and
-``POST /free``.
+fastlora_core.headless, and check ComfyUI's caching, bit-exact A -> B -> A swaps, zero recompiles,
+``POST /free``, and background compile workers under ComfyUI's module naming (two server starts).
 
     COMFYUI_DIR=~/ComfyUI python -m pytest -q tests/test_comfyui_real.py
 
@@ -16,6 +16,7 @@ fail if called, which neither ComfyUI's Flux path nor FastLoRA does.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -92,11 +93,10 @@ def comfy_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("comfyui")
 
 
-@pytest.fixture(scope="module")
-def server(comfy_base: Path) -> Iterator[headless.Client]:
+def _prepare(base: Path) -> None:
+    """A ComfyUI base folder: the tiny models, the pack twice in custom_nodes, the paths config."""
     from fastlora_core.tiny import write_comfy_tree
 
-    base = comfy_base
     models = base / "models"
     write_comfy_tree(models)
     custom = base / "custom_nodes"
@@ -107,13 +107,21 @@ def server(comfy_base: Path) -> Iterator[headless.Client]:
     config.write_text(f"fastlora_test:\n  base_path: {models}\n  diffusers: diffusers\n  loras: loras\n"
                       f"  diffusion_models: diffusion_models\n  text_encoders: text_encoders\n  vae: vae\n"
                       f"  custom_nodes: {custom}\n")
+    (base / "user").mkdir()
+
+
+@contextlib.contextmanager
+def _serve(base: Path, extra_env: dict[str, str] | None = None, log_name: str = "comfyui.log"
+           ) -> Iterator[headless.Client]:
+    """ComfyUI started headless on the CPU over a folder made by :func:`_prepare`; stopped after."""
+    config = base / "extra_model_paths.yaml"
+    custom = base / "custom_nodes"
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastlora" / "comfyui-test"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **(extra_env or {}))
     extra = _torchvision_pythonpath(cache)
     env["PYTHONPATH"] = os.pathsep.join(extra + [p for p in [env.get("PYTHONPATH", "")] if p])
-    (base / "user").mkdir()
     port = _free_port()
-    log = open(base / "comfyui.log", "w")  # noqa: SIM115
+    log = open(base / log_name, "w")  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
          "--output-directory", str(base / "output"), "--user-directory", str(base / "user"),
@@ -121,12 +129,12 @@ def server(comfy_base: Path) -> Iterator[headless.Client]:
          "--preview-method", "latent2rgb"],  # exercise Generate's live previews too
         cwd=COMFYUI_DIR, env=env, stdout=log, stderr=subprocess.STDOUT)
     client = headless.Client(f"127.0.0.1:{port}", timeout=60)
-    logger.info("ComfyUI %s on port %d, log %s", comfyui_commit(), port, base / "comfyui.log")
+    logger.info("ComfyUI %s on port %d, log %s", comfyui_commit(), port, base / log_name)
     try:
         deadline = time.monotonic() + 180
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"ComfyUI exited: {(base / 'comfyui.log').read_text()[-3000:]}")
+                pytest.fail(f"ComfyUI exited: {(base / log_name).read_text()[-3000:]}")
             try:
                 client.request("GET", "/system_stats")
                 break
@@ -135,7 +143,7 @@ def server(comfy_base: Path) -> Iterator[headless.Client]:
                     pytest.fail("ComfyUI did not start in 180 s")
                 time.sleep(1)
         assert "OptimizedFluxLoader" in client.request("GET", "/object_info/OptimizedFluxLoader"), \
-            (base / "comfyui.log").read_text()[-3000:]
+            (base / log_name).read_text()[-3000:]
         # ComfyUI loads its own custom_nodes first (which may hold another, older copy of the pack),
         # then ours: the nodes that run, and the stats route, must be this checkout's.
         served = Path(client.request("GET", "/fastlora/stats")["pack"])
@@ -148,6 +156,13 @@ def server(comfy_base: Path) -> Iterator[headless.Client]:
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(comfy_base: Path) -> Iterator[headless.Client]:
+    _prepare(comfy_base)
+    with _serve(comfy_base) as client:
+        yield client
 
 
 def tiny_overrides(graph: dict[str, Any], compile: str = "off") -> list[str]:
@@ -300,3 +315,39 @@ def test_inputs_the_source_does_not_read_never_block_a_run(server: headless.Clie
     assert info.value.exit_code == headless.EXIT_REFUSED
     assert "transformer = 'flux1-dev.safetensors' is not in models/diffusion_models" in str(info.value)
     assert "'FLUX.1-dev'" not in str(info.value), str(info.value)
+
+
+def test_background_compile_inside_comfyui_saves_graphs_the_next_start_loads(tmp_path: Path) -> None:
+    """Decision 41 under ComfyUI's own module naming (the custom node's path as package name): with
+    ``FASTLORA_BACKGROUND_COMPILE=1`` the first image runs uncompiled while worker processes compile
+    the two block classes, a later run loads their graphs, and a restarted server loads them without
+    compiling anything."""
+    base = tmp_path / "comfyui"
+    base.mkdir()
+    _prepare(base)
+    switch = {"FASTLORA_BACKGROUND_COMPILE": "1", "FASTLORA_CACHE_DIR": str(tmp_path / "cache")}
+    path = ROOT / "workflows" / "api" / "flux_lora_basic.json"
+    graph = headless.load_workflow(path)
+    gen = next(k for k, n in graph.items() if n["class_type"] == "Generate")
+    sets = tiny_overrides(graph, compile="regional")
+
+    def blocks(client: headless.Client) -> dict[str, Any]:
+        return stats(client)["engines"][0]["saved_blocks"]
+
+    with _serve(base, switch, "first.log") as client:
+        run(client, path, sets + [f"{gen}.seed=1"], tmp_path / "first")
+        first = blocks(client)
+        assert first["compiled"] == 0 and first["eager_calls"] > 0, first  # uncompiled, nothing compiled here
+        folder = Path(first["folder"])
+        deadline = time.monotonic() + 500
+        while len(list(folder.glob("*.bin"))) < 2 and time.monotonic() < deadline:
+            time.sleep(2)
+        assert len(list(folder.glob("*.bin"))) == 2, ((base / "first.log").read_text()[-3000:], blocks(client))
+        run(client, path, sets + [f"{gen}.seed=2"], tmp_path / "second")
+        second = blocks(client)
+        assert second["background"] == 2 and second["compiled"] == 0 and not second["failures"], second
+
+    with _serve(base, switch, "restarted.log") as client:
+        run(client, path, sets + [f"{gen}.seed=3"], tmp_path / "restarted")
+        restarted = blocks(client)
+    assert (restarted["loaded"], restarted["compiled"], restarted["eager_calls"]) == (2, 0, 0), restarted
