@@ -28,6 +28,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic_write import write_whole
 from .errors import DependencyError
 
 logger = logging.getLogger(__name__)
@@ -227,14 +228,10 @@ def _write_record(name: str, stamp: str | None) -> None:
     else:
         records[name] = stamp
     path = cache_home() / _RECORDS
-    part = path.with_name(f".{_RECORDS}.{os.getpid()}.part")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        part.write_text(json.dumps(records, indent=1))
-        os.replace(part, path)
+        write_whole(path, lambda part: Path(part).write_text(json.dumps(records, indent=1)))
     except OSError as exc:
         logger.debug("could not write %s (%s)", path, exc)
-        part.unlink(missing_ok=True)
 
 
 @functools.cache

@@ -54,6 +54,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .atomic_write import is_partial, write_whole
+
 if TYPE_CHECKING:
     from .background_compile import BackgroundCompiler, Job
 
@@ -532,8 +534,8 @@ class PrecompiledBlocks:
         self.stats.compiled += 1
         self.stats.compile_seconds += seconds
         path = self.path(slot)
-        try:
-            _save(fn, path)
+        try:  # whole or not at all: another process may load it at any moment
+            write_whole(path, fn.save_compiled_function)
         except Exception as exc:  # still usable in this process; the next one compiles again
             reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
             self.stats.failures.append(reason)
@@ -545,20 +547,6 @@ class PrecompiledBlocks:
             prune(self.folder)
         self._functions[slot] = fn
         return fn
-
-
-def _save(fn: Any, path: Path) -> None:
-    """Write a compiled function under ``path`` whole or not at all: into a temporary file of the same
-    folder, then renamed. Another process (a second server sharing the cache, a background worker's
-    serving process) never reads a half-written file, and a writer killed midway leaves none behind
-    under the real name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.part")
-    try:
-        fn.save_compiled_function(str(part))
-        os.replace(part, path)
-    finally:
-        part.unlink(missing_ok=True)
 
 
 def _mark_used(path: Path) -> None:
@@ -583,7 +571,7 @@ def prune(folder: Path, unused_days: float = UNUSED_DAYS) -> int:
     for entry in entries:
         if entry.name.endswith(".bin"):
             limit = unused_days * 86400
-        elif entry.name.startswith(".") and entry.name.endswith(".part"):
+        elif is_partial(entry.name):
             limit = 86400
         else:
             continue

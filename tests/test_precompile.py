@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from fastlora_core import precompile
+from fastlora_core.atomic_write import write_whole
 from fastlora_core.precompile import PrecompiledBlocks, fingerprint
 from fastlora_core.runtime.flux import (
     FluxSingleTransformerBlock,
@@ -180,9 +181,9 @@ def test_a_file_is_written_whole_or_not_at_all(tmp_path: Path) -> None:
 
     target = tmp_path / "blocks" / "FluxSingleTransformerBlock-a-b.bin"
     with pytest.raises(OSError, match="No space"):
-        precompile._save(Compiled(fail=True), target)
+        write_whole(target, Compiled(fail=True).save_compiled_function)
     assert list(target.parent.iterdir()) == []
-    precompile._save(Compiled(fail=False), target)
+    write_whole(target, Compiled(fail=False).save_compiled_function)
     assert target.read_bytes() == b"whole" and [p.name for p in target.parent.iterdir()] == [target.name]
 
 
