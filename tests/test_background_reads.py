@@ -258,13 +258,18 @@ def test_work_handed_over_runs_while_a_read_is_under_way_and_only_then(tmp_path:
     assert ran == []
 
 
-def test_the_loader_is_handed_the_first_images_and_the_first_fp8_swaps_once_only_work() -> None:
-    """Decision 42's work list: the compiler's imports whenever something will compile, and the fp8
-    kernels' check where the first fused fp8 swap on a GPU would run it; nothing for other set-ups."""
+def test_the_loader_is_handed_the_first_images_and_the_first_fp8_swaps_once_only_work(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decisions 42 and 43's work list: the optional packages vouched for from a record, first; the
+    compiler's imports whenever something will compile; the fp8 kernels' check where the first fused
+    fp8 swap on a GPU would run it; nothing for other set-ups."""
     from types import SimpleNamespace
 
+    from fastlora_core import deps
     from fastlora_core.engine import FluxEngine
     from fastlora_core.specs import EngineOptions
+
+    monkeypatch.setattr(deps, "_deferred", [])
 
     def names(device: str, **options: Any) -> list[str]:
         fake = SimpleNamespace(options=EngineOptions(**options), device=torch.device(device))
@@ -276,6 +281,8 @@ def test_the_loader_is_handed_the_first_images_and_the_first_fp8_swaps_once_only
     assert names("cuda", **{**fp8, "swap_strategy": "adapter"}) == ["import_compiler"]
     assert names("cuda", **{**fp8, "quantization": "none"}) == ["import_compiler"]
     assert names("cpu", **fp8) == ["import_compiler"]
+    monkeypatch.setattr(deps, "_deferred", ["fastlora_not_imported_anywhere"])  # vouched for, not imported
+    assert names("cuda", **fp8) == ["import_deferred", "import_compiler", "prepare_fp8_swaps"]
 
 
 def test_the_fp8_kernel_check_runs_once_per_process_and_gpu(monkeypatch: pytest.MonkeyPatch) -> None:

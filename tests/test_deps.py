@@ -206,6 +206,7 @@ def records_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A cache home of its own, a fresh ``usable`` cache, and a folder on sys.path for fake packages."""
     monkeypatch.setenv("FASTLORA_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setattr(deps, "_deferred", [])  # this test's fake packages stay its own
     deps.usable.cache_clear()
     yield tmp_path
     deps.usable.cache_clear()
