@@ -227,24 +227,18 @@ def configure_compile_cache(options: EngineOptions) -> Path:
     path = compile_cache_dir(options)
     path.mkdir(parents=True, exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
-    return path  # inductor's own cache settings follow with the compile settings (_compile_settings)
-
-
-def _cache_settings() -> None:
-    import torch._inductor.config as inductor_config
-
-    inductor_config.fx_graph_cache = True
-    if hasattr(inductor_config, "autotune_local_cache"):
-        inductor_config.autotune_local_cache = True
+    return path  # inductor's cache switches are set with the compile settings (_compile_settings)
 
 
 def _compile_settings() -> None:
     """Process-wide settings FastLoRA's compiles need (the serving process's and a compile worker's),
     applied before the first compile rather than with the cache folder: importing inductor's config
     imports Dynamo, which would stand before the weights' reads (decision 43)."""
-    _cache_settings()
     import torch._inductor.config as inductor_config
 
+    inductor_config.fx_graph_cache = True  # the folder configure_compile_cache chose
+    if hasattr(inductor_config, "autotune_local_cache"):
+        inductor_config.autotune_local_cache = True
     if getattr(inductor_config, "freezing", False):
         logger.warning("inductor freezing is on; turning it off (in-place LoRA swaps need live weights)")
         inductor_config.freezing = False
