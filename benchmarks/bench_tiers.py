@@ -16,6 +16,10 @@ the blocks run uncompiled while worker processes compile them). The cap is per p
 GPU memory is outside it: ``device_used_peak_gib`` (every tier) samples the whole GPU's used memory
 (``cudaMemGetInfo``, every 50 ms: this process's CUDA context and reserve plus any worker's), which
 is what must fit on the real card; ``saved_blocks`` says how many block calls ran uncompiled.
+``--own-loader`` builds each engine the way a user's load does, ``registry.get_engine`` on the model
+saved once as a diffusers folder (FastLoRA's own modules, read from the page cache), instead of
+``FluxEngine.from_pipeline`` on diffusers' modules: saved and background-compiled blocks (decisions
+40, 41) exist only for FastLoRA's own transformer.
 ``16gb_model`` is the MODEL path: a transformer-only engine sampling given conditioning (the
 text encoders and VAE are ComfyUI's nodes there, which ComfyUI moves off the GPU while sampling);
 ``e2e_s_per_image`` is then the 28-step denoising without text encoding and VAE decode. (``fp8``
@@ -72,11 +76,16 @@ class DeviceMemory:
         return round(self.peak / 2**30, 2)
 
 
-def worker(tier: str, out: Path, steps: int) -> None:
+#: where ``--own-loader`` saves the random model as a diffusers folder (once per machine)
+MODEL_DIR = Path("/tmp/fastlora-tiers-model")
+
+
+def worker(tier: str, out: Path, steps: int, own_loader: bool = False) -> None:
     import torch
 
+    from fastlora_core import registry
     from fastlora_core.engine import FluxEngine
-    from fastlora_core.specs import EngineOptions, GenerateRequest, LoraStack
+    from fastlora_core.specs import EngineOptions, GenerateRequest, LoraStack, ModelSource
 
     from .bench_engine import build_pipeline, lora_paths
     from .fullsize import Inputs, run_loop, time_loops
@@ -93,12 +102,21 @@ def worker(tier: str, out: Path, steps: int) -> None:
     pipe = build_pipeline()
     paths = lora_paths(pipe.transformer)
     alone = tier.removesuffix(BACKGROUND) in TRANSFORMER_ONLY
+    res["loader"] = "own (registry.get_engine on a diffusers folder)" if own_loader else "FluxEngine.from_pipeline"
+    if own_loader:  # what a user's load runs: FastLoRA's own modules, saved compiled blocks (decision 40)
+        if alone:
+            raise SystemExit("--own-loader covers the full-pipeline tiers only")
+        if not (MODEL_DIR / "model_index.json").exists():
+            pipe.save_pretrained(str(MODEL_DIR), max_shard_size="50GB")
+        del pipe
+        pipe = None
     if alone:
         from diffusers import FluxPipeline
 
         pipe = FluxPipeline(scheduler=pipe.scheduler, vae=None, text_encoder=None, tokenizer=None,
                             text_encoder_2=None, tokenizer_2=None, transformer=pipe.transformer)
-    pipe.to("cpu")
+    if pipe is not None:
+        pipe.to("cpu")
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(0).total_memory
@@ -110,7 +128,10 @@ def worker(tier: str, out: Path, steps: int) -> None:
     stack_a = LoraStack.of((paths["A64"], 1.0))
     try:
         t0 = time.perf_counter()
-        engine = FluxEngine.from_pipeline(pipe, opts, label=f"random-flux-dev-{tier}")
+        if own_loader:
+            engine = registry.get_engine(ModelSource.from_diffusers(str(MODEL_DIR)), opts)
+        else:
+            engine = FluxEngine.from_pipeline(pipe, opts, label=f"random-flux-dev-{tier}")
         del pipe
         torch.cuda.synchronize()
         res["engine_build_s"] = round(time.perf_counter() - t0, 1)
@@ -180,12 +201,15 @@ def main() -> None:
     ap.add_argument("--all", action="store_true", help="run every 16 GB tier, not only up to the first that fits")
     ap.add_argument("--budget", type=float, default=300, help="seconds; a tier is skipped when < 60 s are left")
     ap.add_argument("--steps", type=int, default=28)
+    ap.add_argument("--own-loader", action="store_true",
+                    help="build each engine with FastLoRA's own loader from a saved diffusers folder (what a user "
+                         "runs; needed for saved and background-compiled blocks) instead of from a diffusers pipeline")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     if a.worker:
-        worker(a.worker, out / f"{a.worker}.json", a.steps)
+        worker(a.worker, out / f"{a.worker}.json", a.steps, a.own_loader)
         return
     deadline = time.time() + a.budget
     fitted16 = False
@@ -200,7 +224,7 @@ def main() -> None:
             continue
         print(f"tier {tier}", flush=True)
         cmd = [sys.executable, "-m", "benchmarks.bench_tiers", "--out", str(out), "--worker", tier,
-               "--steps", str(a.steps)]
+               "--steps", str(a.steps)] + (["--own-loader"] if a.own_loader else [])
         env = dict(os.environ, **({"FASTLORA_BACKGROUND_COMPILE": "1"} if tier.endswith(BACKGROUND) else {}))
         try:
             subprocess.run(cmd, timeout=left, env=env)
