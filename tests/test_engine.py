@@ -435,3 +435,35 @@ def test_deterministic_option_switches_deterministic_algorithms_on_until_release
     finally:
         engine.release()
     assert not torch.are_deterministic_algorithms_enabled()
+
+
+@pytest.mark.parametrize(
+    ("switch", "ample_room", "options", "workers"),
+    [
+        (None, True, {}, True),  # the measured setup (H200-class GPU): on by default
+        (None, False, {}, False),  # a 24 / 16 GB card or the CPU: the workers' memory is not measured there
+        ("0", True, {}, False),  # the user's switch wins both ways
+        ("1", False, {}, True),
+        ("yes", False, {}, False),  # neither 1 nor 0: a warning and the default
+        ("1", True, {"deterministic": True}, False),  # the first image must equal the later ones
+        ("1", True, {"dynamic_shapes": True}, False),
+        ("1", True, {"compile": "full"}, False),
+    ],
+)
+def test_background_compile_workers_are_on_where_measured_to_pay_unless_the_user_says_otherwise(
+        tiny_source: ModelSource, monkeypatch: pytest.MonkeyPatch, tmp_path, switch: str | None,
+        ample_room: bool, options: dict, workers: bool) -> None:
+    """Decision 41: a cold start's first image runs uncompiled while workers compile (14.3 s instead of
+    23.9 s on the H200) by default only on a GPU with ample room; ``FASTLORA_BACKGROUND_COMPILE`` decides
+    when set."""
+    if switch is None:
+        monkeypatch.delenv("FASTLORA_BACKGROUND_COMPILE", raising=False)
+    else:
+        monkeypatch.setenv("FASTLORA_BACKGROUND_COMPILE", switch)
+    monkeypatch.setattr(FluxEngine, "_has_ample_room", lambda self: ample_room)
+    opts = dataclasses.replace(CPU, **{"compile": "regional", "compile_cache_dir": str(tmp_path / "c"), **options})
+    engine = FluxEngine(tiny_source, opts)
+    try:
+        assert (engine._background is not None) is workers
+    finally:
+        engine.release()
