@@ -31,8 +31,7 @@ image compiles the blocks with the FP8 attention op; the steady image compares w
 before decision 40; its first run after other runs still compiles its own graphs). ``_bgcompile``:
 ``FASTLORA_BACKGROUND_COMPILE=1`` (decision 41: a block class without a saved graph is compiled by a worker
 process while the images run uncompiled; ``saved_blocks`` counts the graphs loaded from workers and the
-uncompiled block calls); since 2026-12-05 that is the default on a GPU with ample room (an H200), where
-``_nobgcompile`` (``FASTLORA_BACKGROUND_COMPILE=0``) compiles in the process as before. ``_diffusers``:
+uncompiled block calls). ``_diffusers``:
 diffusers' and transformers' classes instead of FastLoRA's own modules (as before decision 39). The
 API child imports what a script using the API imports (torch and the pack); the engine's loader builds
 FastLoRA's own modules (decision 39), or imports diffusers and transformers in its ``read`` phase
@@ -75,11 +74,9 @@ RUNS = ("api_cold", "api_warm", "cli_cold", "cli_warm", "api_disk_cold")  # a wa
 #: starting its pool of compile workers), ``_diffusers`` (diffusers' and transformers' classes, as
 #: before decision 39), ``_plaincompile`` (``FASTLORA_PRECOMPILE=0``: no saved blocks, as before decision 40),
 #: ``_bgcompile`` (``FASTLORA_BACKGROUND_COMPILE=1``: missing block graphs compiled by worker processes while
-#: the first images run uncompiled, decision 41; use ``--steady-images 3`` to see when the graphs arrive;
-#: the default on a GPU with ample room), ``_nobgcompile`` (``FASTLORA_BACKGROUND_COMPILE=0``: compiled in
-#: the process, the default before 2026-12-05).
+#: the first images run uncompiled, decision 41; use ``--steady-images 3`` to see when the graphs arrive).
 VARIANTS = ("ordinary", "serial", "noidle", "nodefer", "profile", "importtime", "cudnnfp8", "threads1", "diffusers", "plaincompile",
-            "bgcompile", "nobgcompile")
+            "bgcompile")
 PROMPT = "a photo of a red fox in a snowy forest, golden hour"
 
 
@@ -375,8 +372,8 @@ def run_one(name: str, model: Path, lora: Path, work: Path, out: Path, tiny: boo
         env["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
     if "plaincompile" in variants:
         env["FASTLORA_PRECOMPILE"] = "0"
-    if "bgcompile" in variants or "nobgcompile" in variants:
-        env["FASTLORA_BACKGROUND_COMPILE"] = "0" if "nobgcompile" in variants else "1"
+    if "bgcompile" in variants:
+        env["FASTLORA_BACKGROUND_COMPILE"] = "1"
     t0 = time.time()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

@@ -1,8 +1,8 @@
-"""Compile a missing block graph in a worker process while the blocks run eagerly (decision 41).
+"""Compile a missing block graph in a worker process while the blocks run eagerly (opt-in, decision 41).
 
 With a cold compile cache the first image of a process waits for the two Flux block classes to compile
-(10.6 s of a 25.7 s start on the H200, RESULTS.md). With background compilation on (:func:`wanted`), a
-block class whose graph is neither loaded nor saved is handed to a worker process instead, and the blocks run
+(10.6 s of a 25.7 s start on the H200, RESULTS.md). With ``FASTLORA_BACKGROUND_COMPILE=1`` a block
+class whose graph is neither loaded nor saved is handed to a worker process instead, and the blocks run
 eagerly (uncompiled, slower per image, the same weights) until the worker has saved the graph where
 :class:`~.precompile.PrecompiledBlocks` looks; the next call loads it, exactly as a restarted process
 would.
@@ -15,12 +15,12 @@ serving process will look for), compiles and saves with the same code a restarte
 worker that cannot do any of this (a block it cannot rebuild, an out-of-memory, a crash) reports
 failure and the serving process compiles the block itself, as it would without this module.
 
-On by default only where it was measured to pay (2026-12-05, H200: a cold start's first image after
-14.3 s instead of 23.9 s, the first image uncompiled and the second partly): a GPU with ample room, the
-rule that also reads the weights straight to the GPU (decision 29). Elsewhere the workers' GPU memory
-(outside a per-process cap) is not yet measured against a 24 GB or 16 GB card, so it stays opt-in.
-Not used with ``deterministic=True`` (the first image must equal the later ones) or without a
-saved-block folder.
+Off by default, although it pays on the H200 (2026-12-05: a cold start's first image after 14.3 s instead
+of 23.9 s): the uncompiled images differ slightly from the compiled ones, so the same request repeats bit
+for bit only from the first compiled image, where a cold start compiling first repeats from its first
+image (A -> B -> A after a cold start included). The switch is for starts that are always cold
+(serverless without a persisted cache). Not used with ``deterministic=True`` (the first image must
+equal the later ones) or without a saved-block folder.
 """
 
 from __future__ import annotations
@@ -44,21 +44,17 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-#: ``FASTLORA_BACKGROUND_COMPILE=1`` turns the workers on, ``=0`` off; unset, :func:`wanted` decides.
+#: ``FASTLORA_BACKGROUND_COMPILE=1`` turns the workers on (``0`` or unset: off).
 ENV_SWITCH = "FASTLORA_BACKGROUND_COMPILE"
 
 
-def wanted(ample_room: bool) -> bool:
-    """Whether missing block graphs are compiled by workers: the user's ``FASTLORA_BACKGROUND_COMPILE``
-    (``1`` on, ``0`` off), else on exactly where it was measured to pay, a GPU with ample room
-    (``ample_room``: the engine's rule for reading the weights straight to the GPU)."""
+def requested() -> bool:
+    """Whether the user switched background compilation on (a value other than ``1`` / ``0`` is
+    logged and means off)."""
     value = os.environ.get(ENV_SWITCH, "").strip()
-    if value in ("0", "1"):
-        return value == "1"
-    if value:
-        logger.warning("%s=%r is neither 1 nor 0; using the default (%s)", ENV_SWITCH, value,
-                       "on: a GPU with ample room" if ample_room else "off")
-    return ample_room
+    if value not in ("", "0", "1"):
+        logger.warning("%s=%r is neither 1 nor 0: background compilation stays off", ENV_SWITCH, value)
+    return value == "1"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -160,16 +160,15 @@ class FluxEngine:
         self._background: background_compile.BackgroundCompiler | None = None
         if options.compile != "off":
             self._compile_cache = configure_compile_cache(options)  # the folder only: no import (decision 43)
+            if (background_compile.requested() and options.compile == "regional" and not options.deterministic
+                    and not options.dynamic_shapes):
+                # workers start when a block class has no saved graph (decision 41)
+                self._background = background_compile.BackgroundCompiler(self.device)
         t0 = time.perf_counter()
         self.phases.add("setup", t0 - started)
         # Decided once, before anything is read: the weights (and the fused strategy's masters) go
-        # straight to the GPU only when it has ample room (decision 29); background compile workers
-        # are on by default there too (decision 41).
+        # straight to the GPU only when it has ample room (decision 29).
         self._ample_room = self._has_ample_room()
-        if (options.compile == "regional" and not options.deterministic and not options.dynamic_shapes
-                and background_compile.wanted(self._ample_room)):
-            # workers start when a block class has no saved graph (decision 41)
-            self._background = background_compile.BackgroundCompiler(self.device)
         if pipeline is None:
             from .loading import direct, load_pipeline
 

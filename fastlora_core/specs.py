@@ -159,8 +159,8 @@ class EngineOptions:
     compile_cache_dir: persistent inductor cache; empty means the per-user default.
     dynamic_shapes: compile with dynamic shapes (one compile for every size; +2.7 % per loop on the H200).
     deterministic: the same request gives the same image bit for bit, in every process. Off by
-        default: without it, images repeat exactly once the blocks run compiled (after the first
-        image, or after background compilation's graphs arrive, decision 41) but the first images and
+        default: without it, images after a process's first are identical (with background
+        compilation, decision 41, after its first compiled image) but the first image and
         other processes may differ slightly (up to 0.027 on the 0..1 scale at 1024x1024, H200); with
         it, every image of every process was identical, at +57 to +75 % per image (H200, fp8,
         benchmarks/RESULTS.md). It switches PyTorch's deterministic algorithms on for the whole

@@ -250,9 +250,8 @@ class OptimizedFluxLoader:
                 "default": o.deterministic,
                 "tooltip": "Same seed, same image in every process, bit for bit (PyTorch's deterministic "
                            "algorithms, switched on for the whole ComfyUI process while this engine lives). "
-                           "Off: later images of a run repeat exactly, but the first images after a start (run "
-                           "uncompiled on large GPUs while the model compiles in the background) may differ "
-                           "slightly. Costs +57 to +75 % per image on an H200."}),
+                           "Off: later images of a run repeat exactly, but the first image after a start may "
+                           "differ slightly. Costs +57 to +75 % per image on an H200."}),
         }
         for name in ADVANCED_INPUTS:
             specs_by_name[name][1]["advanced"] = True

@@ -10,11 +10,6 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# On a GPU with ample room (an H200) background compile is on by default (decision 41): the first images
-# of an engine then run uncompiled until worker processes deliver the graphs, which would race with the
-# tests that compare images or count compiles across calls. Those tests are about the compiled engine;
-# the tests of background compile (and of its default rule) set or clear the switch themselves.
-os.environ.setdefault("FASTLORA_BACKGROUND_COMPILE", "0")
 
 from pathlib import Path  # noqa: E402
 
