@@ -87,7 +87,7 @@ def worker(tier: str, out: Path, steps: int, own_loader: bool = False) -> None:
     from fastlora_core.engine import FluxEngine
     from fastlora_core.specs import EngineOptions, GenerateRequest, LoraStack, ModelSource
 
-    from .bench_engine import build_pipeline, lora_paths
+    from .bench_engine import LORA_DIR, build_pipeline, lora_paths
     from .fullsize import Inputs, run_loop, time_loops
 
     cap, overrides = TIERS[tier.removesuffix(BACKGROUND)]
@@ -99,16 +99,16 @@ def worker(tier: str, out: Path, steps: int, own_loader: bool = False) -> None:
 
     opts = EngineOptions(compile="regional", compile_cache_dir=f"/tmp/fastlora-tiers-cache-{tier}", **overrides)  # type: ignore[arg-type]
     res["options"] = repr(opts)
-    pipe = build_pipeline()
-    paths = lora_paths(pipe.transformer)
     alone = tier.removesuffix(BACKGROUND) in TRANSFORMER_ONLY
     res["loader"] = "own (registry.get_engine on a diffusers folder)" if own_loader else "FluxEngine.from_pipeline"
-    if own_loader:  # what a user's load runs: FastLoRA's own modules, saved compiled blocks (decision 40)
-        if alone:
-            raise SystemExit("--own-loader covers the full-pipeline tiers only")
+    if own_loader and alone:
+        raise SystemExit("--own-loader covers the full-pipeline tiers only")
+    saved = (MODEL_DIR / "model_index.json").exists() and (LORA_DIR / "paths.json").exists()
+    pipe = None if own_loader and saved else build_pipeline()  # an earlier tier saved both: no rebuild
+    paths = lora_paths(pipe.transformer if pipe is not None else None)
+    if own_loader and pipe is not None:  # what a user's load runs: FastLoRA's own modules, saved blocks
         if not (MODEL_DIR / "model_index.json").exists():
             pipe.save_pretrained(str(MODEL_DIR), max_shard_size="50GB")
-        del pipe
         pipe = None
     if alone:
         from diffusers import FluxPipeline
