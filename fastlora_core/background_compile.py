@@ -1,11 +1,19 @@
-"""Compile a missing block graph in a worker process while the blocks run eagerly (opt-in, decision 41).
+"""Compile a missing block graph in a worker process (decisions 41 and 45).
 
 With a cold compile cache the first image of a process waits for the two Flux block classes to compile
-(10.6 s of a 25.7 s start on the H200, RESULTS.md). With ``FASTLORA_BACKGROUND_COMPILE=1`` a block
-class whose graph is neither loaded nor saved is handed to a worker process instead, and the blocks run
-eagerly (uncompiled, slower per image, the same weights) until the worker has saved the graph where
-:class:`~.precompile.PrecompiledBlocks` looks; the next call loads it, exactly as a restarted process
-would.
+(10.6 s of a 25.7 s start on the H200, RESULTS.md). A block class whose graph is neither loaded nor
+saved can be handed to a worker process, which saves the graph where
+:class:`~.precompile.PrecompiledBlocks` looks; the serving process then loads it, exactly as a restarted
+process would. Two ways to use the worker (:func:`mode`):
+
+- ``"ahead"`` (the default on a GPU with ample room, decision 45): while the serving process compiles
+  the first block class it meets, a worker compiles the other one; that class's blocks wait for the
+  worker's graph. Every image is compiled, so the same request repeats bit for bit from the first image,
+  and the two compilations overlap (cold start 29.65 -> 26.01 s on an H100, 2026-12-05).
+- ``"eager"`` (``FASTLORA_BACKGROUND_COMPILE=1``, decision 41): every missing class goes to a worker and
+  the blocks run uncompiled (slower per image, the same weights) until their graph arrives. The first
+  image comes sooner (14.3 s instead of 23.9 s on the H200), but the uncompiled images differ slightly
+  from the compiled ones; for starts that are always cold (serverless without a persisted cache).
 
 The worker gets the block's *structure*, not its weights: the module tree as a pickle in which every
 tensor is a :class:`TensorSpec` (class, shape, strides, storage offset, dtype, a quantised tensor's
@@ -15,12 +23,10 @@ serving process will look for), compiles and saves with the same code a restarte
 worker that cannot do any of this (a block it cannot rebuild, an out-of-memory, a crash) reports
 failure and the serving process compiles the block itself, as it would without this module.
 
-Off by default, although it pays on the H200 (2026-12-05: a cold start's first image after 14.3 s instead
-of 23.9 s): the uncompiled images differ slightly from the compiled ones, so the same request repeats bit
-for bit only from the first compiled image, where a cold start compiling first repeats from its first
-image (A -> B -> A after a cold start included). The switch is for starts that are always cold
-(serverless without a persisted cache). Not used with ``deterministic=True`` (the first image must
-equal the later ones) or without a saved-block folder.
+Not used with ``deterministic=True`` (the first image must equal the later ones, decision 41), without a
+saved-block folder, or on a GPU without ample room (one more process and CUDA context has not been
+measured against a 24 or 16 GB card's total; ``FASTLORA_BACKGROUND_COMPILE=0`` switches it off
+everywhere).
 """
 
 from __future__ import annotations
@@ -44,17 +50,28 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-#: ``FASTLORA_BACKGROUND_COMPILE=1`` turns the workers on (``0`` or unset: off).
+#: ``FASTLORA_BACKGROUND_COMPILE=1``: missing graphs compiled by workers while their blocks run eagerly
+#: (decision 41); ``0``: no workers at all; unset: workers compile ahead where the GPU has ample room
+#: (decision 45).
 ENV_SWITCH = "FASTLORA_BACKGROUND_COMPILE"
 
 
-def requested() -> bool:
-    """Whether the user switched background compilation on (a value other than ``1`` / ``0`` is
-    logged and means off)."""
+def mode(ample_room: bool) -> str | None:
+    """How workers help a cold start: ``"eager"`` (the user's ``1``: the blocks run uncompiled until
+    their graph arrives), ``"ahead"`` (by default on a GPU with ample room: while the serving process
+    compiles the first block class, a worker compiles the other, and its blocks wait for it, so every
+    image is compiled), or None (``0``, or a GPU without ample room: one more process and CUDA context
+    is not measured against a 24 or 16 GB card's total). A value other than ``1`` / ``0`` is logged
+    and means the default."""
     value = os.environ.get(ENV_SWITCH, "").strip()
     if value not in ("", "0", "1"):
-        logger.warning("%s=%r is neither 1 nor 0: background compilation stays off", ENV_SWITCH, value)
-    return value == "1"
+        logger.warning("%s=%r is neither 1 nor 0: the default applies", ENV_SWITCH, value)
+        value = ""
+    if value == "1":
+        return "eager"
+    if value == "" and ample_room:
+        return "ahead"
+    return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -286,7 +303,7 @@ class BackgroundCompiler:
             except OSError as exc:
                 logger.info("compiling %s here: the worker did not take the job (%s)", job.block, exc)
                 return None
-        logger.info("compiling %s in a worker process; its blocks run uncompiled until it is saved", job.block)
+        logger.info("compiling %s in a worker process", job.block)
         return job
 
     def release_idle(self) -> None:

@@ -158,17 +158,19 @@ class FluxEngine:
         self._compile_cache: Path | None = None
         self.precompiled: PrecompiledBlocks | None = None  # regional compile's saved blocks (decision 40)
         self._background: background_compile.BackgroundCompiler | None = None
-        if options.compile != "off":
-            self._compile_cache = configure_compile_cache(options)  # the folder only: no import (decision 43)
-            if (background_compile.requested() and options.compile == "regional" and not options.deterministic
-                    and not options.dynamic_shapes):
-                # workers start when a block class has no saved graph (decision 41)
-                self._background = background_compile.BackgroundCompiler(self.device)
-        t0 = time.perf_counter()
-        self.phases.add("setup", t0 - started)
         # Decided once, before anything is read: the weights (and the fused strategy's masters) go
         # straight to the GPU only when it has ample room (decision 29).
         self._ample_room = self._has_ample_room()
+        self._background_mode: str | None = None
+        if options.compile != "off":
+            self._compile_cache = configure_compile_cache(options)  # the folder only: no import (decision 43)
+            if options.compile == "regional" and not options.deterministic and not options.dynamic_shapes:
+                # workers start when a block class has no saved graph (decisions 41 and 45)
+                self._background_mode = background_compile.mode(self._ample_room)
+                if self._background_mode is not None:
+                    self._background = background_compile.BackgroundCompiler(self.device)
+        t0 = time.perf_counter()
+        self.phases.add("setup", t0 - started)
         if pipeline is None:
             from .loading import direct, load_pipeline
 
@@ -320,7 +322,7 @@ class FluxEngine:
         with self.phases.phase("compile_setup"):
             self.precompiled = compile_transformer(self.transformer, self.options.compile,
                                                    self.options.dynamic_shapes, self._compile_cache,
-                                                   self._background)
+                                                   self._background, ahead=self._background_mode == "ahead")
         self._compiled = True
 
     # -- LoRA ----------------------------------------------------------------------------------

@@ -431,7 +431,7 @@ def hand_over_contiguous(transformer: torch.nn.Module) -> int:
 
 def compile_transformer(transformer: torch.nn.Module, mode: str, dynamic: bool,
                         cache_dir: Path | None = None,
-                        background: BackgroundCompiler | None = None) -> PrecompiledBlocks | None:
+                        background: BackgroundCompiler | None = None, ahead: bool = False) -> PrecompiledBlocks | None:
     """``full``: the whole transformer as one graph; ``regional``: each repeated block (the 19 double
     and 38 single blocks share two graphs), compiling in a fraction of the time. Never uses inductor
     ``freezing``: frozen weights are constants and in-place LoRA updates would be ignored.
@@ -440,7 +440,9 @@ def compile_transformer(transformer: torch.nn.Module, mode: str, dynamic: bool,
     each compiled block class there and later processes load it without re-tracing
     (:mod:`.precompile`, decision 40); returns that dispatcher, or None for plain ``torch.compile``.
     ``background``: the dispatcher hands block classes it has no file for to these workers and runs
-    the blocks eagerly meanwhile (:mod:`.background_compile`, decision 41); closed when unused."""
+    the blocks eagerly meanwhile (:mod:`.background_compile`, decision 41), or with ``ahead`` hands
+    the other block classes over while compiling the first and waits for them (decision 45); closed
+    when unused."""
     if mode != "off" and next(transformer.parameters()).device.type == "cuda":
         deps.confirm("triton")  # vouched for from a record at the checks (why_not_compile)
     _compile_settings()
@@ -452,7 +454,7 @@ def compile_transformer(transformer: torch.nn.Module, mode: str, dynamic: bool,
         why = "no compile cache folder" if cache_dir is None else precompile.why_not(transformer, dynamic)
         if cache_dir is not None and not why:
             blocks = PrecompiledBlocks(precompile.folder_for(cache_dir), next(transformer.parameters()).device,
-                                       background)
+                                       background, ahead=ahead)
             n = blocks.install(precompile.repeated_blocks(transformer))
             logger.info("regional compile: %d blocks, compiled block classes saved to and loaded from %s", n,
                         blocks.folder)

@@ -75,6 +75,10 @@ UNUSED_DAYS = 30
 #: ``torch.compile``, re-traced in every process): a switch for comparisons and a way out.
 ENV_SWITCH = "FASTLORA_PRECOMPILE"
 
+#: How long a block waits for a worker compiling its graph ahead (decision 45) before compiling it
+#: here: a worker that died replies at once; this bounds one that hangs (a compile takes 5-15 s).
+AHEAD_WAIT_S = 300.0
+
 
 def why_not(transformer: torch.nn.Module, dynamic: bool) -> str:
     """Why the blocks of ``transformer`` cannot be precompiled here ("" when they can)."""
@@ -305,7 +309,8 @@ class PrecompileStats:
     saved: int = 0
     compile_seconds: float = 0.0
     load_seconds: float = 0.0
-    background: int = 0  # graphs compiled by a background worker and loaded (decision 41)
+    background: int = 0  # graphs compiled by a background worker and loaded (decisions 41, 45)
+    waited_seconds: float = 0.0  # time a block waited for a worker's graph (decision 45)
     eager_calls: int = 0  # block calls run uncompiled while a worker compiled their graph
     failures: list[str] = field(default_factory=list)
 
@@ -314,10 +319,16 @@ class PrecompiledBlocks:
     """The compiled forward of each block class, per block fingerprint and call signature, loaded
     from ``folder`` when saved there, else compiled and saved. Install with :meth:`install`."""
 
-    def __init__(self, folder: Path, device: torch.device, background: BackgroundCompiler | None = None) -> None:
+    def __init__(self, folder: Path, device: torch.device, background: BackgroundCompiler | None = None,
+                 ahead: bool = False) -> None:
         self.folder = folder
         self.device = device
         self.background = background  # workers that compile missing graphs (decision 41), or None
+        # ``ahead`` (decision 45): while this process compiles the first block class, workers compile
+        # the other classes for the same call, and their blocks wait for those graphs (never eager).
+        # Without it, a missing graph goes to a worker and its blocks run eagerly meanwhile (decision 41).
+        self.ahead = ahead
+        self._classes: dict[type, torch.nn.Module] = {}  # the first block of each class
         self._pending: dict[tuple, Job] = {}  # slots a worker is compiling
         self.stats = PrecompileStats()
         self._functions: dict[tuple, Callable[..., Any]] = {}
@@ -332,6 +343,7 @@ class PrecompiledBlocks:
         n = 0
         for block in blocks:
             _picklable(block)
+            self._classes.setdefault(type(block), block)
             block._compiled_call_impl = functools.partial(self._call, block)
             n += 1
         return n
@@ -455,19 +467,46 @@ class PrecompiledBlocks:
         until it has saved the file, then load it. A worker's failure compiles the slot here."""
         job = self._pending.get(slot)
         if job is None and self.background is not None:
-            job = self.background.submit(block, slot[1], self.path(slot), args, kwargs, dynamic)
-            if job is not None:
-                self._pending[slot] = job
+            if self.ahead:
+                self._hand_over_others(type(block), args, kwargs, dynamic)
+            else:
+                job = self.background.submit(block, slot[1], self.path(slot), args, kwargs, dynamic)
+                if job is not None:
+                    self._pending[slot] = job
         if job is not None:
             if not job.done.is_set():
-                return _EAGER
-            fn = self._load(slot, block) if job.ok else None
+                if not self.ahead:
+                    return _EAGER
+                t0 = time.perf_counter()
+                if not job.done.wait(AHEAD_WAIT_S):
+                    job.error = f"no reply after {AHEAD_WAIT_S:.0f} s"
+                self.stats.waited_seconds += time.perf_counter() - t0
+            fn = self._load(slot, block) if job.ok and job.done.is_set() else None
             self._pending.pop(slot, None)
             if fn is not None:
                 return fn
             logger.warning("the compile worker could not compile %s (%s); compiling it here", job.block,
                            job.error or "its file did not load")
         return self._compile(slot, block, args, kwargs, dynamic)
+
+    def _hand_over_others(self, cls: type, args: tuple, kwargs: dict, dynamic: bool) -> None:
+        """Hand every other block class that has no graph for this call to a worker (decision 45).
+        Flux's two block classes are called with the same inputs (hidden states, text states,
+        embedding, rotary tables, by keyword), so this call's signature is theirs; where it is not,
+        the worker's file lands under a name no block asks for and that class compiles here."""
+        assert self.background is not None
+        for other, block in self._classes.items():
+            if other is cls or other in self._plain:
+                continue
+            fp = self._fingerprints.get(id(block))
+            if fp is None or not fp.still_valid():
+                fp = self._fingerprints[id(block)] = fingerprint(block)
+            slot = (other, fp.digest, call_signature(args, kwargs, sizes=not dynamic))
+            if slot in self._functions or slot in self._pending or self.path(slot).is_file():
+                continue
+            job = self.background.submit(block, slot[1], self.path(slot), args, kwargs, dynamic)
+            if job is not None:
+                self._pending[slot] = job
 
     def _load(self, slot: tuple, block: torch.nn.Module) -> Callable[..., Any] | None:
         """The slot's saved function, or None (no file, or one that does not load)."""

@@ -226,3 +226,58 @@ def test_a_second_size_is_handed_over_as_one_dynamic_graph_that_later_sizes_reus
         assert len(list(tmp_path.glob("*.bin"))) == 2
     finally:
         background.close()
+
+
+def test_ahead_the_other_block_class_is_compiled_by_a_worker_and_its_blocks_wait_for_it(tmp_path: Path) -> None:
+    """Decision 45 (the default on a GPU with ample room): while the serving process compiles the
+    first block class, a worker compiles the other one for the same inputs; that class's blocks wait
+    for its graph and load it, so no block ever runs uncompiled and nothing is compiled twice."""
+    from test_precompile import DIM, HEAD_DIM, HEADS
+
+    from fastlora_core.runtime.flux import FluxTransformerBlock
+
+    torch.manual_seed(0)
+    double = FluxTransformerBlock(DIM, HEADS, HEAD_DIM).eval().requires_grad_(False)
+    single, inputs = _blocks(1)[0], _inputs()  # Flux calls both classes with inputs of one signature
+    background = BackgroundCompiler(CPU)
+    try:
+        dispatch = PrecompiledBlocks(tmp_path, CPU, background, ahead=True)
+        dispatch.install([double, single])
+        first = _run(double, inputs)
+        assert dispatch.stats.compiled == 1 and dispatch.report()["compiling_in_background"] == 1
+        second = _run(single, inputs)
+        stats = dispatch.stats
+        assert (stats.compiled, stats.background, stats.loaded, stats.eager_calls) == (1, 1, 1, 0)
+        assert _close(first, _eager(double, inputs)) and _close(second, _eager(single, inputs))
+        assert {p.name.split("-")[0] for p in tmp_path.glob("*.bin")} == {"FluxTransformerBlock",
+                                                                         "FluxSingleTransformerBlock"}
+    finally:
+        background.close()
+
+
+def test_ahead_a_worker_that_never_replies_costs_a_compile_here_not_a_hang(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker that takes the job and then hangs must not hang the image: after ``AHEAD_WAIT_S`` the
+    waiting block class compiles in the serving process, and its output is the eager block's."""
+    from test_precompile import DIM, HEAD_DIM, HEADS
+
+    from fastlora_core import precompile
+    from fastlora_core.background_compile import Job
+    from fastlora_core.runtime.flux import FluxTransformerBlock
+
+    class Silent:  # takes every job and never answers
+        def submit(self, block, digest, path, args, kwargs, dynamic):  # type: ignore[no-untyped-def]
+            return Job(type(block).__name__, str(path))
+
+    monkeypatch.setattr(precompile, "AHEAD_WAIT_S", 0.5)
+    torch.manual_seed(0)
+    double = FluxTransformerBlock(DIM, HEADS, HEAD_DIM).eval().requires_grad_(False)
+    single, inputs = _blocks(1)[0], _inputs()
+    dispatch = PrecompiledBlocks(tmp_path, CPU, Silent(), ahead=True)  # type: ignore[arg-type]
+    dispatch.install([double, single])
+    _run(double, inputs)
+    second = _run(single, inputs)
+    stats = dispatch.stats
+    assert (stats.compiled, stats.background, stats.eager_calls) == (2, 0, 0)
+    assert stats.waited_seconds >= 0.5
+    assert _close(second, _eager(single, inputs))

@@ -438,26 +438,30 @@ def test_deterministic_option_switches_deterministic_algorithms_on_until_release
 
 
 @pytest.mark.parametrize(
-    ("switch", "ample_room", "options", "workers"),
+    ("switch", "ample_room", "options", "mode"),
     [
-        (None, True, {}, False),  # off by default, even on an H200-class GPU (decision 41)
-        ("0", True, {}, False),
-        ("1", True, {}, True),  # the user's switch, on any device
-        ("1", False, {}, True),
-        ("yes", True, {}, False),  # neither 1 nor 0: a warning, and off
-        ("1", True, {"deterministic": True}, False),  # the first image must equal the later ones
-        ("1", True, {"dynamic_shapes": True}, False),
-        ("1", True, {"compile": "full"}, False),
+        (None, True, {}, "ahead"),  # by default on an H200-class GPU: compiled ahead, every image compiled (45)
+        (None, False, {}, None),  # smaller cards: one process, as before
+        ("0", True, {}, None),
+        ("1", True, {}, "eager"),  # the user's switch, on any device (decision 41)
+        ("1", False, {}, "eager"),
+        ("yes", True, {}, "ahead"),  # neither 1 nor 0: a warning, and the default
+        ("1", True, {"deterministic": True}, None),  # the first image must equal the later ones
+        (None, True, {"deterministic": True}, None),
+        ("1", True, {"dynamic_shapes": True}, None),
+        (None, True, {"compile": "full"}, None),
     ],
 )
-def test_background_compile_workers_start_only_when_the_user_switches_them_on(
+def test_background_compile_workers_start_by_the_rule_of_decisions_41_and_45(
         tiny_source: ModelSource, monkeypatch: pytest.MonkeyPatch, tmp_path, switch: str | None,
-        ample_room: bool, options: dict, workers: bool) -> None:
-    """Decision 41: a cold start's first image could run uncompiled while workers compile (14.3 s instead
+        ample_room: bool, options: dict, mode: str | None) -> None:
+    """Decision 41: a cold start's first image can run uncompiled while workers compile (14.3 s instead
     of 23.9 s on the H200), but uncompiled images differ slightly from compiled ones, and a cold start
     that compiles first repeats a request bit for bit from its first image (A -> B -> A included). So
-    the workers start only with ``FASTLORA_BACKGROUND_COMPILE=1``, and never where an option needs
-    every image compiled alike."""
+    that runs only with ``FASTLORA_BACKGROUND_COMPILE=1``. Decision 45: by default, on a GPU with ample
+    room, a worker compiles the second block class while the process compiles the first and the
+    blocks wait for it (every image compiled). Neither where an option needs every image compiled
+    alike in every process, or without regional compilation."""
     if switch is None:
         monkeypatch.delenv("FASTLORA_BACKGROUND_COMPILE", raising=False)
     else:
@@ -466,6 +470,7 @@ def test_background_compile_workers_start_only_when_the_user_switches_them_on(
     opts = dataclasses.replace(CPU, **{"compile": "regional", "compile_cache_dir": str(tmp_path / "c"), **options})
     engine = FluxEngine(tiny_source, opts)
     try:
-        assert (engine._background is not None) is workers
+        assert (engine._background is not None) is (mode is not None)
+        assert engine._background_mode == mode
     finally:
         engine.release()
