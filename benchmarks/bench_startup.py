@@ -74,9 +74,12 @@ RUNS = ("api_cold", "api_warm", "cli_cold", "cli_warm", "api_disk_cold")  # a wa
 #: starting its pool of compile workers), ``_diffusers`` (diffusers' and transformers' classes, as
 #: before decision 39), ``_plaincompile`` (``FASTLORA_PRECOMPILE=0``: no saved blocks, as before decision 40),
 #: ``_bgcompile`` (``FASTLORA_BACKGROUND_COMPILE=1``: missing block graphs compiled by worker processes while
-#: the first images run uncompiled, decision 41; use ``--steady-images 3`` to see when the graphs arrive).
+#: the first images run uncompiled, decision 41; use ``--steady-images 3`` to see when the graphs arrive),
+#: ``_torchaoproj`` (the single blocks' output projection left to torchao, as before decision 44),
+#: ``_onecompiler`` (``FASTLORA_BACKGROUND_COMPILE=0``: both block classes compiled in the serving process,
+#: as before decision 45).
 VARIANTS = ("ordinary", "serial", "noidle", "nodefer", "profile", "importtime", "cudnnfp8", "threads1", "diffusers", "plaincompile",
-            "bgcompile")
+            "bgcompile", "torchaoproj", "onecompiler")
 PROMPT = "a photo of a red fox in a snowy forest, golden hour"
 
 
@@ -93,7 +96,7 @@ def tiny_options() -> dict[str, Any]:
 # -- the child: one process from start to its second image ---------------------------------------------
 def child(model: str, lora: str, cache: str, out: str, tiny: bool, ordinary: bool = False,
           serial: bool = False, attention: str = "auto", steady: int = 1, classes: bool = False,
-          noidle: bool = False, nodefer: bool = False) -> None:
+          noidle: bool = False, nodefer: bool = False, torchaoproj: bool = False) -> None:
     from fastlora_core.timings import process_age
 
     started = process_age()
@@ -141,6 +144,10 @@ def child(model: str, lora: str, cache: str, out: str, tiny: bool, ordinary: boo
         from fastlora_core import deps
 
         deps.TRUST_RECORDS = False
+    if torchaoproj:  # the single blocks' output projection left to torchao, as before decision 44
+        from fastlora_core import fp8_projection
+
+        fp8_projection.install = lambda transformer, device: 0
     if noidle:  # no work while waiting for a read, as before decision 42
         direct.IDLE_WORK = False
     if serial:  # the reads after the imports and checks, as before decision 37, for a same-call comparison
@@ -169,6 +176,7 @@ def child(model: str, lora: str, cache: str, out: str, tiny: bool, ordinary: boo
         "first_image_compiles": first.new_compiles, "steady_image_s": [round(r.seconds, 3) for r in later],
         "saved_blocks": vars(engine.precompiled.stats) if engine.precompiled is not None else None,
         "device": str(engine.device), "options": repr(engine.options),
+        "fused_projections": getattr(engine, "fused_projections", None),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
     }
     Path(out).write_text(json.dumps(result, indent=2))
@@ -352,7 +360,8 @@ def run_one(name: str, model: Path, lora: Path, work: Path, out: Path, tiny: boo
         if "importtime" in variants:
             python = [sys.executable, "-X", "importtime"]
         cmd = python + ["-m", "benchmarks.bench_startup", "--child", str(model), str(lora), str(cache),
-                        str(result)] + (["--tiny"] if tiny else []) + [f"--{v}" for v in ("ordinary", "serial", "noidle", "nodefer", "cudnnfp8", "diffusers")
+                        str(result)] + (["--tiny"] if tiny else []) + [f"--{v}" for v in ("ordinary", "serial", "noidle", "nodefer", "cudnnfp8", "diffusers",
+                                                                                                  "torchaoproj")
                                                                          if v in variants] + [f"--steady={steady}"]
     else:
         result = run_dir / "timings.json"
@@ -374,6 +383,8 @@ def run_one(name: str, model: Path, lora: Path, work: Path, out: Path, tiny: boo
         env["FASTLORA_PRECOMPILE"] = "0"
     if "bgcompile" in variants:
         env["FASTLORA_BACKGROUND_COMPILE"] = "1"
+    if "onecompiler" in variants:
+        env["FASTLORA_BACKGROUND_COMPILE"] = "0"
     t0 = time.time()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -399,7 +410,7 @@ def main() -> None:
         steady = [int(a.split("=", 1)[1]) for a in args if a.startswith("--steady=")]
         child(*args[:4], tiny="--tiny" in args, ordinary="--ordinary" in args, serial="--serial" in args,
               noidle="--noidle" in args, nodefer="--nodefer" in args, attention="cudnn_fp8" if "--cudnnfp8" in args else "auto", steady=steady[0] if steady else 1,
-              classes="--diffusers" in args)
+              classes="--diffusers" in args, torchaoproj="--torchaoproj" in args)
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from . import background_compile, cancel, deps
+from . import background_compile, cancel, deps, fp8_projection
 from .errors import EngineReleasedError, LoraFitError, LoraFormatError, OptionsError, out_of_memory
 from .lora import fused
 from .lora.adapter import AdapterStrategy
@@ -197,7 +197,7 @@ class FluxEngine:
         """What the loader does while it waits for a read rather than before the reads start or on
         the first LoRA or image (decisions 42, 43): the optional packages the checks vouched for
         from a record (torchao, which brings in Dynamo; Triton), the compiler's imports, and the
-        first fp8 fused swap's kernel check."""
+        first fp8 fused swap's and the fp8 projection's kernel checks."""
         tasks: list[Callable[[], object]] = []
         if deps.deferred():
             tasks.append(deps.import_deferred)
@@ -210,6 +210,13 @@ class FluxEngine:
                 fused.prepare_fp8_swaps(device)
 
             tasks.append(prepare_fp8_swaps)
+        if self.device.type == "cuda" and self.options.quantization == "fp8":
+            device = self.device
+
+            def check_projection_kernel() -> None:  # decision 44's kernel, compiled and checked once
+                fp8_projection.kernel_ok(device)
+
+            tasks.append(check_projection_kernel)
         return tasks
 
     @classmethod
@@ -279,6 +286,8 @@ class FluxEngine:
                 pipe.to(self.device)
             self.strategy.model_moved()
         self.attention = set_attention(transformer, o.attention, self.device)
+        # decision 44: the single blocks' fp8 output projection with its input made in one kernel
+        self.fused_projections = fp8_projection.install(transformer, self.device) if o.quantization == "fp8" else 0
         apply_offload(pipe, o.offload, self.device)
         if o.compile != "full":  # a full graph cannot call back into Python between blocks
             cancel.install(transformer, self._cancel)

@@ -577,6 +577,9 @@ class FluxSingleTransformerBlock(nn.Module):
     #: strides): set by ``optimize.hand_over_contiguous`` so every single block sees the same input
     #: strides and they share one compiled graph.
     contiguous_outputs: bool = False
+    #: ``fp8_projection.project`` where ``proj_out`` is a row-wise fp8 layer (set by
+    #: ``fp8_projection.install``): the concatenated input is quantised in one kernel, the GELU included.
+    out_projection: Callable[[nn.Linear, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def __init__(self, dim: int, num_attention_heads: int, attention_head_dim: int,
                  mlp_ratio: float = 4.0) -> None:
@@ -598,13 +601,16 @@ class FluxSingleTransformerBlock(nn.Module):
 
         residual = hidden_states
         norm_hidden_states, gate = self.norm(hidden_states, emb=temb)
-        mlp_hidden_states = self.act_mlp(self.proj_mlp(norm_hidden_states))
+        mlp_pre = self.proj_mlp(norm_hidden_states)
         attn_output = self.attn(hidden_states=norm_hidden_states, image_rotary_emb=image_rotary_emb)
         assert isinstance(attn_output, torch.Tensor)
 
-        hidden_states = torch.cat([attn_output, mlp_hidden_states], dim=2)
         gate = gate.unsqueeze(1)
-        hidden_states = gate * self.proj_out(hidden_states)
+        if self.out_projection is not None and type(self.proj_out) is nn.Linear:
+            projected = self.out_projection(self.proj_out, attn_output, mlp_pre)
+        else:  # also where a LoRA layer replaced proj_out after install (the adapter strategy)
+            projected = self.proj_out(torch.cat([attn_output, self.act_mlp(mlp_pre)], dim=2))
+        hidden_states = gate * projected
         hidden_states = residual + hidden_states
         if hidden_states.dtype == torch.float16:
             hidden_states = hidden_states.clip(-65504, 65504)
