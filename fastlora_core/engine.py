@@ -210,8 +210,8 @@ class FluxEngine:
                 fused.prepare_fp8_swaps(device)
 
             tasks.append(prepare_fp8_swaps)
-        if self.device.type == "cuda" and self.options.quantization == "fp8":
-            device = self.device
+        if self.device.type == "cuda" and self.options.quantization == "fp8" and self.options.swap_strategy == "fused":
+            device = self.device  # (the adapter strategy's LoRA layer takes proj_out's place: no use for it)
 
             def check_projection_kernel() -> None:  # decision 44's kernel, compiled and checked once
                 fp8_projection.kernel_ok(device)

@@ -262,8 +262,8 @@ def test_the_loader_is_handed_the_first_images_and_the_first_fp8_swaps_once_only
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Decisions 42 and 43's work list: the optional packages vouched for from a record, first; the
     compiler's imports whenever something will compile; the fp8 kernels' check where the first fused
-    fp8 swap on a GPU would run it; the fp8 projection kernel's check wherever fp8 layers run on a GPU
-    (decision 44); nothing for other set-ups."""
+    fp8 swap on a GPU would run it, and there the fp8 projection kernel's check (decision 44; the
+    adapter strategy's LoRA layer replaces that projection); nothing for other set-ups."""
     from types import SimpleNamespace
 
     from fastlora_core import deps
@@ -277,10 +277,10 @@ def test_the_loader_is_handed_the_first_images_and_the_first_fp8_swaps_once_only
         return [task.__name__ for task in FluxEngine._work_while_reading(fake)]  # type: ignore[arg-type]
 
     fp8 = dict(quantization="fp8", swap_strategy="fused", compile="regional")
-    check = "check_projection_kernel"  # decision 44's kernel, wherever fp8 layers run on a GPU
+    check = "check_projection_kernel"  # decision 44's kernel, where fused fp8 layers run on a GPU
     assert names("cuda", **fp8) == ["import_compiler", "prepare_fp8_swaps", check]
     assert names("cuda", **{**fp8, "compile": "off"}) == ["prepare_fp8_swaps", check]
-    assert names("cuda", **{**fp8, "swap_strategy": "adapter"}) == ["import_compiler", check]
+    assert names("cuda", **{**fp8, "swap_strategy": "adapter"}) == ["import_compiler"]
     assert names("cuda", **{**fp8, "quantization": "none"}) == ["import_compiler"]
     assert names("cpu", **fp8) == ["import_compiler"]
     monkeypatch.setattr(deps, "_deferred", ["fastlora_not_imported_anywhere"])  # vouched for, not imported
