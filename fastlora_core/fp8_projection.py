@@ -52,7 +52,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 #: The kernel's launch: elements per loop step and warps per row (``benchmarks/bench_projection.py``
 #: sweeps both; RESULTS.md has the numbers behind this choice).
-LAUNCH = {"BLOCK": 1024, "num_warps": 4}
+LAUNCH = {"BLOCK": 1024, "num_warps": 8}
 
 
 def _run(attn: torch.Tensor, mlp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
