@@ -286,8 +286,10 @@ class FluxEngine:
                 pipe.to(self.device)
             self.strategy.model_moved()
         self.attention = set_attention(transformer, o.attention, self.device)
-        # decision 44: the single blocks' fp8 output projection with its input made in one kernel
-        self.fused_projections = fp8_projection.install(transformer, self.device) if o.quantization == "fp8" else 0
+        # decision 44: the single blocks' fp8 output projection with its input made in one kernel (not
+        # under offload hooks, which move a layer's weights only when its own forward runs)
+        self.fused_projections = (fp8_projection.install(transformer, self.device)
+                                  if o.quantization == "fp8" and o.offload == "none" else 0)
         apply_offload(pipe, o.offload, self.device)
         if o.compile != "full":  # a full graph cannot call back into Python between blocks
             cancel.install(transformer, self._cancel)
