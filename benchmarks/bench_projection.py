@@ -5,7 +5,7 @@
 Flux's single block at 1024x1024 (4608 tokens): ``proj_out(cat([attention 3072, gelu_tanh(mlp 12288)]))``
 with a row-wise fp8 ``proj_out`` (15360 -> 3072, torchao's engine config), each form compiled as the
 blocks are (``fullgraph=True``). Reports the median time of each form (CUDA events, 100 calls after
-warm-up), the kernel alone, and the relative L2 distance between the two forms' outputs. Then sweeps the
+warm-up, ``bench_fp8_attention.time_ms``), the kernel alone, and the relative L2 distance between the two forms' outputs. Then sweeps the
 kernel's launch (elements per loop step x warps; ``fp8_projection.LAUNCH`` is the one the pack uses):
 each launch's time and whether its output is the default launch's bit for bit.
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ def main() -> None:
     import torch.nn.functional as F
     from torchao.quantization import quantize_
 
+    from benchmarks.bench_fp8_attention import time_ms
     from fastlora_core import fp8_projection
     from fastlora_core.optimize import torchao_config
 
@@ -45,18 +45,8 @@ def main() -> None:
     def fused(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         return fp8_projection.project(linear, x, m)
 
-    def timed(fn, n: int = 100) -> float:  # type: ignore[no-untyped-def]
-        for _ in range(5):
-            fn()
-        times = []
-        for _ in range(n):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) * 1000)
-        return round(statistics.median(times), 1)
+    def timed(fn) -> float:  # type: ignore[no-untyped-def]
+        return round(time_ms(fn, 100) * 1000, 1)  # us
 
     res: dict[str, object] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "tokens": a.tokens}

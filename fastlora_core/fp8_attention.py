@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from .custom_ops import register_once
 from .errors import OptionsError
 from .kernels import FP8_MAX
 
@@ -121,18 +122,7 @@ def _fake(q8, k8, v8, descale_q, descale_k, descale_v, scale_o, attn_scale):
     return torch.empty(q8.shape, dtype=torch.float8_e4m3fn, device=q8.device)
 
 
-def _register() -> Any:
-    """``fastlora::cudnn_fp8_sdpa``, an opaque op to ``torch.compile``, registered once per process: a
-    second copy of this module (the pack imported under two names) reuses the first one's."""
-    try:
-        return torch.ops.fastlora.cudnn_fp8_sdpa
-    except AttributeError:
-        op = torch.library.custom_op("fastlora::cudnn_fp8_sdpa", _run, mutates_args=())
-        op.register_fake(_fake)
-        return op
-
-
-cudnn_fp8_sdpa = _register()
+cudnn_fp8_sdpa = register_once("cudnn_fp8_sdpa", _run, _fake)
 
 
 def to_fp8_per_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .custom_ops import register_once
 from .kernels import FP8_MAX
 
 logger = logging.getLogger(__name__)
@@ -77,18 +78,7 @@ def _fake(attn: torch.Tensor, mlp: torch.Tensor) -> tuple[torch.Tensor, torch.Te
             attn.new_empty((rows, 1), dtype=torch.float32))
 
 
-def _register() -> Any:
-    """``fastlora::gelu_cat_fp8``, registered once per process (a second copy of this module, the pack
-    imported under two names, reuses the first one's)."""
-    try:
-        return torch.ops.fastlora.gelu_cat_fp8
-    except AttributeError:
-        op = torch.library.custom_op("fastlora::gelu_cat_fp8", _run, mutates_args=())
-        op.register_fake(_fake)
-        return op
-
-
-gelu_cat_fp8 = _register()
+gelu_cat_fp8 = register_once("gelu_cat_fp8", _run, _fake)
 
 
 def project(linear: torch.nn.Linear, attn: torch.Tensor, mlp: torch.Tensor) -> torch.Tensor:
