@@ -14,6 +14,20 @@ from triton.language.extra import libdevice
 
 
 @triton.jit
+def _store_scaled(x, scale, ptr, mask):
+    """``clamp(x / scale, -448, 448)`` rounded to e4m3, stored at ``ptr`` (every kernel here stores so)."""
+    y = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0)
+    tl.store(ptr, y.to(tl.float8e4nv), mask=mask)
+
+
+@triton.jit
+def _row_scale(amax):
+    """The row's fp32 scale from per-lane maxima: torchao's ``(bf16 amax) / 448`` computed in bf16 (fp32
+    math, rounded to bf16), then ``.to(fp32)``."""
+    return tl.math.div_rn(tl.max(amax, axis=0), 448.0).to(tl.bfloat16).to(tl.float32)
+
+
+@triton.jit
 def _quantise_row(xrow, qrow, K, BLOCK: tl.constexpr):
     """Quantise one row of ``K`` bf16 values at ``xrow`` into fp8 at ``qrow``; returns its fp32 scale."""
     amax = tl.zeros([BLOCK], dtype=tl.float32)
@@ -21,15 +35,11 @@ def _quantise_row(xrow, qrow, K, BLOCK: tl.constexpr):
         offs = k0 + tl.arange(0, BLOCK)
         x = tl.load(xrow + offs, mask=offs < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
-    m = tl.max(amax, axis=0)
-    # torchao: (bf16 amax) / 448 computed in bf16 (fp32 math, rounded to bf16), then .to(fp32)
-    scale = tl.math.div_rn(m, 448.0).to(tl.bfloat16).to(tl.float32)
+    scale = _row_scale(amax)
     for k0 in range(0, K, BLOCK):
         offs = k0 + tl.arange(0, BLOCK)
         x = tl.load(xrow + offs, mask=offs < K, other=0.0).to(tl.float32)
-        y = tl.math.div_rn(x, scale)
-        y = tl.minimum(tl.maximum(y, -448.0), 448.0)
-        tl.store(qrow + offs, y.to(tl.float8e4nv), mask=offs < K)
+        _store_scaled(x, scale, qrow + offs, offs < K)
     return scale
 
 
@@ -66,13 +76,6 @@ def _gelu_tanh_bf16(x):
 
 
 @triton.jit
-def _store_scaled(x, scale, ptr, mask):
-    """``clamp(x / scale, -448, 448)`` rounded to e4m3, stored at ``ptr`` (``_quantise_row``'s rule)."""
-    y = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0)
-    tl.store(ptr, y.to(tl.float8e4nv), mask=mask)
-
-
-@triton.jit
 def gelu_cat_rowwise_fp8(a_ptr, m_ptr, q_ptr, s_ptr, KA, KM, stride_a, stride_m, stride_q,
                          BLOCK: tl.constexpr):
     """One program per row: ``cat([a, gelu_tanh(m)])`` quantised per row to fp8 with ``_quantise_row``'s
@@ -89,7 +92,7 @@ def gelu_cat_rowwise_fp8(a_ptr, m_ptr, q_ptr, s_ptr, KA, KM, stride_a, stride_m,
         offs = k0 + tl.arange(0, BLOCK)
         g = _gelu_tanh_bf16(tl.load(mrow + offs, mask=offs < KM, other=0.0).to(tl.float32))
         amax = tl.maximum(amax, tl.abs(g))
-    scale = tl.math.div_rn(tl.max(amax, axis=0), 448.0).to(tl.bfloat16).to(tl.float32)
+    scale = _row_scale(amax)
     for k0 in range(0, KA, BLOCK):
         offs = k0 + tl.arange(0, BLOCK)
         a = tl.load(arow + offs, mask=offs < KA, other=0.0).to(tl.float32)

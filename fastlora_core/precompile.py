@@ -371,10 +371,7 @@ class PrecompiledBlocks:
         if (block._forward_hooks or block._forward_pre_hooks or torch.nn.modules.module._global_forward_hooks
                 or torch.nn.modules.module._global_forward_pre_hooks):
             return block._call_impl(*args, **kwargs)  # a compiled forward would skip the hooks
-        fp = self._fingerprints.get(id(block))
-        if fp is None or not fp.still_valid():
-            fp = self._fingerprints[id(block)] = fingerprint(block)
-        slot = (type(block), fp.digest, call_signature(args, kwargs))
+        slot = (type(block), self._digest(block), call_signature(args, kwargs))
         fn = self._functions.get(slot)
         if fn is None:
             fn = self._get(slot, block, args, kwargs)
@@ -398,6 +395,13 @@ class PrecompiledBlocks:
                     return self._to_plain(block)(*args, **kwargs)
                 self._functions[slot] = fn
             return fn(block, *args, **kwargs)
+
+    def _digest(self, block: torch.nn.Module) -> str:
+        """``block``'s fingerprint digest, computed again only when the block changed since the last."""
+        fp = self._fingerprints.get(id(block))
+        if fp is None or not fp.still_valid():
+            fp = self._fingerprints[id(block)] = fingerprint(block)
+        return fp.digest
 
     def _to_plain(self, block: torch.nn.Module) -> Callable[..., Any]:
         """Plain regional ``torch.compile`` for this block (what ``Module.compile`` installs)."""
@@ -498,10 +502,7 @@ class PrecompiledBlocks:
         for other, block in self._classes.items():
             if other is cls or other in self._plain:
                 continue
-            fp = self._fingerprints.get(id(block))
-            if fp is None or not fp.still_valid():
-                fp = self._fingerprints[id(block)] = fingerprint(block)
-            slot = (other, fp.digest, call_signature(args, kwargs, sizes=not dynamic))
+            slot = (other, self._digest(block), call_signature(args, kwargs, sizes=not dynamic))
             if slot in self._functions or slot in self._pending or self.path(slot).is_file():
                 continue
             job = self.background.submit(block, slot[1], self.path(slot), args, kwargs, dynamic)
