@@ -77,9 +77,12 @@ RUNS = ("api_cold", "api_warm", "cli_cold", "cli_warm", "api_disk_cold")  # a wa
 #: the first images run uncompiled, decision 41; use ``--steady-images 3`` to see when the graphs arrive),
 #: ``_torchaoproj`` (the single blocks' output projection left to torchao, as before decision 44),
 #: ``_onecompiler`` (``FASTLORA_BACKGROUND_COMPILE=0``: both block classes compiled in the serving process,
-#: as before decision 45).
+#: as before decision 45), ``_parts`` (each image timed by part, synchronised: text encoding, every
+#: transformer step, VAE decode; ``image_parts`` in the child's JSON: where a first image's excess lies),
+#: ``_noptune`` (inductor's ``triton.autotune_pointwise`` off in the run's processes, its compile workers
+#: included: ``site_noptune/sitecustomize.py``; one launch configuration per pointwise kernel).
 VARIANTS = ("ordinary", "serial", "noidle", "nodefer", "profile", "importtime", "cudnnfp8", "threads1", "diffusers", "plaincompile",
-            "bgcompile", "torchaoproj", "onecompiler")
+            "bgcompile", "torchaoproj", "onecompiler", "parts", "noptune")
 PROMPT = "a photo of a red fox in a snowy forest, golden hour"
 
 
@@ -96,7 +99,7 @@ def tiny_options() -> dict[str, Any]:
 # -- the child: one process from start to its second image ---------------------------------------------
 def child(model: str, lora: str, cache: str, out: str, tiny: bool, ordinary: bool = False,
           serial: bool = False, attention: str = "auto", steady: int = 1, classes: bool = False,
-          noidle: bool = False, nodefer: bool = False, torchaoproj: bool = False) -> None:
+          noidle: bool = False, nodefer: bool = False, torchaoproj: bool = False, parts: bool = False) -> None:
     from fastlora_core.timings import process_age
 
     started = process_age()
@@ -163,6 +166,7 @@ def child(model: str, lora: str, cache: str, out: str, tiny: bool, ordinary: boo
                             **(tiny_options() if tiny else {}))
     engine = registry.get_engine(ModelSource.from_diffusers(model), options)
     stack = LoraStack.of((lora, 1.0))
+    image_parts = time_parts(engine) if parts else None
     first = engine.generate(GenerateRequest(prompt=PROMPT, seed=0, **request_kwargs(tiny)), stack)
     age = process_age()
     later = [engine.generate(GenerateRequest(prompt=PROMPT, seed=1 + i, **request_kwargs(tiny)), stack)
@@ -177,9 +181,60 @@ def child(model: str, lora: str, cache: str, out: str, tiny: bool, ordinary: boo
         "saved_blocks": vars(engine.precompiled.stats) if engine.precompiled is not None else None,
         "device": str(engine.device), "options": repr(engine.options),
         "fused_projections": getattr(engine, "fused_projections", None),
+        "image_parts": image_parts,
+        "compile_times": compile_times(),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
     }
     Path(out).write_text(json.dumps(result, indent=2))
+
+
+def compile_times() -> dict[str, str] | None:
+    """Dynamo's and inductor's seconds per compile step in this process (``compile_times``: tracing,
+    lowering, code generation, waiting for the Triton compile workers...), or None without a compile."""
+    if "torch._dynamo.utils" not in sys.modules:
+        return None
+    from torch._dynamo.utils import compile_times as times
+
+    names, values = times(repr="csv")  # type: ignore[misc]
+    return dict(zip(names, values)) or None
+
+
+def time_parts(engine: Any) -> list[dict[str, Any]]:
+    """Time every image of ``engine`` by part (``_parts``): text encoding, each transformer step and the
+    VAE decode, each ended by a device synchronisation (so the parts add up to the image, less the
+    launch-ahead they forbid). Returns the list the images' records are appended to."""
+    import torch
+
+    images: list[dict[str, Any]] = []
+    sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
+    pipe, clock = engine.pipe, {"t": 0.0}
+
+    def timed(part: str, fn: Any) -> Any:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            sync()
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                sync()
+                if part == "encode_s":
+                    images.append({"steps_s": []})
+                images[-1][part] = round(time.perf_counter() - t, 4)
+        return run
+
+    def step_start(module: Any, args: Any, kwargs: Any) -> None:
+        sync()
+        clock["t"] = time.perf_counter()
+
+    def step_end(module: Any, args: Any, kwargs: Any, output: Any) -> None:
+        sync()
+        images[-1]["steps_s"].append(round(time.perf_counter() - clock["t"], 4))
+
+    pipe.encode_prompt = timed("encode_s", pipe.encode_prompt)
+    pipe.vae.decode = timed("decode_s", pipe.vae.decode)
+    engine.transformer.register_forward_pre_hook(step_start, with_kwargs=True)
+    engine.transformer.register_forward_hook(step_end, with_kwargs=True)
+    return images
 
 
 # -- the parent --------------------------------------------------------------------------------------
@@ -361,7 +416,7 @@ def run_one(name: str, model: Path, lora: Path, work: Path, out: Path, tiny: boo
             python = [sys.executable, "-X", "importtime"]
         cmd = python + ["-m", "benchmarks.bench_startup", "--child", str(model), str(lora), str(cache),
                         str(result)] + (["--tiny"] if tiny else []) + [f"--{v}" for v in ("ordinary", "serial", "noidle", "nodefer", "cudnnfp8", "diffusers",
-                                                                                                  "torchaoproj")
+                                                                                                  "torchaoproj", "parts")
                                                                          if v in variants] + [f"--steady={steady}"]
     else:
         result = run_dir / "timings.json"
@@ -385,6 +440,8 @@ def run_one(name: str, model: Path, lora: Path, work: Path, out: Path, tiny: boo
         env["FASTLORA_BACKGROUND_COMPILE"] = "1"
     if "onecompiler" in variants:
         env["FASTLORA_BACKGROUND_COMPILE"] = "0"
+    if "noptune" in variants:
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "benchmarks" / "site_noptune"), env["PYTHONPATH"]])
     t0 = time.time()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -410,7 +467,7 @@ def main() -> None:
         steady = [int(a.split("=", 1)[1]) for a in args if a.startswith("--steady=")]
         child(*args[:4], tiny="--tiny" in args, ordinary="--ordinary" in args, serial="--serial" in args,
               noidle="--noidle" in args, nodefer="--nodefer" in args, attention="cudnn_fp8" if "--cudnnfp8" in args else "auto", steady=steady[0] if steady else 1,
-              classes="--diffusers" in args, torchaoproj="--torchaoproj" in args)
+              classes="--diffusers" in args, torchaoproj="--torchaoproj" in args, parts="--parts" in args)
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bench_startup_tiny_api_and_cli(tmp_path: Path) -> None:
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_startup", "--tiny", "--out", str(out),
-                           "--work", str(tmp_path / "work"), "--runs", "api_cold,api_warm_ordinary,cli_warm",
+                           "--work", str(tmp_path / "work"), "--runs", "api_cold,api_warm_ordinary,api_warm_parts,cli_warm",
                            "--bytecode", "as-is"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -29,3 +29,8 @@ def test_bench_startup_tiny_api_and_cli(tmp_path: Path) -> None:
         # the parts are measured inside the child's total: together they cannot exceed it by more than rounding
         assert row["unaccounted"] >= -0.1
         assert row["process_start_to_first_image_s"] <= run["wall_s"]
+    # ``_parts``: every image (the first and the steady one) timed by part, each of the two steps on its own
+    parts = res["runs"]["api_warm_parts"]["child"]["image_parts"]
+    assert len(parts) == 2
+    for image in parts:
+        assert len(image["steps_s"]) == 2 and image["encode_s"] > 0 and image["decode_s"] > 0
