@@ -80,9 +80,10 @@ RUNS = ("api_cold", "api_warm", "cli_cold", "cli_warm", "api_disk_cold")  # a wa
 #: as before decision 45), ``_parts`` (each image timed by part, synchronised: text encoding, every
 #: transformer step, VAE decode; ``image_parts`` in the child's JSON: where a first image's excess lies),
 #: ``_noptune`` (inductor's ``triton.autotune_pointwise`` off in the run's processes, its compile workers
-#: included: ``site_noptune/sitecustomize.py``; one launch configuration per pointwise kernel).
+#: included: ``site_noptune/sitecustomize.py``; one launch configuration per pointwise kernel),
+#: ``_noprewarm`` (no worker and no inductor pool started while the weights are read: as before decision 46).
 VARIANTS = ("ordinary", "serial", "noidle", "nodefer", "profile", "importtime", "cudnnfp8", "threads1", "diffusers", "plaincompile",
-            "bgcompile", "torchaoproj", "onecompiler", "parts", "noptune")
+            "bgcompile", "torchaoproj", "onecompiler", "parts", "noptune", "noprewarm")
 PROMPT = "a photo of a red fox in a snowy forest, golden hour"
 
 
@@ -99,7 +100,8 @@ def tiny_options() -> dict[str, Any]:
 # -- the child: one process from start to its second image ---------------------------------------------
 def child(model: str, lora: str, cache: str, out: str, tiny: bool, ordinary: bool = False,
           serial: bool = False, attention: str = "auto", steady: int = 1, classes: bool = False,
-          noidle: bool = False, nodefer: bool = False, torchaoproj: bool = False, parts: bool = False) -> None:
+          noidle: bool = False, nodefer: bool = False, torchaoproj: bool = False, parts: bool = False,
+          noprewarm: bool = False) -> None:
     from fastlora_core.timings import process_age
 
     started = process_age()
@@ -151,6 +153,10 @@ def child(model: str, lora: str, cache: str, out: str, tiny: bool, ordinary: boo
         from fastlora_core import fp8_projection
 
         fp8_projection.install = lambda transformer, device: 0
+    if noprewarm:  # the compilers start at the first image's compile, as before decision 46
+        from fastlora_core.engine import FluxEngine
+
+        FluxEngine._first_image_compiles = lambda self: False  # type: ignore[method-assign]
     if noidle:  # no work while waiting for a read, as before decision 42
         direct.IDLE_WORK = False
     if serial:  # the reads after the imports and checks, as before decision 37, for a same-call comparison
@@ -416,7 +422,7 @@ def run_one(name: str, model: Path, lora: Path, work: Path, out: Path, tiny: boo
             python = [sys.executable, "-X", "importtime"]
         cmd = python + ["-m", "benchmarks.bench_startup", "--child", str(model), str(lora), str(cache),
                         str(result)] + (["--tiny"] if tiny else []) + [f"--{v}" for v in ("ordinary", "serial", "noidle", "nodefer", "cudnnfp8", "diffusers",
-                                                                                                  "torchaoproj", "parts")
+                                                                                                  "torchaoproj", "parts", "noprewarm")
                                                                          if v in variants] + [f"--steady={steady}"]
     else:
         result = run_dir / "timings.json"
@@ -467,7 +473,8 @@ def main() -> None:
         steady = [int(a.split("=", 1)[1]) for a in args if a.startswith("--steady=")]
         child(*args[:4], tiny="--tiny" in args, ordinary="--ordinary" in args, serial="--serial" in args,
               noidle="--noidle" in args, nodefer="--nodefer" in args, attention="cudnn_fp8" if "--cudnnfp8" in args else "auto", steady=steady[0] if steady else 1,
-              classes="--diffusers" in args, torchaoproj="--torchaoproj" in args, parts="--parts" in args)
+              classes="--diffusers" in args, torchaoproj="--torchaoproj" in args, parts="--parts" in args,
+              noprewarm="--noprewarm" in args)
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)

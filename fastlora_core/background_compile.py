@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import base64
 import copy
+import importlib
+import importlib.util
 import itertools
 import json
 import logging
@@ -42,6 +44,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -263,9 +266,10 @@ class _Worker:
 class BackgroundCompiler:
     """Worker processes that compile block graphs for a :class:`~.precompile.PrecompiledBlocks`.
 
-    :meth:`submit` hands a block to an idle worker, or starts one (no worker runs until a block class
-    has no saved graph: started earlier, two workers importing torch slowed a warm start on a 2-core
-    CPU by 1.6 s); :meth:`release_idle` lets idle workers exit."""
+    :meth:`submit` hands a block to an idle worker, or starts one; :meth:`start` starts one early, which
+    the engine does only when its first image will certainly compile (decision 46: workers started on
+    every start, two workers importing torch slowed a warm start on a 2-core CPU by 1.6 s);
+    :meth:`release_idle` lets idle workers exit."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -305,6 +309,19 @@ class BackgroundCompiler:
                 return None
         logger.info("compiling %s in a worker process", job.block)
         return job
+
+    def start(self) -> None:
+        """Start one worker now, without a job, unless one is idle (decision 46): the engine calls this
+        when its first image will compile, so that the worker's start (interpreter, torch, CUDA, the
+        compiler's imports, inductor's pool of compile processes: a few seconds) overlaps the loading
+        of the weights instead of the first image's compile. :meth:`submit` hands it the first job."""
+        with self._lock:
+            if self.closed or any(not w.busy and w.process.poll() is None for w in self._workers):
+                return
+            try:
+                self._workers.append(_Worker(self.device))
+            except OSError as exc:
+                logger.info("could not start a compile worker ahead (%s); it starts with its first job", exc)
 
     def release_idle(self) -> None:
         """Let workers without a job exit (they hold a process, and a CUDA context once used)."""
@@ -372,13 +389,34 @@ def _compile_one(message: dict[str, Any], device: torch.device) -> dict[str, Any
         return {"ok": True, "path": str(blocks.path(slot))}
 
 
+def _get_ready(device: torch.device) -> None:
+    """What every job needs first, done before the first job arrives (decision 46): inductor's pool of
+    compile processes (on a GPU; otherwise the first kernels of a process's first compile are compiled
+    one by one while the pool starts), the compiler's imports, torchao's (a job's quantised weights are
+    its tensors) and the device's context. A step that fails is left to the job, which reports it."""
+    from .optimize import import_compiler, warm_compile_pool
+
+    steps: list[Callable[[], object]] = [import_compiler]
+    if device.type == "cuda":
+        steps.insert(0, warm_compile_pool)
+        steps.append(lambda: torch.zeros(1, device=device))
+    if importlib.util.find_spec("torchao") is not None:
+        steps.append(lambda: importlib.import_module("torchao"))
+    for step in steps:
+        try:
+            step()
+        except Exception as exc:  # the job meets it again and reports it
+            logger.warning("getting ready: %s: %s", type(exc).__name__, exc)
+
+
 def worker_main(fd: int, device_name: str) -> None:
-    """Compile the jobs read from stdin until it ends; one JSON reply per job on ``fd``."""
+    """Get ready, then compile the jobs read from stdin until it ends; one JSON reply per job on ``fd``."""
     logging.basicConfig(level=logging.WARNING, format="FastLoRA compile worker: %(levelname)s %(message)s")
     from .optimize import configure_worker_compile
 
     configure_worker_compile()
     device = torch.device(device_name)
+    _get_ready(device)
     with os.fdopen(fd, "w", encoding="utf-8") as replies:
         for line in sys.stdin:
             message = json.loads(line)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from . import background_compile, cancel, deps, fp8_projection
+from . import background_compile, cancel, deps, fp8_projection, precompile
 from .errors import EngineReleasedError, LoraFitError, LoraFormatError, OptionsError, out_of_memory
 from .lora import fused
 from .lora.adapter import AdapterStrategy
@@ -165,33 +165,43 @@ class FluxEngine:
         if options.compile != "off":
             self._compile_cache = configure_compile_cache(options)  # the folder only: no import (decision 43)
             if options.compile == "regional" and not options.deterministic and not options.dynamic_shapes:
-                # workers start when a block class has no saved graph (decisions 41 and 45)
+                # workers start when a block class has no saved graph (decisions 41 and 45), or while
+                # the weights are read when the cache has no saved graph at all (decision 46)
                 self._background_mode = background_compile.mode(self._ample_room)
                 if self._background_mode is not None:
                     self._background = background_compile.BackgroundCompiler(self.device)
         t0 = time.perf_counter()
         self.phases.add("setup", t0 - started)
-        if pipeline is None:
-            from .loading import direct, load_pipeline
-
-            why_not = why_not_own_modules(options)
-            if why_not is not None:
-                logger.info("loading with diffusers' and transformers' classes: %s", why_not)
-            with self.phases.phase("read"), direct.while_waiting(*self._work_while_reading()):
-                pipeline = load_pipeline(source, self.dtype, self.device if self._ample_room else None,
-                                         self._read_to_device(), own_modules=why_not is None)
-        pipe, pipeline = pipeline, None
         try:
+            if pipeline is None:
+                pipeline = self._load(source)
+            pipe, pipeline = pipeline, None
             self._optimise(pipe)
-        except BaseException:
-            del pipe
+        except BaseException:  # nothing of a failed build stays behind: memory, settings, workers
+            pipe = pipeline = None
             self._free_memory()
             if self._deterministic_before is not None:
                 restore_deterministic(self._deterministic_before)
+            if self._background is not None:
+                self._background.close()
             raise
         self.load_seconds = time.perf_counter() - t0
         self.phases.add("build", self.load_seconds)
         logger.info("engine ready in %.1f s (%s, %s)", self.load_seconds, source.describe(), options)
+
+    def _load(self, source: ModelSource) -> Any:
+        """Read the pipeline (the ``read`` phase), with work for the loader's waits (decision 42) and,
+        when the first image will compile, a compile worker getting ready meanwhile (decision 46)."""
+        from .loading import direct, load_pipeline
+
+        why_not = why_not_own_modules(self.options)
+        if why_not is not None:
+            logger.info("loading with diffusers' and transformers' classes: %s", why_not)
+        if self._background is not None and why_not is None and self._first_image_compiles():
+            self._background.start()  # it gets ready while the weights are read
+        with self.phases.phase("read"), direct.while_waiting(*self._work_while_reading()):
+            return load_pipeline(source, self.dtype, self.device if self._ample_room else None,
+                                 self._read_to_device(), own_modules=why_not is None)
 
     def _work_while_reading(self) -> list[Callable[[], object]]:
         """What the loader does while it waits for a read rather than before the reads start or on
@@ -313,6 +323,18 @@ class FluxEngine:
         fraction = get_fraction(self.device) if get_fraction else 1.0
         free = min(free, int(fraction * total) - torch.cuda.memory_reserved(self.device))
         return free > 64 * 2**30  # a full bf16 master of Flux.1-dev is ~24 GB
+
+    def _first_image_compiles(self) -> bool:
+        """Whether the first image will compile block graphs on this GPU: regional compile with saved
+        blocks (decision 40) and none saved in the cache folder yet. Then a compile worker (when workers
+        are on) starts while the weights are read (decision 46). A cache with saved blocks (of any
+        model) starts nothing early."""
+        o = self.options
+        if self.device.type != "cuda" or o.compile != "regional" or self._compile_cache is None:
+            return False
+        if precompile.why_not_here(o.dynamic_shapes):
+            return False
+        return not precompile.has_saved_blocks(precompile.folder_for(self._compile_cache))
 
     def _read_to_device(self) -> tuple[str, ...]:
         """Components whose files are read straight to the GPU (when it has ample room): all but a

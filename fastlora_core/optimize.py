@@ -261,6 +261,15 @@ def import_compiler() -> None:
     import torch._inductor.compile_fx  # noqa: F401
 
 
+def warm_compile_pool() -> None:
+    """Start inductor's pool of compile processes now (a compile worker does as it starts, decision 46).
+    Inductor starts it at a process's first compile and, until the pool answers, compiles each Triton
+    kernel in the process itself, one after another."""
+    from torch._inductor.async_compile import maybe_warm_pool
+
+    maybe_warm_pool()
+
+
 def configure_worker_compile() -> None:
     """A background compile worker's settings: the serving process's (its cache folder comes with
     the inherited ``TORCHINDUCTOR_CACHE_DIR``)."""

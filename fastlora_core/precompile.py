@@ -80,14 +80,22 @@ ENV_SWITCH = "FASTLORA_PRECOMPILE"
 AHEAD_WAIT_S = 300.0
 
 
-def why_not(transformer: torch.nn.Module, dynamic: bool) -> str:
-    """Why the blocks of ``transformer`` cannot be precompiled here ("" when they can)."""
+def why_not_here(dynamic: bool) -> str:
+    """Why no transformer's blocks can be precompiled in this process ("" when FastLoRA's own can)."""
     if os.environ.get(ENV_SWITCH, "1") == "0":
         return f"{ENV_SWITCH}=0"
     if dynamic:
         return "dynamic_shapes compiles one graph for every size; saved blocks are per size"
     if not hasattr(torch.compiler, "load_compiled_function"):
         return f"torch {torch.__version__} has no precompile API (torch.compiler.load_compiled_function)"
+    return ""
+
+
+def why_not(transformer: torch.nn.Module, dynamic: bool) -> str:
+    """Why the blocks of ``transformer`` cannot be precompiled here ("" when they can)."""
+    why = why_not_here(dynamic)
+    if why:
+        return why
     from .runtime.flux import FluxTransformer
 
     if not isinstance(transformer, FluxTransformer):
@@ -641,6 +649,15 @@ def extra_graphs() -> int:
     """How many of Dynamo's counted graphs (``counters["stats"]["unique_graphs"]``) were precompile
     traces that restarted or failed, so a count of compiled graphs can leave them out."""
     return _EXTRA_GRAPHS
+
+
+def has_saved_blocks(folder: Path) -> bool:
+    """Whether ``folder`` holds any saved block (for this model or another, of this software or not):
+    without one, a process's first regional compile certainly compiles (decision 46)."""
+    try:
+        return any(entry.name.endswith(".bin") for entry in os.scandir(folder))
+    except OSError:
+        return False
 
 
 def folder_for(cache_dir: Path | str) -> Path:

@@ -281,3 +281,60 @@ def test_ahead_a_worker_that_never_replies_costs_a_compile_here_not_a_hang(tmp_p
     assert (stats.compiled, stats.background, stats.eager_calls) == (2, 0, 0)
     assert stats.waited_seconds >= 0.5
     assert _close(second, _eager(single, inputs))
+
+
+def test_a_worker_started_early_is_the_one_that_takes_the_first_job(tmp_path: Path) -> None:
+    """Decision 46: a worker started while the weights are read (``start``) gets ready without a job and
+    takes the first hand-over; starting again while it is idle starts no second process."""
+    from test_precompile import DIM, HEAD_DIM, HEADS
+
+    from fastlora_core.runtime.flux import FluxTransformerBlock
+
+    torch.manual_seed(0)
+    double = FluxTransformerBlock(DIM, HEADS, HEAD_DIM).eval().requires_grad_(False)
+    single, inputs = _blocks(1)[0], _inputs()
+    background = BackgroundCompiler(CPU)
+    try:
+        background.start()
+        background.start()
+        assert len(background._workers) == 1
+        pid = background._workers[0].process.pid
+        dispatch = PrecompiledBlocks(tmp_path, CPU, background, ahead=True)
+        dispatch.install([double, single])
+        _run(double, inputs)
+        second = _run(single, inputs)
+        assert (dispatch.stats.compiled, dispatch.stats.background, dispatch.stats.eager_calls) == (1, 1, 0)
+        assert [w.process.pid for w in background._workers] == [pid]
+        assert _close(second, _eager(single, inputs))
+    finally:
+        background.close()
+
+
+def test_a_failed_load_closes_the_worker_started_for_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A build that fails after a worker was started early (a bad model file) leaves no process behind:
+    in a server a leaked worker would keep a CUDA context and a pool of compile processes alive."""
+    from fastlora_core.engine import FluxEngine
+    from fastlora_core.errors import ModelLoadError
+    from fastlora_core.specs import EngineOptions, ModelSource
+
+    made: list[BackgroundCompiler] = []
+
+    class Recorded(BackgroundCompiler):
+        def __init__(self, device: torch.device) -> None:
+            super().__init__(device)
+            made.append(self)
+
+    # On this CPU: workers as on a GPU with ample room, and a cache without saved blocks
+    monkeypatch.setattr(background_compile, "BackgroundCompiler", Recorded)
+    monkeypatch.setattr(background_compile, "mode", lambda ample_room: "ahead")
+    monkeypatch.setattr(FluxEngine, "_first_image_compiles", lambda self: True)
+    monkeypatch.setattr(FluxEngine, "_work_while_reading", lambda self: [])
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')  # and nothing else
+    with pytest.raises(ModelLoadError):
+        FluxEngine(ModelSource.from_diffusers(model), EngineOptions(device="cpu", dtype="float32",
+                                                                    compile="regional",
+                                                                    compile_cache_dir=str(tmp_path / "cache")))
+    assert len(made) == 1 and made[0].closed
+    assert not made[0]._workers

@@ -281,3 +281,27 @@ def test_a_restarted_process_loads_the_blocks_and_makes_the_same_image(tiny_dir:
     assert runs[1]["compiled"] == 0 and runs[1]["loaded"] == 2 and runs[1]["new_compiles"] == 0
     first, second = (torch.load(tmp_path / f"image{i}.pt") for i in range(2))
     assert torch.equal(first, second)  # the same saved graphs, the same machine and thread count
+
+
+@pytest.mark.parametrize("case", ["cold", "saved", "compile_off", "dynamic", "switched_off", "cpu"])
+def test_only_a_first_image_that_will_compile_starts_the_compilers_early(
+        case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decision 46: the compilers (a worker, inductor's pool) start while the weights are read only when
+    the first image will compile block graphs on a GPU: regional compile with saved blocks, none saved
+    yet. A cache holding a saved block, other compile settings or the CPU start nothing early."""
+    from types import SimpleNamespace
+
+    from fastlora_core import precompile
+    from fastlora_core.engine import FluxEngine
+    from fastlora_core.specs import EngineOptions
+
+    cache = tmp_path / "cache"
+    precompile.folder_for(cache).mkdir(parents=True)
+    if case == "saved":
+        (precompile.folder_for(cache) / "FluxTransformerBlock-0-1.bin").write_bytes(b"")
+    if case == "switched_off":
+        monkeypatch.setenv(precompile.ENV_SWITCH, "0")
+    options = EngineOptions(compile="off" if case == "compile_off" else "regional", dynamic_shapes=case == "dynamic")
+    engine = SimpleNamespace(options=options, device=torch.device("cpu" if case == "cpu" else "cuda"),
+                             _compile_cache=cache)
+    assert FluxEngine._first_image_compiles(engine) is (case == "cold")  # type: ignore[arg-type]
