@@ -267,8 +267,8 @@ class BackgroundCompiler:
     """Worker processes that compile block graphs for a :class:`~.precompile.PrecompiledBlocks`.
 
     :meth:`submit` hands a block to an idle worker, or starts one; :meth:`start` starts one early, which
-    the engine does only when its first image will certainly compile (decision 46: workers started on
-    every start, two workers importing torch slowed a warm start on a 2-core CPU by 1.6 s);
+    the engine does only when its first image will certainly compile (decision 46; workers started on
+    every start slowed a warm start on a 2-core CPU by 1.6 s, two of them importing torch);
     :meth:`release_idle` lets idle workers exit."""
 
     def __init__(self, device: torch.device) -> None:
