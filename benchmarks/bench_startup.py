@@ -81,7 +81,7 @@ RUNS = ("api_cold", "api_warm", "cli_cold", "cli_warm", "api_disk_cold")  # a wa
 #: transformer step, VAE decode; ``image_parts`` in the child's JSON: where a first image's excess lies),
 #: ``_noptune`` (inductor's ``triton.autotune_pointwise`` off in the run's processes, its compile workers
 #: included: ``site_noptune/sitecustomize.py``; one launch configuration per pointwise kernel),
-#: ``_noprewarm`` (no worker and no inductor pool started while the weights are read: as before decision 46).
+#: ``_noprewarm`` (no compile worker started while the weights are read: as before decision 46).
 VARIANTS = ("ordinary", "serial", "noidle", "nodefer", "profile", "importtime", "cudnnfp8", "threads1", "diffusers", "plaincompile",
             "bgcompile", "torchaoproj", "onecompiler", "parts", "noptune", "noprewarm")
 PROMPT = "a photo of a red fox in a snowy forest, golden hour"

@@ -328,7 +328,6 @@ def test_a_failed_load_closes_the_worker_started_for_it(tmp_path: Path, monkeypa
     monkeypatch.setattr(background_compile, "BackgroundCompiler", Recorded)
     monkeypatch.setattr(background_compile, "mode", lambda ample_room: "ahead")
     monkeypatch.setattr(FluxEngine, "_first_image_compiles", lambda self: True)
-    monkeypatch.setattr(FluxEngine, "_work_while_reading", lambda self: [])
     model = tmp_path / "model"
     model.mkdir()
     (model / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')  # and nothing else
