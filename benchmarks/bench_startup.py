@@ -81,9 +81,13 @@ RUNS = ("api_cold", "api_warm", "cli_cold", "cli_warm", "api_disk_cold")  # a wa
 #: transformer step, VAE decode; ``image_parts`` in the child's JSON: where a first image's excess lies),
 #: ``_noptune`` (inductor's ``triton.autotune_pointwise`` off in the run's processes, its compile workers
 #: included: ``site_noptune/sitecustomize.py``; one launch configuration per pointwise kernel),
-#: ``_noprewarm`` (no compile worker started while the weights are read: as before decision 46).
+#: ``_noprewarm`` (no compile worker started while the weights are read: as before decision 46),
+#: ``_noexpected`` (no graphs compiled for the expected first request while the weights are read: one worker
+#: gets ready and the compiles start at the first image, as before decision 47), ``_latestart`` (decision 47's
+#: workers started by the engine after the registry's checks, not before them), ``_threads8``
+#: (``TORCHINDUCTOR_COMPILE_THREADS=8``: smaller pools of compile processes, e.g. for two workers on 16 cores).
 VARIANTS = ("ordinary", "serial", "noidle", "nodefer", "profile", "importtime", "cudnnfp8", "threads1", "diffusers", "plaincompile",
-            "bgcompile", "torchaoproj", "onecompiler", "parts", "noptune", "noprewarm")
+            "bgcompile", "torchaoproj", "onecompiler", "parts", "noptune", "noprewarm", "noexpected", "latestart", "threads8")
 PROMPT = "a photo of a red fox in a snowy forest, golden hour"
 
 
@@ -101,7 +105,7 @@ def tiny_options() -> dict[str, Any]:
 def child(model: str, lora: str, cache: str, out: str, tiny: bool, ordinary: bool = False,
           serial: bool = False, attention: str = "auto", steady: int = 1, classes: bool = False,
           noidle: bool = False, nodefer: bool = False, torchaoproj: bool = False, parts: bool = False,
-          noprewarm: bool = False) -> None:
+          noprewarm: bool = False, noexpected: bool = False, latestart: bool = False) -> None:
     from fastlora_core.timings import process_age
 
     started = process_age()
@@ -157,6 +161,14 @@ def child(model: str, lora: str, cache: str, out: str, tiny: bool, ordinary: boo
         from fastlora_core.engine import FluxEngine
 
         FluxEngine._first_image_compiles = lambda self: False  # type: ignore[method-assign]
+    if noexpected or latestart:  # no compile workers started before the checks
+        from fastlora_core import registry as registry_module
+
+        registry_module.workers_before_checks = lambda source, options: None
+    if noexpected:  # the compiles start at the first image, as before decision 47
+        from fastlora_core.engine import FluxEngine
+
+        FluxEngine._compile_expected = lambda self, source: []  # type: ignore[method-assign]
     if noidle:  # no work while waiting for a read, as before decision 42
         direct.IDLE_WORK = False
     if serial:  # the reads after the imports and checks, as before decision 37, for a same-call comparison
@@ -422,7 +434,7 @@ def run_one(name: str, model: Path, lora: Path, work: Path, out: Path, tiny: boo
             python = [sys.executable, "-X", "importtime"]
         cmd = python + ["-m", "benchmarks.bench_startup", "--child", str(model), str(lora), str(cache),
                         str(result)] + (["--tiny"] if tiny else []) + [f"--{v}" for v in ("ordinary", "serial", "noidle", "nodefer", "cudnnfp8", "diffusers",
-                                                                                                  "torchaoproj", "parts", "noprewarm")
+                                                                                                  "torchaoproj", "parts", "noprewarm", "noexpected", "latestart")
                                                                          if v in variants] + [f"--steady={steady}"]
     else:
         result = run_dir / "timings.json"
@@ -440,6 +452,8 @@ def run_one(name: str, model: Path, lora: Path, work: Path, out: Path, tiny: boo
            "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     if "threads1" in variants:
         env["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
+    if "threads8" in variants:
+        env["TORCHINDUCTOR_COMPILE_THREADS"] = "8"
     if "plaincompile" in variants:
         env["FASTLORA_PRECOMPILE"] = "0"
     if "bgcompile" in variants:
@@ -474,7 +488,7 @@ def main() -> None:
         child(*args[:4], tiny="--tiny" in args, ordinary="--ordinary" in args, serial="--serial" in args,
               noidle="--noidle" in args, nodefer="--nodefer" in args, attention="cudnn_fp8" if "--cudnnfp8" in args else "auto", steady=steady[0] if steady else 1,
               classes="--diffusers" in args, torchaoproj="--torchaoproj" in args, parts="--parts" in args,
-              noprewarm="--noprewarm" in args)
+              noprewarm="--noprewarm" in args, noexpected="--noexpected" in args, latestart="--latestart" in args)
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)

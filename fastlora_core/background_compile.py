@@ -1,4 +1,4 @@
-"""Compile a missing block graph in a worker process (decisions 41 and 45).
+"""Compile a missing block graph in a worker process (decisions 41, 45-47).
 
 With a cold compile cache the first image of a process waits for the two Flux block classes to compile
 (10.6 s of a 25.7 s start on the H200, RESULTS.md). A block class whose graph is neither loaded nor
@@ -10,6 +10,10 @@ process would. Two ways to use the worker (:func:`mode`):
   the first block class it meets, a worker compiles the other one; that class's blocks wait for the
   worker's graph. Every image is compiled, so the same request repeats bit for bit from the first image,
   and the two compilations overlap (cold start 29.65 -> 26.01 s on an H100, 2026-12-05).
+- ``"ahead"`` from the start (decision 47): when the first image will certainly compile, one worker per
+  block class compiles the expected first request's graph from a specimen it builds itself
+  (:mod:`.expected_compile`, :meth:`BackgroundCompiler.expect`) while the serving process reads the
+  weights; the worker announces the file's name, and blocks asking for that name wait for it.
 - ``"eager"`` (``FASTLORA_BACKGROUND_COMPILE=1``, decision 41): every missing class goes to a worker and
   the blocks run uncompiled (slower per image, the same weights) until their graph arrives. The first
   image comes sooner (14.3 s instead of 23.9 s on the H200), but the uncompiled images differ slightly
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import dataclasses
 import importlib
 import importlib.util
 import itertools
@@ -44,12 +49,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .timings import process_age
 
 logger = logging.getLogger(__name__)
 
@@ -201,11 +208,37 @@ class Job:
     """One block class's graph being compiled by a worker."""
 
     block: str
-    path: str  # where the serving process will look for the file
+    path: str  # where the serving process will look for the file ("" until announced, decision 47)
     done: threading.Event = field(default_factory=threading.Event)
+    # set once ``path`` is known: at once for a hand-over, when the worker names the file it compiles
+    # for the expected first request (decision 47), or when the job ends
+    announced: threading.Event = field(default_factory=threading.Event)
     ok: bool = False
     error: str = ""
     seconds: float = 0.0
+    # wall-clock moments (``time.time()``): the worker's start, its being ready, the announcement and
+    # the reply; with the serving process's age at the worker's start (``timeline``)
+    times: dict[str, float] = field(default_factory=dict)
+
+    def timeline(self) -> dict[str, Any]:
+        """When the worker started (seconds after the serving process did) and, counted from then,
+        when it was ready, announced its file and replied (GET /fastlora/stats, the benchmarks)."""
+        start = self.times.get("worker_started")
+        out: dict[str, Any] = {"block": self.block, "seconds": round(self.seconds, 3)}
+        if start is not None:
+            out["worker_started_s"] = self.times.get("worker_started_age")
+            out.update({f"{k}_s": round(v - start, 3) for k, v in self.times.items()
+                        if k in ("ready", "announced", "finished")})
+        return out
+
+    def __post_init__(self) -> None:
+        if self.path:
+            self.announced.set()
+
+    def finish(self, ok: bool, error: str = "", seconds: float = 0.0) -> None:
+        self.ok, self.error, self.seconds = ok, error, seconds
+        self.announced.set()
+        self.done.set()
 
 
 class _Worker:
@@ -216,6 +249,7 @@ class _Worker:
         package = __name__.rpartition(".")[0]
         package_dir = Path(__file__).resolve().parent
         env = dict(os.environ, **{ENV_SWITCH: "0"})
+        self.started, self.started_age = time.time(), process_age()
         self.process = subprocess.Popen([sys.executable, "-c", _BOOT, package, str(package_dir), str(device)],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         self.jobs: dict[int, Job] = {}  # sent, not yet answered (the reader thread removes them)
@@ -225,6 +259,9 @@ class _Worker:
         self._reader.start()
 
     def send(self, number: int, job: Job, message: dict[str, Any]) -> None:
+        job.times["worker_started"] = self.started
+        if self.started_age is not None:
+            job.times["worker_started_age"] = round(self.started_age, 3)
         self.jobs[number] = job
         assert self.process.stdin is not None
         self.process.stdin.write((json.dumps(message) + "\n").encode())
@@ -234,20 +271,25 @@ class _Worker:
         for line in self._replies:
             try:
                 reply = json.loads(line.decode("utf-8", "replace"))
+                if "announce" in reply:  # the file a job for the expected request compiles (decision 47)
+                    job = self.jobs[reply["id"]]
+                    job.times.update(ready=float(reply["ready"]), announced=float(reply["at"]))
+                    job.path = str(reply["announce"])
+                    job.announced.set()
+                    continue
                 job = self.jobs.pop(reply["id"])
+                job.times.update(ready=float(reply["ready"]), finished=float(reply["at"]))
             except (ValueError, KeyError):
                 logger.warning("compile worker: unreadable reply %r", line[:200])
                 continue
-            job.ok, job.error, job.seconds = bool(reply["ok"]), str(reply.get("error", "")), float(reply["seconds"])
-            if job.ok and reply.get("path") != job.path:
-                job.ok = False
-                job.error = (f"the worker saved {reply.get('path')} but this process looks for {job.path} "
-                             "(its software or device key differs)")
-            job.done.set()
+            ok, error = bool(reply["ok"]), str(reply.get("error", ""))
+            if ok and reply.get("path") != job.path:
+                ok, error = False, (f"the worker saved {reply.get('path')} but this process looks for {job.path} "
+                                    "(its software or device key differs)")
+            job.finish(ok, error, float(reply["seconds"]))
         code = self.process.wait()
         for job in self.jobs.values():  # a worker that died mid-job
-            job.error = f"the compile worker exited with code {code} before replying"
-            job.done.set()
+            job.finish(False, f"the compile worker exited with code {code} before replying")
         self.jobs.clear()
 
     @property
@@ -310,18 +352,63 @@ class BackgroundCompiler:
         logger.info("compiling %s in a worker process", job.block)
         return job
 
-    def start(self) -> None:
-        """Start one worker now, without a job, unless one is idle (decision 46): the engine calls this
-        when its first image will compile, so that the worker's start (interpreter, torch, CUDA, the
+    def start(self, count: int = 1) -> None:
+        """Start workers now, without a job, until ``count`` are idle (decision 46): the engine calls
+        this when its first image will compile, so that a worker's start (interpreter, torch, CUDA, the
         compiler's imports, inductor's pool of compile processes: a few seconds) overlaps the loading
-        of the weights instead of the first image's compile. :meth:`submit` hands it the first job."""
+        of the weights instead of the first image's compile (and the registry, for decision 47's two
+        workers, before its checks). :meth:`submit` and :meth:`expect` hand them their first jobs."""
         with self._lock:
-            if self.closed or any(not w.busy and w.process.poll() is None for w in self._workers):
-                return
-            try:
-                self._workers.append(_Worker(self.device))
-            except OSError as exc:
-                logger.info("could not start a compile worker ahead (%s); it starts with its first job", exc)
+            idle = sum(not w.busy and w.process.poll() is None for w in self._workers)
+            for _ in range(count - idle if not self.closed else 0):
+                try:
+                    self._workers.append(_Worker(self.device))
+                except OSError as exc:
+                    logger.info("could not start a compile worker ahead (%s); it starts with its first job", exc)
+                    return
+
+    def expect(self, config: dict[str, Any], vae_scale_factor: int, options: Any, dtype: torch.dtype,
+               folder: Path, classes: Sequence[str]) -> list[Job]:
+        """Compile the expected first request's graph of each block class in ``classes``, one worker
+        per class (started now, decision 47): the worker builds its blocks from ``config`` and
+        ``options`` (a resolved :class:`~.specs.EngineOptions`) and announces the file it compiles
+        (:attr:`Job.announced`). Returns the jobs handed over (none when no worker could start)."""
+        from .expected_compile import EXPECTED
+
+        jobs: list[Job] = []
+        for name in classes:
+            message = {"kind": "expected", "config": config, "vae_scale_factor": vae_scale_factor,
+                       "options": dataclasses.asdict(options), "dtype": str(dtype).removeprefix("torch."),
+                       "request": dataclasses.asdict(EXPECTED), "block": name, "folder": str(folder)}
+            job = Job(name, "")
+            with self._lock:
+                if self.closed:
+                    break
+                idle = [w for w in self._workers if not w.busy and w.process.poll() is None]
+                number = next(self._numbers)
+                message["id"] = number
+                try:  # one worker per class: each takes its job as soon as it is ready
+                    worker = idle[0] if idle else _Worker(self.device)
+                    if not idle:
+                        self._workers.append(worker)
+                    worker.send(number, job, message)
+                except OSError as exc:
+                    logger.info("no compile ahead of the first request for %s: the worker did not start (%s)",
+                                name, exc)
+                    break
+            jobs.append(job)
+        if jobs:
+            logger.info("compiling %s for a %dx%d request in worker processes while the weights are read",
+                        " and ".join(j.block for j in jobs), EXPECTED.width, EXPECTED.height)
+        return jobs
+
+    def cancel(self, job: Job) -> None:
+        """Stop the worker compiling ``job`` (a graph no block will ask for, decision 47): its CPU goes
+        to the compiles this process needs. The job ends as failed; other workers go on."""
+        with self._lock:
+            for worker in [w for w in self._workers if any(j is job for j in w.jobs.values())]:
+                worker.process.kill()
+                self._workers.remove(worker)
 
     def release_idle(self) -> None:
         """Let workers without a job exit (they hold a process, and a CUDA context once used)."""
@@ -389,6 +476,35 @@ def _compile_one(message: dict[str, Any], device: torch.device) -> dict[str, Any
         return {"ok": True, "path": str(blocks.path(slot))}
 
 
+def _compile_expected(message: dict[str, Any], device: torch.device,
+                      announce: Callable[[str], None]) -> dict[str, Any]:
+    """Decision 47: build the specimen, record its block class's inputs for the expected request,
+    announce the file's name, then compile and save it (or find it saved already)."""
+    from .expected_compile import block_inputs, specimen, step_inputs
+    from .precompile import PrecompiledBlocks, call_signature, fingerprint, repeated_blocks
+    from .specs import EngineOptions, GenerateRequest
+
+    options = EngineOptions(**message["options"])
+    dtype = getattr(torch, message["dtype"])
+    request = GenerateRequest(**message["request"])
+    with torch.inference_mode():  # the engine samples under inference mode
+        transformer = specimen(message["config"], options, dtype, device)
+        inputs = step_inputs(transformer, request, int(message["vae_scale_factor"]), dtype, device)
+        seen = block_inputs(transformer, inputs)
+        block = next(b for b in repeated_blocks(transformer) if type(b).__name__ == message["block"])
+        args, kwargs = seen[message["block"]]
+        blocks = PrecompiledBlocks(Path(message["folder"]), device)
+        slot = (type(block), fingerprint(block).digest, call_signature(args, kwargs))
+        path = blocks.path(slot)
+        announce(str(path))
+        if path.is_file():  # another process saved it meanwhile
+            return {"ok": True, "path": str(path)}
+        fn = blocks._compile(slot, block, args, kwargs)
+    if fn is None or blocks.stats.saved != 1:
+        return {"ok": False, "error": "; ".join(blocks.stats.failures) or "not saved"}
+    return {"ok": True, "path": str(path)}
+
+
 def _get_ready(device: torch.device) -> None:
     """What every job needs first, done before the first job arrives (decision 46): inductor's pool of
     compile processes (on a GPU; otherwise the first kernels of a process's first compile are compiled
@@ -417,15 +533,24 @@ def worker_main(fd: int, device_name: str) -> None:
     configure_worker_compile()
     device = torch.device(device_name)
     _get_ready(device)
+    ready = time.time()
     with os.fdopen(fd, "w", encoding="utf-8") as replies:
         for line in sys.stdin:
             message = json.loads(line)
             t0 = time.perf_counter()
+
+            def announce(path: str, number: int = message["id"]) -> None:
+                replies.write(json.dumps({"id": number, "announce": path, "ready": ready, "at": time.time()}) + "\n")
+                replies.flush()
+
             try:
-                reply = _compile_one(message, device)
+                if message.get("kind") == "expected":
+                    reply = _compile_expected(message, device, announce)
+                else:
+                    reply = _compile_one(message, device)
             except Exception as exc:  # reported; the serving process compiles the block itself
                 reply = {"ok": False, "error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"}
-            reply.update(id=message["id"], seconds=time.perf_counter() - t0)
+            reply.update(id=message["id"], seconds=time.perf_counter() - t0, ready=ready, at=time.time())
             replies.write(json.dumps(reply) + "\n")
             replies.flush()
             if device.type == "cuda":

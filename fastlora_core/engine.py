@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from . import background_compile, cancel, deps, fp8_projection, precompile
+from . import background_compile, cancel, deps, expected_compile, fp8_projection, precompile
 from .errors import EngineReleasedError, LoraFitError, LoraFormatError, OptionsError, out_of_memory
 from .lora import fused
 from .lora.adapter import AdapterStrategy
@@ -30,16 +30,17 @@ from .lora.fused import FusedStrategy
 from .optimize import (
     Resolved,
     apply_offload,
+    compile_cache_dir,
     compile_transformer,
     configure_compile_cache,
     dynamo_compile_count,
     enable_deterministic,
+    finish_transformer,
     import_compiler,
     quantize_t5,
     quantize_transformer,
     resolve,
     restore_deterministic,
-    set_attention,
     why_not_own_modules,
 )
 from .precompile import PrecompiledBlocks
@@ -112,6 +113,33 @@ def weight_writes() -> torch.inference_mode:
     return torch.inference_mode()
 
 
+#: Free GPU memory above which the weights are read straight to the GPU and the fused strategy's
+#: masters stay there (decision 29): a full bf16 master of Flux.1-dev is ~24 GB.
+AMPLE_ROOM_BYTES = 64 * 2**30
+
+
+def workers_before_checks(source: ModelSource, options: EngineOptions) -> background_compile.BackgroundCompiler | None:
+    """Decision 47's two compile workers, started before the registry's dependency and device checks
+    (1.6-2.0 s of a cold start, torchao's import mostly) when what decides on them can be told
+    without those checks: regional compile with saved blocks and an empty cache folder, workers
+    compiling ahead, the fused strategy without offload, and a CUDA GPU whose memory could have
+    ample room. The engine takes them (:class:`FluxEngine`'s ``workers``) and closes them when its
+    own, exact checks disagree; None otherwise."""
+    if (options.compile != "regional" or options.deterministic or options.dynamic_shapes
+            or expected_compile.why_not(options, source) or options.device not in ("auto", "cuda")
+            or background_compile.mode(ample_room=True) != "ahead" or precompile.why_not_here(dynamic=False)
+            or not torch.cuda.is_available()):
+        return None
+    if precompile.has_saved_blocks(precompile.folder_for(compile_cache_dir(options))):
+        return None
+    device = torch.device("cuda")
+    if torch.cuda.get_device_properties(device).total_memory <= AMPLE_ROOM_BYTES:
+        return None
+    workers = background_compile.BackgroundCompiler(device)
+    workers.start(count=2)
+    return workers
+
+
 class FluxEngine:
     """Load, optimise and serve one Flux pipeline.
 
@@ -121,13 +149,14 @@ class FluxEngine:
 
     def __init__(self, source: ModelSource, options: EngineOptions | None = None,
                  lora_cache: LoraCache | None = None, *, resolved: Resolved | None = None,
-                 pipeline: Any = None) -> None:
+                 pipeline: Any = None, workers: background_compile.BackgroundCompiler | None = None) -> None:
         """Load ``source`` and optimise it as ``options`` say.
 
         ``resolved``: ``optimize.resolve(options)`` when the caller already made it (the registry
         does, to refuse impossible options before releasing anything); made here otherwise.
         ``pipeline``: use this already loaded ``FluxPipeline`` instead of loading ``source`` (see
-        :meth:`from_pipeline`).
+        :meth:`from_pipeline`). ``workers``: compile workers started before the checks
+        (:func:`workers_before_checks`); the engine uses them or closes them.
         """
         started = time.perf_counter()
         options = options or EngineOptions()
@@ -162,6 +191,7 @@ class FluxEngine:
         # straight to the GPU only when it has ample room (decision 29).
         self._ample_room = self._has_ample_room()
         self._background_mode: str | None = None
+        self._expected: list[background_compile.Job] = []  # the expected first request's graphs (decision 47)
         if options.compile != "off":
             self._compile_cache = configure_compile_cache(options)  # the folder only: no import (decision 43)
             if options.compile == "regional" and not options.deterministic and not options.dynamic_shapes:
@@ -169,7 +199,10 @@ class FluxEngine:
                 # the weights are read when the cache has no saved graph at all (decision 46)
                 self._background_mode = background_compile.mode(self._ample_room)
                 if self._background_mode is not None:
-                    self._background = background_compile.BackgroundCompiler(self.device)
+                    self._background = workers or background_compile.BackgroundCompiler(self.device)
+                    workers = None
+        if workers is not None:  # started before the checks, which this engine's exact ones overrule
+            workers.close()
         t0 = time.perf_counter()
         self.phases.add("setup", t0 - started)
         try:
@@ -198,10 +231,30 @@ class FluxEngine:
         if why_not is not None:
             logger.info("loading with diffusers' and transformers' classes: %s", why_not)
         if self._background is not None and why_not is None and self._first_image_compiles():
-            self._background.start()  # it gets ready while the weights are read
+            # workers compile the expected first request's graphs (decision 47), or one gets ready
+            self._expected = self._compile_expected(source)
+            if not self._expected:
+                self._background.start()
         with self.phases.phase("read"), direct.while_waiting(*self._work_while_reading()):
             return load_pipeline(source, self.dtype, self.device if self._ample_room else None,
                                  self._read_to_device(), own_modules=why_not is None)
+
+    def _compile_expected(self, source: ModelSource) -> list[background_compile.Job]:
+        """Hand each block class's graph for the expected first request to a worker before the reads
+        (decision 47); no jobs where the specimen cannot stand for this engine's blocks."""
+        assert self._background is not None and self._compile_cache is not None
+        why = "" if self._background_mode == "ahead" else "background compile runs the blocks uncompiled"
+        why = why or expected_compile.why_not(self.options, source)
+        shapes = None if why else expected_compile.model_shapes(source)
+        if shapes is None:
+            if why:
+                logger.info("no compile ahead of the first request: %s", why)
+            return []
+        from .runtime.flux import FluxTransformer
+
+        config, vae_scale_factor = shapes
+        return self._background.expect(config, vae_scale_factor, self.options, self.dtype,
+                                       precompile.folder_for(self._compile_cache), FluxTransformer._repeated_blocks)
 
     def _work_while_reading(self) -> list[Callable[[], object]]:
         """What the loader does while it waits for a read rather than before the reads start or on
@@ -295,14 +348,8 @@ class FluxEngine:
             if o.offload == "none":
                 pipe.to(self.device)
             self.strategy.model_moved()
-        self.attention = set_attention(transformer, o.attention, self.device)
-        # decision 44: the single blocks' fp8 output projection with its input made in one kernel (not
-        # under offload hooks, which move a layer's weights only when its own forward runs)
-        self.fused_projections = (fp8_projection.install(transformer, self.device)
-                                  if o.quantization == "fp8" and o.offload == "none" else 0)
+        self.attention, self.fused_projections = finish_transformer(transformer, o, self.device, self._cancel)
         apply_offload(pipe, o.offload, self.device)
-        if o.compile != "full":  # a full graph cannot call back into Python between blocks
-            cancel.install(transformer, self._cancel)
         pipe.set_progress_bar_config(disable=True)
 
     @staticmethod
@@ -322,7 +369,7 @@ class FluxEngine:
         get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
         fraction = get_fraction(self.device) if get_fraction else 1.0
         free = min(free, int(fraction * total) - torch.cuda.memory_reserved(self.device))
-        return free > 64 * 2**30  # a full bf16 master of Flux.1-dev is ~24 GB
+        return free > AMPLE_ROOM_BYTES
 
     def _first_image_compiles(self) -> bool:
         """Whether the first image will compile block graphs on this GPU: regional compile with saved
@@ -355,7 +402,9 @@ class FluxEngine:
         with self.phases.phase("compile_setup"):
             self.precompiled = compile_transformer(self.transformer, self.options.compile,
                                                    self.options.dynamic_shapes, self._compile_cache,
-                                                   self._background, ahead=self._background_mode == "ahead")
+                                                   self._background, ahead=self._background_mode == "ahead",
+                                                   expected=self._expected)
+            self._expected = []
         self._compiled = True
 
     # -- LoRA ----------------------------------------------------------------------------------

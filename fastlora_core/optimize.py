@@ -10,12 +10,14 @@ import logging
 import os
 import shutil
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
-from . import deps, precompile
-from .background_compile import BackgroundCompiler
+from . import cancel, deps, precompile
+from .background_compile import BackgroundCompiler, Job
+from .cancel import CheckHolder
 from .errors import OptionsError
 from .precompile import PrecompiledBlocks
 from .specs import EngineOptions
@@ -321,6 +323,24 @@ def set_attention(transformer: torch.nn.Module, choice: str, device: torch.devic
     return choice
 
 
+def finish_transformer(transformer: torch.nn.Module, options: EngineOptions, device: torch.device,
+                       holder: CheckHolder) -> tuple[str, int]:
+    """The engine's steps on a quantised transformer before it is compiled: the attention kernel, the
+    single blocks' fp8 output projection (decision 44; not under offload hooks, which move a layer's
+    weights only when its own forward runs) and the cancel checks between blocks (``holder``, a
+    :class:`.cancel.CheckHolder`; not under a full-graph compile, which cannot call back into Python).
+    One place for them, as a compile for the expected first request builds its specimen blocks with
+    the same steps (decision 47). Returns the attention used and how many projections were installed."""
+    from . import fp8_projection
+
+    attention = set_attention(transformer, options.attention, device)
+    projections = (fp8_projection.install(transformer, device)
+                   if options.quantization == "fp8" and options.offload == "none" else 0)
+    if options.compile != "full":
+        cancel.install(transformer, holder)
+    return attention, projections
+
+
 def torchao_config(mode: str):
     """The torchao quantisation config for our ``quantization`` option."""
     from torchao.quantization import (
@@ -440,7 +460,8 @@ def hand_over_contiguous(transformer: torch.nn.Module) -> int:
 
 def compile_transformer(transformer: torch.nn.Module, mode: str, dynamic: bool,
                         cache_dir: Path | None = None,
-                        background: BackgroundCompiler | None = None, ahead: bool = False) -> PrecompiledBlocks | None:
+                        background: BackgroundCompiler | None = None, ahead: bool = False,
+                        expected: Iterable[Job] = ()) -> PrecompiledBlocks | None:
     """``full``: the whole transformer as one graph; ``regional``: each repeated block (the 19 double
     and 38 single blocks share two graphs), compiling in a fraction of the time. Never uses inductor
     ``freezing``: frozen weights are constants and in-place LoRA updates would be ignored.
@@ -451,7 +472,7 @@ def compile_transformer(transformer: torch.nn.Module, mode: str, dynamic: bool,
     ``background``: the dispatcher hands block classes it has no file for to these workers and runs
     the blocks eagerly meanwhile (:mod:`.background_compile`, decision 41), or with ``ahead`` hands
     the other block classes over while compiling the first and waits for them (decision 45); closed
-    when unused."""
+    when unused. ``expected``: its jobs compiling the expected first request's graphs (decision 47)."""
     if mode != "off" and next(transformer.parameters()).device.type == "cuda":
         deps.confirm("triton")  # vouched for from a record at the checks (why_not_compile)
     _compile_settings()
@@ -463,7 +484,7 @@ def compile_transformer(transformer: torch.nn.Module, mode: str, dynamic: bool,
         why = "no compile cache folder" if cache_dir is None else precompile.why_not(transformer, dynamic)
         if cache_dir is not None and not why:
             blocks = PrecompiledBlocks(precompile.folder_for(cache_dir), next(transformer.parameters()).device,
-                                       background, ahead=ahead)
+                                       background, ahead=ahead, expected=expected)
             n = blocks.install(precompile.repeated_blocks(transformer))
             logger.info("regional compile: %d blocks, compiled block classes saved to and loaded from %s", n,
                         blocks.folder)

@@ -298,7 +298,7 @@ def _serialisable_guards(entries: Iterable[Any]) -> list[bool]:
             for e in entries]
 
 
-def _picklable(block: torch.nn.Module) -> None:
+def make_picklable(block: torch.nn.Module) -> None:
     """Drop torchao's per-instance ``extra_repr`` (a partial bound to the layer, which the guard
     pickler cannot write); the class's own ``extra_repr`` takes over (the weight's type still shows
     in its repr)."""
@@ -320,6 +320,7 @@ class PrecompileStats:
     background: int = 0  # graphs compiled by a background worker and loaded (decisions 41, 45)
     waited_seconds: float = 0.0  # time a block waited for a worker's graph (decision 45)
     eager_calls: int = 0  # block calls run uncompiled while a worker compiled their graph
+    workers: list[dict[str, Any]] = field(default_factory=list)  # each loaded worker graph's timeline
     failures: list[str] = field(default_factory=list)
 
 
@@ -328,7 +329,7 @@ class PrecompiledBlocks:
     from ``folder`` when saved there, else compiled and saved. Install with :meth:`install`."""
 
     def __init__(self, folder: Path, device: torch.device, background: BackgroundCompiler | None = None,
-                 ahead: bool = False) -> None:
+                 ahead: bool = False, expected: Iterable[Job] = ()) -> None:
         self.folder = folder
         self.device = device
         self.background = background  # workers that compile missing graphs (decision 41), or None
@@ -336,6 +337,9 @@ class PrecompiledBlocks:
         # the other classes for the same call, and their blocks wait for those graphs (never eager).
         # Without it, a missing graph goes to a worker and its blocks run eagerly meanwhile (decision 41).
         self.ahead = ahead
+        # workers compiling the expected first request's graphs since the reads began (decision 47):
+        # each is matched against the first slot of its block class, then dropped
+        self._expected: list[Job] = list(expected)
         self._classes: dict[type, torch.nn.Module] = {}  # the first block of each class
         self._pending: dict[tuple, Job] = {}  # slots a worker is compiling
         self.stats = PrecompileStats()
@@ -350,7 +354,7 @@ class PrecompiledBlocks:
         block's own ``forward`` and state stay as they are); returns how many blocks."""
         n = 0
         for block in blocks:
-            _picklable(block)
+            make_picklable(block)
             self._classes.setdefault(type(block), block)
             block._compiled_call_impl = functools.partial(self._call, block)
             n += 1
@@ -478,6 +482,8 @@ class PrecompiledBlocks:
         """:meth:`_compile`, or with background workers: hand the slot to one and return ``_EAGER``
         until it has saved the file, then load it. A worker's failure compiles the slot here."""
         job = self._pending.get(slot)
+        if job is None and not dynamic:
+            job = self._expected_job(slot)
         if job is None and self.background is not None:
             if self.ahead:
                 self._hand_over_others(type(block), args, kwargs, dynamic)
@@ -511,11 +517,33 @@ class PrecompiledBlocks:
             if other is cls or other in self._plain:
                 continue
             slot = (other, self._digest(block), call_signature(args, kwargs, sizes=not dynamic))
-            if slot in self._functions or slot in self._pending or self.path(slot).is_file():
+            if (slot in self._functions or slot in self._pending or self.path(slot).is_file()
+                    or (not dynamic and self._expected_job(slot) is not None)):
                 continue
             job = self.background.submit(block, slot[1], self.path(slot), args, kwargs, dynamic)
             if job is not None:
                 self._pending[slot] = job
+
+    def _expected_job(self, slot: tuple) -> Job | None:
+        """The worker compiling this slot's graph for the expected first request (decision 47), now
+        pending for it; or None. Each such job is matched once, against the first slot of its block
+        class: its worker names the file it compiles (waited for, as a graph compiled ahead is) and a
+        different name (another size, or a block prepared unlike the specimen) cancels it, so that
+        its CPU goes to the compiles this request needs."""
+        name = slot[0].__name__
+        for job in [j for j in self._expected if j.block == name]:
+            self._expected.remove(job)
+            t0 = time.perf_counter()
+            job.announced.wait(AHEAD_WAIT_S)
+            self.stats.waited_seconds += time.perf_counter() - t0
+            if job.path == str(self.path(slot)) and not job.error:
+                self._pending[slot] = job
+                return job
+            logger.info("the first %s call is not the expected request's (%s); compiling it as usual", name,
+                        job.error or "another size or another block")
+            if self.background is not None:
+                self.background.cancel(job)
+        return None
 
     def _load(self, slot: tuple, block: torch.nn.Module) -> Callable[..., Any] | None:
         """The slot's saved function, or None (no file, or one that does not load)."""
@@ -527,8 +555,13 @@ class PrecompiledBlocks:
         if fn is not None:
             self._functions[slot] = fn
             job = self._pending.pop(slot, None)
+            if job is None:  # saved by a worker for the expected first request before it was asked for
+                job = next((j for j in self._expected if j.path == str(path)), None)
+                if job is not None:
+                    self._expected.remove(job)
             if job is not None:  # saved by a worker (it may not have replied yet)
                 self.stats.background += 1
+                self.stats.workers.append(job.timeline())
                 logger.info("%s compiled by a worker and loaded", job.block)
         return fn
 

@@ -12,7 +12,7 @@ import threading
 import time
 
 from . import deps
-from .engine import FluxEngine
+from .engine import FluxEngine, workers_before_checks
 from .optimize import resolve
 from .specs import EngineKey, EngineOptions, ModelSource
 
@@ -27,20 +27,29 @@ def get_engine(source: ModelSource, options: EngineOptions | None = None) -> Flu
     is released or loaded, so a typo never costs the engine you have. A missing required package
     raises ``DependencyError`` naming it (instead of a bare ModuleNotFoundError mid-load)."""
     options = options or EngineOptions()
-    started = time.perf_counter()
-    deps.require()
-    resolved = resolve(options)  # device checks before anything is released
-    checks_s = time.perf_counter() - started  # imports the optional packages it checks; starts CUDA
     key = EngineKey(source, options)
-    with _lock:
-        engine = _engines.get(key)
-        if engine is not None and not engine.released:
+    started = time.perf_counter()
+    # a cold start's compile workers get going while the checks run (decision 47)
+    workers = workers_before_checks(source, options) if peek(key) is None else None
+    try:
+        deps.require()
+        resolved = resolve(options)  # device checks before anything is released
+        checks_s = time.perf_counter() - started  # imports the optional packages it checks; starts CUDA
+        with _lock:
+            engine = _engines.get(key)
+            if engine is not None and not engine.released:
+                if workers is not None:
+                    workers.close()
+                return engine
+            release_all()
+            engine = FluxEngine(source, options, resolved=resolved, workers=workers)
+            engine.phases.add("checks", checks_s)
+            _engines[key] = engine
             return engine
-        release_all()
-        engine = FluxEngine(source, options, resolved=resolved)
-        engine.phases.add("checks", checks_s)
-        _engines[key] = engine
-        return engine
+    except BaseException:
+        if workers is not None:
+            workers.close()  # closing twice (the engine closes them on a failed build) is harmless
+        raise
 
 
 def peek(key: EngineKey) -> FluxEngine | None:

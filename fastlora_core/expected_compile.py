@@ -1,0 +1,149 @@
+"""Compile the expected first request's block graphs while the weights are read (decision 47).
+
+With an empty compile cache a process's first image waits for the two Flux block classes to compile:
+with decision 45 the serving process compiles the double blocks while a worker compiles the single
+ones, but both start only when the first image reaches its first block, after the weights have been
+read, quantised and the first LoRA applied (about 9 of a 22.9 s cold start on the H200). What a
+compile needs is known much earlier: the block classes' structure follows from the transformer's
+``config.json`` and the engine's options, and the blocks' inputs from the request's size.
+
+So when the first image will certainly compile (decision 46's test), the engine hands each block class
+to a worker of its own before it reads a weight (:meth:`.BackgroundCompiler.expect`). Each worker
+builds a *specimen*, a transformer of the same config with one block of each class and random
+weights, prepared by the engine's own steps (:func:`specimen`), runs it once on the inputs of the
+expected request (:data:`EXPECTED`, the defaults of ``Generate``, the CLI and the API: 1024x1024, 512
+text tokens, batch 1) to record what each block class receives (:func:`block_inputs`), announces the
+file name that graph will have, compiles and saves it. The serving process's blocks look for exactly
+that name (:mod:`.precompile`): a first request of that size then loads graphs the workers compiled
+during the reads, and a first request of any other size (or a block that prepares differently from
+the specimen: a different name) cancels the workers and compiles as decision 45 does. Every image is
+compiled, so decision 17's promise holds as with decision 45.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .specs import EngineOptions, GenerateRequest, ModelSource
+
+if TYPE_CHECKING:
+    from .runtime.flux import FluxTransformer
+
+logger = logging.getLogger(__name__)
+
+#: The request a process most likely serves first: ``Generate``'s, the CLI's and the API's defaults.
+EXPECTED = GenerateRequest()
+
+#: Flux's autoencoder halves the image three times; used where the VAE's own config is not at hand.
+FLUX_VAE_SCALE_FACTOR = 8
+
+
+def why_not(options: EngineOptions, source: ModelSource) -> str:
+    """Why the expected request's graphs cannot be compiled ahead for this engine ("" when they can):
+    the specimen reproduces the fused strategy's blocks (the adapter strategy replaces layers with
+    LoRA layers sized by the first stack) of an engine that generates images itself (a
+    transformer-only engine serves ComfyUI's sampler, whose sizes are its own)."""
+    if options.swap_strategy != "fused":
+        return f"swap_strategy={options.swap_strategy} (its LoRA layers are made by the first stack)"
+    if options.offload != "none":
+        return f"offload={options.offload}"
+    if source.transformer_only:
+        return "a transformer-only engine (ComfyUI's sampler chooses the sizes)"
+    return ""
+
+
+def model_shapes(source: ModelSource) -> tuple[dict[str, Any], int] | None:
+    """The transformer's config and the VAE's scale factor, from the source's small files and
+    without reading a weight; None when they cannot be read (the loader then says why)."""
+    from .loading.header import read_header
+    from .loading.plans import _plan_transformer
+
+    try:
+        if source.diffusers_dir:
+            folder = Path(source.diffusers_dir)
+            config = json.loads((folder / "transformer" / "config.json").read_text(encoding="utf-8"))
+            vae = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))
+            return dict(config), 2 ** (len(vae.get("block_out_channels", (0,) * 4)) - 1)
+        plan = _plan_transformer(read_header(source.transformer or "", "transformer"))
+        return dict(plan.config), FLUX_VAE_SCALE_FACTOR
+    except Exception as exc:  # the loader reports a bad source properly
+        logger.info("no compile ahead of the first request: the model's config cannot be read (%s: %s)",
+                    type(exc).__name__, exc)
+        return None
+
+
+def specimen(config: Mapping[str, Any], options: EngineOptions, dtype: torch.dtype,
+             device: torch.device) -> FluxTransformer:
+    """A transformer of ``config`` with one block of each class and random weights, prepared as the
+    engine prepares the real one: quantised, its attention and fp8 projection set, its block lists
+    checked for cancels, its single blocks handing over contiguous outputs, and its blocks as the
+    saved-block dispatch leaves them. They then fingerprint as the real ones do
+    (:func:`.precompile.fingerprint`)."""
+    from . import cancel
+    from .background_compile import _fill
+    from .optimize import finish_transformer, hand_over_contiguous, quantize_transformer
+    from .precompile import make_picklable, repeated_blocks
+    from .runtime.flux import FluxTransformer
+
+    with torch.device("meta"):
+        transformer = FluxTransformer.from_config({**config, "num_layers": 1, "num_single_layers": 1})
+    transformer = transformer.to_empty(device=device).to(dtype).eval().requires_grad_(False)
+    with torch.no_grad():
+        for tensor in transformer.parameters():
+            _fill(tensor)
+    quantize_transformer(transformer, options.quantization, device)
+    finish_transformer(transformer, options, device, cancel.CheckHolder())
+    hand_over_contiguous(transformer)
+    for block in repeated_blocks(transformer):
+        make_picklable(block)  # as installing the saved-block dispatch leaves the real blocks
+    return transformer
+
+
+def step_inputs(transformer: FluxTransformer, request: GenerateRequest, vae_scale_factor: int,
+                dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+    """The transformer's inputs in the first step of ``request``, as
+    :meth:`.runtime.pipeline.FluxRuntimePipeline.__call__` makes them (values aside): text embeddings
+    and CLIP's pooled output in the text encoders' dtype, packed latents and their positions, the
+    schedule's first timestep in the latents' dtype, guidance in float32."""
+    from .runtime.pipeline import FlowMatchEuler, prepare_latents
+
+    config = transformer.config
+    batch, text = request.batch, request.max_sequence_length
+    latents, image_ids = prepare_latents(batch, config.in_channels // 4, request.height, request.width,
+                                         vae_scale_factor, dtype, device, None)
+    timesteps, _ = FlowMatchEuler().schedule(request.steps, latents.shape[1], device)
+    guidance = (torch.full([1], request.guidance, device=device, dtype=torch.float32).expand(batch)
+                if config.guidance_embeds else None)
+    return {"hidden_states": latents, "timestep": timesteps[0].expand(batch).to(latents.dtype) / 1000,
+            "guidance": guidance, "pooled_projections": torch.zeros(batch, config.pooled_projection_dim,
+                                                                    device=device, dtype=dtype),
+            "encoder_hidden_states": torch.zeros(batch, text, config.joint_attention_dim, device=device, dtype=dtype),
+            "txt_ids": torch.zeros(text, 3).to(device=device, dtype=dtype), "img_ids": image_ids,
+            "joint_attention_kwargs": {}, "return_dict": False}
+
+
+def block_inputs(transformer: torch.nn.Module, inputs: dict[str, Any]) -> dict[str, tuple[tuple, dict]]:
+    """What each block class's first block receives when ``transformer`` runs on ``inputs``, by class
+    name (one forward under inference mode, as the engine samples)."""
+    from .precompile import repeated_blocks
+
+    seen: dict[str, tuple[tuple, dict]] = {}
+
+    def record(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        seen.setdefault(type(module).__name__, (args, kwargs))
+
+    handles = [block.register_forward_pre_hook(record, with_kwargs=True)
+               for block in repeated_blocks(transformer)]
+    try:
+        with torch.inference_mode():
+            transformer(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
