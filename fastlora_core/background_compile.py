@@ -219,12 +219,13 @@ class Job:
     # wall-clock moments (``time.time()``): the worker's start, its being ready, the announcement and
     # the reply; with the serving process's age at the worker's start (``timeline``)
     times: dict[str, float] = field(default_factory=dict)
+    ready_steps: dict[str, float] = field(default_factory=dict)  # seconds of each of the worker's first steps
 
     def timeline(self) -> dict[str, Any]:
         """When the worker started (seconds after the serving process did) and, counted from then,
         when it was ready, announced its file and replied (GET /fastlora/stats, the benchmarks)."""
         start = self.times.get("worker_started")
-        out: dict[str, Any] = {"block": self.block, "seconds": round(self.seconds, 3)}
+        out: dict[str, Any] = {"block": self.block, "seconds": round(self.seconds, 3), "ready_steps": self.ready_steps}
         if start is not None:
             out["worker_started_s"] = self.times.get("worker_started_age")
             out.update({f"{k}_s": round(v - start, 3) for k, v in self.times.items()
@@ -274,11 +275,13 @@ class _Worker:
                 if "announce" in reply:  # the file a job for the expected request compiles (decision 47)
                     job = self.jobs[reply["id"]]
                     job.times.update(ready=float(reply["ready"]), announced=float(reply["at"]))
+                    job.ready_steps = dict(reply.get("steps", {}))
                     job.path = str(reply["announce"])
                     job.announced.set()
                     continue
                 job = self.jobs.pop(reply["id"])
                 job.times.update(ready=float(reply["ready"]), finished=float(reply["at"]))
+                job.ready_steps = dict(reply.get("steps", {}))
             except (ValueError, KeyError):
                 logger.warning("compile worker: unreadable reply %r", line[:200])
                 continue
@@ -505,34 +508,41 @@ def _compile_expected(message: dict[str, Any], device: torch.device,
     return {"ok": True, "path": str(path)}
 
 
-def _get_ready(device: torch.device) -> None:
+def _get_ready(device: torch.device) -> dict[str, float]:
     """What every job needs first, done before the first job arrives (decision 46): inductor's pool of
     compile processes (on a GPU; otherwise the first kernels of a process's first compile are compiled
     one by one while the pool starts), the compiler's imports, torchao's (a job's quantised weights are
-    its tensors) and the device's context. A step that fails is left to the job, which reports it."""
+    its tensors) and the device's context. A step that fails is left to the job, which reports it.
+    Returns each step's seconds (a job's timeline shows them)."""
     from .optimize import import_compiler, warm_compile_pool
 
-    steps: list[Callable[[], object]] = [import_compiler]
+    steps: dict[str, Callable[[], object]] = {"compiler": import_compiler}
     if device.type == "cuda":
-        steps.insert(0, warm_compile_pool)
-        steps.append(lambda: torch.zeros(1, device=device))
+        steps = {"pool": warm_compile_pool, **steps, "cuda": lambda: torch.zeros(1, device=device)}
     if importlib.util.find_spec("torchao") is not None:
-        steps.append(lambda: importlib.import_module("torchao"))
-    for step in steps:
+        steps["torchao"] = lambda: importlib.import_module("torchao")
+    seconds: dict[str, float] = {}
+    for name, step in steps.items():
+        t0 = time.perf_counter()
         try:
             step()
         except Exception as exc:  # the job meets it again and reports it
             logger.warning("getting ready: %s: %s", type(exc).__name__, exc)
+        seconds[name] = round(time.perf_counter() - t0, 3)
+    return seconds
 
 
 def worker_main(fd: int, device_name: str) -> None:
     """Get ready, then compile the jobs read from stdin until it ends; one JSON reply per job on ``fd``."""
+    boot = process_age()
     logging.basicConfig(level=logging.WARNING, format="FastLoRA compile worker: %(levelname)s %(message)s")
     from .optimize import configure_worker_compile
 
     configure_worker_compile()
     device = torch.device(device_name)
-    _get_ready(device)
+    steps = _get_ready(device)
+    if boot is not None:
+        steps = {"boot": round(boot, 3), **steps}  # the interpreter, torch and the pack imported
     ready = time.time()
     with os.fdopen(fd, "w", encoding="utf-8") as replies:
         for line in sys.stdin:
@@ -540,7 +550,8 @@ def worker_main(fd: int, device_name: str) -> None:
             t0 = time.perf_counter()
 
             def announce(path: str, number: int = message["id"]) -> None:
-                replies.write(json.dumps({"id": number, "announce": path, "ready": ready, "at": time.time()}) + "\n")
+                replies.write(json.dumps({"id": number, "announce": path, "ready": ready, "steps": steps,
+                                          "at": time.time()}) + "\n")
                 replies.flush()
 
             try:
@@ -550,7 +561,7 @@ def worker_main(fd: int, device_name: str) -> None:
                     reply = _compile_one(message, device)
             except Exception as exc:  # reported; the serving process compiles the block itself
                 reply = {"ok": False, "error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"}
-            reply.update(id=message["id"], seconds=time.perf_counter() - t0, ready=ready, at=time.time())
+            reply.update(id=message["id"], seconds=time.perf_counter() - t0, ready=ready, steps=steps, at=time.time())
             replies.write(json.dumps(reply) + "\n")
             replies.flush()
             if device.type == "cuda":

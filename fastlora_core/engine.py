@@ -30,7 +30,6 @@ from .lora.fused import FusedStrategy
 from .optimize import (
     Resolved,
     apply_offload,
-    compile_cache_dir,
     compile_transformer,
     configure_compile_cache,
     dynamo_compile_count,
@@ -130,7 +129,9 @@ def workers_before_checks(source: ModelSource, options: EngineOptions) -> backgr
             or background_compile.mode(ample_room=True) != "ahead" or precompile.why_not_here(dynamic=False)
             or not torch.cuda.is_available()):
         return None
-    if precompile.has_saved_blocks(precompile.folder_for(compile_cache_dir(options))):
+    # the engine's compile cache, set now: the workers inherit inductor's cache folder from this
+    # process's environment when they start, and would otherwise compile into torch's default one
+    if precompile.has_saved_blocks(precompile.folder_for(configure_compile_cache(options))):
         return None
     device = torch.device("cuda")
     if torch.cuda.get_device_properties(device).total_memory <= AMPLE_ROOM_BYTES:

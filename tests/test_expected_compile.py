@@ -140,6 +140,10 @@ def test_an_engine_loads_the_graphs_its_workers_compiled_while_it_read(tiny_dir:
     # both classes loaded from the workers' files; nothing compiled or run uncompiled in the engine
     assert (stats["compiled"], stats["background"], stats["loaded"], stats["eager_calls"]) == (0, 2, 2, 0), stats
     assert run["first_compiles"] == 0
+    for job in stats["workers"]:  # each worker's timeline (GET /fastlora/stats): ready, named its file, replied
+        # (a file found before the worker's reply was read has no reply time yet)
+        assert 0 < job["ready_s"] <= job["announced_s"] <= job.get("finished_s", job["announced_s"]), job
+        assert {"boot", "compiler"} <= set(job["ready_steps"]), job
     assert run["repeat_equal"]  # every image compiled: the first request repeats bit for bit
     assert run["workers_left"] == 0
 
