@@ -257,6 +257,18 @@ class FluxEngine:
         return self._background.expect(config, vae_scale_factor, self.options, self.dtype,
                                        precompile.folder_for(self._compile_cache), FluxTransformer._repeated_blocks)
 
+    def _drop_expected(self) -> None:
+        """The first request is not the expected one, so no block will load its workers' graphs
+        (decision 47): stop them now rather than at the first block, and get one worker ready for
+        decision 45's hand-over while the LoRA is applied and the prompt encoded."""
+        assert self._background is not None
+        logger.info("the first request is not %dx%d: compiling for it instead of the expected request",
+                    expected_compile.EXPECTED.width, expected_compile.EXPECTED.height)
+        for job in self._expected:
+            self._background.cancel(job)
+        self._expected = []
+        self._background.start()
+
     def _work_while_reading(self) -> list[Callable[[], object]]:
         """What the loader does while it waits for a read rather than before the reads start or on
         the first LoRA or image (decisions 42, 43): the optional packages the checks vouched for
@@ -537,6 +549,8 @@ class FluxEngine:
             )
         with self._lock:
             self._check_usable()
+            if self._expected and not expected_compile.matches(request):
+                self._drop_expected()
             swap = self.apply(stack) if stack is not None else None
             self._ensure_compiled()
             before = dynamo_compile_count()

@@ -58,6 +58,13 @@ def why_not(options: EngineOptions, source: ModelSource) -> str:
     return ""
 
 
+def matches(request: GenerateRequest) -> bool:
+    """Whether ``request``'s blocks get the expected request's inputs (its size, batch and text
+    length; the prompt, seed, steps and guidance change values, not shapes)."""
+    return ((request.width, request.height, request.batch, request.max_sequence_length)
+            == (EXPECTED.width, EXPECTED.height, EXPECTED.batch, EXPECTED.max_sequence_length))
+
+
 def model_shapes(source: ModelSource) -> tuple[dict[str, Any], int] | None:
     """The transformer's config and the VAE's scale factor, from the source's small files and
     without reading a weight; None when they cannot be read (the loader then says why)."""

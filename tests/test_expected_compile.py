@@ -178,3 +178,43 @@ def test_workers_started_before_the_checks_never_outlive_a_refusal(tiny_source: 
         assert len(made) == 2 and made[1].closed
     finally:
         registry.release_all()
+
+
+def test_a_first_request_of_another_size_stops_the_expected_workers_before_it_samples(
+        tiny_source: ModelSource, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``generate`` knows its request's size before anything runs: a size other than the expected one
+    cancels the workers compiling for it at once and gets one worker ready for the hand-over
+    (decision 45) while the LoRA is applied and the prompt encoded; the expected size keeps them."""
+
+    class Recording:
+        def __init__(self) -> None:
+            self.cancelled: list[Job] = []
+            self.started = 0
+
+        def cancel(self, job: Job) -> None:
+            self.cancelled.append(job)
+
+        def start(self, count: int = 1) -> None:
+            self.started += count
+
+        def release_idle(self) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    engine = FluxEngine(tiny_source, EngineOptions(device="cpu", dtype="float32", compile="off"))
+    workers = Recording()
+    engine._background = workers  # type: ignore[assignment]
+    expected = [Job("FluxTransformerBlock", ""), Job("FluxSingleTransformerBlock", "")]
+    engine._expected = list(expected)
+    same_size = GenerateRequest(**{**vars(SMALL), "width": expected_compile.EXPECTED.width,
+                                   "height": expected_compile.EXPECTED.height,
+                                   "max_sequence_length": expected_compile.EXPECTED.max_sequence_length})
+    assert expected_compile.matches(same_size) and not expected_compile.matches(SMALL)
+    engine.generate(SMALL)
+    assert workers.cancelled == expected and workers.started == 1 and engine._expected == []
+    monkeypatch.setattr(expected_compile, "EXPECTED", SMALL)  # now SMALL is the expected request
+    engine._expected = kept = [Job("FluxTransformerBlock", "")]
+    engine.generate(SMALL)
+    assert workers.cancelled == expected and workers.started == 1 and engine._expected == kept
