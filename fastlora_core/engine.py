@@ -28,6 +28,7 @@ from .lora.cache import GLOBAL_CACHE, MEMORY_PREFIX, DeviceLoraCache, FileKey, L
 from .lora.formats import check_values, read_lora
 from .lora.fused import FusedStrategy
 from .optimize import (
+    AMPLE_ROOM_BYTES,
     Resolved,
     apply_offload,
     compile_transformer,
@@ -112,35 +113,6 @@ def weight_writes() -> torch.inference_mode:
     return torch.inference_mode()
 
 
-#: Free GPU memory above which the weights are read straight to the GPU and the fused strategy's
-#: masters stay there (decision 29): a full bf16 master of Flux.1-dev is ~24 GB.
-AMPLE_ROOM_BYTES = 64 * 2**30
-
-
-def workers_before_checks(source: ModelSource, options: EngineOptions) -> background_compile.BackgroundCompiler | None:
-    """Decision 47's two compile workers, started before the registry's dependency and device checks
-    (1.6-2.0 s of a cold start, torchao's import mostly) when what decides on them can be told
-    without those checks: regional compile with saved blocks and an empty cache folder, workers
-    compiling ahead, the fused strategy without offload, and a CUDA GPU whose memory could have
-    ample room. The engine takes them (:class:`FluxEngine`'s ``workers``) and closes them when its
-    own, exact checks disagree; None otherwise."""
-    if (options.compile != "regional" or options.deterministic or options.dynamic_shapes
-            or expected_compile.why_not(options, source) or options.device not in ("auto", "cuda")
-            or background_compile.mode(ample_room=True) != "ahead" or precompile.why_not_here(dynamic=False)
-            or not torch.cuda.is_available()):
-        return None
-    # the engine's compile cache, set now: the workers inherit inductor's cache folder from this
-    # process's environment when they start, and would otherwise compile into torch's default one
-    if precompile.has_saved_blocks(precompile.folder_for(configure_compile_cache(options))):
-        return None
-    device = torch.device("cuda")
-    if torch.cuda.get_device_properties(device).total_memory <= AMPLE_ROOM_BYTES:
-        return None
-    workers = background_compile.BackgroundCompiler(device)
-    workers.start(count=2)
-    return workers
-
-
 class FluxEngine:
     """Load, optimise and serve one Flux pipeline.
 
@@ -157,7 +129,7 @@ class FluxEngine:
         does, to refuse impossible options before releasing anything); made here otherwise.
         ``pipeline``: use this already loaded ``FluxPipeline`` instead of loading ``source`` (see
         :meth:`from_pipeline`). ``workers``: compile workers started before the checks
-        (:func:`workers_before_checks`); the engine uses them or closes them.
+        (:func:`.expected_compile.workers_before_checks`); the engine uses them or closes them.
         """
         started = time.perf_counter()
         options = options or EngineOptions()

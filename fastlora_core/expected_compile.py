@@ -8,7 +8,8 @@ compile needs is known much earlier: the block classes' structure follows from t
 ``config.json`` and the engine's options, and the blocks' inputs from the request's size.
 
 So when the first image will certainly compile (decision 46's test), the engine hands each block class
-to a worker of its own before it reads a weight (:meth:`.BackgroundCompiler.expect`). Each worker
+to a worker of its own before it reads a weight (:meth:`.BackgroundCompiler.expect`); the registry
+starts those workers before its checks (:func:`workers_before_checks`). Each worker
 builds a *specimen*, a transformer of the same config with one block of each class and random
 weights, prepared by the engine's own steps (:func:`specimen`), runs it once on the inputs of the
 expected request (:data:`EXPECTED`, the defaults of ``Generate``, the CLI and the API: 1024x1024, 512
@@ -33,6 +34,7 @@ import torch
 from .specs import EngineOptions, GenerateRequest, ModelSource
 
 if TYPE_CHECKING:
+    from .background_compile import BackgroundCompiler
     from .runtime.flux import FluxTransformer
 
 logger = logging.getLogger(__name__)
@@ -63,6 +65,33 @@ def matches(request: GenerateRequest) -> bool:
     length; the prompt, seed, steps and guidance change values, not shapes)."""
     return ((request.width, request.height, request.batch, request.max_sequence_length)
             == (EXPECTED.width, EXPECTED.height, EXPECTED.batch, EXPECTED.max_sequence_length))
+
+
+def workers_before_checks(source: ModelSource, options: EngineOptions) -> BackgroundCompiler | None:
+    """The two compile workers, started before the registry's dependency and device checks (1.6-2.0 s
+    of a cold start, torchao's import mostly) when what decides on them can be told without those
+    checks: regional compile with saved blocks and an empty cache folder, workers compiling ahead, the
+    fused strategy without offload, and a CUDA GPU whose memory could have ample room. The engine
+    takes them (``FluxEngine(workers=...)``) and closes them when its own, exact checks disagree;
+    None otherwise."""
+    from . import background_compile, precompile
+    from .optimize import AMPLE_ROOM_BYTES, configure_compile_cache
+
+    if (options.compile != "regional" or options.deterministic or options.dynamic_shapes
+            or why_not(options, source) or options.device not in ("auto", "cuda")
+            or background_compile.mode(ample_room=True) != "ahead" or precompile.why_not_here(dynamic=False)
+            or not torch.cuda.is_available()):
+        return None
+    # the engine's compile cache, set now: the workers inherit inductor's cache folder from this
+    # process's environment when they start, and would otherwise compile into torch's default one
+    if precompile.has_saved_blocks(precompile.folder_for(configure_compile_cache(options))):
+        return None
+    device = torch.device("cuda")
+    if torch.cuda.get_device_properties(device).total_memory <= AMPLE_ROOM_BYTES:
+        return None
+    workers = background_compile.BackgroundCompiler(device)
+    workers.start(count=2)
+    return workers
 
 
 def model_shapes(source: ModelSource) -> tuple[dict[str, Any], int] | None:
@@ -114,25 +143,26 @@ def specimen(config: Mapping[str, Any], options: EngineOptions, dtype: torch.dty
 
 def step_inputs(transformer: FluxTransformer, request: GenerateRequest, vae_scale_factor: int,
                 dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
-    """The transformer's inputs in the first step of ``request``, as
-    :meth:`.runtime.pipeline.FluxRuntimePipeline.__call__` makes them (values aside): text embeddings
-    and CLIP's pooled output in the text encoders' dtype, packed latents and their positions, the
-    schedule's first timestep in the latents' dtype, guidance in float32."""
-    from .runtime.pipeline import FlowMatchEuler, prepare_latents
+    """The transformer's inputs in the first step of ``request``, made by the sampler's own functions
+    (:mod:`.runtime.pipeline`; values aside): text embeddings and CLIP's pooled output in the text
+    encoders' dtype (``dtype``), packed latents and their positions, the schedule's first timestep."""
+    from .runtime.pipeline import (
+        FlowMatchEuler,
+        guidance_input,
+        prepare_latents,
+        text_positions,
+        transformer_inputs,
+    )
 
     config = transformer.config
     batch, text = request.batch, request.max_sequence_length
     latents, image_ids = prepare_latents(batch, config.in_channels // 4, request.height, request.width,
                                          vae_scale_factor, dtype, device, None)
     timesteps, _ = FlowMatchEuler().schedule(request.steps, latents.shape[1], device)
-    guidance = (torch.full([1], request.guidance, device=device, dtype=torch.float32).expand(batch)
-                if config.guidance_embeds else None)
-    return {"hidden_states": latents, "timestep": timesteps[0].expand(batch).to(latents.dtype) / 1000,
-            "guidance": guidance, "pooled_projections": torch.zeros(batch, config.pooled_projection_dim,
-                                                                    device=device, dtype=dtype),
-            "encoder_hidden_states": torch.zeros(batch, text, config.joint_attention_dim, device=device, dtype=dtype),
-            "txt_ids": torch.zeros(text, 3).to(device=device, dtype=dtype), "img_ids": image_ids,
-            "joint_attention_kwargs": {}, "return_dict": False}
+    pooled = torch.zeros(batch, config.pooled_projection_dim, device=device, dtype=dtype)
+    embeds = torch.zeros(batch, text, config.joint_attention_dim, device=device, dtype=dtype)
+    return transformer_inputs(latents, timesteps[0], guidance_input(config, request.guidance, batch, device),
+                              pooled, embeds, text_positions(text, device, dtype), image_ids)
 
 
 def block_inputs(transformer: torch.nn.Module, inputs: dict[str, Any]) -> dict[str, tuple[tuple, dict]]:

@@ -42,6 +42,11 @@ _ATTENTION_BACKENDS: dict[str, str] = {
 }
 
 
+#: Free GPU memory above which the weights are read straight to the GPU and the fused strategy's
+#: masters stay there (decision 29): a full bf16 master of Flux.1-dev is ~24 GB.
+AMPLE_ROOM_BYTES = 64 * 2**30
+
+
 def resolve_device(options: EngineOptions) -> torch.device:
     if options.device == "auto":
         if torch.cuda.is_available():

@@ -12,7 +12,8 @@ import threading
 import time
 
 from . import deps
-from .engine import FluxEngine, workers_before_checks
+from .engine import FluxEngine
+from .expected_compile import workers_before_checks
 from .optimize import resolve
 from .specs import EngineKey, EngineOptions, ModelSource
 

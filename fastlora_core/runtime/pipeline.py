@@ -163,6 +163,27 @@ def prepare_latents(batch: int, channels: int, height: int, width: int, vae_scal
             latent_image_ids(height // 2, width // 2, device, dtype))
 
 
+def text_positions(length: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``[length, 3]`` positions of the text tokens: all zero (diffusers' ``encode_prompt``)."""
+    return torch.zeros(length, 3).to(device=device, dtype=dtype)
+
+
+def guidance_input(config: Any, scale: float, batch: int, device: torch.device) -> torch.Tensor | None:
+    """The guidance a guidance-distilled transformer gets (float32, one per image), else None."""
+    return torch.full([1], scale, device=device, dtype=torch.float32).expand(batch) if config.guidance_embeds else None
+
+
+def transformer_inputs(latents: torch.Tensor, t: torch.Tensor, guidance: torch.Tensor | None, pooled: torch.Tensor,
+                       embeds: torch.Tensor, text_ids: torch.Tensor, image_ids: torch.Tensor) -> dict[str, Any]:
+    """One step's keyword arguments for the transformer: the timestep ``t`` in the latents' dtype,
+    divided by 1000, as diffusers' ``FluxPipeline`` passes it. Also what a compile for the expected
+    first request feeds its specimen (:mod:`fastlora_core.expected_compile`)."""
+    timestep = t.expand(latents.shape[0]).to(latents.dtype)
+    return {"hidden_states": latents, "timestep": timestep / 1000, "guidance": guidance,
+            "pooled_projections": pooled, "encoder_hidden_states": embeds, "txt_ids": text_ids,
+            "img_ids": image_ids, "joint_attention_kwargs": {}, "return_dict": False}
+
+
 class Tokenizer(Protocol):
     """What the sampler needs of a tokenizer: padded, truncated ids ``[len(prompts), max_length]``."""
 
@@ -251,7 +272,7 @@ class FluxRuntimePipeline:
         _, seq_len, _ = embeds.shape
         embeds = embeds.repeat(1, num_images_per_prompt, 1).view(batch * num_images_per_prompt, seq_len, -1)
         dtype = (self.text_encoder if self.text_encoder is not None else self.transformer).dtype
-        text_ids = torch.zeros(embeds.shape[1], 3).to(device=device, dtype=dtype)
+        text_ids = text_positions(embeds.shape[1], device, dtype)
         return embeds, pooled, text_ids
 
     # -- sampling ------------------------------------------------------------------------------
@@ -283,14 +304,10 @@ class FluxRuntimePipeline:
         latents, image_ids = prepare_latents(batch, channels, height, width, self.vae_scale_factor,
                                              embeds.dtype, device, generator)
         timesteps, sigmas = self.scheduler.schedule(num_inference_steps, latents.shape[1], device)
-        guidance = (torch.full([1], guidance_scale, device=device, dtype=torch.float32).expand(latents.shape[0])
-                    if self.transformer.config.guidance_embeds else None)
+        guidance = guidance_input(self.transformer.config, guidance_scale, latents.shape[0], device)
         for i, t in enumerate(timesteps):
-            timestep = t.expand(latents.shape[0]).to(latents.dtype)
-            noise_pred = self.transformer(hidden_states=latents, timestep=timestep / 1000, guidance=guidance,
-                                          pooled_projections=pooled, encoder_hidden_states=embeds,
-                                          txt_ids=text_ids, img_ids=image_ids, joint_attention_kwargs={},
-                                          return_dict=False)[0]
+            noise_pred = self.transformer(**transformer_inputs(latents, t, guidance, pooled, embeds, text_ids,
+                                                               image_ids))[0]
             latents = self.scheduler.step(noise_pred, latents, sigmas[i], sigmas[i + 1])
             if callback_on_step_end is not None:
                 outputs = dict(callback_on_step_end(self, i, t, {"latents": latents}))
