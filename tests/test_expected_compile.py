@@ -38,13 +38,20 @@ CPU = torch.device("cpu")
 SMALL = GenerateRequest(prompt="a red fox", seed=7, steps=2, width=32, height=48, max_sequence_length=16)
 
 
-@pytest.mark.parametrize("quantization", ["none", "int8_weight_only"])
+_FP8_GPU = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
+@pytest.mark.parametrize(("device", "dtype", "quantization"), [
+    ("cpu", "float32", "none"), ("cpu", "float32", "int8_weight_only"),
+    # the default on a GPU: fp8 weights and the single blocks' fused fp8 projection (decision 44)
+    pytest.param("cuda", "bfloat16", "fp8", marks=pytest.mark.skipif(not _FP8_GPU, reason="needs an fp8 GPU")),
+])
 def test_the_specimen_asks_for_the_same_graphs_as_the_engines_blocks(tiny_source: ModelSource, tmp_path: Path,
-                                                                     quantization: str) -> None:
+                                                                     device: str, dtype: str, quantization: str) -> None:
     """The file a worker compiles for the expected request is named by its specimen block's
     fingerprint and inputs: both must equal what the engine's own blocks present on that request,
     or the worker's graph would never be loaded."""
-    engine = FluxEngine(tiny_source, EngineOptions(device="cpu", dtype="float32", quantization=quantization,
+    engine = FluxEngine(tiny_source, EngineOptions(device=device, dtype=dtype, quantization=quantization,  # type: ignore[arg-type]
                                                    compile="regional", compile_cache_dir=str(tmp_path)))
     engine._ensure_compiled()
     assert engine.precompiled is not None
@@ -62,10 +69,10 @@ def test_the_specimen_asks_for_the_same_graphs_as_the_engines_blocks(tiny_source
     shapes = expected_compile.model_shapes(tiny_source)
     assert shapes is not None
     config, vae_scale_factor = shapes
-    specimen = expected_compile.specimen(config, engine.options, engine.dtype, CPU)
+    specimen = expected_compile.specimen(config, engine.options, engine.dtype, engine.device)
     assert len(repeated_blocks(specimen)) == 2  # one block of each class, not the model's
     seen = expected_compile.block_inputs(
-        specimen, expected_compile.step_inputs(specimen, SMALL, vae_scale_factor, engine.dtype, CPU))
+        specimen, expected_compile.step_inputs(specimen, SMALL, vae_scale_factor, engine.dtype, engine.device))
     with torch.inference_mode():
         made = {type(b).__name__: (type(b), fingerprint(b).digest, call_signature(*seen[type(b).__name__]))
                 for b in repeated_blocks(specimen)}
