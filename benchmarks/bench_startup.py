@@ -85,16 +85,31 @@ RUNS = ("api_cold", "api_warm", "cli_cold", "cli_warm", "api_disk_cold")  # a wa
 #: ``_noexpected`` (no graphs compiled for the expected first request while the weights are read: one worker
 #: gets ready and the compiles start at the first image, as before decision 47), ``_latestart`` (decision 47's
 #: workers started by the engine after the registry's checks, not before them), ``_threads8``
-#: (``TORCHINDUCTOR_COMPILE_THREADS=8``: smaller pools of compile processes, e.g. for two workers on 16 cores).
+#: (``TORCHINDUCTOR_COMPILE_THREADS=8``: smaller pools of compile processes, e.g. for two workers on 16 cores),
+#: ``_othersize`` (every image 1344x768 instead of 1024x1024: not the expected first request of decision 47).
+#: Suffixes combine: ``api_cold_othersize_noexpected``.
 VARIANTS = ("ordinary", "serial", "noidle", "nodefer", "profile", "importtime", "cudnnfp8", "threads1", "diffusers", "plaincompile",
-            "bgcompile", "torchaoproj", "onecompiler", "parts", "noptune", "noprewarm", "noexpected", "latestart", "threads8")
+            "bgcompile", "torchaoproj", "onecompiler", "parts", "noptune", "noprewarm", "noexpected", "latestart", "threads8",
+            "othersize")
+#: ``_othersize``'s image size (width, height): a common Flux size other than the default.
+OTHER_SIZE = (1344, 768)
 PROMPT = "a photo of a red fox in a snowy forest, golden hour"
 
 
-def request_kwargs(tiny: bool) -> dict[str, Any]:
+def request_kwargs(tiny: bool, othersize: bool = False) -> dict[str, Any]:
     if tiny:
-        return {"steps": 2, "width": 64, "height": 64, "max_sequence_length": 16}
-    return {"steps": 28, "width": 1024, "height": 1024}
+        return {"steps": 2, "width": 48 if othersize else 64, "height": 64, "max_sequence_length": 16}
+    width, height = OTHER_SIZE if othersize else (1024, 1024)
+    return {"steps": 28, "width": width, "height": height}
+
+
+def split_variants(mode: str) -> tuple[str, set[str]]:
+    """A run's mode (``cold``, ``warm``, ``disk_cold``) and its variant suffixes, in any number."""
+    variants: set[str] = set()
+    while (v := next((v for v in VARIANTS if mode.endswith(f"_{v}")), None)) is not None:
+        variants.add(v)
+        mode = mode.removesuffix(f"_{v}")
+    return mode, variants
 
 
 def tiny_options() -> dict[str, Any]:
@@ -105,7 +120,8 @@ def tiny_options() -> dict[str, Any]:
 def child(model: str, lora: str, cache: str, out: str, tiny: bool, ordinary: bool = False,
           serial: bool = False, attention: str = "auto", steady: int = 1, classes: bool = False,
           noidle: bool = False, nodefer: bool = False, torchaoproj: bool = False, parts: bool = False,
-          noprewarm: bool = False, noexpected: bool = False, latestart: bool = False) -> None:
+          noprewarm: bool = False, noexpected: bool = False, latestart: bool = False,
+          othersize: bool = False) -> None:
     from fastlora_core.timings import process_age
 
     started = process_age()
@@ -185,9 +201,9 @@ def child(model: str, lora: str, cache: str, out: str, tiny: bool, ordinary: boo
     engine = registry.get_engine(ModelSource.from_diffusers(model), options)
     stack = LoraStack.of((lora, 1.0))
     image_parts = time_parts(engine) if parts else None
-    first = engine.generate(GenerateRequest(prompt=PROMPT, seed=0, **request_kwargs(tiny)), stack)
+    first = engine.generate(GenerateRequest(prompt=PROMPT, seed=0, **request_kwargs(tiny, othersize)), stack)
     age = process_age()
-    later = [engine.generate(GenerateRequest(prompt=PROMPT, seed=1 + i, **request_kwargs(tiny)), stack)
+    later = [engine.generate(GenerateRequest(prompt=PROMPT, seed=1 + i, **request_kwargs(tiny, othersize)), stack)
              for i in range(steady)]
     result = {
         "process_start_to_main_s": round(started, 3) if started is not None else None,
@@ -412,9 +428,7 @@ def breakdown(child_json: dict[str, Any]) -> dict[str, Any]:
 def run_one(name: str, model: Path, lora: Path, work: Path, out: Path, tiny: bool, timeout: float,
             steady: int = 1) -> dict[str, Any]:
     kind, _, mode = name.partition("_")
-    variants = {v for v in VARIANTS if mode.endswith(f"_{v}")}
-    for v in variants:
-        mode = mode.removesuffix(f"_{v}")
+    mode, variants = split_variants(mode)
     if variants and kind != "api":
         return {"skipped": "the variants exist for API runs only"}
     cache = work / f"cache-{kind}"
@@ -434,7 +448,8 @@ def run_one(name: str, model: Path, lora: Path, work: Path, out: Path, tiny: boo
             python = [sys.executable, "-X", "importtime"]
         cmd = python + ["-m", "benchmarks.bench_startup", "--child", str(model), str(lora), str(cache),
                         str(result)] + (["--tiny"] if tiny else []) + [f"--{v}" for v in ("ordinary", "serial", "noidle", "nodefer", "cudnnfp8", "diffusers",
-                                                                                                  "torchaoproj", "parts", "noprewarm", "noexpected", "latestart")
+                                                                                                  "torchaoproj", "parts", "noprewarm", "noexpected", "latestart",
+                                                                                                  "othersize")
                                                                          if v in variants] + [f"--steady={steady}"]
     else:
         result = run_dir / "timings.json"
@@ -488,7 +503,8 @@ def main() -> None:
         child(*args[:4], tiny="--tiny" in args, ordinary="--ordinary" in args, serial="--serial" in args,
               noidle="--noidle" in args, nodefer="--nodefer" in args, attention="cudnn_fp8" if "--cudnnfp8" in args else "auto", steady=steady[0] if steady else 1,
               classes="--diffusers" in args, torchaoproj="--torchaoproj" in args, parts="--parts" in args,
-              noprewarm="--noprewarm" in args, noexpected="--noexpected" in args, latestart="--latestart" in args)
+              noprewarm="--noprewarm" in args, noexpected="--noexpected" in args, latestart="--latestart" in args,
+              othersize="--othersize" in args)
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)

@@ -34,3 +34,13 @@ def test_bench_startup_tiny_api_and_cli(tmp_path: Path) -> None:
     assert len(parts) == 2
     for image in parts:
         assert len(image["steps_s"]) == 2 and image["encode_s"] > 0 and image["decode_s"] > 0
+
+
+def test_run_names_combine_variants() -> None:
+    """``api_cold_othersize_noexpected`` is a cold API run with both variants (a miss of decision 47's
+    expected request, measured against the start without it); ``disk_cold`` is a mode, not a variant."""
+    from benchmarks.bench_startup import split_variants
+
+    assert split_variants("cold_othersize_noexpected") == ("cold", {"othersize", "noexpected"})
+    assert split_variants("warm_parts") == ("warm", {"parts"})
+    assert split_variants("disk_cold") == ("disk_cold", set())
