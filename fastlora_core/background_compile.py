@@ -337,23 +337,29 @@ class BackgroundCompiler:
                    "folder": str(path.parent), "grad": torch.is_grad_enabled(),
                    "inference": torch.is_inference_mode_enabled()}
         job = Job(type(block).__name__, str(path))
+        if not self._send(job, message):
+            return None
+        logger.info("compiling %s in a worker process", job.block)
+        return job
+
+    def _send(self, job: Job, message: dict[str, Any]) -> bool:
+        """Send ``job`` to an idle worker, or to one started for it; False when none took it (closed,
+        or a worker that could not start: logged)."""
         with self._lock:
             if self.closed:
-                return None
+                return False
             idle = [w for w in self._workers if not w.busy and w.process.poll() is None]
-            worker = idle[0] if idle else None
             number = next(self._numbers)
             message["id"] = number
             try:
-                if worker is None:
-                    worker = _Worker(self.device)
+                worker = idle[0] if idle else _Worker(self.device)
+                if not idle:
                     self._workers.append(worker)
                 worker.send(number, job, message)
             except OSError as exc:
-                logger.info("compiling %s here: the worker did not take the job (%s)", job.block, exc)
-                return None
-        logger.info("compiling %s in a worker process", job.block)
-        return job
+                logger.info("no worker took the compile of %s (%s); it is compiled here", job.block, exc)
+                return False
+        return True
 
     def start(self, count: int = 1) -> None:
         """Start workers now, without a job, until ``count`` are idle (decision 46): the engine calls
@@ -384,21 +390,8 @@ class BackgroundCompiler:
                        "options": dataclasses.asdict(options), "dtype": str(dtype).removeprefix("torch."),
                        "request": dataclasses.asdict(EXPECTED), "block": name, "folder": str(folder)}
             job = Job(name, "")
-            with self._lock:
-                if self.closed:
-                    break
-                idle = [w for w in self._workers if not w.busy and w.process.poll() is None]
-                number = next(self._numbers)
-                message["id"] = number
-                try:  # one worker per class: each takes its job as soon as it is ready
-                    worker = idle[0] if idle else _Worker(self.device)
-                    if not idle:
-                        self._workers.append(worker)
-                    worker.send(number, job, message)
-                except OSError as exc:
-                    logger.info("no compile ahead of the first request for %s: the worker did not start (%s)",
-                                name, exc)
-                    break
+            if not self._send(job, message):  # one worker per class: each takes its job once ready
+                break
             jobs.append(job)
         if jobs:
             logger.info("compiling %s for a %dx%d request in worker processes while the weights are read",

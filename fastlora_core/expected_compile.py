@@ -68,7 +68,7 @@ def matches(request: GenerateRequest) -> bool:
 
 
 def workers_before_checks(source: ModelSource, options: EngineOptions) -> BackgroundCompiler | None:
-    """The two compile workers, started before the registry's dependency and device checks (1.6-2.0 s
+    """The compile workers (one per block class), started before the registry's dependency and device checks (1.6-2.0 s
     of a cold start, torchao's import mostly) when what decides on them can be told without those
     checks: regional compile with saved blocks and an empty cache folder, workers compiling ahead, the
     fused strategy without offload, and a CUDA GPU whose memory could have ample room. The engine
@@ -89,8 +89,10 @@ def workers_before_checks(source: ModelSource, options: EngineOptions) -> Backgr
     device = torch.device("cuda")
     if torch.cuda.get_device_properties(device).total_memory <= AMPLE_ROOM_BYTES:
         return None
+    from .runtime.flux import FluxTransformer
+
     workers = background_compile.BackgroundCompiler(device)
-    workers.start(count=2)
+    workers.start(count=len(FluxTransformer._repeated_blocks))  # one per block class
     return workers
 
 

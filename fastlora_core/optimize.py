@@ -17,7 +17,6 @@ import torch
 
 from . import cancel, deps, precompile
 from .background_compile import BackgroundCompiler, Job
-from .cancel import CheckHolder
 from .errors import OptionsError
 from .precompile import PrecompiledBlocks
 from .specs import EngineOptions
@@ -329,7 +328,7 @@ def set_attention(transformer: torch.nn.Module, choice: str, device: torch.devic
 
 
 def finish_transformer(transformer: torch.nn.Module, options: EngineOptions, device: torch.device,
-                       holder: CheckHolder) -> tuple[str, int]:
+                       holder: cancel.CheckHolder) -> tuple[str, int]:
     """The engine's steps on a quantised transformer before it is compiled: the attention kernel, the
     single blocks' fp8 output projection (decision 44; not under offload hooks, which move a layer's
     weights only when its own forward runs) and the cancel checks between blocks (``holder``, a
