@@ -1,6 +1,6 @@
-"""GELU-fed fp8 linears, torchao's compiled path against the one-kernel input (decisions 44 and 48).
+"""The single block's output projection, torchao's compiled path against the one-kernel input (decision 44).
 
-    python -m benchmarks.bench_projection --out DIR [--form single|feedforward] [--tokens N]
+    python -m benchmarks.bench_projection --out DIR
 
 Flux's single block at 1024x1024 (4608 tokens): ``proj_out(cat([attention 3072, gelu_tanh(mlp 12288)]))``
 with a row-wise fp8 ``proj_out`` (15360 -> 3072, torchao's engine config), each form compiled as the
@@ -8,10 +8,6 @@ blocks are (``fullgraph=True``). Reports the median time of each form (CUDA even
 warm-up, ``bench_fp8_attention.time_ms``), the kernel alone, and the relative L2 distance between the two forms' outputs. Then sweeps the
 kernel's launch (elements per loop step x warps; ``fp8_projection.LAUNCH`` is the one the pack uses):
 each launch's time and whether its output is the default launch's bit for bit.
-
-``--form feedforward``: a double block's feed-forward output instead, ``net[2](gelu_tanh(mlp 12288))``
-(12288 -> 3072; 4096 image tokens by default, 512 for the text stream), no sweep; the saving is given
-per forward for 19 blocks at the token count measured.
 """
 
 from __future__ import annotations
@@ -25,11 +21,8 @@ from pathlib import Path
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--form", choices=("single", "feedforward"), default="single")
-    ap.add_argument("--tokens", type=int, default=None, help="rows; 4608 (single) or 4096 (feedforward) by default")
+    ap.add_argument("--tokens", type=int, default=4608)
     a = ap.parse_args()
-    single = a.form == "single"
-    tokens = a.tokens or (4608 if single else 4096)
 
     import torch
     import torch.nn.functional as F
@@ -41,28 +34,22 @@ def main() -> None:
 
     torch.manual_seed(0)
     dev = torch.device("cuda")
-    width = 15360 if single else 12288
-    linear = torch.nn.Linear(width, 3072).to(dev, torch.bfloat16)
+    linear = torch.nn.Linear(15360, 3072).to(dev, torch.bfloat16)
     quantize_(linear, torchao_config("fp8"))
-    attn = torch.randn(1, tokens, 3072, device=dev, dtype=torch.bfloat16)
-    mlp = torch.randn(1, tokens, 12288, device=dev, dtype=torch.bfloat16) * 2
+    attn = torch.randn(1, a.tokens, 3072, device=dev, dtype=torch.bfloat16)
+    mlp = torch.randn(1, a.tokens, 12288, device=dev, dtype=torch.bfloat16) * 2
 
     def plain(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        g = F.gelu(m, approximate="tanh")
-        return linear(torch.cat([x, g], dim=2) if single else g)
+        return linear(torch.cat([x, F.gelu(m, approximate="tanh")], dim=2))
 
     def fused(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        return fp8_projection.project(linear, x, m) if single else fp8_projection.project_gelu(linear, m)
-
-    def quantise_input() -> tuple[torch.Tensor, torch.Tensor]:
-        return fp8_projection.gelu_cat_fp8(attn, mlp) if single else fp8_projection.gelu_fp8(mlp)
+        return fp8_projection.project(linear, x, m)
 
     def timed(fn) -> float:  # type: ignore[no-untyped-def]
         return round(time_ms(fn, 100) * 1000, 1)  # us
 
     res: dict[str, object] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "form": a.form,
-                              "tokens": tokens}
+                              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "tokens": a.tokens}
     with torch.inference_mode():
         why = fp8_projection.why_not(linear, torch.nn.GELU(approximate="tanh"))
         res["eligible"] = why or "yes"
@@ -74,20 +61,18 @@ def main() -> None:
         res["rel_l2_fused_vs_eager"] = float((out_f.float() - eager.float()).norm() / eager.float().norm())
         res["plain_compiled_us"] = timed(lambda: cp(attn, mlp))
         res["fused_compiled_us"] = timed(lambda: cf(attn, mlp))
-        res["kernel_alone_us"] = timed(quantise_input)
-        q, s = quantise_input()
+        res["kernel_alone_us"] = timed(lambda: fp8_projection.gelu_cat_fp8(attn, mlp))
+        q, s = fp8_projection.gelu_cat_fp8(attn, mlp)
         w = linear.weight
-        res["gemm_alone_us"] = timed(lambda: torch._scaled_mm(q.view(-1, width), w.qdata.t(), scale_a=s,
+        res["gemm_alone_us"] = timed(lambda: torch._scaled_mm(q.view(-1, 15360), w.qdata.t(), scale_a=s,
                                                               scale_b=w.scale.t(), bias=linear.bias,
                                                               out_dtype=torch.bfloat16, use_fast_accum=True))
         res["launch"] = dict(fp8_projection.LAUNCH)
-        if single:
-            res["sweep"] = _sweep(attn, mlp, q, s, timed)
-    blocks = 38 if single else 19
-    res[f"saved_per_forward_ms_{blocks}_blocks"] = round((res["plain_compiled_us"] - res["fused_compiled_us"]) * blocks / 1000, 2)  # type: ignore[operator]
+        res["sweep"] = _sweep(attn, mlp, q, s, timed)
+    res["saved_per_forward_ms_38_blocks"] = round((res["plain_compiled_us"] - res["fused_compiled_us"]) * 38 / 1000, 2)  # type: ignore[operator]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"projection-{a.form}-{tokens}.json").write_text(json.dumps(res, indent=1))
+    (out / "projection.json").write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1), flush=True)
 
 

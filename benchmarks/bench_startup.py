@@ -86,13 +86,11 @@ RUNS = ("api_cold", "api_warm", "cli_cold", "cli_warm", "api_disk_cold")  # a wa
 #: gets ready and the compiles start at the first image, as before decision 47), ``_latestart`` (decision 47's
 #: workers started by the engine after the registry's checks, not before them), ``_threads8``
 #: (``TORCHINDUCTOR_COMPILE_THREADS=8``: smaller pools of compile processes, e.g. for two workers on 16 cores),
-#: ``_othersize`` (every image 1344x768 instead of 1024x1024: not the expected first request of decision 47),
-#: ``_noffproj`` (the double blocks' feed-forward outputs left to torchao, as before decision 48; the single
-#: blocks keep decision 44's projection).
+#: ``_othersize`` (every image 1344x768 instead of 1024x1024: not the expected first request of decision 47).
 #: Suffixes combine: ``api_cold_othersize_noexpected``.
 VARIANTS = ("ordinary", "serial", "noidle", "nodefer", "profile", "importtime", "cudnnfp8", "threads1", "diffusers", "plaincompile",
             "bgcompile", "torchaoproj", "onecompiler", "parts", "noptune", "noprewarm", "noexpected", "latestart", "threads8",
-            "othersize", "noffproj")
+            "othersize")
 #: ``_othersize``'s image size (width, height): a common Flux size other than the default.
 OTHER_SIZE = (1344, 768)
 PROMPT = "a photo of a red fox in a snowy forest, golden hour"
@@ -123,7 +121,7 @@ def child(model: str, lora: str, cache: str, out: str, tiny: bool, ordinary: boo
           serial: bool = False, attention: str = "auto", steady: int = 1, classes: bool = False,
           noidle: bool = False, nodefer: bool = False, torchaoproj: bool = False, parts: bool = False,
           noprewarm: bool = False, noexpected: bool = False, latestart: bool = False,
-          othersize: bool = False, noffproj: bool = False) -> None:
+          othersize: bool = False) -> None:
     from fastlora_core.timings import process_age
 
     started = process_age()
@@ -175,12 +173,6 @@ def child(model: str, lora: str, cache: str, out: str, tiny: bool, ordinary: boo
         from fastlora_core import fp8_projection
 
         fp8_projection.install = lambda transformer, device: 0
-    if noffproj:  # the double blocks' feed-forward outputs left to torchao, as before decision 48
-        from fastlora_core import fp8_projection
-
-        single_only = fp8_projection._install
-        fp8_projection._install = lambda slots, form, what: (  # type: ignore[assignment]
-            0 if form is fp8_projection.project_gelu else single_only(slots, form, what))
     if noprewarm:  # the compilers start at the first image's compile, as before decision 46
         from fastlora_core.engine import FluxEngine
 
@@ -457,7 +449,7 @@ def run_one(name: str, model: Path, lora: Path, work: Path, out: Path, tiny: boo
         cmd = python + ["-m", "benchmarks.bench_startup", "--child", str(model), str(lora), str(cache),
                         str(result)] + (["--tiny"] if tiny else []) + [f"--{v}" for v in ("ordinary", "serial", "noidle", "nodefer", "cudnnfp8", "diffusers",
                                                                                                   "torchaoproj", "parts", "noprewarm", "noexpected", "latestart",
-                                                                                                  "othersize", "noffproj")
+                                                                                                  "othersize")
                                                                          if v in variants] + [f"--steady={steady}"]
     else:
         result = run_dir / "timings.json"
@@ -512,7 +504,7 @@ def main() -> None:
               noidle="--noidle" in args, nodefer="--nodefer" in args, attention="cudnn_fp8" if "--cudnnfp8" in args else "auto", steady=steady[0] if steady else 1,
               classes="--diffusers" in args, torchaoproj="--torchaoproj" in args, parts="--parts" in args,
               noprewarm="--noprewarm" in args, noexpected="--noexpected" in args, latestart="--latestart" in args,
-              othersize="--othersize" in args, noffproj="--noffproj" in args)
+              othersize="--othersize" in args)
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)

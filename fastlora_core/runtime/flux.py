@@ -385,16 +385,8 @@ class FeedForward(nn.Module):
         self.net = nn.ModuleList([GELU(dim, inner_dim, approximate="tanh", bias=bias), nn.Dropout(dropout),
                                   nn.Linear(inner_dim, dim_out, bias=bias)])
 
-    #: ``fp8_projection.project_gelu`` where ``net[2]`` is a row-wise fp8 layer (set by
-    #: ``fp8_projection.install``): the GELU's output is quantised for it in one kernel, never written in bf16.
-    out_projection: Callable[[nn.Linear, torch.Tensor], torch.Tensor] | None = None
-
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        activation, out = self.net[0], self.net[2]
-        # the dropout between them is the identity at inference (Flux builds it with p=0)
-        if self.out_projection is not None and type(out) is nn.Linear and isinstance(activation, GELU):
-            return self.out_projection(out, activation.proj(hidden_states))
-        for module in self.net:  # also where a LoRA layer replaced net[2] after install (the adapter strategy)
+        for module in self.net:
             hidden_states = module(hidden_states)
         return hidden_states
 
