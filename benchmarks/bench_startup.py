@@ -496,6 +496,33 @@ def run_one(name: str, model: Path, lora: Path, work: Path, out: Path, tiny: boo
     return res
 
 
+def host_speed() -> dict[str, Any]:
+    """The host's CPU, and how fast it runs Python on one core. Most of a start is Python on one core
+    (imports, module construction, Dynamo's tracing), and the device tool's hosts differ by about 2x in
+    it (RESULTS.md, 2026-12-05 evening), so each call records this beside its start-up numbers:
+    ``python_probe_s`` is the best of 5 runs of a fixed pure-Python loop, ``import_json_probe_s`` of
+    parsing a fixed JSON document (allocation-heavy, like building modules)."""
+    model = ""
+    try:
+        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), "")
+    except OSError:
+        pass
+
+    def best(fn) -> float:  # type: ignore[no-untyped-def]
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return round(min(times), 4)
+
+    doc = json.dumps([{"name": f"layer{i}", "shape": [i, 3072], "dtype": "bf16"} for i in range(20000)])
+    return {"cpu_model": model, "cpus": os.cpu_count(),
+            "python_probe_s": best(lambda: sum(i * i % 7 for i in range(2_000_000))),
+            "import_json_probe_s": best(lambda: json.loads(doc))}
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         args = sys.argv[2:]
@@ -536,6 +563,8 @@ def main() -> None:
         res["versions"]["torchao"] = torchao.__version__
     except ImportError:
         pass
+    res["host"] = host_speed()
+    print(json.dumps({"host": res["host"]}), flush=True)
     save = lambda: (out / "startup.json").write_text(json.dumps(res, indent=1))  # noqa: E731
     model, lora = prepare(work, a.tiny, res)
     res["bytecode"] = cache_bytecode(work) if a.bytecode == "cached" else {
