@@ -56,7 +56,7 @@ from typing import Any
 
 import torch
 
-from .timings import process_age
+from .timings import Phases, process_age
 
 logger = logging.getLogger(__name__)
 
@@ -220,12 +220,17 @@ class Job:
     # the reply; with the serving process's age at the worker's start (``timeline``)
     times: dict[str, float] = field(default_factory=dict)
     ready_steps: dict[str, float] = field(default_factory=dict)  # seconds of each of the worker's first steps
+    #: seconds of each step before an expected job's announcement (decision 47): the specimen's build,
+    #: its quantisation, the engine's finishing steps, the first step's inputs, the blocks' inputs
+    specimen_steps: dict[str, float] = field(default_factory=dict)
 
     def timeline(self) -> dict[str, Any]:
         """When the worker started (seconds after the serving process did) and, counted from then,
         when it was ready, announced its file and replied (GET /fastlora/stats, the benchmarks)."""
         start = self.times.get("worker_started")
         out: dict[str, Any] = {"block": self.block, "seconds": round(self.seconds, 3), "ready_steps": self.ready_steps}
+        if self.specimen_steps:
+            out["specimen_steps"] = self.specimen_steps
         if start is not None:
             out["worker_started_s"] = self.times.get("worker_started_age")
             out.update({f"{k}_s": round(v - start, 3) for k, v in self.times.items()
@@ -276,6 +281,7 @@ class _Worker:
                     job = self.jobs[reply["id"]]
                     job.times.update(ready=float(reply["ready"]), announced=float(reply["at"]))
                     job.ready_steps = dict(reply.get("steps", {}))
+                    job.specimen_steps = dict(reply.get("specimen", {}))
                     job.path = str(reply["announce"])
                     job.announced.set()
                     continue
@@ -473,9 +479,10 @@ def _compile_one(message: dict[str, Any], device: torch.device) -> dict[str, Any
 
 
 def _compile_expected(message: dict[str, Any], device: torch.device,
-                      announce: Callable[[str], None]) -> dict[str, Any]:
+                      announce: Callable[[str, dict[str, float]], None]) -> dict[str, Any]:
     """Decision 47: build the specimen, record its block class's inputs for the expected request,
-    announce the file's name, then compile and save it (or find it saved already)."""
+    announce the file's name (with the seconds of each step before it), then compile and save it (or
+    find it saved already)."""
     from .expected_compile import block_inputs, specimen, step_inputs
     from .precompile import PrecompiledBlocks, call_signature, fingerprint, repeated_blocks
     from .specs import EngineOptions, GenerateRequest
@@ -483,16 +490,18 @@ def _compile_expected(message: dict[str, Any], device: torch.device,
     options = EngineOptions(**message["options"])
     dtype = getattr(torch, message["dtype"])
     request = GenerateRequest(**message["request"])
+    phases = Phases(device)
     with torch.inference_mode():  # the engine samples under inference mode
-        transformer = specimen(message["config"], options, dtype, device)
-        inputs = step_inputs(transformer, request, int(message["vae_scale_factor"]), dtype, device)
-        seen = block_inputs(transformer, inputs)
+        transformer = specimen(message["config"], options, dtype, device, phases)
+        with phases.phase("inputs"):
+            inputs = step_inputs(transformer, request, int(message["vae_scale_factor"]), dtype, device)
+            seen = block_inputs(transformer, inputs)
         block = next(b for b in repeated_blocks(transformer) if type(b).__name__ == message["block"])
         args, kwargs = seen[message["block"]]
         blocks = PrecompiledBlocks(Path(message["folder"]), device)
         slot = (type(block), fingerprint(block).digest, call_signature(args, kwargs))
         path = blocks.path(slot)
-        announce(str(path))
+        announce(str(path), phases.as_dict())
         if path.is_file():  # another process saved it meanwhile
             return {"ok": True, "path": str(path)}
         fn = blocks._compile(slot, block, args, kwargs)
@@ -542,9 +551,9 @@ def worker_main(fd: int, device_name: str) -> None:
             message = json.loads(line)
             t0 = time.perf_counter()
 
-            def announce(path: str, number: int = message["id"]) -> None:
+            def announce(path: str, specimen: dict[str, float], number: int = message["id"]) -> None:
                 replies.write(json.dumps({"id": number, "announce": path, "ready": ready, "steps": steps,
-                                          "at": time.time()}) + "\n")
+                                          "specimen": specimen, "at": time.time()}) + "\n")
                 replies.flush()
 
             try:

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .specs import EngineOptions, GenerateRequest, ModelSource
+from .timings import Phases
 
 if TYPE_CHECKING:
     from .background_compile import BackgroundCompiler
@@ -117,30 +118,36 @@ def model_shapes(source: ModelSource) -> tuple[dict[str, Any], int] | None:
 
 
 def specimen(config: Mapping[str, Any], options: EngineOptions, dtype: torch.dtype,
-             device: torch.device) -> FluxTransformer:
+             device: torch.device, phases: Phases | None = None) -> FluxTransformer:
     """A transformer of ``config`` with one block of each class and random weights, prepared as the
     engine prepares the real one: quantised, its attention and fp8 projection set, its block lists
     checked for cancels, its single blocks handing over contiguous outputs, and its blocks as the
     saved-block dispatch leaves them. They then fingerprint as the real ones do
-    (:func:`.precompile.fingerprint`)."""
+    (:func:`.precompile.fingerprint`). ``phases``, where given, records each part's seconds (``build``,
+    ``quantise``, ``finish``: a worker reports them with its announcement)."""
     from . import cancel
     from .background_compile import _fill
     from .optimize import finish_transformer, hand_over_contiguous, quantize_transformer
     from .precompile import make_picklable, repeated_blocks
     from .runtime.flux import FluxTransformer
 
-    with torch.device("meta"):
-        transformer = FluxTransformer.from_config({**config, "num_layers": 1, "num_single_layers": 1})
-    transformer = transformer.to_empty(device=device).to(dtype).eval().requires_grad_(False)
-    with torch.no_grad():
-        for tensor in transformer.parameters():
-            _fill(tensor)
-    quantize_transformer(transformer, options.quantization, device)
-    finish_transformer(transformer, options, device, cancel.CheckHolder())
-    hand_over_contiguous(transformer)
-    for block in repeated_blocks(transformer):
-        make_picklable(block)  # as installing the saved-block dispatch leaves the real blocks
+    phases = phases or Phases()
+    with phases.phase("build"):
+        with torch.device("meta"):
+            transformer = FluxTransformer.from_config({**config, "num_layers": 1, "num_single_layers": 1})
+        transformer = transformer.to_empty(device=device).to(dtype).eval().requires_grad_(False)
+        with torch.no_grad():
+            for tensor in transformer.parameters():
+                _fill(tensor)
+    with phases.phase("quantise"):
+        quantize_transformer(transformer, options.quantization, device)
+    with phases.phase("finish"):
+        finish_transformer(transformer, options, device, cancel.CheckHolder())
+        hand_over_contiguous(transformer)
+        for block in repeated_blocks(transformer):
+            make_picklable(block)  # as installing the saved-block dispatch leaves the real blocks
     return transformer
+
 
 
 def step_inputs(transformer: FluxTransformer, request: GenerateRequest, vae_scale_factor: int,

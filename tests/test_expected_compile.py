@@ -151,6 +151,7 @@ def test_an_engine_loads_the_graphs_its_workers_compiled_while_it_read(tiny_dir:
         # (a file found before the worker's reply was read has no reply time yet)
         assert 0 < job["ready_s"] <= job["announced_s"] <= job.get("finished_s", job["announced_s"]), job
         assert {"boot", "compiler"} <= set(job["ready_steps"]), job
+        assert set(job["specimen_steps"]) == {"build", "quantise", "finish", "inputs"}, job  # before announcing
     assert run["repeat_equal"]  # every image compiled: the first request repeats bit for bit
     assert run["workers_left"] == 0
 
