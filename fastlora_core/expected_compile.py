@@ -142,7 +142,9 @@ def specimen(config: Mapping[str, Any], options: EngineOptions, dtype: torch.dty
     with phases.phase("quantise"):
         quantize_transformer(transformer, options.quantization, device)
     with phases.phase("finish"):
-        finish_transformer(transformer, options, device, cancel.CheckHolder())
+        # the fp8 projection's kernel check (a Triton build on a cold start) is left to the serving
+        # process: its answer only decides whether the blocks fingerprint with the slot set
+        finish_transformer(transformer, options, device, cancel.CheckHolder(), check_kernels=False)
         hand_over_contiguous(transformer)
         for block in repeated_blocks(transformer):
             make_picklable(block)  # as installing the saved-block dispatch leaves the real blocks

@@ -328,17 +328,18 @@ def set_attention(transformer: torch.nn.Module, choice: str, device: torch.devic
 
 
 def finish_transformer(transformer: torch.nn.Module, options: EngineOptions, device: torch.device,
-                       holder: cancel.CheckHolder) -> tuple[str, int]:
+                       holder: cancel.CheckHolder, check_kernels: bool = True) -> tuple[str, int]:
     """The engine's steps on a quantised transformer before it is compiled: the attention kernel, the
     single blocks' fp8 output projection (decision 44; not under offload hooks, which move a layer's
     weights only when its own forward runs) and the cancel checks between blocks (``holder``, a
     :class:`.cancel.CheckHolder`; not under a full-graph compile, which cannot call back into Python).
     One place for them, as a compile for the expected first request builds its specimen blocks with
-    the same steps (decision 47). Returns the attention used and how many projections were installed."""
+    the same steps (decision 47; ``check_kernels=False`` there: :func:`.fp8_projection.install`). Returns the
+    attention used and how many projections were installed."""
     from . import fp8_projection
 
     attention = set_attention(transformer, options.attention, device)
-    projections = (fp8_projection.install(transformer, device)
+    projections = (fp8_projection.install(transformer, device, check_kernels)
                    if options.quantization == "fp8" and options.offload == "none" else 0)
     if options.compile != "full":
         cancel.install(transformer, holder)

@@ -136,6 +136,21 @@ def test_a_kernel_that_is_not_the_rule_bit_for_bit_is_never_installed(fp8_block,
     assert fp8_block.out_projection is fp8_projection.project
 
 
+def test_the_expected_compiles_specimen_sets_the_slot_without_building_the_kernel(fp8_block, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """Decision 47's worker fingerprints its specimen as the serving process's blocks will be; the kernel's
+    check (a Triton build on a cold start, on the announcement's critical path) is left to that process."""
+    monkeypatch.setitem(sys.modules, "triton", types.ModuleType("triton"))
+
+    def no_check(device):  # type: ignore[no-untyped-def]
+        raise AssertionError("the kernel was checked")
+
+    monkeypatch.setattr(fp8_projection, "kernel_ok", no_check)
+    holder = torch.nn.Module()
+    holder.single_transformer_blocks = torch.nn.ModuleList([fp8_block])
+    assert fp8_projection.install(holder, torch.device("cuda", 0), check_kernel=False) == 1
+    assert fp8_block.out_projection is fp8_projection.project
+
+
 def test_the_block_compiles_as_one_graph_and_its_saved_graph_key_names_the_form(fp8_block) -> None:  # type: ignore[no-untyped-def]
     plain_key = precompile.fingerprint(fp8_block).digest
     fp8_block.out_projection = fp8_projection.project
