@@ -220,8 +220,9 @@ class Job:
     # the reply; with the serving process's age at the worker's start (``timeline``)
     times: dict[str, float] = field(default_factory=dict)
     ready_steps: dict[str, float] = field(default_factory=dict)  # seconds of each of the worker's first steps
-    #: seconds of each step before an expected job's announcement (decision 47): the specimen's build,
-    #: its quantisation, the engine's finishing steps, the first step's inputs, the blocks' inputs
+    #: seconds of each step before an expected job's announcement (decision 47): the specimen's ``build``,
+    #: ``quantise`` and ``finish`` (the engine's steps after quantisation), and ``inputs`` (the first step's
+    #: and then the blocks')
     specimen_steps: dict[str, float] = field(default_factory=dict)
 
     def timeline(self) -> dict[str, Any]:

@@ -151,7 +151,6 @@ def specimen(config: Mapping[str, Any], options: EngineOptions, dtype: torch.dty
     return transformer
 
 
-
 def step_inputs(transformer: FluxTransformer, request: GenerateRequest, vae_scale_factor: int,
                 dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
     """The transformer's inputs in the first step of ``request``, made by the sampler's own functions
