@@ -524,15 +524,14 @@ def _get_ready(device: torch.device) -> dict[str, float]:
         steps = {"pool": warm_compile_pool, **steps, "cuda": lambda: torch.zeros(1, device=device)}
     if importlib.util.find_spec("torchao") is not None:
         steps["torchao"] = lambda: importlib.import_module("torchao")
-    seconds: dict[str, float] = {}
+    phases = Phases()
     for name, step in steps.items():
-        t0 = time.perf_counter()
-        try:
-            step()
-        except Exception as exc:  # the job meets it again and reports it
-            logger.warning("getting ready: %s: %s", type(exc).__name__, exc)
-        seconds[name] = round(time.perf_counter() - t0, 3)
-    return seconds
+        with phases.phase(name):
+            try:
+                step()
+            except Exception as exc:  # the job meets it again and reports it
+                logger.warning("getting ready: %s: %s", type(exc).__name__, exc)
+    return phases.as_dict()
 
 
 def worker_main(fd: int, device_name: str) -> None:

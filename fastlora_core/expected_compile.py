@@ -69,9 +69,9 @@ def matches(request: GenerateRequest) -> bool:
 
 
 def workers_before_checks(source: ModelSource, options: EngineOptions) -> BackgroundCompiler | None:
-    """The compile workers (one per block class), started before the registry's dependency and device checks (1.6-2.0 s
-    of a cold start, torchao's import mostly) when what decides on them can be told without those
-    checks: regional compile with saved blocks and an empty cache folder, workers compiling ahead, the
+    """The compile workers (one per block class), started before the registry's dependency and device
+    checks (1.6-2.0 s of a cold start, torchao's import mostly) when what decides on them can be told
+    without those checks: regional compile with saved blocks and an empty cache folder, workers compiling ahead, the
     fused strategy without offload, and a CUDA GPU whose memory could have ample room. The engine
     takes them (``FluxEngine(workers=...)``) and closes them when its own, exact checks disagree;
     None otherwise."""
