@@ -87,10 +87,12 @@ RUNS = ("api_cold", "api_warm", "cli_cold", "cli_warm", "api_disk_cold")  # a wa
 #: workers started by the engine after the registry's checks, not before them), ``_threads8``
 #: (``TORCHINDUCTOR_COMPILE_THREADS=8``: smaller pools of compile processes, e.g. for two workers on 16 cores),
 #: ``_othersize`` (every image 1344x768 instead of 1024x1024: not the expected first request of decision 47).
+#: ``_othertree`` (the child runs the code of ``--other-tree``, another checkout: a before/after pair of
+#: one change in one call, on one host, with one model folder).
 #: Suffixes combine: ``api_cold_othersize_noexpected``.
 VARIANTS = ("ordinary", "serial", "noidle", "nodefer", "profile", "importtime", "cudnnfp8", "threads1", "diffusers", "plaincompile",
             "bgcompile", "torchaoproj", "onecompiler", "parts", "noptune", "noprewarm", "noexpected", "latestart", "threads8",
-            "othersize")
+            "othersize", "othertree")
 #: ``_othersize``'s image size (width, height): a common Flux size other than the default.
 OTHER_SIZE = (1344, 768)
 PROMPT = "a photo of a red fox in a snowy forest, golden hour"
@@ -426,11 +428,16 @@ def breakdown(child_json: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_one(name: str, model: Path, lora: Path, work: Path, out: Path, tiny: bool, timeout: float,
-            steady: int = 1) -> dict[str, Any]:
+            steady: int = 1, other_tree: Path | None = None) -> dict[str, Any]:
     kind, _, mode = name.partition("_")
     mode, variants = split_variants(mode)
     if variants and kind != "api":
         return {"skipped": "the variants exist for API runs only"}
+    root = ROOT
+    if "othertree" in variants:
+        if other_tree is None:
+            return {"skipped": "_othertree needs --other-tree"}
+        root = other_tree
     cache = work / f"cache-{kind}"
     if mode == "cold":
         shutil.rmtree(cache, ignore_errors=True)
@@ -461,10 +468,11 @@ def run_one(name: str, model: Path, lora: Path, work: Path, out: Path, tiny: boo
         if tiny:
             cmd += ["--device", "cpu", "--dtype", "float32", "--compile", "off"]
     res["command"] = " ".join(cmd)
+    res["code"] = str(root)
     # The cache home (decision 43's import records) and Triton's own kernel cache (FastLoRA's fp8 swap
     # kernels, compiled outside inductor) go with the compile cache: cold runs have none of them.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "FASTLORA_CACHE_DIR": str(cache), "TRITON_CACHE_DIR": str(cache / "triton"),
-           "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+           "PYTHONPATH": os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])])}
     if "threads1" in variants:
         env["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
     if "threads8" in variants:
@@ -479,7 +487,7 @@ def run_one(name: str, model: Path, lora: Path, work: Path, out: Path, tiny: boo
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "benchmarks" / "site_noptune"), env["PYTHONPATH"]])
     t0 = time.time()
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
         res["error_tail"] = f"killed after {timeout:.0f} s (budget): {str(exc.stdout or '')[-1500:]}"
         return res
@@ -537,13 +545,15 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--work", default="/tmp/fastlora-startup")
     ap.add_argument("--runs", default=",".join(RUNS))
-    ap.add_argument("--budget", type=float, default=560, help="seconds; a run is skipped when too little is left")
+    ap.add_argument("--budget", type=float, default=560, help="seconds for the whole script, its preparation (model folder, byte code) included; a run is skipped when too little is left")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--steady-images", type=int, default=1,
                     help="images after the first in API runs (their median is the steady image)")
     ap.add_argument("--bytecode", choices=("cached", "as-is"), default="cached",
                     help="cached: the runs load byte code as after pip install (cache_bytecode); as-is: whatever "
                          "this Python does (the device image compiles every module from source in every process)")
+    ap.add_argument("--other-tree", type=Path, default=None,
+                    help="another checkout of this repository, the code of the runs named with _othertree")
     a = ap.parse_args()
     deadline = time.time() + a.budget
     out, work = Path(a.out), Path(a.work)
@@ -570,16 +580,22 @@ def main() -> None:
     res["bytecode"] = cache_bytecode(work) if a.bytecode == "cached" else {
         "mode": "as-is", "PYTHONDONTWRITEBYTECODE": os.environ.get("PYTHONDONTWRITEBYTECODE"),
         "PYTHONPYCACHEPREFIX": os.environ.get("PYTHONPYCACHEPREFIX")}
+    if a.other_tree is not None and a.bytecode == "cached":
+        import compileall
+
+        compileall.compile_dir(a.other_tree, quiet=2, workers=os.cpu_count() or 1)  # as ROOT's code above
     save()
     need = 30 if a.tiny else 75  # a cold run on the H200 took ~50 s before this script existed
     for name in a.runs.split(","):
+        key = name if name not in res["runs"] else f"{name}#{sum(k.split('#')[0] == name for k in res['runs']) + 1}"
         left = deadline - time.time()
         if left < need:
-            res["runs"][name] = {"skipped": f"budget: {left:.0f} s left"}
+            res["runs"][key] = {"skipped": f"budget: {left:.0f} s left"}
             continue
-        print(f"[{time.strftime('%H:%M:%S')}] {name}", flush=True)
-        res["runs"][name] = run_one(name, model, lora, work, out, a.tiny, timeout=left, steady=a.steady_images)
-        print(json.dumps(res["runs"][name].get("breakdown") or res["runs"][name].get("error_tail")), flush=True)
+        print(f"[{time.strftime('%H:%M:%S')}] {key}", flush=True)
+        res["runs"][key] = run_one(name, model, lora, work, out, a.tiny, timeout=left, steady=a.steady_images,
+                                   other_tree=a.other_tree)
+        print(json.dumps(res["runs"][key].get("breakdown") or res["runs"][key].get("error_tail")), flush=True)
         save()
     save()
 

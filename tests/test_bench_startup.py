@@ -4,6 +4,7 @@ time is spent on it, and that each run's breakdown covers the time from process 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,13 +14,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_bench_startup_tiny_api_and_cli(tmp_path: Path) -> None:
     out = tmp_path / "out"
+    other = tmp_path / "other"  # another checkout, as a before/after pair has it
+    for part in ("fastlora_core", "benchmarks"):
+        shutil.copytree(ROOT / part, other / part, ignore=shutil.ignore_patterns("__pycache__"))
     proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_startup", "--tiny", "--out", str(out),
-                           "--work", str(tmp_path / "work"), "--runs", "api_cold,api_warm_ordinary,api_warm_parts,cli_warm",
-                           "--bytecode", "as-is"],
+                           "--work", str(tmp_path / "work"),
+                           "--runs", "api_cold,api_warm_ordinary,api_warm_parts,cli_warm,api_warm_othertree,api_warm_othertree",
+                           "--other-tree", str(other), "--bytecode", "as-is"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads((out / "startup.json").read_text())
-    for name in ("api_cold", "api_warm_ordinary", "cli_warm"):
+    for name in ("api_cold", "api_warm_ordinary", "cli_warm", "api_warm_othertree", "api_warm_othertree#2"):
         run = res["runs"][name]
         assert run["rc"] == 0, run.get("error_tail")
         row = run["breakdown"]
@@ -29,6 +34,10 @@ def test_bench_startup_tiny_api_and_cli(tmp_path: Path) -> None:
         # the parts are measured inside the child's total: together they cannot exceed it by more than rounding
         assert row["unaccounted"] >= -0.1
         assert row["process_start_to_first_image_s"] <= run["wall_s"]
+    # ``_othertree`` runs the other checkout's code; a repeated run is kept beside the first, not over it
+    assert res["runs"]["api_warm_othertree"]["code"] == str(other)
+    assert res["runs"]["api_warm_othertree#2"]["code"] == str(other)
+    assert res["runs"]["api_cold"]["code"] == str(ROOT)
     # ``_parts``: every image (the first and the steady one) timed by part, each of the two steps on its own
     parts = res["runs"]["api_warm_parts"]["child"]["image_parts"]
     assert len(parts) == 2
