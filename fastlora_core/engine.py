@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from . import background_compile, cancel, deps, expected_compile, fp8_projection, precompile
+from . import background_compile, cancel, deps, expected_compile, fp8_projection, precompile, preload_blocks
 from .errors import EngineReleasedError, LoraFitError, LoraFormatError, OptionsError, out_of_memory
 from .lora import fused
 from .lora.adapter import AdapterStrategy
@@ -44,6 +44,7 @@ from .optimize import (
     why_not_own_modules,
 )
 from .precompile import PrecompiledBlocks
+from .preload_blocks import FirstGraphs
 from .specs import EngineKey, EngineOptions, GenerateRequest, LoraStack, ModelSource
 from .timings import Phases
 
@@ -165,6 +166,7 @@ class FluxEngine:
         self._ample_room = self._has_ample_room()
         self._background_mode: str | None = None
         self._expected: list[background_compile.Job] = []  # the expected first request's graphs (decision 47)
+        self._first_graphs: FirstGraphs | None = None  # the last first request's graphs (decision 48)
         if options.compile != "off":
             self._compile_cache = configure_compile_cache(options)  # the folder only: no import (decision 43)
             if options.compile == "regional" and not options.deterministic and not options.dynamic_shapes:
@@ -174,6 +176,9 @@ class FluxEngine:
                 if self._background_mode is not None:
                     self._background = workers or background_compile.BackgroundCompiler(self.device)
                     workers = None
+            if options.compile == "regional" and not precompile.why_not_here(options.dynamic_shapes):
+                self._first_graphs = FirstGraphs(precompile.folder_for(self._compile_cache),
+                                                 preload_blocks.tag_of(repr(self.key)), self.device)
         if workers is not None:  # started before the checks, which this engine's exact ones overrule
             workers.close()
         t0 = time.perf_counter()
@@ -265,6 +270,13 @@ class FluxEngine:
                 fp8_projection.kernel_ok(device)
 
             tasks.append(check_projection_kernel)
+        if self._first_graphs is not None and not self._first_image_compiles():
+            first_graphs = self._first_graphs
+
+            def preload_first_graphs() -> None:  # decision 48: last, it needs the compiler's imports
+                first_graphs.load()
+
+            tasks.append(preload_first_graphs)
         return tasks
 
     @classmethod
@@ -388,7 +400,7 @@ class FluxEngine:
             self.precompiled = compile_transformer(self.transformer, self.options.compile,
                                                    self.options.dynamic_shapes, self._compile_cache,
                                                    self._background, ahead=self._background_mode == "ahead",
-                                                   expected=self._expected)
+                                                   expected=self._expected, first=self._first_graphs)
             self._expected = []
         self._compiled = True
 

@@ -58,6 +58,7 @@ from .atomic_write import is_partial, write_whole
 
 if TYPE_CHECKING:
     from .background_compile import BackgroundCompiler, Job
+    from .preload_blocks import FirstGraphs
 
 logger = logging.getLogger(__name__)
 
@@ -317,6 +318,7 @@ class PrecompileStats:
     saved: int = 0
     compile_seconds: float = 0.0
     load_seconds: float = 0.0
+    preloaded: int = 0  # of ``loaded``: graphs read while the weights were read (decision 48)
     background: int = 0  # graphs compiled by a background worker and loaded (decisions 41, 45)
     waited_seconds: float = 0.0  # time a block waited for a worker's graph (decision 45)
     eager_calls: int = 0  # block calls run uncompiled while a worker compiled their graph
@@ -329,7 +331,7 @@ class PrecompiledBlocks:
     from ``folder`` when saved there, else compiled and saved. Install with :meth:`install`."""
 
     def __init__(self, folder: Path, device: torch.device, background: BackgroundCompiler | None = None,
-                 ahead: bool = False, expected: Iterable[Job] = ()) -> None:
+                 ahead: bool = False, expected: Iterable[Job] = (), first: FirstGraphs | None = None) -> None:
         self.folder = folder
         self.device = device
         self.background = background  # workers that compile missing graphs (decision 41), or None
@@ -340,6 +342,9 @@ class PrecompiledBlocks:
         # workers compiling the expected first request's graphs since the reads began (decision 47):
         # each is matched against the first slot of its block class, then dropped
         self._expected: list[Job] = list(expected)
+        # the files of the last first request, preloaded while the weights were read, and the record
+        # of this process's first files for the next one (decision 48); None: neither
+        self.first = first
         self._classes: dict[type, torch.nn.Module] = {}  # the first block of each class
         self._pending: dict[tuple, Job] = {}  # slots a worker is compiling
         self.stats = PrecompileStats()
@@ -433,7 +438,15 @@ class PrecompiledBlocks:
         return self.folder / f"{self._prefix(cls, digest, _in_inference_mode(signature))}-{rest}.bin"
 
     def _read(self, path: Path, cls: type) -> Callable[..., Any] | None:
-        """Deserialise one saved file (None when it does not load: it is compiled again and replaced)."""
+        """Deserialise one saved file (None when it does not load: it is compiled again and replaced),
+        or take its graph preloaded while the weights were read (decision 48)."""
+        fn = self.first.take(path) if self.first is not None else None
+        if fn is not None:
+            _mark_used(path)
+            self.stats.loaded += 1
+            self.stats.preloaded += 1
+            logger.info("compiled %s: preloaded from %s", cls.__name__, path)
+            return fn
         t0 = time.perf_counter()
         try:
             with open(path, "rb") as f:
@@ -458,21 +471,28 @@ class PrecompiledBlocks:
             fn = self._functions.get(slot)
             if fn is not None or type(block) in self._plain:
                 return fn
+            used = slot  # the slot whose file serves this call
             fn = self._load(slot, block)
             if fn is None:
                 cls, digest, _ = slot
                 dynamic_slot = (cls, digest, call_signature(args, kwargs, sizes=False))
                 fn = self._functions.get(dynamic_slot) or self._load(dynamic_slot, block)
+                if fn is not None:
+                    used = dynamic_slot
                 second_size = any(s[:2] == slot[:2] for s in self._functions)
                 if fn is None and second_size and cls not in self._static_only:
                     fn = self._compile_or_hand_over(dynamic_slot, block, args, kwargs, dynamic=True)
+                    used = dynamic_slot
                     if fn is None:
                         self._static_only.add(cls)
                 if fn is None:
                     fn = self._compile_or_hand_over(slot, block, args, kwargs)
+                    used = slot
                     if fn is None:
                         self._plain[cls] = self.stats.failures[-1]
                         return None
+            if self.first is not None:  # what the next start preloads (decision 48)
+                self.first.first_call(used[0].__name__, self.path(used), _in_inference_mode(used[2]), len(self._classes))
             if fn is not _EAGER:
                 self._functions[slot] = fn
             return fn
