@@ -263,7 +263,8 @@ def test_the_loader_is_handed_the_first_images_and_the_first_fp8_swaps_once_only
     """Decisions 42 and 43's work list: the optional packages vouched for from a record, first; the
     compiler's imports whenever something will compile; the fp8 kernels' check where the first fused
     fp8 swap on a GPU would run it, and there the fp8 projection kernel's check (decision 44; the
-    adapter strategy's LoRA layer replaces that projection); nothing for other set-ups."""
+    adapter strategy's LoRA layer replaces that projection); last, the saved graphs of the last first
+    request where the cache holds them (decision 48); nothing for other set-ups."""
     from types import SimpleNamespace
 
     from fastlora_core import deps
@@ -272,8 +273,12 @@ def test_the_loader_is_handed_the_first_images_and_the_first_fp8_swaps_once_only
 
     monkeypatch.setattr(deps, "_deferred", [])
 
-    def names(device: str, **options: Any) -> list[str]:
-        fake = SimpleNamespace(options=EngineOptions(**options), device=torch.device(device))
+    def names(device: str, saved: bool | None = None, **options: Any) -> list[str]:
+        # saved: None, no saved blocks to preload (no precompile); True/False: the cache holds the last
+        # first request's graphs or nothing yet (decision 48)
+        fake = SimpleNamespace(options=EngineOptions(**options), device=torch.device(device),
+                               _first_graphs=None if saved is None else object(),
+                               _first_image_compiles=lambda: not saved)
         return [task.__name__ for task in FluxEngine._work_while_reading(fake)]  # type: ignore[arg-type]
 
     fp8 = dict(quantization="fp8", swap_strategy="fused", compile="regional")
@@ -285,6 +290,11 @@ def test_the_loader_is_handed_the_first_images_and_the_first_fp8_swaps_once_only
     assert names("cpu", **fp8) == ["import_compiler"]
     monkeypatch.setattr(deps, "_deferred", ["fastlora_not_imported_anywhere"])  # vouched for, not imported
     assert names("cuda", **fp8) == ["import_deferred", "import_compiler", "prepare_fp8_swaps", check]
+    # decision 48: the saved graphs of the last first request, last (they need the compiler's imports),
+    # only when a warm cache holds them
+    assert names("cuda", saved=True, **fp8) == ["import_deferred", "import_compiler", "prepare_fp8_swaps", check,
+                                                "preload_first_graphs"]
+    assert "preload_first_graphs" not in names("cuda", saved=False, **fp8)
 
 
 def test_the_fp8_kernel_check_runs_once_per_process_and_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
