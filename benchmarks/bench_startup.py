@@ -89,12 +89,12 @@ RUNS = ("api_cold", "api_warm", "cli_cold", "cli_warm", "api_disk_cold")  # a wa
 #: ``_othersize`` (every image 1344x768 instead of 1024x1024: not the expected first request of decision 47).
 #: ``_othertree`` (the child runs the code of ``--other-tree``, another checkout: a before/after pair of
 #: one change in one call, on one host, with one model folder).
-#: ``_nopreload`` (the saved block graphs of the last first request not loaded while the weights are read:
-#: the first image loads them, as before decision 48).
+#: ``_preload`` (``FASTLORA_PRELOAD_BLOCKS=1``: the saved block graphs of the last first request loaded while
+#: the weights are read, decision 48, opt-in until measured; compare with ``api_warm`` in one call).
 #: Suffixes combine: ``api_cold_othersize_noexpected``.
 VARIANTS = ("ordinary", "serial", "noidle", "nodefer", "profile", "importtime", "cudnnfp8", "threads1", "diffusers", "plaincompile",
             "bgcompile", "torchaoproj", "onecompiler", "parts", "noptune", "noprewarm", "noexpected", "latestart", "threads8",
-            "othersize", "othertree", "nopreload")
+            "othersize", "othertree", "preload")
 #: ``_othersize``'s image size (width, height): a common Flux size other than the default.
 OTHER_SIZE = (1344, 768)
 PROMPT = "a photo of a red fox in a snowy forest, golden hour"
@@ -125,7 +125,7 @@ def child(model: str, lora: str, cache: str, out: str, tiny: bool, ordinary: boo
           serial: bool = False, attention: str = "auto", steady: int = 1, classes: bool = False,
           noidle: bool = False, nodefer: bool = False, torchaoproj: bool = False, parts: bool = False,
           noprewarm: bool = False, noexpected: bool = False, latestart: bool = False,
-          othersize: bool = False, nopreload: bool = False) -> None:
+          othersize: bool = False) -> None:
     from fastlora_core.timings import process_age
 
     started = process_age()
@@ -171,10 +171,6 @@ def child(model: str, lora: str, cache: str, out: str, tiny: bool, ordinary: boo
             read_waits.append(round(time.perf_counter() - t, 3))
 
     direct.BackgroundReads.take = timed_take  # type: ignore[method-assign]
-    if nopreload:  # the first image loads its saved graphs, as before decision 48
-        from fastlora_core import preload_blocks
-
-        preload_blocks.FirstGraphs.load = lambda self: 0  # type: ignore[method-assign]
     idle_tasks: dict[str, float] = {}  # each task's seconds, from the loader's log line
 
     class IdleTasks(logging.Handler):
@@ -473,7 +469,7 @@ def run_one(name: str, model: Path, lora: Path, work: Path, out: Path, tiny: boo
         cmd = python + ["-m", "benchmarks.bench_startup", "--child", str(model), str(lora), str(cache),
                         str(result)] + (["--tiny"] if tiny else []) + [f"--{v}" for v in ("ordinary", "serial", "noidle", "nodefer", "cudnnfp8", "diffusers",
                                                                                                   "torchaoproj", "parts", "noprewarm", "noexpected", "latestart",
-                                                                                                  "othersize", "nopreload")
+                                                                                                  "othersize")
                                                                          if v in variants] + [f"--steady={steady}"]
     else:
         result = run_dir / "timings.json"
@@ -498,6 +494,8 @@ def run_one(name: str, model: Path, lora: Path, work: Path, out: Path, tiny: boo
         env["FASTLORA_PRECOMPILE"] = "0"
     if "bgcompile" in variants:
         env["FASTLORA_BACKGROUND_COMPILE"] = "1"
+    if "preload" in variants:
+        env["FASTLORA_PRELOAD_BLOCKS"] = "1"
     if "onecompiler" in variants:
         env["FASTLORA_BACKGROUND_COMPILE"] = "0"
     if "noptune" in variants:
@@ -556,7 +554,7 @@ def main() -> None:
               noidle="--noidle" in args, nodefer="--nodefer" in args, attention="cudnn_fp8" if "--cudnnfp8" in args else "auto", steady=steady[0] if steady else 1,
               classes="--diffusers" in args, torchaoproj="--torchaoproj" in args, parts="--parts" in args,
               noprewarm="--noprewarm" in args, noexpected="--noexpected" in args, latestart="--latestart" in args,
-              othersize="--othersize" in args, nopreload="--nopreload" in args)
+              othersize="--othersize" in args)
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)

@@ -270,7 +270,7 @@ class FluxEngine:
                 fp8_projection.kernel_ok(device)
 
             tasks.append(check_projection_kernel)
-        if self._first_graphs is not None and not self._first_image_compiles():
+        if self._first_graphs is not None and preload_blocks.enabled() and not self._first_image_compiles():
             first_graphs = self._first_graphs
 
             def preload_first_graphs() -> None:  # decision 48: last, it needs the compiler's imports

@@ -12,6 +12,11 @@ decision 42) and the first call takes the loaded graph instead of reading the fi
 A preloaded graph is used only for the very file a block asks for, so a first request of another size
 or a changed model simply does not use it (the files' names say what they were compiled for); the
 graphs not used are dropped once every block class has its first graph.
+
+Opt-in until measured on a GPU (``FASTLORA_PRELOAD_BLOCKS=1``): a preload still running when its read
+finishes delays the loader by the rest of that load, so whether it gains depends on how much of the
+read phase is left to wait after the earlier idle work. The record is kept either way (a few hundred
+bytes per engine key), so a start with the switch on preloads at once.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -34,6 +40,14 @@ logger = logging.getLogger(__name__)
 
 #: The record of a tag's first files: ``first-<tag digest>.json`` beside the saved blocks.
 PREFIX = "first-"
+
+#: ``FASTLORA_PRELOAD_BLOCKS=1`` turns the preload on (decision 48; off until a GPU measurement says it gains).
+ENV_SWITCH = "FASTLORA_PRELOAD_BLOCKS"
+
+
+def enabled() -> bool:
+    """Whether the loader preloads the last first request's graphs while it waits for a read."""
+    return os.environ.get(ENV_SWITCH, "0") == "1"
 
 
 def tag_of(text: str) -> str:

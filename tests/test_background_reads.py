@@ -264,7 +264,8 @@ def test_the_loader_is_handed_the_first_images_and_the_first_fp8_swaps_once_only
     compiler's imports whenever something will compile; the fp8 kernels' check where the first fused
     fp8 swap on a GPU would run it, and there the fp8 projection kernel's check (decision 44; the
     adapter strategy's LoRA layer replaces that projection); last, the saved graphs of the last first
-    request where the cache holds them (decision 48); nothing for other set-ups."""
+    request where the cache holds them and the preload is switched on (decision 48); nothing for other
+    set-ups."""
     from types import SimpleNamespace
 
     from fastlora_core import deps
@@ -292,6 +293,8 @@ def test_the_loader_is_handed_the_first_images_and_the_first_fp8_swaps_once_only
     assert names("cuda", **fp8) == ["import_deferred", "import_compiler", "prepare_fp8_swaps", check]
     # decision 48: the saved graphs of the last first request, last (they need the compiler's imports),
     # only when a warm cache holds them
+    assert names("cuda", saved=True, **fp8) == ["import_deferred", "import_compiler", "prepare_fp8_swaps", check]
+    monkeypatch.setenv("FASTLORA_PRELOAD_BLOCKS", "1")  # opt-in until measured on a GPU
     assert names("cuda", saved=True, **fp8) == ["import_deferred", "import_compiler", "prepare_fp8_swaps", check,
                                                 "preload_first_graphs"]
     assert "preload_first_graphs" not in names("cuda", saved=False, **fp8)

@@ -141,14 +141,15 @@ print(json.dumps({"tasks": tasks, "new_compiles": result.new_compiles, **vars(en
 
 def test_a_restarted_engine_preloads_its_first_graphs_while_reading_and_makes_the_same_image(
         tiny_dir: Path, tmp_path: Path) -> None:
+    """The first process runs without the switch (the record is kept anyway), the second with it."""
     runs = []
     for i in range(2):
         proc = subprocess.run([sys.executable, "-c", _CHILD, str(tiny_dir), str(tmp_path / "cache"),
                                str(tmp_path / f"image{i}.pt")], capture_output=True, text=True, timeout=600,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                              env={**os.environ, "HF_HUB_OFFLINE": "1", "FASTLORA_PRELOAD_BLOCKS": str(i)})
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    assert "preload_first_graphs" in runs[1]["tasks"]
+    assert "preload_first_graphs" not in runs[0]["tasks"] and "preload_first_graphs" in runs[1]["tasks"]
     assert runs[0]["compiled"] == 2 and runs[0]["preloaded"] == 0
     assert runs[1]["compiled"] == 0 and runs[1]["loaded"] == 2 and runs[1]["preloaded"] == 2
     assert runs[1]["new_compiles"] == 0
