@@ -61,18 +61,11 @@ class FirstGraphs:
 
     def __init__(self, folder: Path, tag: str, device: torch.device) -> None:
         self.folder = folder
-        self.tag = tag
         self.device = device
         self.record = folder / f"{PREFIX}{tag}.json"
         self._loaded: dict[str, Callable[..., Any]] = {}
         self._first: dict[str, tuple[str, bool]] = {}  # block class -> its first call's file, inference mode
         self._lock = threading.Lock()
-        self.load_seconds = 0.0
-
-    def entries(self) -> list[tuple[str, bool]]:
-        """The files the last process with this tag used for its first call of each block class, each
-        with whether that call ran in inference mode (empty without a readable record)."""
-        return [(name, inference) for name, inference in self._recorded().values()]
 
     def load(self) -> int:
         """Read the recorded files' graphs (the loader's idle work): returns how many loaded. Each is
@@ -81,7 +74,7 @@ class FirstGraphs:
         call, which reports it."""
         t0 = time.perf_counter()
         n = 0
-        for name, inference in self.entries():
+        for name, inference in self._recorded().values():
             path = self.folder / name
             if Path(name).name != name or not path.is_file():
                 continue
@@ -98,10 +91,9 @@ class FirstGraphs:
             with self._lock:
                 self._loaded[str(path)] = fn
             n += 1
-        self.load_seconds += time.perf_counter() - t0
         if n:
             logger.info("preloaded %d compiled block graph(s) of the last first request in %.2f s", n,
-                        self.load_seconds)
+                        time.perf_counter() - t0)
         return n
 
     def take(self, path: Path) -> Callable[..., Any] | None:
@@ -132,7 +124,8 @@ class FirstGraphs:
             logger.info("could not record the first block graphs in %s (%s)", self.record, exc)
 
     def _recorded(self) -> dict[str, tuple[str, bool]]:
-        """The record as block class -> (file name, inference mode); empty when missing or unreadable."""
+        """The record as block class -> (the file its first call used in the last process with this
+        tag, whether that call ran in inference mode); empty when missing or unreadable."""
         try:
             files = json.loads(self.record.read_text())["files"]
             return {str(cls): (str(e["file"]), bool(e["inference"])) for cls, e in files.items()}
