@@ -461,7 +461,8 @@ importlib.import_module(name + ".background_compile").worker_main(fd, device)
 
 
 def _compile_one(message: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    from .precompile import PrecompiledBlocks, call_signature, fingerprint
+    from .block_keys import call_signature, fingerprint
+    from .precompile import PrecompiledBlocks
 
     block, args, kwargs = pickle.loads(base64.b64decode(message["payload"]))
     with torch.inference_mode(message["inference"]), torch.set_grad_enabled(message["grad"]):
@@ -484,8 +485,9 @@ def _compile_expected(message: dict[str, Any], device: torch.device,
     """Decision 47: build the specimen, record its block class's inputs for the expected request,
     announce the file's name (with the seconds of each step before it), then compile and save it (or
     find it saved already)."""
+    from .block_keys import call_signature, fingerprint
     from .expected_compile import block_inputs, specimen, step_inputs
-    from .precompile import PrecompiledBlocks, call_signature, fingerprint, repeated_blocks
+    from .precompile import PrecompiledBlocks, repeated_blocks
     from .specs import EngineOptions, GenerateRequest
 
     options = EngineOptions(**message["options"])

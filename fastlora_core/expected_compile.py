@@ -123,7 +123,7 @@ def specimen(config: Mapping[str, Any], options: EngineOptions, dtype: torch.dty
     engine prepares the real one: quantised, its attention and fp8 projection set, its block lists
     checked for cancels, its single blocks handing over contiguous outputs, and its blocks as the
     saved-block dispatch leaves them. They then fingerprint as the real ones do
-    (:func:`.precompile.fingerprint`). ``phases``, where given, records each part's seconds (``build``,
+    (:func:`.block_keys.fingerprint`). ``phases``, where given, records each part's seconds (``build``,
     ``quantise``, ``finish``: a worker reports them with its announcement)."""
     from . import cancel
     from .background_compile import _fill

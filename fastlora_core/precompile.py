@@ -12,7 +12,7 @@ cannot be written into a saved guard at all). This module therefore keeps the gu
 (input shapes, strides, dtypes, grad mode, the blocks' module tree and their constant attributes) and
 guards the rest itself:
 
-* **the file's key** hashes the software (torch, Triton, torchao, Python, this format), the device,
+* **the file's key** (:mod:`.block_keys`) hashes the software (torch, Triton, torchao, Python, this format), the device,
   the source files of every module class in the block, the block's parameters (name, type, shape,
   dtype, strides, a quantised tensor's layout), the names and closures of the functions the block's
   modules hold (the attention kernel), and the call's inputs and grad mode. Anything that would trace
@@ -38,15 +38,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import importlib.metadata
 import logging
 import os
-import platform
-import sys
 import threading
 import time
 import types
-import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,15 +51,21 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .atomic_write import is_partial, write_whole
+from .block_keys import (
+    Fingerprint,
+    call_signature,
+    device_id,
+    fingerprint,
+    in_inference_mode,
+    software,
+    source,
+)
 
 if TYPE_CHECKING:
     from .background_compile import BackgroundCompiler, Job
     from .preload_blocks import FirstGraphs
 
 logger = logging.getLogger(__name__)
-
-#: Bumped when what a saved file holds, or how its key is made, changes.
-FORMAT = 1
 
 #: The folder (under the compile cache) that holds the saved blocks.
 FOLDER = "fastlora-blocks"
@@ -112,178 +114,6 @@ def repeated_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Keys
-# --------------------------------------------------------------------------------------------------
-
-
-@functools.cache
-def _software() -> tuple[str, ...]:
-    """Versions that change what inductor generates, read once per process."""
-
-    def version(name: str) -> str:
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            return "-"
-
-    return (f"format {FORMAT}", f"torch {torch.__version__}", f"triton {version('triton')}",
-            f"torchao {version('torchao')}", f"peft {version('peft')}", f"python {sys.version.split()[0]}")
-
-
-@functools.cache
-def _device_id(device: torch.device) -> str:
-    """What the compiled code was built for: the GPU model and compute capability, or the CPU's
-    architecture and vector instructions (a cache folder shared between machines must not hand
-    AVX-512 code to a CPU without it)."""
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return f"{torch.cuda.get_device_name(device)} sm{major}{minor}"
-    if device.type == "cpu":
-        return f"cpu {platform.machine()} {torch.backends.cpu.get_cpu_capability()}"
-    return device.type
-
-
-@functools.cache
-def _file_digest(path: str) -> str:
-    try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-    except OSError:
-        return "unreadable"
-
-
-def _source(obj: type | types.FunctionType) -> str:
-    """A class or function by name, with a digest of the file that defines it (its code and
-    everything it calls there)."""
-    path = getattr(sys.modules.get(obj.__module__), "__file__", None)
-    return f"{obj.__module__}.{obj.__qualname__}@{_file_digest(path) if path else '-'}"
-
-
-def _tensor_meta(t: torch.Tensor) -> tuple:
-    """What Dynamo would guard on for a tensor, plus a quantised tensor's layout (its inner tensors
-    and flatten context)."""
-    meta: tuple = (type(t).__qualname__, tuple(t.shape), t.dtype, t.device.type, t.requires_grad)
-    flatten = getattr(t, "__tensor_flatten__", None)
-    if flatten is not None and type(t) not in (torch.Tensor, torch.nn.Parameter):
-        names, ctx = flatten()
-        inner = tuple((n, _tensor_meta(getattr(t, n))) for n in names)
-        return (*meta, inner, repr(ctx))
-    return (*meta, tuple(t.stride()))
-
-
-def _value_id(value: object) -> str:
-    """A process-independent description of an attribute value a module holds (not a tensor or a
-    module): constants by value, functions by name, closure and defaults."""
-    if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device)):
-        return repr(value)
-    if isinstance(value, (tuple, list)):
-        return f"{type(value).__name__}({', '.join(_value_id(v) for v in value)})"
-    if isinstance(value, functools.partial):
-        return f"partial({_value_id(value.func)}, {_value_id(value.args)}, {sorted(value.keywords)})"
-    if isinstance(value, types.MethodType):
-        return f"method {_value_id(value.__func__)} of {type(value.__self__).__qualname__}"
-    if isinstance(value, types.FunctionType):
-        cells = tuple(c.cell_contents for c in value.__closure__ or ())
-        return f"fn {_source(value)} closure {_value_id(cells)} defaults {_value_id(value.__defaults__)}"
-    return f"{type(value).__module__}.{type(value).__qualname__} {value!r}"
-
-
-_MISSING = object()
-
-
-def _same(current: object, recorded: object) -> bool:
-    """Whether an attribute still holds what was fingerprinted: tensors and functions by identity
-    (held weakly, so a fingerprint never keeps freed weights alive), constants by value."""
-    if isinstance(recorded, weakref.ref):
-        return current is recorded()
-    try:
-        return type(current) is type(recorded) and bool(current == recorded)
-    except Exception:  # an attribute whose == is not a plain answer: fingerprint again to be safe
-        return False
-
-
-def _record(value: object) -> object:
-    if isinstance(value, (dict, list, set)):
-        return type(value)(value)  # a copy: the container may be changed in place
-    try:
-        return weakref.ref(value) if not isinstance(value, (bool, int, float, str, tuple, type(None))) else value
-    except TypeError:  # not weak-referenceable (a torch.dtype, a slice): compared by value
-        return value
-
-
-@dataclass
-class _Fingerprint:
-    """A block's trace-relevant state: a digest, and what keeps it valid: each attribute, parameter
-    and submodule the block's modules hold (as recorded by :func:`_record`), how many of each (an
-    added attribute shadows a class default), and each module's class."""
-
-    digest: str
-    watched: list[tuple[dict, str, object]] = field(default_factory=list)
-    sizes: list[tuple[dict, int]] = field(default_factory=list)
-    classes: list[tuple[weakref.ref, type]] = field(default_factory=list)
-
-    def still_valid(self) -> bool:
-        return (all(len(holder) == n for holder, n in self.sizes)
-                and all(_same(holder.get(name, _MISSING), recorded) for holder, name, recorded in self.watched)
-                and all(type(ref()) is cls for ref, cls in self.classes))
-
-
-def fingerprint(block: torch.nn.Module) -> _Fingerprint:
-    """Hash what the block's trace depends on besides the call's inputs: its module tree (classes and
-    their source files), parameters and buffers (meta, not values) and the plain attributes its
-    modules hold (constants, functions such as the attention kernel)."""
-    parts: list[str] = []
-    watched: list[tuple[dict, str, object]] = []
-    sizes: list[tuple[dict, int]] = []
-    classes: list[tuple[torch.nn.Module, type]] = []
-    for name, module in block.named_modules():
-        parts.append(f"module {name} {_source(type(module))}")
-        classes.append((module, type(module)))
-        for holder in (module.__dict__, module._parameters, module._buffers, module._modules):
-            sizes.append((holder, len(holder)))
-        for key, child in module._modules.items():
-            watched.append((module._modules, key, _record(child)))
-        for holder_name in ("_parameters", "_buffers"):
-            holder = module.__dict__[holder_name]
-            for key, tensor in holder.items():
-                watched.append((holder, key, _record(tensor)))
-                parts.append(f"{holder_name} {name}.{key} "
-                             f"{_tensor_meta(tensor) if tensor is not None else None}")
-        attrs = module.__dict__
-        for key in sorted(attrs):
-            value = attrs[key]
-            if key.startswith("_") or isinstance(value, (torch.Tensor, torch.nn.Module)):
-                continue
-            watched.append((attrs, key, _record(value)))
-            parts.append(f"attr {name}.{key} {_value_id(value)}")
-    digest = hashlib.sha256("\n".join(parts).encode()).hexdigest()
-    return _Fingerprint(digest, watched, sizes, [(weakref.ref(m), cls) for m, cls in classes])
-
-
-def _input_meta(value: object, sizes: bool) -> object:
-    """One input as Dynamo sees it; tensors by :func:`_tensor_meta`, or by rank only without ``sizes``."""
-    if isinstance(value, torch.Tensor):
-        if sizes:
-            return _tensor_meta(value)
-        return (type(value).__qualname__, value.dim(), value.dtype, value.device.type, value.requires_grad)
-    if isinstance(value, (tuple, list)):
-        return (type(value).__name__, tuple(_input_meta(v, sizes) for v in value))
-    if isinstance(value, dict):
-        return tuple((k, _input_meta(v, sizes)) for k, v in sorted(value.items()))
-    return _value_id(value)
-
-
-def call_signature(args: tuple, kwargs: dict, sizes: bool = True) -> tuple:
-    """The call's inputs as Dynamo sees them (tensor meta, constants) and the autograd mode; with
-    ``sizes=False`` tensors count by rank only (the slot of a graph compiled with dynamic shapes)."""
-    return (_input_meta(args, sizes), _input_meta(kwargs, sizes), torch.is_grad_enabled(), torch.is_inference_mode_enabled(), "sizes" if sizes else "dynamic")
-
-
-def _in_inference_mode(signature: tuple) -> bool:
-    """The inference-mode flag of a :func:`call_signature`."""
-    return bool(signature[-2])
-
-
-# --------------------------------------------------------------------------------------------------
 # Compiling, saving, loading
 # --------------------------------------------------------------------------------------------------
 
@@ -291,7 +121,7 @@ def _in_inference_mode(signature: tuple) -> bool:
 def _serialisable_guards(entries: Iterable[Any]) -> list[bool]:
     """Keep the guards a saved file can hold: not globals, not identity (ID/closure matches), not the
     parameters (new objects in every process; quantised ones cannot be written). The fingerprint and
-    :meth:`_Fingerprint.still_valid` stand in for the dropped ones."""
+    :meth:`Fingerprint.still_valid` stand in for the dropped ones."""
     from torch._dynamo.guards import CheckFunctionManager
 
     unsupported = CheckFunctionManager.UNSUPPORTED_SERIALIZATION_GUARD_TYPES
@@ -349,7 +179,7 @@ class PrecompiledBlocks:
         self._pending: dict[tuple, Job] = {}  # slots a worker is compiling
         self.stats = PrecompileStats()
         self._functions: dict[tuple, Callable[..., Any]] = {}
-        self._fingerprints: dict[int, _Fingerprint] = {}
+        self._fingerprints: dict[int, Fingerprint] = {}
         self._plain: dict[type, str] = {}  # block classes that fell back to torch.compile, and why
         self._static_only: set[type] = set()  # block classes a dynamic-shape graph failed for
         self._lock = threading.RLock()
@@ -429,13 +259,13 @@ class PrecompiledBlocks:
     def _prefix(self, cls: type, digest: str, inference: bool) -> str:
         """The part of a file name fixed by the software, the device, the block and the autograd mode
         (files of one block as it is now sort together); the call's inputs make the rest."""
-        text = repr((_software(), _device_id(self.device), _source(cls), digest, inference))
+        text = repr((software(), device_id(self.device), source(cls), digest, inference))
         return f"{cls.__name__}-{hashlib.sha256(text.encode()).hexdigest()[:20]}"
 
     def path(self, slot: tuple) -> Path:
         cls, digest, signature = slot
         rest = hashlib.sha256(repr(signature).encode()).hexdigest()[:20]
-        return self.folder / f"{self._prefix(cls, digest, _in_inference_mode(signature))}-{rest}.bin"
+        return self.folder / f"{self._prefix(cls, digest, in_inference_mode(signature))}-{rest}.bin"
 
     def _read(self, path: Path, cls: type) -> Callable[..., Any] | None:
         """Deserialise one saved file (None when it does not load: it is compiled again and replaced),
@@ -492,7 +322,7 @@ class PrecompiledBlocks:
                         self._plain[cls] = self.stats.failures[-1]
                         return None
             if self.first is not None:  # what the next start preloads (decision 48)
-                self.first.first_call(used[0].__name__, self.path(used), _in_inference_mode(used[2]), len(self._classes))
+                self.first.first_call(used[0].__name__, self.path(used), in_inference_mode(used[2]), len(self._classes))
             if fn is not _EAGER:
                 self._functions[slot] = fn
             return fn

@@ -22,8 +22,9 @@ from test_precompile import _blocks, _close, _eager, _inputs, _run  # tests/ is 
 
 from fastlora_core import background_compile
 from fastlora_core.background_compile import BackgroundCompiler, TensorSpec, rebuild, skeleton
+from fastlora_core.block_keys import fingerprint
 from fastlora_core.optimize import quantize_transformer
-from fastlora_core.precompile import PrecompiledBlocks, fingerprint
+from fastlora_core.precompile import PrecompiledBlocks
 from fastlora_core.runtime.flux import FluxTransformer, FluxTransformerConfig
 
 pytestmark = pytest.mark.slow  # each test starts a worker process that compiles a block

@@ -30,8 +30,9 @@ from test_precompile import (  # tests/ is on sys.path
 
 from fastlora_core import expected_compile
 from fastlora_core.background_compile import Job
+from fastlora_core.block_keys import call_signature, fingerprint
 from fastlora_core.engine import FluxEngine
-from fastlora_core.precompile import PrecompiledBlocks, call_signature, fingerprint, repeated_blocks
+from fastlora_core.precompile import PrecompiledBlocks, repeated_blocks
 from fastlora_core.specs import EngineOptions, GenerateRequest, ModelSource
 
 CPU = torch.device("cpu")

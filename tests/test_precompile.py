@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastlora_core import precompile
+from fastlora_core import block_keys, precompile
 from fastlora_core.atomic_write import write_whole
-from fastlora_core.precompile import PrecompiledBlocks, fingerprint
+from fastlora_core.block_keys import fingerprint
+from fastlora_core.precompile import PrecompiledBlocks
 from fastlora_core.runtime.flux import (
     FluxSingleTransformerBlock,
     FluxTransformer,
@@ -116,7 +117,7 @@ def test_a_saved_guard_that_fails_compiles_again_instead_of_running_a_stale_grap
     dispatch = PrecompiledBlocks(tmp_path, CPU)
     dispatch.install(blocks)
     plain = _run(blocks[0], inputs)
-    monkeypatch.setattr(precompile._Fingerprint, "still_valid", lambda self: True)  # a change it misses
+    monkeypatch.setattr(block_keys.Fingerprint, "still_valid", lambda self: True)  # a change it misses
     blocks[0].attn.attention_fn = lambda q, k, v: 2 * native_attention(q, k, v)
     changed = _run(blocks[0], inputs)
     assert not _close(changed, plain)
