@@ -19,9 +19,8 @@ from typing import Any
 
 import torch
 
-from . import background_compile, cancel, deps, expected_compile, fp8_projection, precompile, preload_blocks
+from . import background_compile, cancel, expected_compile, idle_work, precompile, preload_blocks
 from .errors import EngineReleasedError, LoraFitError, LoraFormatError, OptionsError, out_of_memory
-from .lora import fused
 from .lora.adapter import AdapterStrategy
 from .lora.base import ResolvedEntry, SwapStrategy
 from .lora.cache import GLOBAL_CACHE, MEMORY_PREFIX, DeviceLoraCache, FileKey, LoraCache, file_key
@@ -36,7 +35,6 @@ from .optimize import (
     dynamo_compile_count,
     enable_deterministic,
     finish_transformer,
-    import_compiler,
     quantize_t5,
     quantize_transformer,
     resolve,
@@ -247,37 +245,8 @@ class FluxEngine:
         self._background.start()
 
     def _work_while_reading(self) -> list[Callable[[], object]]:
-        """What the loader does while it waits for a read rather than before the reads start or on
-        the first LoRA or image (decisions 42, 43): the optional packages the checks vouched for
-        from a record (torchao, which brings in Dynamo; Triton), the compiler's imports, and the
-        first fp8 fused swap's and the fp8 projection's kernel checks."""
-        tasks: list[Callable[[], object]] = []
-        if deps.deferred():
-            tasks.append(deps.import_deferred)
-        if self.options.compile != "off":
-            tasks.append(import_compiler)
-        if self.device.type == "cuda" and self.options.swap_strategy == "fused" and self.options.quantization == "fp8":
-            device = self.device
-
-            def prepare_fp8_swaps() -> None:
-                fused.prepare_fp8_swaps(device)
-
-            tasks.append(prepare_fp8_swaps)
-        if self.device.type == "cuda" and self.options.quantization == "fp8" and self.options.swap_strategy == "fused":
-            device = self.device  # (the adapter strategy's LoRA layer takes proj_out's place: no use for it)
-
-            def check_projection_kernel() -> None:  # decision 44's kernel, compiled and checked once
-                fp8_projection.kernel_ok(device)
-
-            tasks.append(check_projection_kernel)
-        if self._first_graphs is not None and preload_blocks.enabled() and not self._first_image_compiles():
-            first_graphs = self._first_graphs
-
-            def preload_first_graphs() -> None:  # decision 48: last, it needs the compiler's imports
-                first_graphs.load()
-
-            tasks.append(preload_first_graphs)
-        return tasks
+        """What the loader does while it waits for a read (:mod:`.idle_work`)."""
+        return idle_work.while_reading(self.options, self.device, self._first_graphs, self._first_image_compiles)
 
     @classmethod
     def from_pipeline(cls, pipe: Any, options: EngineOptions | None = None, *, label: str = "in-memory pipeline",

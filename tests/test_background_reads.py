@@ -266,10 +266,7 @@ def test_the_loader_is_handed_the_first_images_and_the_first_fp8_swaps_once_only
     adapter strategy's LoRA layer replaces that projection); last, the saved graphs of the last first
     request where the cache holds them and the preload is switched on (decision 48); nothing for other
     set-ups."""
-    from types import SimpleNamespace
-
-    from fastlora_core import deps
-    from fastlora_core.engine import FluxEngine
+    from fastlora_core import deps, idle_work
     from fastlora_core.specs import EngineOptions
 
     monkeypatch.setattr(deps, "_deferred", [])
@@ -277,10 +274,10 @@ def test_the_loader_is_handed_the_first_images_and_the_first_fp8_swaps_once_only
     def names(device: str, saved: bool | None = None, **options: Any) -> list[str]:
         # saved: None, no saved blocks to preload (no precompile); True/False: the cache holds the last
         # first request's graphs or nothing yet (decision 48)
-        fake = SimpleNamespace(options=EngineOptions(**options), device=torch.device(device),
-                               _first_graphs=None if saved is None else object(),
-                               _first_image_compiles=lambda: not saved)
-        return [task.__name__ for task in FluxEngine._work_while_reading(fake)]  # type: ignore[arg-type]
+        graphs = None if saved is None else object()
+        tasks = idle_work.while_reading(EngineOptions(**options), torch.device(device), graphs,  # type: ignore[arg-type]
+                                        lambda: not saved)
+        return [task.__name__ for task in tasks]
 
     fp8 = dict(quantization="fp8", swap_strategy="fused", compile="regional")
     check = "check_projection_kernel"  # decision 44's kernel, where fused fp8 layers run on a GPU
