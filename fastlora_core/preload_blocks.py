@@ -65,6 +65,7 @@ class FirstGraphs:
         self.record = folder / f"{PREFIX}{tag}.json"
         self._loaded: dict[str, Callable[..., Any]] = {}
         self._first: dict[str, tuple[str, bool]] = {}  # block class -> its first call's file, inference mode
+        self._settled = False  # every class had its first call: nothing loaded from now on is used
         self._lock = threading.Lock()
 
     def load(self) -> int:
@@ -75,6 +76,8 @@ class FirstGraphs:
         t0 = time.perf_counter()
         n = 0
         for name, inference in self._recorded().values():
+            if self._settled:  # a load on the idle-work thread that outlived the first image's calls
+                break
             path = self.folder / name
             if Path(name).name != name or not path.is_file():
                 continue
@@ -89,6 +92,8 @@ class FirstGraphs:
                 logger.info("could not preload the compiled block %s (%s: %s)", path, type(exc).__name__, exc)
                 continue
             with self._lock:
+                if self._settled:
+                    break
                 self._loaded[str(path)] = fn
             n += 1
         if n:
@@ -111,7 +116,7 @@ class FirstGraphs:
             self._first[cls_name] = (path.name, inference)
             if len(self._first) < classes:
                 return
-            unused, self._loaded = len(self._loaded), {}
+            unused, self._loaded, self._settled = len(self._loaded), {}, True
             files = dict(sorted(self._first.items()))
         if unused:
             logger.info("%d preloaded block graph(s) were not for this first request; dropped", unused)

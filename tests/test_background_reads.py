@@ -258,6 +258,55 @@ def test_work_handed_over_runs_while_a_read_is_under_way_and_only_then(tmp_path:
     assert ran == []
 
 
+def test_a_read_tells_the_disk_from_the_page_cache_by_its_first_bytes_rate(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    header, names, _ = _two_files(tmp_path)[0]
+    for bound, probe, expected in ((1e9, 1, True), (0.0, 1, False), (1e9, 2**40, False)):  # (no probe: too few bytes)
+        monkeypatch.setattr(direct, "DISK_BOUND_GBPS", bound)
+        monkeypatch.setattr(direct, "DISK_PROBE_BYTES", probe)
+        from_disk = threading.Event()
+        direct.read_tensors(header, names, CPU, from_disk=from_disk)
+        assert from_disk.is_set() is expected
+
+
+def test_a_read_from_the_disk_hands_the_idle_work_to_a_thread_of_its_own(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decision 49: on a disk-cold start the loader's own steps are slowed by the disk as much as the
+    reads, so it never waits for one and the idle work used to run only on the first image. Once a read
+    is seen to come slower than the page cache would give, a thread of its own does that work while the
+    reads go on, without the loader asking for a file; at page-cache speed it stays the loader's."""
+    jobs = _two_files(tmp_path)
+    real = direct.read_tensors
+    gate = threading.Event()
+    ran: list[str] = []
+
+    def read_then_hold(*args: Any, **kwargs: Any) -> Any:
+        out = real(*args, **kwargs)  # probes the rate (every read "slow" below), then holds the read open
+        gate.wait(5)
+        return out
+
+    def task() -> None:
+        ran.append(threading.current_thread().name)
+        gate.set()
+
+    monkeypatch.setattr(direct, "read_tensors", read_then_hold)
+    monkeypatch.setattr(direct, "DISK_PROBE_BYTES", 1)
+    monkeypatch.setattr(direct, "DISK_BOUND_GBPS", 1e9)
+    with direct.while_waiting(task), direct.BackgroundReads(jobs, CPU) as reads:
+        assert gate.wait(5)  # the loader is busy elsewhere: it has not asked for a file
+        assert ran == ["fastlora-idle"]
+        got = [reads.take(header, names) for header, names, _ in jobs]
+    assert [float(g["w"][0, 0]) for g in got] == [0.0, 1.0] and not direct._idle
+
+    ran.clear()
+    gate.clear()
+    monkeypatch.setattr(direct, "DISK_BOUND_GBPS", 0.0)  # page-cache speed: the work waits for the loader
+    with direct.while_waiting(task), direct.BackgroundReads(jobs, CPU) as reads:
+        assert not gate.wait(0.5) and ran == []
+        reads.take(jobs[0][0], jobs[0][1])
+    assert ran == [threading.current_thread().name]
+
+
 def test_the_loader_is_handed_the_first_images_and_the_first_fp8_swaps_once_only_work(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Decisions 42 and 43's work list: the optional packages vouched for from a record, first; the

@@ -66,14 +66,17 @@ class ReadCancelled(Exception):
 
 def read_tensors(header: Header, names: Iterable[str], device: torch.device | str, *, role: str = "model",
                  chunk_bytes: int = CHUNK_BYTES, threads: int | None = None,
-                 stop: threading.Event | None = None) -> dict[str, torch.Tensor]:
+                 stop: threading.Event | None = None,
+                 from_disk: threading.Event | None = None) -> dict[str, torch.Tensor]:
     """The named tensors of the file described by ``header``, each in its own allocation on ``device``
     with the dtype and shape the header gives (bitwise the file's bytes).
 
     ``header`` comes from :func:`~fastlora_core.loading.header.read_header`, which already checked
     that every tensor lies inside the file. Raises :class:`ModelLoadError` naming the file when it
     cannot be read (I/O error, file shortened since); ``torch.OutOfMemoryError`` passes through.
-    ``stop``: checked before each chunk; once set, :class:`ReadCancelled` is raised.
+    ``stop``: checked before each chunk; once set, :class:`ReadCancelled` is raised. ``from_disk``: set
+    when the file's first :data:`DISK_PROBE_BYTES` arrive slower than :data:`DISK_BOUND_GBPS` (the
+    bytes come from the disk, not the page cache).
     """
     device = torch.device(device)
     cuda = device.type == "cuda"
@@ -109,6 +112,9 @@ def read_tensors(header: Header, names: Iterable[str], device: torch.device | st
                     list(pool.map(partial(read_exactly, header.path, fd), [views[which][i:min(i + step, n)] for i in parts],
                                   [header.data_start + pos + i for i in parts]))
                     total += n
+                    if from_disk is not None and total >= DISK_PROBE_BYTES > total - n:
+                        if total / (time.perf_counter() - t0) < DISK_BOUND_GBPS * 1e9:
+                            from_disk.set()
                     for name in members[first:]:
                         a, b = info[name].offsets
                         if a >= pos + n:
@@ -141,6 +147,14 @@ BACKGROUND = True
 #: still under way; the start-up benchmark turns it off for a same-call comparison.
 IDLE_WORK = True
 _idle: list[Callable[[], object]] = []
+_idle_lock = threading.Lock()
+
+#: A read whose first ``DISK_PROBE_BYTES`` come slower than this many GB/s reads from the disk: the
+#: page cache gave 8-12 GB/s on the H100/H200 hosts, their disk 1.8-2.0 GB/s (2026-12-06). Then the
+#: loader's thread is mostly blocked on the disk too and never waits for a read (a disk-cold start:
+#: no idle work ran at all), so a thread of its own does the idle work meanwhile (decision 49).
+DISK_BOUND_GBPS = 4.0
+DISK_PROBE_BYTES = 2**30
 
 
 @contextlib.contextmanager
@@ -149,18 +163,24 @@ def while_waiting(*tasks: Callable[[], object]) -> Iterator[None]:
     that is not finished (decision 42): imports that a later step needs anyway, such as the
     compiler's, whose first use would otherwise stand on the first image's path. A task that fails
     is logged and left to its later step. Tasks not run by the end of the block are dropped."""
-    _idle.extend(tasks)
+    with _idle_lock:
+        _idle.extend(tasks)
     try:
         yield
     finally:
-        for task in tasks:
-            if task in _idle:
-                _idle.remove(task)
+        with _idle_lock:
+            for task in tasks:
+                if task in _idle:
+                    _idle.remove(task)
+
+
+def _next_idle_task() -> Callable[[], object] | None:
+    with _idle_lock:
+        return _idle.pop(0) if _idle else None
 
 
 def _do_idle_work(until: threading.Event) -> None:
-    while IDLE_WORK and _idle and not until.is_set():
-        task = _idle.pop(0)
+    while IDLE_WORK and not until.is_set() and (task := _next_idle_task()) is not None:
         t0 = time.perf_counter()
         try:
             task()
@@ -192,11 +212,28 @@ class BackgroundReads:
         self._done = {path: threading.Event() for path in self._jobs}
         self._results: dict[Path, dict[str, torch.Tensor] | BaseException] = {}
         self._stop = threading.Event()
+        self._from_disk = threading.Event()  # a read came slower than DISK_BOUND_GBPS
+        self._finished = threading.Event()  # every read done, failed or stopped
         self._inference = torch.is_inference_mode_enabled()
         self._interval = sys.getswitchinterval()
         sys.setswitchinterval(min(self._interval, SWITCH_INTERVAL_S))
         self._thread = threading.Thread(target=self._run, name="fastlora-read", daemon=True)
         self._thread.start()
+        threading.Thread(target=self._idle_work_if_from_disk, name="fastlora-idle", daemon=True).start()
+
+    def _idle_work_if_from_disk(self) -> None:
+        """Decision 49: once a read turns out to come from the disk, do the idle work here until the
+        reads are over; the loader's thread, blocked on the disk itself, may never wait for one. A task
+        still running when they are over finishes here (each is safe to run beside its later step)."""
+        while not self._from_disk.wait(0.1):
+            if self._finished.is_set():
+                return
+        if self._finished.is_set() or not IDLE_WORK:
+            return
+        logger.info("the weights come from the disk: the idle work runs beside the loader")
+        on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+        with on_device, torch.inference_mode(self._inference):
+            _do_idle_work(until=self._finished)
 
     def _run(self) -> None:
         pending = list(self._jobs.items())
@@ -208,13 +245,16 @@ class BackgroundReads:
                     path, (header, names, role) = pending[0]
                     if self._stop.is_set():
                         raise ReadCancelled(str(path))
-                    self._results[path] = read_tensors(header, names, self.device, role=role, stop=self._stop)
+                    self._results[path] = read_tensors(header, names, self.device, role=role, stop=self._stop,
+                                                       from_disk=self._from_disk)
                     done[path].set()
                     pending.pop(0)
         except BaseException as e:  # noqa: BLE001 - handed to take(), which raises it in the caller
             for path, _ in pending:  # this file's error; the files after it were never read
                 self._results[path] = e
                 done[path].set()
+        finally:
+            self._finished.set()
 
     def planned(self, header: Header, names: Iterable[str]) -> bool:
         """Whether exactly these tensors of this file are being read here (and not taken yet)."""
