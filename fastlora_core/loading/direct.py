@@ -150,7 +150,7 @@ _idle: list[Callable[[], object]] = []
 _idle_lock = threading.Lock()
 
 #: A read whose first ``DISK_PROBE_BYTES`` come slower than this many GB/s reads from the disk: the
-#: page cache gave 8-12 GB/s on the H100/H200 hosts, their disk 1.8-2.0 GB/s (2026-12-06). Then the
+#: page cache gave 8-12 GB/s on the H100/H200 hosts, their disks 1.7-2.1 GB/s (2026-12-06). Then the
 #: loader's thread is mostly blocked on the disk too and never waits for a read (a disk-cold start:
 #: no idle work ran at all), so a thread of its own does the idle work meanwhile (decision 49).
 DISK_BOUND_GBPS = 4.0
