@@ -1,10 +1,12 @@
-"""What the loader does while it waits for a background read (ARCHITECTURE decisions 42, 43, 44, 48).
+"""What the loader does while it waits for a background read (ARCHITECTURE decisions 42-44, 48, 49).
 
 A start's reads run on threads of their own (:mod:`.loading.direct`); while the loader waits for one it
 runs these tasks, in this order, instead of leaving them to the first LoRA or image. The order is the
 rule: each task may rely on the ones before it (the saved graphs need the compiler's imports), and a task
 that does not get a wait runs where it is first needed, so the earlier a task, the likelier it is hidden.
-On an H100 the first three already fill every wait of a warm start (RESULTS, 2026-12-06).
+On an H100 the first three already fill every wait of a warm start (RESULTS, 2026-12-06). When the weights
+come from the disk the loader hardly waits at all, and a thread of its own runs the list beside the reads
+(decision 49, :class:`.loading.direct.BackgroundReads`): each task is safe to run beside its later step.
 """
 
 from __future__ import annotations

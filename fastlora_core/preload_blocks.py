@@ -13,9 +13,9 @@ A preloaded graph is used only for the very file a block asks for, so a first re
 or a changed model simply does not use it (the files' names say what they were compiled for); the
 graphs not used are dropped once every block class has its first graph.
 
-Opt-in until measured on a GPU (``FASTLORA_PRELOAD_BLOCKS=1``): a preload still running when its read
-finishes delays the loader by the rest of that load, so whether it gains depends on how much of the
-read phase is left to wait after the earlier idle work. The record is kept either way (a few hundred
+Opt-in (``FASTLORA_PRELOAD_BLOCKS=1``), because no measured start gave it a turn (2026-12-06, H100 and
+H200): with the page cache the earlier idle work fills every read wait, and on a disk-cold start the idle
+work spends the reads on torchao's import (decision 49). The record is kept either way (a few hundred
 bytes per engine key), so a start with the switch on preloads at once.
 """
 

@@ -161,8 +161,10 @@ DISK_PROBE_BYTES = 2**30
 def while_waiting(*tasks: Callable[[], object]) -> Iterator[None]:
     """Work the loading thread may do, each task once, instead of blocking on a background read
     that is not finished (decision 42): imports that a later step needs anyway, such as the
-    compiler's, whose first use would otherwise stand on the first image's path. A task that fails
-    is logged and left to its later step. Tasks not run by the end of the block are dropped."""
+    compiler's, whose first use would otherwise stand on the first image's path. When a read comes
+    from the disk, a thread of :class:`BackgroundReads` also takes tasks from this list (decision 49).
+    A task that fails is logged and left to its later step. Tasks not run by the end of the block are
+    dropped."""
     with _idle_lock:
         _idle.extend(tasks)
     try:
