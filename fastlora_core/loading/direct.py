@@ -67,14 +67,14 @@ class ReadCancelled(Exception):
 def read_tensors(header: Header, names: Iterable[str], device: torch.device | str, *, role: str = "model",
                  chunk_bytes: int = CHUNK_BYTES, threads: int | None = None,
                  stop: threading.Event | None = None,
-                 from_disk: threading.Event | None = None) -> dict[str, torch.Tensor]:
+                 on_disk: Callable[[], object] | None = None) -> dict[str, torch.Tensor]:
     """The named tensors of the file described by ``header``, each in its own allocation on ``device``
     with the dtype and shape the header gives (bitwise the file's bytes).
 
     ``header`` comes from :func:`~fastlora_core.loading.header.read_header`, which already checked
     that every tensor lies inside the file. Raises :class:`ModelLoadError` naming the file when it
     cannot be read (I/O error, file shortened since); ``torch.OutOfMemoryError`` passes through.
-    ``stop``: checked before each chunk; once set, :class:`ReadCancelled` is raised. ``from_disk``: set
+    ``stop``: checked before each chunk; once set, :class:`ReadCancelled` is raised. ``on_disk``: called
     when the file's first :data:`DISK_PROBE_BYTES` arrive slower than :data:`DISK_BOUND_GBPS` (the
     bytes come from the disk, not the page cache).
     """
@@ -112,9 +112,9 @@ def read_tensors(header: Header, names: Iterable[str], device: torch.device | st
                     list(pool.map(partial(read_exactly, header.path, fd), [views[which][i:min(i + step, n)] for i in parts],
                                   [header.data_start + pos + i for i in parts]))
                     total += n
-                    if from_disk is not None and total >= DISK_PROBE_BYTES > total - n:
+                    if on_disk is not None and total >= DISK_PROBE_BYTES > total - n:
                         if total / (time.perf_counter() - t0) < DISK_BOUND_GBPS * 1e9:
-                            from_disk.set()
+                            on_disk()
                     for name in members[first:]:
                         a, b = info[name].offsets
                         if a >= pos + n:
@@ -214,25 +214,26 @@ class BackgroundReads:
         self._done = {path: threading.Event() for path in self._jobs}
         self._results: dict[Path, dict[str, torch.Tensor] | BaseException] = {}
         self._stop = threading.Event()
-        self._from_disk = threading.Event()  # a read came slower than DISK_BOUND_GBPS
         self._finished = threading.Event()  # every read done, failed or stopped
+        self._idle_thread: threading.Thread | None = None  # decision 49's, once a read is seen to be slow
         self._inference = torch.is_inference_mode_enabled()
         self._interval = sys.getswitchinterval()
         sys.setswitchinterval(min(self._interval, SWITCH_INTERVAL_S))
         self._thread = threading.Thread(target=self._run, name="fastlora-read", daemon=True)
         self._thread.start()
-        threading.Thread(target=self._idle_work_if_from_disk, name="fastlora-idle", daemon=True).start()
 
-    def _idle_work_if_from_disk(self) -> None:
-        """Decision 49: once a read turns out to come from the disk, do the idle work here until the
-        reads are over; the loader's thread, blocked on the disk itself, may never wait for one. A task
-        still running when they are over finishes here (each is safe to run beside its later step)."""
-        while not self._from_disk.wait(0.1):
-            if self._finished.is_set():
-                return
-        if self._finished.is_set() or not IDLE_WORK:
-            return
-        logger.info("the weights come from the disk: the idle work runs beside the loader")
+    def _from_disk(self) -> None:
+        """Decision 49: a read turned out to come from the disk, so the loader's thread, blocked on the
+        disk itself, may never wait for one: start a thread that does the idle work until the reads are
+        over (once; called by the reading thread)."""
+        if self._idle_thread is None and IDLE_WORK:
+            logger.info("the weights come from the disk: the idle work runs beside the loader")
+            self._idle_thread = threading.Thread(target=self._idle_work, name="fastlora-idle", daemon=True)
+            self._idle_thread.start()
+
+    def _idle_work(self) -> None:
+        """The idle list until the reads are over. A task still running then finishes here (each is
+        safe to run beside its later step)."""
         on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
         with on_device, torch.inference_mode(self._inference):
             _do_idle_work(until=self._finished)
@@ -248,7 +249,7 @@ class BackgroundReads:
                     if self._stop.is_set():
                         raise ReadCancelled(str(path))
                     self._results[path] = read_tensors(header, names, self.device, role=role, stop=self._stop,
-                                                       from_disk=self._from_disk)
+                                                       on_disk=self._from_disk)
                     done[path].set()
                     pending.pop(0)
         except BaseException as e:  # noqa: BLE001 - handed to take(), which raises it in the caller
