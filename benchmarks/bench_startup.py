@@ -90,7 +90,8 @@ RUNS = ("api_cold", "api_warm", "cli_cold", "cli_warm", "api_disk_cold")  # a wa
 #: ``_othertree`` (the child runs the code of ``--other-tree``, another checkout: a before/after pair of
 #: one change in one call, on one host, with one model folder).
 #: ``_preload`` (``FASTLORA_PRELOAD_BLOCKS=1``: the saved block graphs of the last first request loaded while
-#: the weights are read, decision 48, opt-in until measured; compare with ``api_warm`` in one call).
+#: the weights are read, decision 48, opt-in: it ran in no start measured on 2026-12-06; compare with ``api_warm``
+#: or ``api_disk_cold`` in one call).
 #: Suffixes combine: ``api_cold_othersize_noexpected``.
 VARIANTS = ("ordinary", "serial", "noidle", "nodefer", "profile", "importtime", "cudnnfp8", "threads1", "diffusers", "plaincompile",
             "bgcompile", "torchaoproj", "onecompiler", "parts", "noptune", "noprewarm", "noexpected", "latestart", "threads8",
