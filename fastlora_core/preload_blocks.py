@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 #: The record of a tag's first files: ``first-<tag digest>.json`` beside the saved blocks.
 PREFIX = "first-"
 
-#: ``FASTLORA_PRELOAD_BLOCKS=1`` turns the preload on (decision 48; off until a GPU measurement says it gains).
+#: ``FASTLORA_PRELOAD_BLOCKS=1`` turns the preload on (decision 48; off: no measured start gave it a turn).
 ENV_SWITCH = "FASTLORA_PRELOAD_BLOCKS"
 
 

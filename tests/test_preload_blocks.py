@@ -115,6 +115,22 @@ def test_another_engine_tag_preloads_nothing_and_a_bad_record_or_file_costs_noth
     assert (dispatcher.stats.preloaded, dispatcher.stats.compiled) == (1, 1)
 
 
+def test_a_preload_that_outlives_the_first_calls_keeps_nothing(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decision 49 may run the preload on a thread of its own, still loading when the first image has
+    taken every block class's graph: what it loads then is never used, so it must not be kept."""
+    folder = tmp_path / "blocks"
+    folder.mkdir()
+    for name in ("a.bin", "b.bin"):
+        (folder / name).write_bytes(b"graph")
+    first = FirstGraphs(folder, "t", CPU)
+    first.first_call("A", folder / "a.bin", True, 2)
+    first.first_call("B", folder / "b.bin", True, 2)  # the record is written; the first calls are over
+    monkeypatch.setattr(torch.compiler, "load_compiled_function", lambda f: object())
+    assert FirstGraphs(folder, "t", CPU).load() == 2  # a new process keeps what it loads
+    assert first.load() == 0 and first.take(folder / "a.bin") is None  # this one has settled
+
+
 def test_the_tag_is_a_short_stable_digest() -> None:
     assert tag_of("EngineKey(a)") == tag_of("EngineKey(a)") != tag_of("EngineKey(b)")
     assert len(tag_of("x")) == 20
