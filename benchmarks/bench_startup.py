@@ -39,6 +39,10 @@ FastLoRA's own modules (decision 39), or imports diffusers and transformers in i
 ``api_disk_cold``: warm compile cache, but first an attempt to drop the model's files from the page cache
 (``/proc/sys/vm/drop_caches``, then ``posix_fadvise(DONTNEED)`` per file); whether it worked is measured
 (read throughput of the largest file before and after), not assumed.
+``settle`` (a step, not a run): ``sync`` and wait until no other process is busy and the dirty pages are
+written (``host_state.settle``); every run also records the host's state just before it (``host_before``:
+dirty and under-writeback memory, load, busy processes), since a run right after a cold one may share the
+host with its leftovers.
 
 Recorded per run: wall time from launch to exit, the child's own process age at its first image (process
 start -> first image), the breakdown (interpreter + early imports, heavy imports, the engine's phases from
@@ -61,6 +65,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from . import host_state
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ("api_cold", "api_warm", "cli_cold", "cli_warm", "api_disk_cold")  # a warm run follows its cold one
@@ -610,8 +616,15 @@ def main() -> None:
             res["runs"][key] = {"skipped": f"budget: {left:.0f} s left"}
             continue
         print(f"[{time.strftime('%H:%M:%S')}] {key}", flush=True)
+        if name == "settle":
+            res["runs"][key] = host_state.settle()
+            print(json.dumps(res["runs"][key]), flush=True)
+            save()
+            continue
+        host = host_state.snapshot()
         res["runs"][key] = run_one(name, model, lora, work, out, a.tiny, timeout=left, steady=a.steady_images,
                                    other_tree=a.other_tree)
+        res["runs"][key]["host_before"] = host
         print(json.dumps(res["runs"][key].get("breakdown") or res["runs"][key].get("error_tail")), flush=True)
         save()
     save()
