@@ -98,10 +98,12 @@ RUNS = ("api_cold", "api_warm", "cli_cold", "cli_warm", "api_disk_cold")  # a wa
 #: ``_preload`` (``FASTLORA_PRELOAD_BLOCKS=1``: the saved block graphs of the last first request loaded while
 #: the weights are read, decision 48, opt-in: it ran in no start measured on 2026-12-06; compare with ``api_warm``
 #: or ``api_disk_cold`` in one call).
+#: ``_pyspy`` (the child sampled by ``py-spy record --threads --idle``, 250 Hz, from outside the process:
+#: ``pyspy.txt``, collapsed stacks per thread, for where a start's serial Python goes; py-spy on the PATH).
 #: Suffixes combine: ``api_cold_othersize_noexpected``.
 VARIANTS = ("ordinary", "serial", "noidle", "nodefer", "profile", "importtime", "cudnnfp8", "threads1", "diffusers", "plaincompile",
             "bgcompile", "torchaoproj", "onecompiler", "parts", "noptune", "noprewarm", "noexpected", "latestart", "threads8",
-            "othersize", "othertree", "preload")
+            "othersize", "othertree", "preload", "pyspy")
 #: ``_othersize``'s image size (width, height): a common Flux size other than the default.
 OTHER_SIZE = (1344, 768)
 PROMPT = "a photo of a red fox in a snowy forest, golden hour"
@@ -473,6 +475,9 @@ def run_one(name: str, model: Path, lora: Path, work: Path, out: Path, tiny: boo
             python += ["-m", "cProfile", "-o", str(run_dir / "child.prof")]
         if "importtime" in variants:
             python = [sys.executable, "-X", "importtime"]
+        if "pyspy" in variants:  # sampled from outside: no profiler overhead in the child's own threads
+            python = [shutil.which("py-spy") or "py-spy", "record", "--format", "raw", "--rate", "250", "--threads",
+                      "--idle", "--nonblocking", "-o", str(run_dir / "pyspy.txt"), "--", sys.executable]
         cmd = python + ["-m", "benchmarks.bench_startup", "--child", str(model), str(lora), str(cache),
                         str(result)] + (["--tiny"] if tiny else []) + [f"--{v}" for v in ("ordinary", "serial", "noidle", "nodefer", "cudnnfp8", "diffusers",
                                                                                                   "torchaoproj", "parts", "noprewarm", "noexpected", "latestart",
