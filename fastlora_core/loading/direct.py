@@ -67,7 +67,7 @@ class ReadCancelled(Exception):
 def read_tensors(header: Header, names: Iterable[str], device: torch.device | str, *, role: str = "model",
                  chunk_bytes: int = CHUNK_BYTES, threads: int | None = None,
                  stop: threading.Event | None = None,
-                 on_disk: Callable[[], object] | None = None) -> dict[str, torch.Tensor]:
+                 on_disk: Callable[[], object] | None = None, as_bytes: bool = False) -> dict[str, torch.Tensor]:
     """The named tensors of the file described by ``header``, each in its own allocation on ``device``
     with the dtype and shape the header gives (bitwise the file's bytes).
 
@@ -76,7 +76,8 @@ def read_tensors(header: Header, names: Iterable[str], device: torch.device | st
     cannot be read (I/O error, file shortened since); ``torch.OutOfMemoryError`` passes through.
     ``stop``: checked before each chunk; once set, :class:`ReadCancelled` is raised. ``on_disk``: called
     when the file's first :data:`DISK_PROBE_BYTES` arrive slower than :data:`DISK_BOUND_GBPS` (the
-    bytes come from the disk, not the page cache).
+    bytes come from the disk, not the page cache). ``as_bytes``: each tensor as its flat uint8 bytes,
+    for :func:`typed` to finish on another thread (:class:`BackgroundReads`).
     """
     device = torch.device(device)
     cuda = device.type == "cuda"
@@ -125,7 +126,7 @@ def read_tensors(header: Header, names: Iterable[str], device: torch.device | st
                             break
                         lo, hi = max(a, pos), min(b, pos + n)
                         if lo < hi:
-                            dst.append(raw[name][lo - a:hi - a])
+                            dst.append(raw[name] if (lo, hi) == (a, b) else raw[name][lo - a:hi - a])
                             src.append(staging[which][lo - pos:hi - pos])
                         if b <= pos + n:
                             first += 1
@@ -148,7 +149,16 @@ def read_tensors(header: Header, names: Iterable[str], device: torch.device | st
         os.close(fd)
     seconds = time.perf_counter() - t0
     logger.info("%s: read %.2f GB straight to %s in %.2f s", header.path.name, total / 1e9, device, seconds)
-    return {k: raw[k].view(info[k].torch_dtype).view(info[k].shape) for k in wanted}
+    return raw if as_bytes else typed(header, raw)
+
+
+def typed(header: Header, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each tensor's bytes (``read_tensors(..., as_bytes=True)``) as the dtype and shape its header
+    says. Two torch calls per tensor, which :class:`BackgroundReads` leaves to the thread that takes
+    the result: on a thread of its own each torch call waits to take the GIL back from the importing
+    loader, 0.8 s for a Flux transformer's ~1000 tensors (py-spy, H100, 2026-12-06)."""
+    info = header.tensors
+    return {k: t.view(info[k].torch_dtype).view(info[k].shape) for k, t in raw.items()}
 
 
 #: Whether the loaders start their direct reads in the background (:class:`BackgroundReads`); the
@@ -224,7 +234,7 @@ class BackgroundReads:
         self.device = torch.device(device)
         self._jobs = {job[0].path: job for job in jobs}
         self._done = {path: threading.Event() for path in self._jobs}
-        self._results: dict[Path, dict[str, torch.Tensor] | BaseException] = {}
+        self._results: dict[Path, dict[str, torch.Tensor] | BaseException] = {}  # bytes, typed by take()
         self._stop = threading.Event()
         self._finished = threading.Event()  # every read done, failed or stopped
         self._idle_thread: threading.Thread | None = None  # decision 49's, once a read is seen to be slow
@@ -261,7 +271,7 @@ class BackgroundReads:
                     if self._stop.is_set():
                         raise ReadCancelled(str(path))
                     self._results[path] = read_tensors(header, names, self.device, role=role, stop=self._stop,
-                                                       on_disk=self._from_disk)
+                                                       on_disk=self._from_disk, as_bytes=True)
                     done[path].set()
                     pending.pop(0)
         except BaseException as e:  # noqa: BLE001 - handed to take(), which raises it in the caller
@@ -288,7 +298,7 @@ class BackgroundReads:
         result = self._results.pop(header.path)
         if isinstance(result, BaseException):
             raise result
-        return result
+        return typed(header, result)
 
     def close(self) -> None:
         """Stop the reads not finished, wait for the thread, drop what was not taken; restores the
