@@ -15,6 +15,7 @@ ordinary staging memory and synchronous copies (that is how the tests drive it).
 say what to read, so that they overlap the loader's other work: importing diffusers and
 transformers, building modules on the meta device, loading tokenizers (decision 37); where the loader
 still has to wait for a read, it does work handed to :func:`while_waiting` instead (decision 42).
+The reading thread makes few torch calls, each a GIL round trip beside the busy loader (decision 50).
 """
 
 from __future__ import annotations
@@ -214,9 +215,10 @@ def _do_idle_work(until: threading.Event) -> None:
 
 
 #: Python's thread switch interval while background reads run. The reading threads need the GIL
-#: briefly a few thousand times (each chunk's reads, each tensor's copy) while the loader's thread
-#: imports modules, which holds it for long stretches: at the default 5 ms each hand-over could wait
-#: that long. Restored when the reads are closed.
+#: briefly a few thousand times (each chunk's reads and copies, each tensor's allocation) while the
+#: loader's thread imports modules, which holds it for long stretches: at the default 5 ms each
+#: hand-over could wait that long (decision 50 keeps their number down). Restored when the reads are
+#: closed.
 SWITCH_INTERVAL_S = 0.0005
 
 
