@@ -85,7 +85,7 @@ def read_tensors(header: Header, names: Iterable[str], device: torch.device | st
     info = header.tensors
     wanted = sorted(set(names), key=lambda k: info[k].offsets)
     raw = {k: torch.empty(info[k].offsets[1] - info[k].offsets[0], dtype=torch.uint8, device=device) for k in wanted}
-    runs = _runs(header, [k for k in wanted if raw[k].numel()])
+    runs = _runs(header, [k for k in wanted if info[k].offsets[1] > info[k].offsets[0]])
     chunk_bytes = max(1, min(chunk_bytes, max((b - a for a, b, _ in runs), default=1)))
     staging = [torch.empty(chunk_bytes, dtype=torch.uint8, pin_memory=cuda) for _ in range(2)]
     views = [s.numpy().data for s in staging]
