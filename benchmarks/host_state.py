@@ -38,7 +38,11 @@ def _cpu_ticks() -> dict[int, tuple[int, str]]:
     """Per process: user + system clock ticks so far, and its command line (shortened)."""
     ticks: dict[int, tuple[int, str]] = {}
     me = os.getpid()
-    for entry in Path("/proc").iterdir():
+    try:
+        entries = list(Path("/proc").iterdir())
+    except OSError:  # no procfs (not Linux): nothing to report
+        return ticks
+    for entry in entries:
         if not entry.name.isdigit() or int(entry.name) == me:
             continue
         try:
