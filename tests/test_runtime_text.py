@@ -309,3 +309,20 @@ def test_the_module_imports_no_diffusers_or_transformers() -> None:
             "bad = sorted({m.split('.')[0] for m in sys.modules} & {'diffusers', 'transformers', 'peft'}); "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_embeddings_skip_their_random_initialisation_only_on_the_meta_device() -> None:
+    """On a real device our embeddings start as ``nn.Embedding``'s do, draw for draw; on the meta device
+    (where the loaders build modules before filling them from the file) they skip the initialisation,
+    which there would import the compiler (``test_own_modules``' compile=off process pins that)."""
+    from fastlora_core.runtime.base import embedding
+
+    torch.manual_seed(0)
+    ours = embedding(100, 8)
+    torch.manual_seed(0)
+    plain = torch.nn.Embedding(100, 8)
+    assert torch.equal(ours.weight, plain.weight)
+    with torch.device("meta"):
+        on_meta = embedding(100, 8)
+    assert on_meta.weight.is_meta and on_meta.weight.shape == (100, 8)
+    assert on_meta.weight.dtype == plain.weight.dtype and on_meta.weight.requires_grad

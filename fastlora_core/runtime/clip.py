@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import as_mapping
+from .base import as_mapping, embedding
 from .text import TextEncoderBase, TextEncoderConfig, TextEncoderOutput, activation
 
 logger = logging.getLogger(__name__)
@@ -59,8 +59,8 @@ class CLIPTextEmbeddings(nn.Module):
 
     def __init__(self, config: TextEncoderConfig) -> None:
         super().__init__()
-        self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_embedding = embedding(config.vocab_size, config.hidden_size)
+        self.position_embedding = embedding(config.max_position_embeddings, config.hidden_size)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         seq_length = input_ids.shape[-1]

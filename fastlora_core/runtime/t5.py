@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import as_mapping
+from .base import as_mapping, embedding
 from .text import TextEncoderBase, TextEncoderConfig, TextEncoderOutput, activation
 
 logger = logging.getLogger(__name__)
@@ -185,7 +185,7 @@ class T5Attention(nn.Module):
         self.v = nn.Linear(self.d_model, self.inner_dim, bias=False)
         self.o = nn.Linear(self.inner_dim, self.d_model, bias=False)
         if self.has_relative_attention_bias:
-            self.relative_attention_bias = nn.Embedding(self.relative_attention_num_buckets, self.n_heads)
+            self.relative_attention_bias = embedding(self.relative_attention_num_buckets, self.n_heads)
 
     def compute_bias(self, query_length: int, key_length: int, device: torch.device | None = None) -> torch.Tensor:
         """The bias ``[1, heads, query_length, key_length]`` from the bucketed offsets (encoder:
@@ -339,7 +339,7 @@ class T5Encoder(TextEncoderBase):
     def __init__(self, config: TextEncoderConfig) -> None:
         super().__init__()
         self.config = config
-        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        self.shared = embedding(config.vocab_size, config.d_model)
         self.encoder = T5Stack(config, self.shared)
         self._register_load_state_dict_pre_hook(_fill_tied_t5_embedding)
 
