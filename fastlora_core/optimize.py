@@ -537,8 +537,8 @@ def apply_offload(pipe, mode: str, device: torch.device) -> None:
 
 def dynamo_compile_count() -> int:
     """Graphs dynamo has compiled in this process so far (recompiles included; a precompile trace
-    that restarted counts once). None before dynamo's first import, which this does not cause: a
-    process that never compiles (``compile=off``) need not pay its 1.4-1.8 s."""
+    that restarted counts once). Zero before dynamo's first import, which this does not cause: a
+    process that never compiles (``compile=off``) need not pay its 1.4-1.8 s (decision 51)."""
     if "torch._dynamo" not in sys.modules:
         return 0
     from torch._dynamo.utils import counters

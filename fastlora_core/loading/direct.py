@@ -98,6 +98,7 @@ def read_tensors(header: Header, names: Iterable[str], device: torch.device | st
         raise ModelLoadError(f"The {role} file {header.path} could not be opened ({e}). Check the path and its "
                              "permissions.") from e
     try:
+        read = partial(read_exactly, header.path, fd)
         with ThreadPoolExecutor(workers) as pool:
             k = 0
             for start, end, members in runs:
@@ -110,7 +111,6 @@ def read_tensors(header: Header, names: Iterable[str], device: torch.device | st
                     if free_again[which] is not None:
                         free_again[which].synchronize()
                     step = -(-n // workers)
-                    read = partial(read_exactly, header.path, fd)
                     parts = [pool.submit(read, views[which][i:min(i + step, n)], header.data_start + pos + i)
                              for i in range(0, n, step)]
                     wait(parts)  # one wake-up for the chunk, not one per part
@@ -131,12 +131,7 @@ def read_tensors(header: Header, names: Iterable[str], device: torch.device | st
                             src.append(staging[which][lo - pos:hi - pos])
                         if b <= pos + n:
                             first += 1
-                    # One call for the chunk's pieces, as one wait for its parts above: every torch call
-                    # releases the GIL and must take it back, which costs up to the switch interval while
-                    # the loader's thread imports (decision 37). With a ``copy_`` per piece, a warm start's
-                    # reading thread spent 1.15 s of the transformer's read in those calls (py-spy, H100,
-                    # 2026-12-06), about 0.8 ms per piece.
-                    if dst:
+                    if dst:  # one call for the chunk's pieces: each torch call here is a GIL round trip (decision 50)
                         torch._foreach_copy_(dst, src, non_blocking=cuda)
                     if cuda:
                         free_again[which] = torch.cuda.Event()
