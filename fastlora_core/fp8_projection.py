@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from . import triton_key
 from .custom_ops import register_once
 from .kernels import FP8_MAX
 
@@ -130,6 +131,7 @@ def kernel_ok(device: torch.device) -> bool:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     if device not in _kernel_ok:
+        triton_key.wait()  # decision 52: the key being hashed beside the loader, not hashed twice
         try:
             g = torch.Generator(device=device).manual_seed(0)
             attn = (torch.randn(9, 1104, device=device, generator=g) * 3).bfloat16()

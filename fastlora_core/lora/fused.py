@@ -32,6 +32,7 @@ from typing import cast
 
 import torch
 
+from .. import triton_key
 from ..errors import LoraError
 from ..kernels import QuantGroup
 from . import lycoris
@@ -431,6 +432,7 @@ def fp8_kernels_ok(device: torch.device) -> bool:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     if device not in _kernels_ok:
+        triton_key.wait()  # decision 52: the key being hashed beside the loader, not hashed twice
         _kernels_ok[device] = _triton_fp8_self_check(device)
     return _kernels_ok[device]
 
