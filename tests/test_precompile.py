@@ -144,6 +144,35 @@ def test_fingerprint_follows_structure_and_types_not_values() -> None:
     assert not fp.still_valid()
 
 
+def test_a_quantised_weight_is_fingerprinted_without_its_torch_function_and_to_the_same_digest(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first image fingerprints every fp8 weight; torchao's ``__torch_function__`` ran Python for each
+    attribute read. Skipping it must not change what the digest is made of: it names the saved files."""
+    pytest.importorskip("torchao")
+    from torchao.quantization import Float8Tensor, PerRow
+
+    block = _blocks(1)[0]
+    weight = block.proj_out.weight.detach().to(torch.bfloat16)
+    block.proj_out.weight = torch.nn.Parameter(Float8Tensor.from_hp(weight, granularity=PerRow()), requires_grad=False)
+    calls = []
+    handler = Float8Tensor.__torch_function__.__func__  # type: ignore[attr-defined]
+
+    def counting(cls: type, func: object, types: object, args: tuple = (), kwargs: dict | None = None) -> object:
+        calls.append(func)
+        return handler(cls, func, types, args, kwargs)
+
+    monkeypatch.setattr(Float8Tensor, "__torch_function__", classmethod(counting))
+    fingerprint(block)
+    assert calls == []
+    w = block.proj_out.weight  # read through the handler: the values the digest was made of before
+    expected_outer = ("Float8Tensor", tuple(w.shape), w.dtype, w.device.type, w.requires_grad)
+    assert calls, "the expected values must have gone through torchao's handler"
+    meta = block_keys._tensor_meta(w)
+    assert meta[:5] == expected_outer
+    assert meta[5] == tuple((n, block_keys._tensor_meta(getattr(w, n))) for n in w.__tensor_flatten__()[0])
+    assert meta[6] == repr(w.__tensor_flatten__()[1])
+
+
 def test_a_damaged_saved_file_costs_a_compile_and_is_replaced(tmp_path: Path,
                                                              caplog: pytest.LogCaptureFixture) -> None:
     blocks, inputs = _blocks(1), _inputs()
