@@ -30,7 +30,7 @@ def _cached_key_function() -> Callable[[], str] | None:
     info = getattr(key, "cache_info", None)  # an lru_cache: another Triton may compute it differently
     if key is None or info is None or info().currsize:
         return None
-    return key  # type: ignore[no-any-return]
+    return key
 
 
 def start() -> None:

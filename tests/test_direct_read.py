@@ -56,6 +56,42 @@ def test_every_tensor_is_bitwise_the_file(mixed: Path, chunk: int, threads: int)
         assert torch.equal(got[k].reshape(-1).view(torch.uint8), w.reshape(-1).view(torch.uint8)), k
 
 
+def test_the_next_chunk_is_read_while_this_one_is_copied(mixed: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decision 53: a chunk's copies wait for the reading thread's GIL beside a busy loader; the reads
+    of the next chunk must already be under way then. Each copy here waits (2 s at most) for the next
+    chunk's first read to begin; a reader that started it only after the copy would time out."""
+    import threading
+
+    header = read_header(mixed)
+    chunk = 512
+    starts = [header.data_start + pos for a, b, _ in direct._runs(header, sorted(header.tensors, key=lambda k: header.tensors[k].offsets))
+              for pos in range(a, b, chunk)]  # (mixed.safetensors has no gaps: one run)
+    began = {offset: threading.Event() for offset in starts}
+    read_exactly = direct.read_exactly
+
+    def recording_read(path: Any, fd: int, view: Any, offset: int) -> None:
+        if offset in began:
+            began[offset].set()
+        read_exactly(path, fd, view, offset)
+
+    copies, late = [], []
+    foreach_copy = torch._foreach_copy_
+
+    def waiting_copy(dst: Any, src: Any, **kwargs: Any) -> None:
+        i = len(copies)
+        copies.append(i)
+        if i + 1 < len(starts) and not late and not began[starts[i + 1]].wait(2.0):
+            late.append(i)
+        foreach_copy(dst, src, **kwargs)
+
+    monkeypatch.setattr(direct, "read_exactly", recording_read)
+    monkeypatch.setattr(torch, "_foreach_copy_", waiting_copy)
+    got = direct.read_tensors(header, header.tensors, CPU, chunk_bytes=chunk, threads=1)
+    assert len(copies) == len(starts) >= 4 and late == []
+    want = load_file(str(mixed))
+    assert all(torch.equal(got[k].reshape(-1).view(torch.uint8), w.reshape(-1).view(torch.uint8)) for k, w in want.items())
+
+
 def test_a_subset_with_gaps_reads_only_what_is_asked(mixed: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Tensors left out are not read; with no read-through allowance every gap starts a new run."""
     monkeypatch.setattr(direct, "GAP_BYTES", 0)
