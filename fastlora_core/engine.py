@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from . import background_compile, cancel, expected_compile, idle_work, precompile, preload_blocks
+from . import background_compile, cancel, expected_compile, idle_work, precompile, preload_blocks, triton_key
 from .errors import EngineReleasedError, LoraFitError, LoraFormatError, OptionsError, out_of_memory
 from .lora.adapter import AdapterStrategy
 from .lora.base import ResolvedEntry, SwapStrategy
@@ -211,6 +211,8 @@ class FluxEngine:
             self._expected = self._compile_expected(source)
             if not self._expected:
                 self._background.start()
+        if triton_key.used(self.options, self.device):  # decision 52: Triton's key hashed beside the reads
+            triton_key.start()
         with self.phases.phase("read"), direct.while_waiting(*self._work_while_reading()):
             return load_pipeline(source, self.dtype, self.device if self._ample_room else None,
                                  self._read_to_device(), own_modules=why_not is None)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import deps, fp8_projection, preload_blocks, triton_key
+from . import deps, fp8_projection, preload_blocks
 from .lora import fused
 from .optimize import import_compiler
 from .preload_blocks import FirstGraphs
@@ -25,18 +25,12 @@ from .specs import EngineOptions
 def while_reading(options: EngineOptions, device: torch.device, first_graphs: FirstGraphs | None,
                   first_image_compiles: Callable[[], bool]) -> list[Callable[[], object]]:
     """The tasks, in order: the optional packages the checks vouched for from a record (torchao, which
-    brings in Dynamo; Triton), Triton's cache key started on a thread of its own, the compiler's imports, the first fp8 fused swap's and the fp8
+    brings in Dynamo; Triton), the compiler's imports, the first fp8 fused swap's and the fp8
     projection's kernel checks, and (opt-in) the saved graphs of the last first request, unless the
     first image will compile (``first_image_compiles``, asked only then: it looks at the cache folder)."""
     tasks: list[Callable[[], object]] = []
     if deps.deferred():
         tasks.append(deps.import_deferred)
-    if device.type == "cuda":
-
-        def hash_triton_key() -> None:  # decision 52: once Triton is imported, hashed on a thread of its own
-            triton_key.start()
-
-        tasks.append(hash_triton_key)
     if options.compile != "off":
         tasks.append(import_compiler)
     if device.type == "cuda" and options.swap_strategy == "fused" and options.quantization == "fp8":

@@ -310,9 +310,8 @@ def test_a_read_from_the_disk_hands_the_idle_work_to_a_thread_of_its_own(tmp_pat
 
 def test_the_loader_is_handed_the_first_images_and_the_first_fp8_swaps_once_only_work(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Decisions 42 and 43's work list: the optional packages vouched for from a record, first; on a
-    GPU, Triton's cache key started on a thread of its own (decision 52); the compiler's imports
-    whenever something will compile; the fp8 kernels' check where the first fused
+    """Decisions 42 and 43's work list: the optional packages vouched for from a record, first; the
+    compiler's imports whenever something will compile; the fp8 kernels' check where the first fused
     fp8 swap on a GPU would run it, and there the fp8 projection kernel's check (decision 44; the
     adapter strategy's LoRA layer replaces that projection); last, the saved graphs of the last first
     request where the cache holds them and the preload is switched on (decision 48); nothing for other
@@ -332,19 +331,18 @@ def test_the_loader_is_handed_the_first_images_and_the_first_fp8_swaps_once_only
 
     fp8 = dict(quantization="fp8", swap_strategy="fused", compile="regional")
     check = "check_projection_kernel"  # decision 44's kernel, where fused fp8 layers run on a GPU
-    key = "hash_triton_key"  # decision 52: on a GPU, right after the imports that bring Triton in
-    assert names("cuda", **fp8) == [key, "import_compiler", "prepare_fp8_swaps", check]
-    assert names("cuda", **{**fp8, "compile": "off"}) == [key, "prepare_fp8_swaps", check]
-    assert names("cuda", **{**fp8, "swap_strategy": "adapter"}) == [key, "import_compiler"]
-    assert names("cuda", **{**fp8, "quantization": "none"}) == [key, "import_compiler"]
+    assert names("cuda", **fp8) == ["import_compiler", "prepare_fp8_swaps", check]
+    assert names("cuda", **{**fp8, "compile": "off"}) == ["prepare_fp8_swaps", check]
+    assert names("cuda", **{**fp8, "swap_strategy": "adapter"}) == ["import_compiler"]
+    assert names("cuda", **{**fp8, "quantization": "none"}) == ["import_compiler"]
     assert names("cpu", **fp8) == ["import_compiler"]
     monkeypatch.setattr(deps, "_deferred", ["fastlora_not_imported_anywhere"])  # vouched for, not imported
-    assert names("cuda", **fp8) == ["import_deferred", key, "import_compiler", "prepare_fp8_swaps", check]
+    assert names("cuda", **fp8) == ["import_deferred", "import_compiler", "prepare_fp8_swaps", check]
     # decision 48: the saved graphs of the last first request, last (they need the compiler's imports),
     # only when a warm cache holds them
-    assert names("cuda", saved=True, **fp8) == ["import_deferred", key, "import_compiler", "prepare_fp8_swaps", check]
+    assert names("cuda", saved=True, **fp8) == ["import_deferred", "import_compiler", "prepare_fp8_swaps", check]
     monkeypatch.setenv("FASTLORA_PRELOAD_BLOCKS", "1")  # opt-in until measured on a GPU
-    assert names("cuda", saved=True, **fp8) == ["import_deferred", key, "import_compiler", "prepare_fp8_swaps", check,
+    assert names("cuda", saved=True, **fp8) == ["import_deferred", "import_compiler", "prepare_fp8_swaps", check,
                                                 "preload_first_graphs"]
     assert "preload_first_graphs" not in names("cuda", saved=False, **fp8)
 
