@@ -35,6 +35,7 @@ nor saved is compiled by a worker process instead; the blocks run uncompiled unt
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -43,7 +44,7 @@ import os
 import threading
 import time
 import types
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -81,6 +82,44 @@ ENV_SWITCH = "FASTLORA_PRECOMPILE"
 #: How long a block waits for a worker compiling its graph ahead (decision 45) before compiling it
 #: here: a worker that died replies at once; this bounds one that hangs (a compile takes 5-15 s).
 AHEAD_WAIT_S = 300.0
+
+
+_in_process_lock = threading.Lock()
+_in_process_loads = 0  # loads under way that keep inductor's compile pool unstarted
+_threads_before: Any = None  # inductor's compile_threads before the first of them
+
+
+@contextlib.contextmanager
+def _kernels_loaded_in_process() -> Iterator[None]:
+    """Inductor's ``compile_threads`` at 1 while a saved graph loads (decision 56). Loading one makes
+    its Triton kernels ready through inductor's ``AsyncCompile.triton``, which starts the process's pool
+    of compile processes on its first call (hashing torch's source files for the pool's key, 0.09-0.13 s
+    of the first image on the H100, and starting a process) although every kernel of a saved graph is
+    already compiled. With one thread inductor readies them where it is, as the pool's first answers
+    would; a later compile in this process starts the pool as before. Counted, because the opt-in
+    preload may load on another thread at the same time."""
+    import torch._inductor.config as inductor_config
+
+    global _in_process_loads, _threads_before
+    with _in_process_lock:
+        if _in_process_loads == 0:
+            _threads_before = inductor_config.compile_threads
+            inductor_config.compile_threads = 1
+        _in_process_loads += 1
+    try:
+        yield
+    finally:
+        with _in_process_lock:
+            _in_process_loads -= 1
+            if _in_process_loads == 0:
+                inductor_config.compile_threads = _threads_before
+
+
+def load_saved(path: Path) -> Callable[..., Any]:
+    """The compiled function saved in ``path`` (``torch.compiler.load_compiled_function``), its kernels
+    readied in this process. Raises what the load raises."""
+    with open(path, "rb") as f, _kernels_loaded_in_process():
+        return torch.compiler.load_compiled_function(f)
 
 
 def why_not_here(dynamic: bool) -> str:
@@ -279,8 +318,7 @@ class PrecompiledBlocks:
             return fn
         t0 = time.perf_counter()
         try:
-            with open(path, "rb") as f:
-                fn = torch.compiler.load_compiled_function(f)
+            fn = load_saved(path)
         except Exception as exc:  # a damaged or foreign file
             logger.warning("could not load the compiled block %s (%s: %s); compiling it again",
                            path, type(exc).__name__, exc)

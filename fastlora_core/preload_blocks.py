@@ -73,6 +73,8 @@ class FirstGraphs:
         loaded in the grad mode its first call ran in (a saved graph's guards take the mode they are
         loaded in) and on the engine's GPU. A file that is gone or does not load is left to the first
         call, which reports it."""
+        from .precompile import load_saved  # the compiler's imports are done by now (idle work's order)
+
         t0 = time.perf_counter()
         n = 0
         for name, inference in self._recorded().values():
@@ -86,8 +88,7 @@ class FirstGraphs:
                     if self.device.type == "cuda":
                         stack.enter_context(torch.cuda.device(self.device))
                     stack.enter_context(torch.inference_mode(inference))
-                    f = stack.enter_context(open(path, "rb"))
-                    fn = torch.compiler.load_compiled_function(f)
+                    fn = load_saved(path)
             except Exception as exc:  # noqa: BLE001 - the first call reads it again and says why
                 logger.info("could not preload the compiled block %s (%s: %s)", path, type(exc).__name__, exc)
                 continue

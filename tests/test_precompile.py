@@ -331,3 +331,35 @@ def test_only_a_first_image_that_will_compile_starts_the_compilers_early(
     engine = SimpleNamespace(options=options, device=torch.device("cpu" if case == "cpu" else "cuda"),
                              _compile_cache=cache)
     assert FluxEngine._first_image_compiles(engine) is (case == "cold")  # type: ignore[arg-type]
+
+
+def test_a_saved_graph_loads_without_starting_inductors_compile_pool(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decision 56: a load readies its already compiled kernels in this process (compile_threads 1), so
+    it starts no pool of compile processes; the setting comes back after the load, also after a failed
+    one, and only once the last of two overlapping loads (the opt-in preload's thread) is done."""
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "compile_threads", 6)
+    seen: list[int] = []
+    inner_done = []
+
+    def load(f):  # type: ignore[no-untyped-def]
+        seen.append(inductor_config.compile_threads)
+        if f.name.endswith("outer.bin") and not inner_done:  # a second load starts and ends inside this one
+            inner_done.append(precompile.load_saved(tmp_path / "inner.bin"))
+            seen.append(inductor_config.compile_threads)
+        if f.name.endswith("bad.bin"):
+            raise RuntimeError("a damaged file")
+        return f.name
+
+    monkeypatch.setattr(torch.compiler, "load_compiled_function", load)
+    for name in ("outer.bin", "inner.bin", "bad.bin"):
+        (tmp_path / name).write_bytes(b"x")
+    assert precompile.load_saved(tmp_path / "outer.bin").endswith("outer.bin")
+    assert seen == [1, 1, 1]  # the outer load, the inner one, the outer after the inner ended
+    assert inductor_config.compile_threads == 6
+    with pytest.raises(RuntimeError, match="damaged"):
+        precompile.load_saved(tmp_path / "bad.bin")
+    assert inductor_config.compile_threads == 6
+
