@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
-#: Bumped when what a saved file holds, or how its key is made, changes.
-FORMAT = 1
+#: Bumped when what a saved file holds, or how its key is made, changes (2: compiled without inductor's
+#: run-time reduction rescaling, decision 57).
+FORMAT = 2
 
 
 

@@ -246,6 +246,12 @@ def _compile_settings() -> None:
     inductor_config.fx_graph_cache = True  # the folder configure_compile_cache chose
     if hasattr(inductor_config, "autotune_local_cache"):
         inductor_config.autotune_local_cache = True
+    if hasattr(inductor_config, "dynamic_scale_rblock"):
+        # Decision 57: a reduction kernel compiled with one config gets a second, half as wide, at its
+        # first call in every process when its registers limit occupancy, and the two are benchmarked
+        # there; the choice is never saved (a kernel with one config has no autotune cache entry). Four
+        # of the fp8 blocks' kernels did, 0.14-0.25 s of every warm first image on the H100.
+        inductor_config.dynamic_scale_rblock = False
     if getattr(inductor_config, "freezing", False):
         logger.warning("inductor freezing is on; turning it off (in-place LoRA swaps need live weights)")
         inductor_config.freezing = False

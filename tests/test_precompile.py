@@ -363,3 +363,20 @@ def test_a_saved_graph_loads_without_starting_inductors_compile_pool(tmp_path: P
         precompile.load_saved(tmp_path / "bad.bin")
     assert inductor_config.compile_threads == 6
 
+
+def test_compiles_leave_out_the_reductions_rescaled_and_benchmarked_in_every_process(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decision 57: inductor's run-time halving of a reduction's block (benchmarked at the first call of
+    every process, never saved) is off for FastLoRA's compiles, and the saved blocks' key says so."""
+    import torch._inductor.config as inductor_config
+
+    from fastlora_core import optimize
+
+    if not hasattr(inductor_config, "dynamic_scale_rblock"):
+        pytest.skip(f"torch {torch.__version__} has no run-time reduction rescaling")
+    for name in ("dynamic_scale_rblock", "fx_graph_cache", "autotune_local_cache"):  # restored after the test
+        monkeypatch.setattr(inductor_config, name, getattr(inductor_config, name))
+    inductor_config.dynamic_scale_rblock = True
+    optimize.configure_worker_compile()  # the settings of the serving process's and the workers' compiles
+    assert inductor_config.dynamic_scale_rblock is False
+    assert block_keys.software()[0] == "format 2"  # files saved before the change are not loaded
