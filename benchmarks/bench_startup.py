@@ -22,7 +22,8 @@ the fp8 swap kernels meanwhile, as before decision 42 (that work then falls on t
 ``api_warm_nodefer``: the checks import torchao (which imports Dynamo) before the weights' reads start, as
 before decision 43, instead of trusting the record of an earlier process's import and leaving the import to
 the wait. The child's ``idle_tasks_s`` says which tasks ran while the loader waited and for how long,
-``first_swap`` splits the first LoRA (file read, staging on the GPU, the whole swap).
+``first_swap`` splits the first LoRA (file read, staging on the GPU, the whole swap); ``first_calls_ahead_s``
+is how long the encoders' and VAE's first calls took on their own thread (decision 55; null where not made).
 ``_profile`` and ``_importtime`` (API runs): the child under ``cProfile`` or ``python -X importtime``, for
 where the time goes (``VARIANTS``). ``_cudnnfp8``: the engine with ``attention="cudnn_fp8"`` (its first
 image compiles the blocks with the FP8 attention op; the steady image compares with ``api_warm``).
@@ -234,6 +235,7 @@ def child(model: str, lora: str, cache: str, out: str, tiny: bool, ordinary: boo
         "imports_s": round(imports_s, 3), "engine": engine.timings, "direct_read_s": direct_reads,
         "idle_work_s": idle_work, "idle_tasks_s": idle_tasks, "read_waits_s": read_waits,
         "first_swap": engine.last_swap.as_dict() if engine.last_swap is not None else None,
+        "first_calls_ahead_s": engine.first_calls_ahead_s,
         "process_start_to_first_image_s": round(age, 3) if age is not None else None,
         "first_image_compiles": first.new_compiles, "steady_image_s": [round(r.seconds, 3) for r in later],
         "saved_blocks": vars(engine.precompiled.stats) if engine.precompiled is not None else None,

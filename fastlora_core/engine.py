@@ -19,7 +19,16 @@ from typing import Any
 
 import torch
 
-from . import background_compile, cancel, expected_compile, idle_work, precompile, preload_blocks, triton_key
+from . import (
+    background_compile,
+    cancel,
+    expected_compile,
+    first_calls,
+    idle_work,
+    precompile,
+    preload_blocks,
+    triton_key,
+)
 from .errors import EngineReleasedError, LoraFitError, LoraFormatError, OptionsError, out_of_memory
 from .lora.adapter import AdapterStrategy
 from .lora.base import ResolvedEntry, SwapStrategy
@@ -165,6 +174,9 @@ class FluxEngine:
         self._background_mode: str | None = None
         self._expected: list[background_compile.Job] = []  # the expected first request's graphs (decision 47)
         self._first_graphs: FirstGraphs | None = None  # the last first request's graphs (decision 48)
+        self._first_calls: first_calls.FirstCalls | None = None  # the encoders' and VAE's (decision 55)
+        # Seconds those first calls took on their thread; None where not made ahead (or they failed).
+        self.first_calls_ahead_s: float | None = None
         if options.compile != "off":
             self._compile_cache = configure_compile_cache(options)  # the folder only: no import (decision 43)
             if options.compile == "regional" and not options.deterministic and not options.dynamic_shapes:
@@ -185,8 +197,10 @@ class FluxEngine:
             if pipeline is None:
                 pipeline = self._load(source)
             pipe, pipeline = pipeline, None
+            self._first_calls = first_calls.FirstCalls.start(pipe, options, self.device, self._ample_room)
             self._optimise(pipe)
         except BaseException:  # nothing of a failed build stays behind: memory, settings, workers
+            self._await_first_calls()
             pipe = pipeline = None
             self._free_memory()
             if self._deterministic_before is not None:
@@ -521,6 +535,7 @@ class FluxEngine:
                 return {}
 
             self._cancel.check = check_cancel
+            self._await_first_calls()
             try:
                 images = run_pipeline(self.pipe, request, callback)
             except torch.OutOfMemoryError as exc:
@@ -609,6 +624,14 @@ class FluxEngine:
         return self._preview_map
 
     # -- memory --------------------------------------------------------------------------------
+    def _await_first_calls(self) -> None:
+        """Wait for the encoders' and VAE's first calls made ahead (decision 55): before this engine
+        uses, moves or frees those modules itself."""
+        calls, self._first_calls = self._first_calls, None
+        if calls is not None:
+            calls.wait()
+            self.first_calls_ahead_s = calls.seconds
+
     def _check_usable(self) -> None:
         """Call with ``_lock`` held: a ``release()`` that ran while this thread waited for the lock
         is seen here, not as a missing ``pipe`` later."""
@@ -634,6 +657,7 @@ class FluxEngine:
         with self._lock:
             if self.released or self.offloaded or self.device.type == "cpu":
                 return
+            self._await_first_calls()
             if self.options.quantization != "none" or self.options.offload != "none":
                 self.release()
                 return
@@ -657,6 +681,7 @@ class FluxEngine:
         with self._lock:
             if self.released:
                 return
+            self._await_first_calls()
             self.released = True
             if self._background is not None:
                 self._background.close()

@@ -118,6 +118,27 @@ def test_with_ample_room_the_transformer_is_read_straight_to_the_gpu(tiny_source
         assert got[name].device.type == "cuda" and torch.equal(got[name].cpu(), want), name
 
 
+def test_with_ample_room_the_encoders_and_vae_first_calls_are_made_during_the_build(
+        tiny_source: ModelSource, tiny_request: GenerateRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decision 55: on a GPU with room, the engine's build makes the text encoders' and VAE's first calls on
+    a thread of their own, and the images are the ones an engine without them makes."""
+    from fastlora_core import first_calls
+
+    options = dataclasses.replace(GPU, compile="off")
+    engine = FluxEngine(tiny_source, options)
+    if not engine._ample_room:
+        pytest.skip("this GPU has no ample room (decision 29)")
+    images = engine.generate(tiny_request).images
+    assert engine.first_calls_ahead_s is not None  # made, and waited for before sampling
+    engine.release()
+    monkeypatch.setattr(first_calls, "why_not", lambda *args: "turned off for the comparison")
+    plain = FluxEngine(tiny_source, options)
+    expected = plain.generate(tiny_request).images
+    assert plain.first_calls_ahead_s is None
+    plain.release()
+    torch.testing.assert_close(images, expected, atol=2e-3, rtol=0)  # the same kernels; other processes may differ
+
+
 def test_non_finite_values_are_found_on_the_gpu() -> None:
     """The staged check (``first_non_finite`` on CUDA tensors): a NaN, an infinity and finite values
     whose sum overflows float32 among many tensors, in bf16 and float32."""
