@@ -250,7 +250,7 @@ def _compile_settings() -> None:
         # Decision 57: a reduction kernel compiled with one config gets a second, half as wide, at its
         # first call in every process when its registers limit occupancy, and the two are benchmarked
         # there; the choice is never saved (a kernel with one config has no autotune cache entry). Four
-        # of the fp8 blocks' kernels did, 0.14-0.25 s of every warm first image on the H100.
+        # of the fp8 blocks' kernels did, 0.13-0.52 s of every warm first image on the H100 (2026-12-06).
         inductor_config.dynamic_scale_rblock = False
     if getattr(inductor_config, "freezing", False):
         logger.warning("inductor freezing is on; turning it off (in-place LoRA swaps need live weights)")
