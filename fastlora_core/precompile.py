@@ -93,11 +93,10 @@ _threads_before: Any = None  # inductor's compile_threads before the first of th
 def _kernels_loaded_in_process() -> Iterator[None]:
     """Inductor's ``compile_threads`` at 1 while a saved graph loads (decision 56). Loading one makes
     its Triton kernels ready through inductor's ``AsyncCompile.triton``, which starts the process's pool
-    of compile processes on its first call (hashing torch's source files for the pool's key, 0.09-0.13 s
-    of the first image on the H100, and starting a process) although every kernel of a saved graph is
-    already compiled. With one thread inductor readies them where it is, as the pool's first answers
-    would; a later compile in this process starts the pool as before. Counted, because the opt-in
-    preload may load on another thread at the same time."""
+    of compile processes on its first call (a sidecar process that imports torch) although every kernel
+    of a saved graph is already compiled. With one thread inductor readies them where it is, as it does
+    until the pool answers anyway; a later compile in this process starts the pool as before. Counted,
+    because the opt-in preload may load on another thread at the same time."""
     import torch._inductor.config as inductor_config
 
     global _in_process_loads, _threads_before
