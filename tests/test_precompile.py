@@ -340,7 +340,6 @@ def test_a_saved_graph_loads_without_starting_inductors_compile_pool(tmp_path: P
     one, and only once the last of two overlapping loads (the opt-in preload's thread) is done."""
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config, "compile_threads", 6)
     seen: list[int] = []
     inner_done = []
 
@@ -356,16 +355,17 @@ def test_a_saved_graph_loads_without_starting_inductors_compile_pool(tmp_path: P
     monkeypatch.setattr(torch.compiler, "load_compiled_function", load)
     for name in ("outer.bin", "inner.bin", "bad.bin"):
         (tmp_path / name).write_bytes(b"x")
-    assert precompile.load_saved(tmp_path / "outer.bin").endswith("outer.bin")
-    assert seen == [1, 1, 1]  # the outer load, the inner one, the outer after the inner ended
-    assert inductor_config.compile_threads == 6
-    with pytest.raises(RuntimeError, match="damaged"):
-        precompile.load_saved(tmp_path / "bad.bin")
-    assert inductor_config.compile_threads == 6
+    # torch's own patch for its config module (pytest's monkeypatch would delete the entry on undo)
+    with inductor_config.patch(compile_threads=6):
+        assert precompile.load_saved(tmp_path / "outer.bin").endswith("outer.bin")
+        assert seen == [1, 1, 1]  # the outer load, the inner one, the outer after the inner ended
+        assert inductor_config.compile_threads == 6
+        with pytest.raises(RuntimeError, match="damaged"):
+            precompile.load_saved(tmp_path / "bad.bin")
+        assert inductor_config.compile_threads == 6
 
 
-def test_compiles_leave_out_the_reductions_rescaled_and_benchmarked_in_every_process(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compiles_leave_out_the_reductions_rescaled_and_benchmarked_in_every_process() -> None:
     """Decision 57: inductor's run-time halving of a reduction's block (benchmarked at the first call of
     every process, never saved) is off for FastLoRA's compiles, and the saved blocks' key says so."""
     import torch._inductor.config as inductor_config
@@ -374,9 +374,9 @@ def test_compiles_leave_out_the_reductions_rescaled_and_benchmarked_in_every_pro
 
     if not hasattr(inductor_config, "dynamic_scale_rblock"):
         pytest.skip(f"torch {torch.__version__} has no run-time reduction rescaling")
-    for name in ("dynamic_scale_rblock", "fx_graph_cache", "autotune_local_cache"):  # restored after the test
-        monkeypatch.setattr(inductor_config, name, getattr(inductor_config, name))
-    inductor_config.dynamic_scale_rblock = True
-    optimize.configure_worker_compile()  # the settings of the serving process's and the workers' compiles
-    assert inductor_config.dynamic_scale_rblock is False
+    # torch's own patch restores every entry afterwards (pytest's monkeypatch would delete them on undo)
+    with inductor_config.patch(dynamic_scale_rblock=True, fx_graph_cache=inductor_config.fx_graph_cache,
+                               autotune_local_cache=inductor_config.autotune_local_cache):
+        optimize.configure_worker_compile()  # the settings of the serving process's and the workers' compiles
+        assert inductor_config.dynamic_scale_rblock is False
     assert block_keys.software()[0] == "format 2"  # files saved before the change are not loaded
