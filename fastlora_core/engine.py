@@ -19,17 +19,9 @@ from typing import Any
 
 import torch
 
-from . import (
-    background_compile,
-    cancel,
-    expected_compile,
-    first_calls,
-    idle_work,
-    precompile,
-    preload_blocks,
-    triton_key,
-)
+from . import background_compile, cancel, expected_compile, idle_work, precompile, preload_blocks, triton_key
 from .errors import EngineReleasedError, LoraFitError, LoraFormatError, OptionsError, out_of_memory
+from .first_calls import FirstCalls
 from .lora.adapter import AdapterStrategy
 from .lora.base import ResolvedEntry, SwapStrategy
 from .lora.cache import GLOBAL_CACHE, MEMORY_PREFIX, DeviceLoraCache, FileKey, LoraCache, file_key
@@ -174,7 +166,7 @@ class FluxEngine:
         self._background_mode: str | None = None
         self._expected: list[background_compile.Job] = []  # the expected first request's graphs (decision 47)
         self._first_graphs: FirstGraphs | None = None  # the last first request's graphs (decision 48)
-        self._first_calls: first_calls.FirstCalls | None = None  # the encoders' and VAE's (decision 55)
+        self._first_calls: FirstCalls | None = None  # the encoders' and VAE's (decision 55)
         # Seconds those first calls took on their thread; None where not made ahead (or they failed).
         self.first_calls_ahead_s: float | None = None
         if options.compile != "off":
@@ -197,7 +189,7 @@ class FluxEngine:
             if pipeline is None:
                 pipeline = self._load(source)
             pipe, pipeline = pipeline, None
-            self._first_calls = first_calls.FirstCalls.start(pipe, options, self.device, self._ample_room)
+            self._first_calls = FirstCalls.start(pipe, options, self.device, self._ample_room)
             self._optimise(pipe)
         except BaseException:  # nothing of a failed build stays behind: memory, settings, workers
             self._await_first_calls()
