@@ -59,7 +59,7 @@ def why_not(pipe: Any, options: EngineOptions, device: torch.device, ample_room:
 class FirstCalls:
     """One daemon thread making the encoders' and the VAE's first calls; :meth:`wait` joins it."""
 
-    def __init__(self, pipe: Any, device: torch.device, request: GenerateRequest = EXPECTED) -> None:
+    def __init__(self, pipe: Any, device: torch.device, request: GenerateRequest) -> None:
         self._pipe = pipe
         self._device = device
         self._request = request  # the sizes the calls are made at

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from .atomic_write import write_whole
+from .precompile import load_saved
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +74,6 @@ class FirstGraphs:
         loaded in the grad mode its first call ran in (a saved graph's guards take the mode they are
         loaded in) and on the engine's GPU. A file that is gone or does not load is left to the first
         call, which reports it."""
-        from .precompile import load_saved  # the compiler's imports are done by now (idle work's order)
-
         t0 = time.perf_counter()
         n = 0
         for name, inference in self._recorded().values():
