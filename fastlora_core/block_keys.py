@@ -194,10 +194,16 @@ def _input_meta(value: object, sizes: bool) -> object:
     return _value_id(value)
 
 
+#: The last part of a dynamic-shape slot: it names how such graphs are traced, so that files traced
+#: another way are not loaded (with duck shaping they could hold a size; decision 58).
+DYNAMIC_SLOT = "dynamic, a symbol per dimension"
+
+
 def call_signature(args: tuple, kwargs: dict, sizes: bool = True) -> tuple:
     """The call's inputs as Dynamo sees them (tensor meta, constants) and the autograd mode; with
     ``sizes=False`` tensors count by rank only (the slot of a graph compiled with dynamic shapes)."""
-    return (_input_meta(args, sizes), _input_meta(kwargs, sizes), torch.is_grad_enabled(), torch.is_inference_mode_enabled(), "sizes" if sizes else "dynamic")
+    return (_input_meta(args, sizes), _input_meta(kwargs, sizes), torch.is_grad_enabled(),
+            torch.is_inference_mode_enabled(), "sizes" if sizes else DYNAMIC_SLOT)
 
 
 def in_inference_mode(signature: tuple) -> bool:

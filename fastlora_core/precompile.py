@@ -22,7 +22,9 @@ guards the rest itself:
   re-fingerprints the block before the call.
 
 Sizes follow Dynamo's automatic dynamic shapes: a block class's first size gets a graph for exactly
-that size, its second one graph with dynamic shapes that every later size reuses.
+that size, its second one graph with dynamic shapes that every later size reuses. That graph is traced
+with one size symbol per input dimension (:func:`_size_symbols`), so it holds no equality between sizes
+that only happened to be equal when it was traced.
 
 A guard that still fails (something only Dynamo checks changed) or a file that will not load compiles
 the block again from source and replaces the file. Anything this module cannot do (an older torch, a
@@ -487,7 +489,8 @@ class PrecompiledBlocks:
             with dynamo_config.patch(enable_aot_compile=True):
                 compiler = torch.compile(type(block).forward, fullgraph=True, dynamic=True if dynamic else None,
                                          options={"guard_filter_fn": _serialisable_guards})
-            fn = self._trace(compiler, block, args, kwargs)
+            with _size_symbols(dynamic):
+                fn = self._trace(compiler, block, args, kwargs)
         except Exception as exc:
             reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
             self.stats.failures.append(reason)
@@ -515,6 +518,21 @@ class PrecompiledBlocks:
             prune(self.folder)
         self._functions[slot] = fn
         return fn
+
+
+def _size_symbols(dynamic: bool) -> contextlib.AbstractContextManager[Any]:
+    """For a trace with dynamic shapes: a size symbol of its own for every input dimension (decision 58).
+
+    Dynamo's duck shaping gives input dimensions that are equal at trace time one symbol. When one of
+    them is then fixed by the weights (the rotary tables' last dimension is the head size), the other
+    is fixed with it: a graph traced while the text was as long as the head size guarded that length,
+    and every later text length failed the guard and compiled a graph for its exact size. With a symbol
+    per dimension only the dimension the weights fix is fixed."""
+    if not dynamic:
+        return contextlib.nullcontext()
+    import torch.fx.experimental._config as fx_config
+
+    return fx_config.patch(use_duck_shape=False)  # type: ignore[attr-defined]  # added by install_config_module
 
 
 def _mark_used(path: Path) -> None:

@@ -258,6 +258,24 @@ def test_a_second_size_compiles_one_dynamic_graph_that_later_sizes_reuse(tmp_pat
     assert (later.stats.compiled, later.stats.loaded) == (0, 2)
 
 
+def test_a_dynamic_graph_traced_with_the_text_as_long_as_the_head_serves_other_text_lengths(tmp_path: Path) -> None:
+    """Sizes equal by chance when the dynamic graph is traced (here the text length and the head size,
+    which the weights fix) stay separate: later text lengths reuse the graph instead of compiling one
+    graph per size, in this process and in a restarted one."""
+    blocks = _blocks(1)
+    dispatch = PrecompiledBlocks(tmp_path, CPU)
+    dispatch.install(blocks)
+    for img, txt in ((16, HEAD_DIM), (24, HEAD_DIM), (16, 12), (40, 20)):
+        inputs = _inputs(img=img, txt=txt)
+        assert _close(_run(blocks[0], inputs), _eager(blocks[0], inputs))
+    assert dispatch.stats.compiled == 2  # the first size exactly, then one dynamic graph
+    later = PrecompiledBlocks(tmp_path, CPU)
+    later.install(blocks)
+    inputs = _inputs(img=32, txt=24)
+    assert _close(_run(blocks[0], inputs), _eager(blocks[0], inputs))
+    assert (later.stats.compiled, later.stats.loaded) == (0, 1)
+
+
 def test_blocks_with_hooks_run_eagerly_with_their_hooks(tmp_path: Path) -> None:
     blocks, inputs = _blocks(1), _inputs()
     dispatch = PrecompiledBlocks(tmp_path, CPU)
