@@ -1,8 +1,11 @@
-"""New resolutions on a compiled engine: static shapes (default: dynamo recompiles once, then marks
-the changed dims dynamic) vs ``dynamic_shapes=True`` (dynamic from the first compile).
+"""New resolutions and text lengths on a compiled engine: static shapes (default: the first size gets
+its own graph, the second one graph with dynamic shapes that later sizes reuse) vs
+``dynamic_shapes=True`` (dynamic from the first compile).
 
-Runs on any device with the tiny random Flux (no weights needed); a cold inductor cache per mode.
-Prints, per call: resolution, new compiles, seconds.
+Runs on any device with the tiny random Flux (no weights needed); a cold inductor cache per mode. The
+first two calls use 16 text tokens, the tiny model's head size, so the dynamic graph is traced while the
+text is as long as the head (ARCHITECTURE decision 58); later calls change the text length too.
+Prints, per call: resolution, text tokens, new compiles, seconds; then one JSON line per mode.
 
     python benchmarks/bench_shapes.py [--device cpu|cuda] [--compile regional|full]
 """
@@ -17,7 +20,7 @@ import sys
 import tempfile
 import time
 
-SIZES = [(64, 64), (80, 48), (96, 96), (112, 64), (64, 64), (80, 48), (96, 96)]
+SIZES = [(64, 64, 16), (80, 48, 16), (96, 96, 16), (112, 64, 24), (64, 64, 8), (80, 48, 16), (96, 96, 32)]
 
 
 def worker(mode: str, device: str, compile_mode: str, model_dir: str) -> None:
@@ -29,10 +32,11 @@ def worker(mode: str, device: str, compile_mode: str, model_dir: str) -> None:
                         EngineOptions(device=device, dtype=dtype, compile=compile_mode,
                                       dynamic_shapes=(mode == "dynamic")))
     rows = []
-    for w, h in SIZES:
+    for w, h, text in SIZES:
         t = time.perf_counter()
-        r = engine.generate(GenerateRequest(steps=4, width=w, height=h, max_sequence_length=16))
-        rows.append({"size": f"{w}x{h}", "new_compiles": r.new_compiles, "s": round(time.perf_counter() - t, 3)})
+        r = engine.generate(GenerateRequest(steps=4, width=w, height=h, max_sequence_length=text))
+        rows.append({"size": f"{w}x{h}", "text": text, "new_compiles": r.new_compiles,
+                     "s": round(time.perf_counter() - t, 3)})
     print(json.dumps({"mode": mode, "rows": rows}))
 
 
@@ -56,9 +60,10 @@ def main() -> None:
                               "--compile", args.compile, "--model", model],
                              env=env, capture_output=True, text=True, check=True).stdout
         result = json.loads(out.strip().splitlines()[-1])
-        print(f"\n{mode}: size new_compiles seconds")
+        print(f"\n{mode}: size text new_compiles seconds")
         for row in result["rows"]:
-            print(f"  {row['size']:>7} {row['new_compiles']:>3} {row['s']:>8}")
+            print(f"  {row['size']:>7} {row['text']:>4} {row['new_compiles']:>3} {row['s']:>8}")
+        print(json.dumps(result))
 
 
 if __name__ == "__main__":
