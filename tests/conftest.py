@@ -1,7 +1,7 @@
 """Shared fixtures: a tiny random Flux written to disk once per session, and its LoRAs.
 
 Everything runs offline on the CPU. The inductor cache lives in a fixed per-user folder (the same
-default the engine uses) so reruns compile from cache.
+default the engine uses; one subfolder per pytest-xdist worker) so reruns compile from cache.
 """
 
 from __future__ import annotations
@@ -10,6 +10,22 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _own_cache_per_worker() -> None:
+    """Under pytest-xdist (``make test`` runs two processes), each worker gets a cache folder of its own
+    below the usual one, set before anything reads it, and its subprocesses inherit it: saved blocks,
+    inductor's cache and the import records are then written by one process of this run, as in a serial
+    run, and a test that asks what the folder holds (saved blocks or none, decisions 46-48) does not see
+    what the other worker is writing at that moment."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker:
+        from fastlora_core.deps import cache_home
+
+        os.environ["FASTLORA_CACHE_DIR"] = str(cache_home() / f"pytest-{worker}")
+
+
+_own_cache_per_worker()
 
 from pathlib import Path  # noqa: E402
 
