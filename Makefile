@@ -21,7 +21,7 @@ venv: $(VENV)/.installed
 demo: venv
 	$(PY) -m fastlora_core demo --out demo-output
 
-# pytest: two worker processes (pytest-xdist), each test file kept whole in one of them: ~6.5 instead of
+# pytest: two worker processes (pytest-xdist), each test file kept whole in one of them: 6.5-7.5 instead of
 # ~10 min on two cores; more workers would multiply the compile processes each one starts.
 test: venv
 	$(PY) -m ruff check .
