@@ -202,6 +202,9 @@ def compile_cache_dir(options: EngineOptions) -> Path:
     return deps.cache_home() / "inductor"
 
 
+_OURS = "_FASTLORA_SET_INDUCTOR_CACHE_DIR"  # the TORCHINDUCTOR_CACHE_DIR value FastLoRA wrote, not the user
+
+
 def user_inductor_cache_dir() -> str | None:
     """``TORCHINDUCTOR_CACHE_DIR`` when the *user* chose it, else None.
 
@@ -209,9 +212,14 @@ def user_inductor_cache_dir() -> str | None:
     writes its own default, a per-user temporary folder, into that variable. That value is torch's,
     not the user's, and must not switch off the persistent cache. Before inductor is imported in
     this process, nothing in it can have written the variable: it is the user's (checked without
-    importing inductor, whose import brings in Dynamo: decision 43)."""
+    importing inductor, whose import brings in Dynamo: decision 43).
+
+    Nor is a folder FastLoRA itself wrote there (:func:`configure_compile_cache` records it in
+    ``_FASTLORA_SET_INDUCTOR_CACHE_DIR``): a process started by one that built an engine inherits both
+    variables, and its own ``FASTLORA_CACHE_DIR`` or ``compile_cache_dir`` must still count. Compile
+    workers do not ask; they keep the inherited folder on purpose (:func:`configure_worker_compile`)."""
     value = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if not value:
+    if not value or value == os.environ.get(_OURS):
         return None
     if "torch._inductor" not in sys.modules:
         return value
@@ -233,7 +241,7 @@ def configure_compile_cache(options: EngineOptions) -> Path:
         return Path(user)
     path = compile_cache_dir(options)
     path.mkdir(parents=True, exist_ok=True)
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.environ[_OURS] = str(path)
     return path  # inductor's cache switches are set with the compile settings (_compile_settings)
 
 

@@ -118,10 +118,6 @@ def _serve(base: Path, extra_env: dict[str, str] | None = None, log_name: str = 
     custom = base / "custom_nodes"
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastlora" / "comfyui-test"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **(extra_env or {}))
-    if "FASTLORA_CACHE_DIR" in (extra_env or {}) and "TORCHINDUCTOR_CACHE_DIR" not in (extra_env or {}):
-        # An engine built earlier in this test process set TORCHINDUCTOR_CACHE_DIR to its own folder; the
-        # server would take that for a folder the user chose (it wins) instead of the one asked for here.
-        env.pop("TORCHINDUCTOR_CACHE_DIR", None)
     extra = _torchvision_pythonpath(cache)
     env["PYTHONPATH"] = os.pathsep.join(extra + [p for p in [env.get("PYTHONPATH", "")] if p])
     port = _free_port()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +15,8 @@ from fastlora_core import registry
 from fastlora_core.engine import FluxEngine
 from fastlora_core.errors import EngineReleasedError, OptionsError
 from fastlora_core.specs import EngineOptions, GenerateRequest, LoraStack, ModelSource
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CPU = EngineOptions(dtype="float32", device="cpu", compile="off")
 
@@ -381,6 +386,7 @@ def test_compile_cache_goes_to_the_configured_folder(tiny_source: ModelSource, t
     from fastlora_core.optimize import compile_cache_dir
 
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # restored after the test
+    monkeypatch.delenv("_FASTLORA_SET_INDUCTOR_CACHE_DIR", raising=False)
     monkeypatch.setenv("FASTLORA_CACHE_DIR", str(tmp_path / "default"))
     assert compile_cache_dir(EngineOptions()) == tmp_path / "default" / "inductor"
     FluxEngine(tiny_source, dataclasses.replace(CPU, compile="regional", compile_cache_dir=str(tmp_path / "c")))
@@ -397,6 +403,17 @@ def test_compile_cache_goes_to_the_configured_folder(tiny_source: ModelSource, t
     assert cache_dir() == os.path.abspath(default_cache_dir()) == os.environ["TORCHINDUCTOR_CACHE_DIR"]
     FluxEngine(tiny_source, dataclasses.replace(CPU, compile="regional"))
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "default" / "inductor")
+    # A process started from this one inherits the variable FastLoRA wrote; with a FASTLORA_CACHE_DIR of
+    # its own it must use that folder, not take the inherited one for the user's choice.
+    code = ("import os, dataclasses; from fastlora_core.optimize import configure_compile_cache; "
+            "from fastlora_core.specs import EngineOptions; "
+            "print('DIR', configure_compile_cache(EngineOptions(compile='regional')), "
+            "os.environ['TORCHINDUCTOR_CACHE_DIR'])")
+    env = dict(os.environ, FASTLORA_CACHE_DIR=str(tmp_path / "child"))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=str(ROOT), env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-2:] == [str(tmp_path / "child" / "inductor")] * 2
 
 
 def test_previews_arrive_every_step_and_change_nothing(tiny_source: ModelSource,
