@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.metadata
+import os
 import platform
 import sys
 import types
@@ -29,9 +30,18 @@ FORMAT = 2
 
 
 
+#: ``TORCHINDUCTOR_*`` variables that change where inductor works, not the code it generates.
+_INDUCTOR_ENV_NOT_CODE = frozenset({"TORCHINDUCTOR_CACHE_DIR", "TORCHINDUCTOR_COMPILE_THREADS"})
+
+
 @functools.cache
 def software() -> tuple[str, ...]:
-    """Versions that change what inductor generates, read once per process."""
+    """Versions and settings that change what inductor generates, read once per process.
+
+    Inductor reads its ``TORCHINDUCTOR_*`` environment variables once, as its settings' defaults
+    (``TORCHINDUCTOR_ENABLE_PDL``, ``TORCHINDUCTOR_MAX_AUTOTUNE``...). A saved block is loaded without
+    inductor's own cache key, so those variables are part of this one: a process started with other
+    settings compiles its own graphs instead of loading code generated under the old ones."""
 
     def version(name: str) -> str:
         try:
@@ -39,8 +49,11 @@ def software() -> tuple[str, ...]:
         except importlib.metadata.PackageNotFoundError:
             return "-"
 
+    settings = sorted(f"{k}={v}" for k, v in os.environ.items()
+                      if k.startswith("TORCHINDUCTOR_") and k not in _INDUCTOR_ENV_NOT_CODE)
     return (f"format {FORMAT}", f"torch {torch.__version__}", f"triton {version('triton')}",
-            f"torchao {version('torchao')}", f"peft {version('peft')}", f"python {sys.version.split()[0]}")
+            f"torchao {version('torchao')}", f"peft {version('peft')}", f"python {sys.version.split()[0]}",
+            *settings)
 
 
 @functools.cache

@@ -78,6 +78,39 @@ def test_a_compiled_block_is_saved_and_a_fresh_dispatcher_loads_it_without_compi
     assert all(torch.equal(a, b) for a, b in zip(loaded, out))  # the same compiled code
 
 
+def test_a_process_with_other_inductor_settings_compiles_its_own_graph(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inductor takes ``TORCHINDUCTOR_*`` variables as its settings (programmatic dependent launch,
+    max-autotune...): a graph saved under other settings must not be loaded. Where inductor works (its
+    cache folder, its number of compile processes) changes nothing and the saved graph still loads."""
+    blocks, inputs = _blocks(), _inputs()
+    monkeypatch.delenv("TORCHINDUCTOR_ENABLE_PDL", raising=False)
+    block_keys.software.cache_clear()
+    try:
+        first = PrecompiledBlocks(tmp_path, CPU)
+        first.install(blocks)
+        _run(blocks[0], inputs)
+        assert (first.stats.compiled, first.stats.saved) == (1, 1)
+
+        monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "3")
+        block_keys.software.cache_clear()  # what a process started with this variable reads
+        same = PrecompiledBlocks(tmp_path, CPU)
+        same.install(blocks)
+        _run(blocks[0], inputs)
+        assert (same.stats.compiled, same.stats.loaded) == (0, 1)
+
+        monkeypatch.setenv("TORCHINDUCTOR_ENABLE_PDL", "1")
+        block_keys.software.cache_clear()
+        other = PrecompiledBlocks(tmp_path, CPU)
+        other.install(blocks)
+        _run(blocks[0], inputs)
+        assert (other.stats.compiled, other.stats.loaded) == (1, 0)
+        assert len(list(tmp_path.glob("FluxSingleTransformerBlock-*.bin"))) == 2
+    finally:
+        monkeypatch.undo()
+        block_keys.software.cache_clear()
+
+
 def test_one_graph_serves_every_block_with_its_own_weights_and_sees_in_place_writes(tmp_path: Path) -> None:
     blocks, inputs = _blocks(3), _inputs()
     dispatch = PrecompiledBlocks(tmp_path, CPU)
