@@ -101,10 +101,13 @@ RUNS = ("api_cold", "api_warm", "cli_cold", "cli_warm", "api_disk_cold")  # a wa
 #: or ``api_disk_cold`` in one call).
 #: ``_pyspy`` (the child sampled by ``py-spy record --threads --idle``, 250 Hz, from outside the process:
 #: ``pyspy.txt``, collapsed stacks per thread, for where a start's serial Python goes; py-spy on the PATH).
+#: ``_pdl`` (``TORCHINDUCTOR_ENABLE_PDL=1``: inductor's Triton kernels launched with programmatic dependent
+#: launch, Hopper and later, a loop lever; in a compile cache of its own, ``cache-api-pdl``, since a saved
+#: block file does not record inductor's settings: pair ``api_cold_pdl`` with ``api_cold`` first).
 #: Suffixes combine: ``api_cold_othersize_noexpected``.
 VARIANTS = ("ordinary", "serial", "noidle", "nodefer", "profile", "importtime", "cudnnfp8", "threads1", "diffusers", "plaincompile",
             "bgcompile", "torchaoproj", "onecompiler", "parts", "noptune", "noprewarm", "noexpected", "latestart", "threads8",
-            "othersize", "othertree", "preload", "pyspy")
+            "othersize", "othertree", "preload", "pyspy", "pdl")
 #: ``_othersize``'s image size (width, height): a common Flux size other than the default.
 OTHER_SIZE = (1344, 768)
 PROMPT = "a photo of a red fox in a snowy forest, golden hour"
@@ -243,9 +246,20 @@ def child(model: str, lora: str, cache: str, out: str, tiny: bool, ordinary: boo
         "fused_projections": getattr(engine, "fused_projections", None),
         "image_parts": image_parts,
         "compile_times": compile_times(),
+        "inductor_pdl": inductor_pdl(),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
     }
     Path(out).write_text(json.dumps(result, indent=2))
+
+
+def inductor_pdl() -> bool | None:
+    """Whether inductor generated programmatic-dependent-launch code in this process (``_pdl``), or None
+    where this torch has no such setting or inductor was never imported."""
+    if "torch._inductor.config" not in sys.modules:
+        return None
+    import torch._inductor.config as inductor_config
+
+    return getattr(inductor_config.triton, "enable_pdl", None)
 
 
 def compile_times() -> dict[str, str] | None:
@@ -462,7 +476,7 @@ def run_one(name: str, model: Path, lora: Path, work: Path, out: Path, tiny: boo
         if other_tree is None:
             return {"skipped": "_othertree needs --other-tree"}
         root = other_tree
-    cache = work / f"cache-{kind}"
+    cache = work / (f"cache-{kind}-pdl" if "pdl" in variants else f"cache-{kind}")
     if mode == "cold":
         shutil.rmtree(cache, ignore_errors=True)
     res: dict[str, Any] = {"cache": "cold" if mode == "cold" else "warm"}
@@ -512,6 +526,8 @@ def run_one(name: str, model: Path, lora: Path, work: Path, out: Path, tiny: boo
         env["FASTLORA_PRELOAD_BLOCKS"] = "1"
     if "onecompiler" in variants:
         env["FASTLORA_BACKGROUND_COMPILE"] = "0"
+    if "pdl" in variants:
+        env["TORCHINDUCTOR_ENABLE_PDL"] = "1"
     if "noptune" in variants:
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "benchmarks" / "site_noptune"), env["PYTHONPATH"]])
     t0 = time.time()
