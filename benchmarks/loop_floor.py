@@ -7,10 +7,11 @@ ceilings and nothing else. Between them the engine's kernels must still move byt
 writes bf16 and reads fp8 inputs, cuDNN's attention reads and writes bf16, so every norm, RoPE, GELU,
 gate, residual and activation quantisation is at least one pass that reads what a GEMM wrote and writes
 what the next one reads. This script counts those passes for Flux.1-dev at 1024x1024 with 512 text tokens,
-each fused as far as it can be with these kernels (one read of every input, one write of every output),
-and turns the bytes into milliseconds at a copy rate. A pass fused into a GEMM's epilogue or prologue
-would need a GEMM other than cuBLAS's (a CUTLASS or Triton template; inductor's max-autotune Triton
-templates lost to cuBLAS on the GEMM alone: RESULTS.md, "Memory tiers, loop attempts").
+fused as far as these kernels allow (see ``DOUBLE_PASSES``), and turns the bytes into milliseconds at a copy
+rate: a lower bound, since no real kernel reaches the copy rate. A pass fused into a GEMM's epilogue or
+prologue would need a GEMM other than cuBLAS's as ``torch._scaled_mm`` exposes it (bf16 output, no
+epilogue): a CUTLASS or Triton template; inductor's max-autotune Triton templates lost to cuBLAS on the
+GEMM alone (RESULTS.md, "Memory tiers, loop attempts").
 
 The defaults are measured numbers (H200, NOTES.md "The two numbers"): the fp8 GEMMs of one forward at
 their per-shape ceilings 44 ms, cuDNN's bf16 attention 22.4 ms (663 TFLOP/s), copy 4.25 TB/s; pass
@@ -28,20 +29,24 @@ WIDE = MLP // HIDDEN  # the MLP's hidden width in units of HIDDEN
 IMAGE_TOKENS, TEXT_TOKENS, STEPS = 4096, 512, 28
 BF16, FP8 = 2, 1
 
-#: Each block's passes between its GEMMs and attention: (what, elements read x bytes, elements written x
-#: bytes), in units of (all tokens x HIDDEN) elements. A double block runs each pass on its image and text
-#: streams (separate weights, same widths), which together are all tokens; a single block on all tokens.
+#: Each block's passes between its GEMMs and attention: (what, bytes read, bytes written), per element of
+#: one (all tokens x HIDDEN) tensor. The most fused form these kernels leave: every GEMM's and attention's
+#: output read once, every GEMM's input written once in fp8 (one copy shared by the GEMMs that read the same
+#: input), the residual stream read and written once per residual add, a block's first norm fused into the
+#: previous block's last residual (the value is at hand, so it is not read again), v and the streams' join
+#: written in place by the GEMMs. A double block runs its passes on the image and text streams (separate
+#: weights, same widths), which together are all tokens; a single block on all tokens.
 DOUBLE_PASSES: tuple[tuple[str, float, float], ...] = (
-    ("norm1: LayerNorm, modulation, fp8 quantisation for q/k/v", BF16, FP8),
-    ("q, k: RMSNorm and RoPE; q, k, v joined across streams for attention", 3 * BF16, 3 * BF16),
-    ("attention output: split by stream, fp8 quantisation for the output projections", BF16, FP8),
+    ("norm1: modulation and fp8 quantisation for q/k/v (fused into the last residual)", 0, FP8),
+    ("q, k: RMSNorm and RoPE", 2 * BF16, 2 * BF16),
+    ("attention output: fp8 quantisation for the output projections", BF16, FP8),
     ("gate, residual, norm2, modulation, fp8 quantisation for the MLP", 2 * BF16, BF16 + FP8),
     (f"MLP hidden ({WIDE}x as wide): GELU, fp8 quantisation", WIDE * BF16, WIDE * FP8),
     ("gate, residual", 2 * BF16, BF16),
 )
 SINGLE_PASSES: tuple[tuple[str, float, float], ...] = (
-    ("norm: LayerNorm, modulation, fp8 quantisation for q/k/v/MLP", BF16, FP8),
-    ("q, k: RMSNorm and RoPE (v goes to attention as the GEMM wrote it)", 2 * BF16, 2 * BF16),
+    ("norm: modulation and fp8 quantisation for q/k/v/MLP (fused into the last residual)", 0, FP8),
+    ("q, k: RMSNorm and RoPE", 2 * BF16, 2 * BF16),
     ("attention output and GELU of the MLP hidden, joined, fp8 quantisation for proj_out",
      (1 + WIDE) * BF16, (1 + WIDE) * FP8),
     ("gate, residual", 2 * BF16, BF16),
