@@ -102,8 +102,8 @@ RUNS = ("api_cold", "api_warm", "cli_cold", "cli_warm", "api_disk_cold")  # a wa
 #: ``_pyspy`` (the child sampled by ``py-spy record --threads --idle``, 250 Hz, from outside the process:
 #: ``pyspy.txt``, collapsed stacks per thread, for where a start's serial Python goes; py-spy on the PATH).
 #: ``_pdl`` (``TORCHINDUCTOR_ENABLE_PDL=1``: inductor's Triton kernels launched with programmatic dependent
-#: launch, Hopper and later, a loop lever; in a compile cache of its own, ``cache-api-pdl``, since a saved
-#: block file does not record inductor's settings: pair ``api_cold_pdl`` with ``api_cold`` first).
+#: launch, Hopper and later, a loop lever; in a compile cache of its own, ``cache-api-pdl``, so that its cold
+#: run leaves the default runs' saved graphs in place: pair ``api_cold_pdl`` with ``api_cold`` first).
 #: Suffixes combine: ``api_cold_othersize_noexpected``.
 VARIANTS = ("ordinary", "serial", "noidle", "nodefer", "profile", "importtime", "cudnnfp8", "threads1", "diffusers", "plaincompile",
             "bgcompile", "torchaoproj", "onecompiler", "parts", "noptune", "noprewarm", "noexpected", "latestart", "threads8",

@@ -27,9 +27,6 @@ import torch
 #: run-time reduction rescaling, decision 57).
 FORMAT = 2
 
-
-
-
 #: ``TORCHINDUCTOR_*`` variables that change where inductor works, not the code it generates.
 _INDUCTOR_ENV_NOT_CODE = frozenset({"TORCHINDUCTOR_CACHE_DIR", "TORCHINDUCTOR_COMPILE_THREADS"})
 

@@ -405,7 +405,7 @@ def test_compile_cache_goes_to_the_configured_folder(tiny_source: ModelSource, t
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "default" / "inductor")
     # A process started from this one inherits the variable FastLoRA wrote; with a FASTLORA_CACHE_DIR of
     # its own it must use that folder, not take the inherited one for the user's choice.
-    code = ("import os, dataclasses; from fastlora_core.optimize import configure_compile_cache; "
+    code = ("import os; from fastlora_core.optimize import configure_compile_cache; "
             "from fastlora_core.specs import EngineOptions; "
             "print('DIR', configure_compile_cache(EngineOptions(compile='regional')), "
             "os.environ['TORCHINDUCTOR_CACHE_DIR'])")
