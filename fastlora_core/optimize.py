@@ -375,12 +375,33 @@ def torchao_config(mode: str):
     # (48 of 62 s of a warm-cache first image on the H200, benchmarks/RESULTS.md) and changes the
     # inductor settings of every other compiled model in a ComfyUI process.
     if mode == "fp8":
-        return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
+        return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False,
+                                                         **torch_kernels())
     if mode == "fp8_weight_only":
         return Float8WeightOnlyConfig(set_inductor_config=False)
     if mode == "int8_weight_only":
         return Int8WeightOnlyConfig(set_inductor_config=False)
     raise OptionsError(f"unknown quantization {mode!r}")
+
+
+def torch_kernels() -> dict[str, object]:
+    """``kernel_preference=KernelPreference.TORCH`` for torchao's per-row fp8, where this torchao has it.
+
+    With its default (``AUTO``) torchao quantises and multiplies with MSLK's kernels wherever the ``mslk``
+    package imports on an SM90+ GPU, and finds that out with ``importlib.util.find_spec("mslk")`` in every
+    quantisation and in every fp8 linear call that runs uncompiled (a search of the import path each
+    time: an eager fp8 linear call took 526-708 us against 350-424 us pinned, on a 2-core CPU). FastLoRA's
+    swap kernels and fused projection reproduce torchao's torch path bit for bit and every benchmark ran
+    on it, so the engine pins that path: the same numbers whatever else is installed, no search per call.
+    Also what the kernels' self-checks compare against."""
+    try:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig
+        from torchao.quantization.quantize_.common import KernelPreference
+    except ImportError:  # a torchao before the choice existed: it has no MSLK path either
+        return {}
+    if "kernel_preference" not in {f.name for f in dataclasses.fields(Float8DynamicActivationFloat8WeightConfig)}:
+        return {}
+    return {"kernel_preference": KernelPreference.TORCH}
 
 
 def _is_quantizable_linear(module: torch.nn.Module, fqn: str) -> bool:

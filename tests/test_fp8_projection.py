@@ -66,6 +66,40 @@ def test_the_block_with_the_fused_projection_gives_torchaos_answer_bit_for_bit(f
         assert torch.equal(a, b), f"max difference {(a.float() - b.float()).abs().max().item()}"
 
 
+def test_the_engines_fp8_layers_keep_torchaos_torch_kernels_whatever_is_installed(
+        fp8_block, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """torchao's default picks MSLK's kernels wherever that package imports, and asks the import system
+    in every uncompiled fp8 linear call. The engine pins the torch path that its swap kernels and this
+    projection reproduce: the same quantised weights as torchao's default where MSLK is absent, no
+    import-path search per call, and the fused projection still used where MSLK is installed."""
+    import importlib.util
+
+    from torchao.quantization import Float8Tensor, PerRow
+    from torchao.quantization.quantize_.workflows.float8 import float8_tensor
+
+    weight = fp8_block.proj_out.weight
+    default = Float8Tensor.from_hp(fp8_block.proj_out.weight.dequantize(), granularity=PerRow())
+    pinned = Float8Tensor.from_hp(fp8_block.proj_out.weight.dequantize(), granularity=PerRow(),
+                                  kernel_preference=weight.kernel_preference)
+    assert torch.equal(default.qdata.view(torch.uint8), pinned.qdata.view(torch.uint8))
+    assert torch.equal(default.scale, pinned.scale)
+
+    searched: list[str] = []
+    find_spec = importlib.util.find_spec
+
+    def recording(name, *args, **kwargs):  # type: ignore[no-untyped-def]
+        searched.append(name)
+        return find_spec(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", recording)
+    with torch.inference_mode():
+        fp8_block.proj_out(torch.ones(2, 64 * 5, dtype=torch.bfloat16))
+    assert "mslk" not in searched
+
+    monkeypatch.setattr(float8_tensor, "_is_mslk_available", lambda: True)  # as where MSLK is installed
+    assert fp8_projection.why_not(fp8_block.proj_out, fp8_block.act_mlp) is None
+
+
 def test_a_proj_out_replaced_after_install_falls_back_to_the_plain_path(fp8_block) -> None:  # type: ignore[no-untyped-def]
     class Wrapped(torch.nn.Module):  # what a LoRA layer put in place of proj_out looks like to the block
         def __init__(self, base: torch.nn.Module) -> None:

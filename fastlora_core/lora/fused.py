@@ -456,12 +456,13 @@ def _triton_fp8_self_check(device: torch.device) -> bool:
         from torchao.quantization import Float8Tensor, PerRow
 
         from ..kernels import grouped_rowwise_fp8_quant, rowwise_fp8_quant_into
+        from ..optimize import torch_kernels
 
         ok, outs = True, []
         for n, k in ((96, 640), (40, 1104), (7, 3008)):  # widths that are not block multiples (but of 16)
             x = (torch.randn(n, k, device=device) * 0.05).to(torch.bfloat16)
             x[3, 7] = 0.0
-            ref = Float8Tensor.from_hp(x, granularity=PerRow())
+            ref = Float8Tensor.from_hp(x, granularity=PerRow(), **torch_kernels())  # the engine's path
             for grouped in (False, True):
                 qdata = torch.empty_like(ref.qdata)
                 scale = torch.empty(ref.scale.numel(), device=device, dtype=torch.float32)
