@@ -397,7 +397,7 @@ def torch_kernels() -> dict[str, object]:
     try:
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig
         from torchao.quantization.quantize_.common import KernelPreference
-    except ImportError:  # a torchao before the choice existed: it has no MSLK path either
+    except ImportError:  # a torchao without the choice: its own default stands
         return {}
     if "kernel_preference" not in {f.name for f in dataclasses.fields(Float8DynamicActivationFloat8WeightConfig)}:
         return {}
