@@ -78,9 +78,9 @@ def test_the_engines_fp8_layers_keep_torchaos_torch_kernels_whatever_is_installe
     from torchao.quantization.quantize_.workflows.float8 import float8_tensor
 
     weight = fp8_block.proj_out.weight
-    default = Float8Tensor.from_hp(fp8_block.proj_out.weight.dequantize(), granularity=PerRow())
-    pinned = Float8Tensor.from_hp(fp8_block.proj_out.weight.dequantize(), granularity=PerRow(),
-                                  kernel_preference=weight.kernel_preference)
+    hp = weight.dequantize()
+    default = Float8Tensor.from_hp(hp, granularity=PerRow())
+    pinned = Float8Tensor.from_hp(hp, granularity=PerRow(), kernel_preference=weight.kernel_preference)
     assert torch.equal(default.qdata.view(torch.uint8), pinned.qdata.view(torch.uint8))
     assert torch.equal(default.scale, pinned.scale)
 
