@@ -96,9 +96,6 @@ RUNS = ("api_cold", "api_warm", "cli_cold", "cli_warm", "api_disk_cold")  # a wa
 #: ``_othersize`` (every image 1344x768 instead of 1024x1024: not the expected first request of decision 47).
 #: ``_othertree`` (the child runs the code of ``--other-tree``, another checkout: a before/after pair of
 #: one change in one call, on one host, with one model folder).
-#: ``_preload`` (``FASTLORA_PRELOAD_BLOCKS=1``: the saved block graphs of the last first request loaded while
-#: the weights are read, decision 48, opt-in: it ran in no start measured on 2026-12-06; compare with ``api_warm``
-#: or ``api_disk_cold`` in one call).
 #: ``_pyspy`` (the child sampled by ``py-spy record --threads --idle``, 250 Hz, from outside the process:
 #: ``pyspy.txt``, collapsed stacks per thread, for where a start's serial Python goes; py-spy on the PATH).
 #: ``_pdl`` (``TORCHINDUCTOR_ENABLE_PDL=1``: inductor's Triton kernels launched with programmatic dependent
@@ -107,7 +104,7 @@ RUNS = ("api_cold", "api_warm", "cli_cold", "cli_warm", "api_disk_cold")  # a wa
 #: Suffixes combine: ``api_cold_othersize_noexpected``.
 VARIANTS = ("ordinary", "serial", "noidle", "nodefer", "profile", "importtime", "cudnnfp8", "threads1", "diffusers", "plaincompile",
             "bgcompile", "torchaoproj", "onecompiler", "parts", "noptune", "noprewarm", "noexpected", "latestart", "threads8",
-            "othersize", "othertree", "preload", "pyspy", "pdl")
+            "othersize", "othertree", "pyspy", "pdl")
 #: ``_othersize``'s image size (width, height): a common Flux size other than the default.
 OTHER_SIZE = (1344, 768)
 PROMPT = "a photo of a red fox in a snowy forest, golden hour"
@@ -522,8 +519,6 @@ def run_one(name: str, model: Path, lora: Path, work: Path, out: Path, tiny: boo
         env["FASTLORA_PRECOMPILE"] = "0"
     if "bgcompile" in variants:
         env["FASTLORA_BACKGROUND_COMPILE"] = "1"
-    if "preload" in variants:
-        env["FASTLORA_PRELOAD_BLOCKS"] = "1"
     if "onecompiler" in variants:
         env["FASTLORA_BACKGROUND_COMPILE"] = "0"
     if "pdl" in variants:

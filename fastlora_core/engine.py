@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from . import background_compile, cancel, expected_compile, idle_work, precompile, preload_blocks, triton_key
+from . import background_compile, cancel, expected_compile, idle_work, precompile, triton_key
 from .errors import EngineReleasedError, LoraFitError, LoraFormatError, OptionsError, out_of_memory
 from .first_calls import FirstCalls
 from .lora.adapter import AdapterStrategy
@@ -43,7 +43,6 @@ from .optimize import (
     why_not_own_modules,
 )
 from .precompile import PrecompiledBlocks
-from .preload_blocks import FirstGraphs
 from .specs import EngineKey, EngineOptions, GenerateRequest, LoraStack, ModelSource
 from .timings import Phases
 
@@ -165,7 +164,6 @@ class FluxEngine:
         self._ample_room = self._has_ample_room()
         self._background_mode: str | None = None
         self._expected: list[background_compile.Job] = []  # the expected first request's graphs (decision 47)
-        self._first_graphs: FirstGraphs | None = None  # the last first request's graphs (decision 48)
         self._first_calls: FirstCalls | None = None  # the encoders' and VAE's (decision 55)
         # Seconds those first calls took on their thread; None where not made ahead (or they failed).
         self.first_calls_ahead_s: float | None = None
@@ -178,9 +176,6 @@ class FluxEngine:
                 if self._background_mode is not None:
                     self._background = workers or background_compile.BackgroundCompiler(self.device)
                     workers = None
-            if options.compile == "regional" and not precompile.why_not_here(options.dynamic_shapes):
-                self._first_graphs = FirstGraphs(precompile.folder_for(self._compile_cache),
-                                                 preload_blocks.tag_of(repr(self.key)), self.device)
         if workers is not None:  # started before the checks, which this engine's exact ones overrule
             workers.close()
         t0 = time.perf_counter()
@@ -254,7 +249,7 @@ class FluxEngine:
 
     def _work_while_reading(self) -> list[Callable[[], object]]:
         """What the loader does while it waits for a read (:mod:`.idle_work`)."""
-        return idle_work.while_reading(self.options, self.device, self._first_graphs, self._first_image_compiles)
+        return idle_work.while_reading(self.options, self.device)
 
     @classmethod
     def from_pipeline(cls, pipe: Any, options: EngineOptions | None = None, *, label: str = "in-memory pipeline",
@@ -377,7 +372,7 @@ class FluxEngine:
             self.precompiled = compile_transformer(self.transformer, self.options.compile,
                                                    self.options.dynamic_shapes, self._compile_cache,
                                                    self._background, ahead=self._background_mode == "ahead",
-                                                   expected=self._expected, first=self._first_graphs)
+                                                   expected=self._expected)
             self._expected = []
         self._compiled = True
 

@@ -1,8 +1,8 @@
-"""What the loader does while it waits for a background read (ARCHITECTURE decisions 42-44, 48, 49).
+"""What the loader does while it waits for a background read (ARCHITECTURE decisions 42-44, 49).
 
 A start's reads run on threads of their own (:mod:`.loading.direct`); while the loader waits for one it
 runs these tasks, in this order, instead of leaving them to the first LoRA or image. The order is the
-rule: each task may rely on the ones before it (the saved graphs need the compiler's imports), and a task
+rule: each task may rely on the ones before it (the fp8 checks need torchao imported), and a task
 that does not get a wait runs where it is first needed, so the earlier a task, the likelier it is hidden.
 On an H100 the first three already fill every wait of a warm start (RESULTS, 2026-12-06). When the weights
 come from the disk the loader hardly waits at all, and a thread of its own runs the list beside the reads
@@ -15,19 +15,16 @@ from collections.abc import Callable
 
 import torch
 
-from . import deps, fp8_projection, preload_blocks
+from . import deps, fp8_projection
 from .lora import fused
 from .optimize import import_compiler
-from .preload_blocks import FirstGraphs
 from .specs import EngineOptions
 
 
-def while_reading(options: EngineOptions, device: torch.device, first_graphs: FirstGraphs | None,
-                  first_image_compiles: Callable[[], bool]) -> list[Callable[[], object]]:
+def while_reading(options: EngineOptions, device: torch.device) -> list[Callable[[], object]]:
     """The tasks, in order: the optional packages the checks vouched for from a record (torchao, which
-    brings in Dynamo; Triton), the compiler's imports, the first fp8 fused swap's and the fp8
-    projection's kernel checks, and (opt-in) the saved graphs of the last first request, unless the
-    first image will compile (``first_image_compiles``, asked only then: it looks at the cache folder)."""
+    brings in Dynamo; Triton), the compiler's imports, and the first fp8 fused swap's and the fp8
+    projection's kernel checks."""
     tasks: list[Callable[[], object]] = []
     if deps.deferred():
         tasks.append(deps.import_deferred)
@@ -43,11 +40,4 @@ def while_reading(options: EngineOptions, device: torch.device, first_graphs: Fi
 
         # (the adapter strategy's LoRA layer takes proj_out's place: no use for the projection kernel)
         tasks += [prepare_fp8_swaps, check_projection_kernel]
-    if first_graphs is not None and preload_blocks.enabled() and not first_image_compiles():
-        graphs = first_graphs
-
-        def preload_first_graphs() -> None:  # decision 48: last, it needs the compiler's imports
-            graphs.load()
-
-        tasks.append(preload_first_graphs)
     return tasks

@@ -19,7 +19,6 @@ from . import cancel, deps, precompile
 from .background_compile import BackgroundCompiler, Job
 from .errors import OptionsError
 from .precompile import PrecompiledBlocks
-from .preload_blocks import FirstGraphs
 from .specs import EngineOptions
 
 logger = logging.getLogger(__name__)
@@ -502,7 +501,7 @@ def hand_over_contiguous(transformer: torch.nn.Module) -> int:
 def compile_transformer(transformer: torch.nn.Module, mode: str, dynamic: bool,
                         cache_dir: Path | None = None,
                         background: BackgroundCompiler | None = None, ahead: bool = False,
-                        expected: Iterable[Job] = (), first: FirstGraphs | None = None) -> PrecompiledBlocks | None:
+                        expected: Iterable[Job] = ()) -> PrecompiledBlocks | None:
     """``full``: the whole transformer as one graph; ``regional``: each repeated block (the 19 double
     and 38 single blocks share two graphs), compiling in a fraction of the time. Never uses inductor
     ``freezing``: frozen weights are constants and in-place LoRA updates would be ignored.
@@ -513,8 +512,7 @@ def compile_transformer(transformer: torch.nn.Module, mode: str, dynamic: bool,
     ``background``: the dispatcher hands block classes it has no file for to these workers and runs
     the blocks eagerly meanwhile (:mod:`.background_compile`, decision 41), or with ``ahead`` hands
     the other block classes over while compiling the first and waits for them (decision 45); closed
-    when unused. ``expected``: its jobs compiling the expected first request's graphs (decision 47).
-    ``first``: the last first request's graphs, preloaded, and the record for the next start (decision 48)."""
+    when unused. ``expected``: its jobs compiling the expected first request's graphs (decision 47)."""
     if mode != "off" and next(transformer.parameters()).device.type == "cuda":
         deps.confirm("triton")  # vouched for from a record at the checks (why_not_compile)
     _compile_settings()
@@ -526,7 +524,7 @@ def compile_transformer(transformer: torch.nn.Module, mode: str, dynamic: bool,
         why = "no compile cache folder" if cache_dir is None else precompile.why_not(transformer, dynamic)
         if cache_dir is not None and not why:
             blocks = PrecompiledBlocks(precompile.folder_for(cache_dir), next(transformer.parameters()).device,
-                                       background, ahead=ahead, expected=expected, first=first)
+                                       background, ahead=ahead, expected=expected)
             n = blocks.install(precompile.repeated_blocks(transformer))
             logger.info("regional compile: %d blocks, compiled block classes saved to and loaded from %s", n,
                         blocks.folder)

@@ -66,7 +66,6 @@ from .block_keys import (
 
 if TYPE_CHECKING:
     from .background_compile import BackgroundCompiler, Job
-    from .preload_blocks import FirstGraphs
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +97,7 @@ def _kernels_loaded_in_process() -> Iterator[None]:
     of compile processes on its first call (a sidecar process that imports torch) although every kernel
     of a saved graph is already compiled. With one thread inductor readies them where it is, as it does
     until the pool answers anyway; a later compile in this process starts the pool as before. Counted,
-    because the opt-in preload may load on another thread at the same time."""
+    so that two engines loading on two threads at once restore it once, after the later load."""
     import torch._inductor.config as inductor_config
 
     global _in_process_loads, _threads_before
@@ -188,7 +187,6 @@ class PrecompileStats:
     saved: int = 0
     compile_seconds: float = 0.0
     load_seconds: float = 0.0
-    preloaded: int = 0  # of ``loaded``: graphs read while the weights were read (decision 48)
     background: int = 0  # graphs compiled by a background worker and loaded (decisions 41, 45)
     waited_seconds: float = 0.0  # time a block waited for a worker's graph (decision 45)
     eager_calls: int = 0  # block calls run uncompiled while a worker compiled their graph
@@ -201,7 +199,7 @@ class PrecompiledBlocks:
     from ``folder`` when saved there, else compiled and saved. Install with :meth:`install`."""
 
     def __init__(self, folder: Path, device: torch.device, background: BackgroundCompiler | None = None,
-                 ahead: bool = False, expected: Iterable[Job] = (), first: FirstGraphs | None = None) -> None:
+                 ahead: bool = False, expected: Iterable[Job] = ()) -> None:
         self.folder = folder
         self.device = device
         self.background = background  # workers that compile missing graphs (decision 41), or None
@@ -212,9 +210,6 @@ class PrecompiledBlocks:
         # workers compiling the expected first request's graphs since the reads began (decision 47):
         # each is matched against the first slot of its block class, then dropped
         self._expected: list[Job] = list(expected)
-        # the files of the last first request, preloaded while the weights were read, and the record
-        # of this process's first files for the next one (decision 48); None: neither
-        self.first = first
         self._classes: dict[type, torch.nn.Module] = {}  # the first block of each class
         self._pending: dict[tuple, Job] = {}  # slots a worker is compiling
         self.stats = PrecompileStats()
@@ -308,15 +303,7 @@ class PrecompiledBlocks:
         return self.folder / f"{self._prefix(cls, digest, in_inference_mode(signature))}-{rest}.bin"
 
     def _read(self, path: Path, cls: type) -> Callable[..., Any] | None:
-        """Deserialise one saved file (None when it does not load: it is compiled again and replaced),
-        or take its graph preloaded while the weights were read (decision 48)."""
-        fn = self.first.take(path) if self.first is not None else None
-        if fn is not None:
-            _mark_used(path)
-            self.stats.loaded += 1
-            self.stats.preloaded += 1
-            logger.info("compiled %s: preloaded from %s", cls.__name__, path)
-            return fn
+        """Deserialise one saved file (None when it does not load: it is compiled again and replaced)."""
         t0 = time.perf_counter()
         try:
             fn = load_saved(path)
@@ -340,28 +327,21 @@ class PrecompiledBlocks:
             fn = self._functions.get(slot)
             if fn is not None or type(block) in self._plain:
                 return fn
-            used = slot  # the slot whose file serves this call
             fn = self._load(slot, block)
             if fn is None:
                 cls, digest, _ = slot
                 dynamic_slot = (cls, digest, call_signature(args, kwargs, sizes=False))
                 fn = self._functions.get(dynamic_slot) or self._load(dynamic_slot, block)
-                if fn is not None:
-                    used = dynamic_slot
                 second_size = any(s[:2] == slot[:2] for s in self._functions)
                 if fn is None and second_size and cls not in self._static_only:
                     fn = self._compile_or_hand_over(dynamic_slot, block, args, kwargs, dynamic=True)
-                    used = dynamic_slot
                     if fn is None:
                         self._static_only.add(cls)
                 if fn is None:
                     fn = self._compile_or_hand_over(slot, block, args, kwargs)
-                    used = slot
                     if fn is None:
                         self._plain[cls] = self.stats.failures[-1]
                         return None
-            if self.first is not None:  # what the next start preloads (decision 48)
-                self.first.first_call(used[0].__name__, self.path(used), in_inference_mode(used[2]), len(self._classes))
             if fn is not _EAGER:
                 self._functions[slot] = fn
             return fn
@@ -547,7 +527,8 @@ def _mark_used(path: Path) -> None:
 def prune(folder: Path, unused_days: float = UNUSED_DAYS) -> int:
     """Delete saved blocks not loaded or written for ``unused_days``, and temporary files a killed
     writer left (older than a day); returns how many files went. Anything that cannot be deleted
-    stays."""
+    stays. The ``first-*.json`` records of earlier versions' preload (decision 48, removed) go by the
+    saved blocks' rule: nothing writes them any more."""
     now = time.time()
     removed = 0
     try:
@@ -555,7 +536,7 @@ def prune(folder: Path, unused_days: float = UNUSED_DAYS) -> int:
     except OSError:
         return 0
     for entry in entries:
-        if entry.name.endswith(".bin"):
+        if entry.name.endswith(".bin") or (entry.name.startswith("first-") and entry.name.endswith(".json")):
             limit = unused_days * 86400
         elif is_partial(entry.name):
             limit = 86400

@@ -313,21 +313,14 @@ def test_the_loader_is_handed_the_first_images_and_the_first_fp8_swaps_once_only
     """Decisions 42 and 43's work list: the optional packages vouched for from a record, first; the
     compiler's imports whenever something will compile; the fp8 kernels' check where the first fused
     fp8 swap on a GPU would run it, and there the fp8 projection kernel's check (decision 44; the
-    adapter strategy's LoRA layer replaces that projection); last, the saved graphs of the last first
-    request where the cache holds them and the preload is switched on (decision 48); nothing for other
-    set-ups."""
+    adapter strategy's LoRA layer replaces that projection); nothing for other set-ups."""
     from fastlora_core import deps, idle_work
     from fastlora_core.specs import EngineOptions
 
     monkeypatch.setattr(deps, "_deferred", [])
 
-    def names(device: str, saved: bool | None = None, **options: Any) -> list[str]:
-        # saved: None, no saved blocks to preload (no precompile); True/False: the cache holds the last
-        # first request's graphs or nothing yet (decision 48)
-        graphs = None if saved is None else object()
-        tasks = idle_work.while_reading(EngineOptions(**options), torch.device(device), graphs,  # type: ignore[arg-type]
-                                        lambda: not saved)
-        return [task.__name__ for task in tasks]
+    def names(device: str, **options: Any) -> list[str]:
+        return [task.__name__ for task in idle_work.while_reading(EngineOptions(**options), torch.device(device))]
 
     fp8 = dict(quantization="fp8", swap_strategy="fused", compile="regional")
     check = "check_projection_kernel"  # decision 44's kernel, where fused fp8 layers run on a GPU
@@ -338,13 +331,6 @@ def test_the_loader_is_handed_the_first_images_and_the_first_fp8_swaps_once_only
     assert names("cpu", **fp8) == ["import_compiler"]
     monkeypatch.setattr(deps, "_deferred", ["fastlora_not_imported_anywhere"])  # vouched for, not imported
     assert names("cuda", **fp8) == ["import_deferred", "import_compiler", "prepare_fp8_swaps", check]
-    # decision 48: the saved graphs of the last first request, last (they need the compiler's imports),
-    # only when a warm cache holds them
-    assert names("cuda", saved=True, **fp8) == ["import_deferred", "import_compiler", "prepare_fp8_swaps", check]
-    monkeypatch.setenv("FASTLORA_PRELOAD_BLOCKS", "1")  # opt-in until measured on a GPU
-    assert names("cuda", saved=True, **fp8) == ["import_deferred", "import_compiler", "prepare_fp8_swaps", check,
-                                                "preload_first_graphs"]
-    assert "preload_first_graphs" not in names("cuda", saved=False, **fp8)
 
 
 def test_the_fp8_kernel_check_runs_once_per_process_and_gpu(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -250,23 +250,26 @@ def test_files_unused_for_a_month_are_deleted_when_a_block_is_saved_and_loads_co
         tmp_path: Path) -> None:
     """An upgrade (or other options, another GPU) leaves files no process will load again: the next
     save deletes those neither loaded nor written for UNUSED_DAYS, and a temporary file a killed writer
-    left. A file that is loaded stays, however old it was; other files in the folder are not touched."""
+    left, and the first-request records an earlier version wrote (decision 48, removed). A file that is
+    loaded stays, however old it was; other files in the folder are not touched."""
     import os
     import time
 
     old = time.time() - (precompile.UNUSED_DAYS + 1) * 86400
     tmp_path.mkdir(exist_ok=True)
-    stale, orphan, young_part, foreign = (tmp_path / "FluxTransformerBlock-old-x.bin", tmp_path / ".a.bin.1-2.part",
-                                          tmp_path / ".b.bin.3-4.part", tmp_path / "notes.txt")
-    for f in (stale, orphan, young_part, foreign):
+    stale, orphan, young_part, foreign, record = (
+        tmp_path / "FluxTransformerBlock-old-x.bin", tmp_path / ".a.bin.1-2.part", tmp_path / ".b.bin.3-4.part",
+        tmp_path / "notes.txt", tmp_path / "first-0123abcd.json")
+    for f in (stale, orphan, young_part, foreign, record):
         f.write_bytes(b"x")
-    for f in (stale, orphan, foreign):
+    for f in (stale, orphan, foreign, record):
         os.utime(f, (old, old))
     blocks, inputs = _blocks(1), _inputs()
     PrecompiledBlocks(tmp_path, CPU).install(blocks)
     _run(blocks[0], inputs)  # compiles and saves: the folder is pruned
     (saved,) = tmp_path.glob("FluxSingleTransformerBlock-*.bin")
-    assert not stale.exists() and not orphan.exists() and young_part.exists() and foreign.exists()
+    assert not stale.exists() and not orphan.exists() and not record.exists()
+    assert young_part.exists() and foreign.exists()
 
     os.utime(saved, (old, old))
     restarted = PrecompiledBlocks(tmp_path, CPU)
@@ -388,7 +391,7 @@ def test_a_saved_graph_loads_without_starting_inductors_compile_pool(tmp_path: P
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Decision 56: a load readies its already compiled kernels in this process (compile_threads 1), so
     it starts no pool of compile processes; the setting comes back after the load, also after a failed
-    one, and only once the last of two overlapping loads (the opt-in preload's thread) is done."""
+    one, and only once the last of two overlapping loads (two engines on two threads) is done."""
     import torch._inductor.config as inductor_config
 
     seen: list[int] = []
