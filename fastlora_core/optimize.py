@@ -149,13 +149,12 @@ def why_not_own_modules(options: EngineOptions) -> str | None:
     """Why an engine with these (resolved) options loads diffusers' and transformers' classes instead
     of FastLoRA's own Flux modules (:mod:`fastlora_core.runtime`, decision 39), or None.
 
-    The own modules cover the default path and every option that changes only the transformer's
-    weights or kernels. Offload needs diffusers' pipeline hooks, bitsandbytes' T5 layers are
-    transformers' integration, and ``flash_attn`` is a diffusers attention backend."""
+    The own modules cover the default path, every option that changes only the transformer's
+    weights or kernels, and a bitsandbytes T5 (:func:`quantize_t5` swaps the layers of either T5,
+    decision 60). Offload needs diffusers' pipeline hooks, and ``flash_attn`` is a diffusers
+    attention backend."""
     if options.offload != "none":
         return f"offload={options.offload} uses diffusers' offload hooks"
-    if options.t5_quantization != "none":
-        return f"t5_quantization={options.t5_quantization} uses bitsandbytes through transformers"
     if options.attention == "flash_attn":
         return "attention=flash_attn is a diffusers attention backend"
     return None
@@ -420,9 +419,17 @@ def quantize_transformer(transformer: torch.nn.Module, mode: str, device: torch.
     logger.info("transformer quantised: %s", mode)
 
 
+#: T5 layers that stay unquantised: the feed-forward output projections. transformers keeps them out
+#: of its bitsandbytes conversion (``T5PreTrainedModel._keep_in_fp32_modules``), and T5's feed-forward
+#: casts its input to ``wo.weight.dtype`` unless that is int8: an NF4 ``wo`` (uint8 storage) would get
+#: its input cast to uint8, and the text embeddings would be noise (decision 60).
+T5_KEEP_UNQUANTISED = ("wo",)
+
+
 def quantize_t5(text_encoder: torch.nn.Module, mode: str, dtype: torch.dtype, device: torch.device) -> None:
-    """Replace the T5 encoder's linear layers by bitsandbytes NF4 / int8 layers, in place.
-    bitsandbytes quantises when the module is moved to its device."""
+    """Replace the T5 encoder's linear layers by bitsandbytes NF4 / int8 layers, in place, all but
+    :data:`T5_KEEP_UNQUANTISED` (as transformers' own bitsandbytes loading does). bitsandbytes
+    quantises when the module is moved to its device."""
     if mode == "none":
         return
     try:
@@ -434,7 +441,7 @@ def quantize_t5(text_encoder: torch.nn.Module, mode: str, dtype: torch.dtype, de
     replaced = 0
     for parent in list(text_encoder.modules()):
         for child_name, child in list(parent.named_children()):
-            if not isinstance(child, torch.nn.Linear):
+            if not isinstance(child, torch.nn.Linear) or child_name in T5_KEEP_UNQUANTISED:
                 continue
             if mode == "nf4":
                 if child.in_features % 64:

@@ -83,9 +83,10 @@ class T5LayerNorm(nn.Module):
 
 def _to_wo_dtype(hidden_states: torch.Tensor, wo: nn.Linear) -> torch.Tensor:
     """transformers keeps T5's ``wo`` in float32 under fp16 (``_keep_in_fp32_modules``): the input
-    is cast to its dtype (never to int8)."""
+    is cast to its dtype, never to an integer one (transformers excludes int8 only; a bitsandbytes
+    NF4 weight is stored as uint8, decision 60)."""
     weight = wo.weight
-    if isinstance(weight, torch.Tensor) and hidden_states.dtype != weight.dtype and weight.dtype != torch.int8:
+    if isinstance(weight, torch.Tensor) and hidden_states.dtype != weight.dtype and weight.dtype.is_floating_point:
         hidden_states = hidden_states.to(weight.dtype)
     return hidden_states
 
