@@ -142,8 +142,9 @@ class EngineOptions:
         loop in bf16, benchmarks/RESULTS.md). ``fp8_weight_only`` and ``int8_weight_only`` are
         the fallbacks for other devices (CPU included).
     t5_quantization: T5 encoder via bitsandbytes (``nf4`` / ``int8``). ``auto`` (default) is
-        ``nf4`` on GPUs with less than 30 GiB (24 GB cards: the T5 shrinks from 9.5 to ~3 GB and
-        the fp8 pipeline fits, 17.9 GiB peak measured) when bitsandbytes is installed and nothing is
+        ``nf4`` on GPUs with less than 30 GiB (24 GB cards: the T5 shrinks from 9.5 to ~4 GB and
+        the fp8 pipeline fits: 17.9 GiB peak measured before T5's ``wo`` layers stayed unquantised,
+        ~1.4 GiB more by arithmetic since) when bitsandbytes is installed and nothing is
         offloaded, ``none`` otherwise.
     attention: ``auto`` is PyTorch's SDPA with its own kernel dispatch (on Hopper it already
         picks cuDNN / flash; nothing is probed or timed); explicit choices fail clearly when

@@ -225,8 +225,8 @@ class OptimizedFluxLoader:
                                    "closest to the original model)."),
             "t5_quantization": _combo(specs.T5_QUANTIZATIONS, o.t5_quantization,
                                       "T5 text encoder via bitsandbytes. auto: nf4 on GPUs under 30 GB (24 GB "
-                                      "cards), none elsewhere. nf4 saves ~7 GB, int8 ~5 GB, none keeps full "
-                                      "precision."),
+                                      "cards), none elsewhere. nf4 saves ~5.4 GB, int8 ~3.6 GB (T5's feed-forward outputs stay "
+                                      "unquantised, as in transformers), none keeps full precision."),
             "attention": _combo(specs.ATTENTIONS, o.attention,
                                 "Attention kernel. auto uses PyTorch SDPA's own kernel choice (nothing is probed); explicit "
                                 "choices fail clearly when unavailable. cudnn_fp8: cuDNN's FP8 attention (Hopper or "

@@ -250,7 +250,7 @@ build("flux_lora_stack", "FastLoRA: a stack of two LoRAs",
 build("flux_24gb_consumer", "FastLoRA: 24 GB consumer GPU recipe",
       "Single files as most ComfyUI users have them (models/diffusion_models, models/text_encoders, models/vae). "
       "fp8 transformer weights (GPUs with compute capability 8.9+, e.g. RTX 4090; else fp8_weight_only), "
-      "T5 in NF4 (saves ~7 GB) and regional compile. swap_strategy = adapter (the published recipe) needs "
+      "T5 in NF4 (saves ~5.4 GB) and regional compile. swap_strategy = adapter (the published recipe) needs "
       "no bf16 master copy; with 32 GB+ free system RAM, fused has no per-step LoRA cost. t5_quantization and "
       "swap_strategy are among the loader's advanced options (newer ComfyUI front ends fold them into the "
       "node's advanced section). " + COMMON,
