@@ -73,3 +73,17 @@ def test_nf4_t5_computes_what_its_dequantised_weights_compute(which: str, device
     assert float((got - want).norm() / want.norm()) < 0.02
     # And NF4 itself stays close to the unquantised encoder (random weights: ~0.1).
     assert float((got - plain).norm() / plain.norm()) < 0.25
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("which", ["own", "transformers"])
+def test_int8_t5_stays_close_to_the_unquantised_encoder(which: str, device: str) -> None:
+    reference = _encoders()[which].to(device)
+    quantised = copy.deepcopy(reference)
+    quantize_t5(quantised, "int8", torch.bfloat16, torch.device(device))
+    assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in quantised.modules())
+    ids = torch.randint(0, CONFIG["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1)).to(device)
+    with torch.no_grad():
+        got = quantised(ids)[0].float()
+        plain = reference(ids)[0].float()
+    assert float((got - plain).norm() / plain.norm()) < 0.05  # random weights: ~0.012 on the CPU
