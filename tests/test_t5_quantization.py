@@ -1,7 +1,7 @@
 """``t5_quantization`` (the default on 24 GB cards is NF4): a quantised T5 must still compute T5.
 
-The tiny test pipeline's T5 is too narrow for bitsandbytes (one layer quantised, the rest skipped), so
-these tests build a T5 whose widths are multiples of 64, both FastLoRA's own encoder and transformers'
+The tiny test pipeline's T5 is too narrow for bitsandbytes but for its ``wo`` layers, which stay
+unquantised, so these tests build a T5 whose widths are multiples of 64, both FastLoRA's own encoder and transformers'
 ``T5EncoderModel`` with the same weights, and quantise them with the engine's ``quantize_t5``.
 """
 
@@ -31,7 +31,7 @@ def _encoders() -> dict[str, nn.Module]:
     torch.manual_seed(0)
     theirs = T5EncoderModel(T5Config(**CONFIG)).eval()
     ours = T5Encoder.from_config(CONFIG).eval()
-    ours.load_state_dict(theirs.state_dict(), strict=False)
+    ours.load_state_dict(theirs.state_dict())
     return {"transformers": theirs.to(torch.bfloat16), "own": ours.to(torch.bfloat16)}
 
 
