@@ -50,40 +50,43 @@ def _dequantised_copy(quantised: nn.Module, reference: nn.Module) -> nn.Module:
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
 
 
+def _quantised(which: str, mode: str, device: str) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    """(the unquantised encoder, a copy quantised by ``quantize_t5``, token ids), all on ``device``."""
+    reference = _encoders()[which].to(device)
+    quantised = copy.deepcopy(reference)
+    quantize_t5(quantised, mode, torch.bfloat16, torch.device(device))
+    ids = torch.randint(0, CONFIG["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1)).to(device)
+    return reference, quantised, ids
+
+
+def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).norm() / want.norm())
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("which", ["own", "transformers"])
 def test_nf4_t5_computes_what_its_dequantised_weights_compute(which: str, device: str) -> None:
-    reference = _encoders()[which].to(device)
-    quantised = copy.deepcopy(reference)
-    quantize_t5(quantised, "nf4", torch.bfloat16, torch.device(device))
-
+    reference, quantised, ids = _quantised(which, "nf4", device)
     linears = [(name, type(m)) for name, m in quantised.named_modules() if isinstance(m, nn.Linear)]
     assert len(linears) == 2 * 7, linears  # per block: q, k, v, o, wi_0, wi_1, wo
     for name, kind in linears:
         kept = name.rsplit(".", 1)[-1] in T5_KEEP_UNQUANTISED
         assert kind is (nn.Linear if kept else bnb.nn.Linear4bit), (name, kind)
-
-    ids = torch.randint(0, CONFIG["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1)).to(device)
     with torch.no_grad():
         got = quantised(ids)[0].float()
         want = _dequantised_copy(quantised, reference)(ids)[0].float()
         plain = reference(ids)[0].float()
     # Same weights, different kernels: bf16 rounding only. (An NF4 ``wo`` had its input cast to
     # uint8 by T5's feed-forward: a relative error of ~1, the text embeddings noise.)
-    assert float((got - want).norm() / want.norm()) < 0.02
+    assert _relative(got, want) < 0.02
     # And NF4 itself stays close to the unquantised encoder (random weights: ~0.1).
-    assert float((got - plain).norm() / plain.norm()) < 0.25
+    assert _relative(got, plain) < 0.25
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("which", ["own", "transformers"])
 def test_int8_t5_stays_close_to_the_unquantised_encoder(which: str, device: str) -> None:
-    reference = _encoders()[which].to(device)
-    quantised = copy.deepcopy(reference)
-    quantize_t5(quantised, "int8", torch.bfloat16, torch.device(device))
+    reference, quantised, ids = _quantised(which, "int8", device)
     assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in quantised.modules())
-    ids = torch.randint(0, CONFIG["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1)).to(device)
     with torch.no_grad():
-        got = quantised(ids)[0].float()
-        plain = reference(ids)[0].float()
-    assert float((got - plain).norm() / plain.norm()) < 0.05  # random weights: ~0.012 on the CPU
+        assert _relative(quantised(ids)[0].float(), reference(ids)[0].float()) < 0.05  # random weights: ~0.012 (CPU)
