@@ -11,6 +11,8 @@ engine is built from RAM with the tier's options. Recorded: engine build, first 
 cache of its own), two more images, the transformer loop, swaps between two rank-64 LoRAs from the
 RAM cache, peak allocated / reserved GPU memory, and whether it fit (an OOM is recorded, not
 raised). The 16 GB tiers run in order and stop at the first that fits (``--all`` runs them all).
+A tier named twice runs twice (``<tier>#2.json``) with one compile cache folder: the second run starts
+with the graphs the first saved.
 A tier name ending in ``_bgcompile`` runs that tier with ``FASTLORA_BACKGROUND_COMPILE=1`` (decision 41:
 the blocks run uncompiled while worker processes compile them). The cap is per process, so a worker's
 GPU memory is outside it: ``device_used_peak_gib`` (every tier) samples the whole GPU's used memory
@@ -211,14 +213,16 @@ def main() -> None:
                     help="build each engine with FastLoRA's own loader from a saved diffusers folder (what a user "
                          "runs; needed for saved and background-compiled blocks) instead of from a diffusers pipeline")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--result", default=None, help=argparse.SUPPRESS)  # the worker's JSON name
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     if a.worker:
-        worker(a.worker, out / f"{a.worker}.json", a.steps, a.own_loader)
+        worker(a.worker, out / f"{a.result or a.worker}.json", a.steps, a.own_loader)
         return
     deadline = time.time() + a.budget
     fitted16 = False
+    seen: dict[str, int] = {}
     for tier in [t for t in a.tiers.split(",") if t]:
         if tier.removesuffix(BACKGROUND) not in TIERS:
             raise SystemExit(f"unknown tier {tier!r}: one of {', '.join(TIERS)}, each optionally + {BACKGROUND}")
@@ -229,14 +233,18 @@ def main() -> None:
             print(f"skip {tier}: {left:.0f} s left", flush=True)
             continue
         print(f"tier {tier}", flush=True)
-        cmd = [sys.executable, "-m", "benchmarks.bench_tiers", "--out", str(out), "--worker", tier,
+        # A tier named again runs again: ``<tier>#2.json``, with the same compile cache folder
+        # (``/tmp/fastlora-tiers-cache-<tier>``), so that run starts with the graphs the first saved.
+        seen[tier] = seen.get(tier, 0) + 1
+        result = tier if seen[tier] == 1 else f"{tier}#{seen[tier]}"
+        cmd = [sys.executable, "-m", "benchmarks.bench_tiers", "--out", str(out), "--worker", tier, "--result", result,
                "--steps", str(a.steps)] + (["--own-loader"] if a.own_loader else [])
         env = dict(os.environ, **({"FASTLORA_BACKGROUND_COMPILE": "1"} if tier.endswith(BACKGROUND) else {}))
         try:
             subprocess.run(cmd, timeout=left, env=env)
         except subprocess.TimeoutExpired:
             print(f"{tier}: timed out", flush=True)
-        f = out / f"{tier}.json"
+        f = out / f"{result}.json"
         data = json.loads(f.read_text()) if f.exists() else {}
         print(json.dumps({k: v for k, v in data.items() if k != "oom"}), flush=True)
         fitted16 = fitted16 or (tier in SIXTEEN and data.get("fits") is True)
