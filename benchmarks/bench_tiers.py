@@ -138,12 +138,9 @@ def worker(tier: str, out: Path, steps: int, own_loader: bool = False) -> None:
         torch.cuda.synchronize()
         res["engine_build_s"] = round(time.perf_counter() - t0, 1)
         res["resolved_options"] = repr(engine.options)
-        # Which modules the engine built: FastLoRA's own (saved blocks, compile workers) or, where an
-        # option needs them, diffusers' and transformers' (decision 39): a stand-down is visible here.
-        from fastlora_core.runtime.pipeline import FluxRuntimePipeline
-
+        # Which modules the engine built: FastLoRA's own (``FluxRuntimePipeline``: saved blocks, compile
+        # workers) or, where an option needs them, diffusers' (decision 39): a stand-down is visible here.
         res["pipeline"] = type(engine.pipe).__name__
-        res["own_modules"] = isinstance(engine.pipe, FluxRuntimePipeline)
         res["masters_on"] = str(getattr(engine.strategy, "master_device", "-"))
         res["peak_gib_after_build"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         save()
