@@ -425,10 +425,18 @@ def quantize_transformer(transformer: torch.nn.Module, mode: str, device: torch.
 #: its input cast to uint8, and the text embeddings would be noise (decision 60).
 T5_KEEP_UNQUANTISED = ("wo",)
 
+#: The int8 layers' outlier threshold: activation columns with a value above it run in 16-bit beside
+#: the int8 product (LLM.int8()). 6.0 is transformers' ``BitsAndBytesConfig.llm_int8_threshold``, so
+#: ``t5_quantization=int8`` computes what a T5 loaded with ``load_in_8bit=True`` computes; bitsandbytes'
+#: own default, 0.0, quantises every activation column to int8, so one large column coarsens the
+#: steps of all the others in its row (decision 61).
+T5_INT8_THRESHOLD = 6.0
+
 
 def quantize_t5(text_encoder: torch.nn.Module, mode: str, dtype: torch.dtype, device: torch.device) -> None:
     """Replace the T5 encoder's linear layers by bitsandbytes NF4 / int8 layers, in place, all but
-    :data:`T5_KEEP_UNQUANTISED` (as transformers' own bitsandbytes loading does). bitsandbytes
+    :data:`T5_KEEP_UNQUANTISED`, int8 with transformers' outlier threshold (:data:`T5_INT8_THRESHOLD`):
+    what transformers' own bitsandbytes loading does. bitsandbytes
     quantises when the module is moved to its device."""
     if mode == "none":
         return
@@ -452,8 +460,8 @@ def quantize_t5(text_encoder: torch.nn.Module, mode: str, dtype: torch.dtype, de
                 )
                 new.weight = bnb.nn.Params4bit(child.weight.data.to(dtype), requires_grad=False, quant_type="nf4")
             else:
-                new = bnb.nn.Linear8bitLt(child.in_features, child.out_features,
-                                          bias=child.bias is not None, has_fp16_weights=False)
+                new = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
+                                          has_fp16_weights=False, threshold=T5_INT8_THRESHOLD)
                 new.weight = bnb.nn.Int8Params(child.weight.data.to(dtype), requires_grad=False,
                                                has_fp16_weights=False)
             if child.bias is not None:

@@ -90,3 +90,30 @@ def test_int8_t5_stays_close_to_the_unquantised_encoder(which: str, device: str)
     assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in quantised.modules())
     with torch.no_grad():
         assert _relative(quantised(ids)[0].float(), reference(ids)[0].float()) < 0.05  # random weights: ~0.012 (CPU)
+
+
+def test_int8_t5_uses_transformers_outlier_threshold() -> None:
+    """``t5_quantization=int8`` computes what transformers' ``load_in_8bit=True`` computes: the same
+    LLM.int8() outlier threshold on every int8 layer (bitsandbytes' own default, 0, has none)."""
+    from transformers import BitsAndBytesConfig
+
+    _, quantised, _ = _quantised("own", "int8", "cpu")
+    thresholds = {m.state.threshold for m in quantised.modules() if isinstance(m, bnb.nn.Linear8bitLt)}
+    assert thresholds == {BitsAndBytesConfig(load_in_8bit=True).llm_int8_threshold}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bitsandbytes quantises activations on the GPU only")
+def test_int8_t5_layer_keeps_an_outlier_column_exact_enough() -> None:
+    """An activation column far above the others (as in large transformers) runs in 16-bit beside the
+    int8 product, so the other columns keep their precision. With every column in int8 (threshold 0)
+    the outlier sets the row's step: the relative error grows several-fold."""
+    torch.manual_seed(0)
+    encoder = nn.Sequential(nn.Linear(256, 256)).to(torch.bfloat16)
+    reference = copy.deepcopy(encoder).cuda()
+    quantize_t5(encoder, "int8", torch.bfloat16, torch.device("cuda"))
+    assert isinstance(encoder[0], bnb.nn.Linear8bitLt)
+    x = torch.randn(64, 256, dtype=torch.bfloat16, device="cuda")
+    x[:, 7] *= 60.0  # one outlier feature, ~60x the others (> the threshold of 6)
+    with torch.no_grad():
+        error = _relative(encoder(x).float(), reference(x).float())
+    assert error < 0.02, error
