@@ -1,6 +1,6 @@
 """Memory tiers: the engine on an H200 capped like a 24 GB or a 16 GB card.
 
-    python -m benchmarks.bench_tiers --out DIR [--tiers 24gb_fused,16gb_fused,16gb_model]
+    python -m benchmarks.bench_tiers --out DIR [--tiers 24gb_fused,24gb_adapter,16gb_fused,16gb_model]
                                      [--budget 300]
 
 Each tier runs in its own process: the full-size random Flux.1-dev pipeline is built on the GPU
@@ -41,6 +41,9 @@ from pathlib import Path
 #: tier -> (cap in GiB, EngineOptions overrides)
 TIERS: dict[str, tuple[float, dict[str, object]]] = {
     "24gb_fused": (23.5, {"quantization": "fp8", "t5_quantization": "nf4", "swap_strategy": "fused"}),
+    # The ``flux_24gb_consumer`` workflow's settings: no bf16 masters, LoRA branches padded to max_rank.
+    "24gb_adapter": (23.5, {"quantization": "fp8", "t5_quantization": "nf4", "swap_strategy": "adapter",
+                            "max_rank": 128}),
     "16gb_fused": (15.5, {"quantization": "fp8", "t5_quantization": "nf4", "swap_strategy": "fused"}),
     # The MODEL path: a transformer-only engine; T5 / CLIP / VAE are ComfyUI's own nodes, which ComfyUI
     # moves off the GPU while the sampler runs (here: conditioning given, no encoders, no VAE).
