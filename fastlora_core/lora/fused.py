@@ -229,7 +229,9 @@ class FusedStrategy(SwapStrategy):
         if device.type != "cuda":
             return None
         if self._stager is None or self._stager.device != device:
-            self._stager = PinnedStager(device)
+            # Copied from memory, without looking up file ranges per group (/proc/self/maps each time):
+            # masters are the loader's own allocations (a mapped one would still copy right, slower).
+            self._stager = PinnedStager(device, read_files=False)
         return MasterFeed(self._hp_master, names, device, self._stager)
 
     # -- fp8 fast path (CUDA) ---------------------------------------------------------------------
