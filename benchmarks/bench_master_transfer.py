@@ -67,7 +67,7 @@ def main() -> None:
         for m in masters:
             merge(m.to(dev, non_blocking=True))
 
-    stager = PinnedStager(dev)
+    stager = PinnedStager(dev, read_files=False)  # as the engine's master feed
 
     def staged() -> None:
         limit = a.group_mib * 2**20
