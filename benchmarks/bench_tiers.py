@@ -11,8 +11,9 @@ engine is built from RAM with the tier's options. Recorded: engine build, first 
 cache of its own), two more images, the transformer loop, swaps between two rank-64 LoRAs from the
 RAM cache, peak allocated / reserved GPU memory, and whether it fit (an OOM is recorded, not
 raised). The 16 GB tiers run in order and stop at the first that fits (``--all`` runs them all).
-A tier named twice runs twice (``<tier>#2.json``) with one compile cache folder: the second run starts
-with the graphs the first saved.
+A tier named twice runs twice (``<tier>-2.json``; the device tool returns only files named in letters,
+digits, '.', '_' and '-') with one compile cache folder: the second run starts with the graphs the first
+saved.
 A tier name ending in ``_bgcompile`` runs that tier with ``FASTLORA_BACKGROUND_COMPILE=1`` (decision 41:
 the blocks run uncompiled while worker processes compile them). The cap is per process, so a worker's
 GPU memory is outside it: ``device_used_peak_gib`` (every tier) samples the whole GPU's used memory
@@ -233,10 +234,10 @@ def main() -> None:
             print(f"skip {tier}: {left:.0f} s left", flush=True)
             continue
         print(f"tier {tier}", flush=True)
-        # A tier named again runs again: ``<tier>#2.json``, with the same compile cache folder
+        # A tier named again runs again: ``<tier>-2.json``, with the same compile cache folder
         # (``/tmp/fastlora-tiers-cache-<tier>``), so that run starts with the graphs the first saved.
         seen[tier] = seen.get(tier, 0) + 1
-        result = tier if seen[tier] == 1 else f"{tier}#{seen[tier]}"
+        result = tier if seen[tier] == 1 else f"{tier}-{seen[tier]}"
         cmd = [sys.executable, "-m", "benchmarks.bench_tiers", "--out", str(out), "--worker", tier, "--result", result,
                "--steps", str(a.steps)] + (["--own-loader"] if a.own_loader else [])
         env = dict(os.environ, **({"FASTLORA_BACKGROUND_COMPILE": "1"} if tier.endswith(BACKGROUND) else {}))
