@@ -418,6 +418,9 @@ ERROR_CASES = {
     "rank_mismatch": (lambda tmp, ref: _save(tmp, "rank.safetensors", {
         "lora_unet_img_in.lora_down.weight": torch.ones(2, 16),
         "lora_unet_img_in.lora_up.weight": torch.ones(32, 3)}), r"rank 2.*rank 3"),
+    "rank_zero": (lambda tmp, ref: _save(tmp, "rank0.safetensors", {
+        "lora_unet_img_in.lora_down.weight": torch.ones(0, 16),
+        "lora_unet_img_in.lora_up.weight": torch.ones(32, 0)}), r"lora_unet_img_in.*rank 0.*no LoRA weights"),
     "bad_qkv_rows": (lambda tmp, ref: _save(tmp, "rows.safetensors", _pair(
         "lora_unet_double_blocks_0_img_attn_qkv", n_out=50)), r"cannot be split"),
     "conv_lora": (lambda tmp, ref: _save(tmp, "conv.safetensors", {

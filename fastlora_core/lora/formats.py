@@ -545,10 +545,16 @@ def _low_rank(p: Path, raw: Mapping[str, torch.Tensor], module_key: str, group: 
             "Choose a Flux.1 LoRA."
         )
     rank = int(down.shape[0])
-    if int(up.shape[1]) != rank or rank == 0:
+    if int(up.shape[1]) != rank:
         raise LoraFormatError(
             f"LoRA file {p}: {group.down} has rank {rank} but {group.up} has rank {int(up.shape[1])}. "
             "The file is damaged or not a LoRA: download it again."
+        )
+    if rank == 0:
+        raise LoraFormatError(
+            f"LoRA file {p}: {group.down} / {group.up} have rank 0 (shapes {tuple(down.shape)} / "
+            f"{tuple(up.shape)}): the file holds no LoRA weights for this layer. "
+            "The file is damaged or was saved wrongly: download it again."
         )
     return down, up, _scale(p, raw, group, target, rank, adapter_meta)
 
