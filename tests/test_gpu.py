@@ -210,6 +210,35 @@ def test_fp8_masters_on_the_gpu_are_the_loaded_weights_and_the_layers_quantised_
 
 
 @pytest.mark.skipif(not _fp8_ok(), reason="fp8 needs compute capability >= 8.9")
+def test_fp8_swaps_with_masters_in_system_ram_equal_swaps_with_masters_on_the_gpu(
+        tiny_source: ModelSource, tiny_loras: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A card without room for the masters keeps them in RAM and sends them in pinned groups
+    (decision 62): every swap's weights are bit for bit those of masters on the GPU."""
+    from fastlora_core.lora import master_feed
+    from fastlora_core.lora.quantized import clone_quantized
+
+    options = dataclasses.replace(GPU, quantization="fp8", compile="off")
+    on_gpu = FluxEngine(tiny_source, options)
+    monkeypatch.setattr(FluxEngine, "_master_device", lambda self: torch.device("cpu"))
+    monkeypatch.setattr(master_feed, "GROUP_BYTES", 300_000)  # several groups even for the tiny model
+    in_ram = FluxEngine(tiny_source, options)
+    assert in_ram.strategy.master_device.type == "cpu" and on_gpu.strategy.master_device.type == "cuda"
+    sent = []
+    real_get = master_feed.MasterFeed.get
+    monkeypatch.setattr(master_feed.MasterFeed, "get", lambda feed, name: sent.append(name) or real_get(feed, name))
+    for items in ((("style", 1.0),), (("wide", 0.5), ("character", 1.0)), (("style", 1.0),), ()):
+        stack = _stack(tiny_loras, *items)
+        for engine in (on_gpu, in_ram):
+            engine.apply(stack)
+        ours, theirs = dict(in_ram.transformer.named_modules()), dict(on_gpu.transformer.named_modules())
+        for name in on_gpu.strategy._hp_master:
+            want = clone_quantized(theirs[name].weight, "cpu")
+            for k, v in clone_quantized(ours[name].weight, "cpu").items():
+                assert _same_bits(v, want[k]), (items, name, k)
+    assert sent, "the swaps with masters in RAM did not go through the feed"
+
+
+@pytest.mark.skipif(not _fp8_ok(), reason="fp8 needs compute capability >= 8.9")
 @pytest.mark.parametrize("group_bytes", [1, 300_000, None])  # a layer per group, a few layers, all at once
 def test_grouped_fp8_merge_is_torchaos_quantisation_of_every_merged_layer(
         tiny_source: ModelSource, tiny_loras: dict[str, str], group_bytes: int | None) -> None:

@@ -185,11 +185,11 @@ def test_fused_failure_midway_restores_previous_weights(
     real_write = strategy._write
     calls = {"n": 0}
 
-    def flaky(key, items):  # type: ignore[no-untyped-def]
+    def flaky(key, items, *feed):  # type: ignore[no-untyped-def]
         calls["n"] += 1
         if calls["n"] == 6:
             raise RuntimeError("CUDA out of memory (simulated)")
-        return real_write(key, items)
+        return real_write(key, items, *feed)
 
     monkeypatch.setattr(strategy, "_write", flaky)
     with pytest.raises(RuntimeError, match="out of memory"):

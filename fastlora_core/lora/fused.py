@@ -17,6 +17,9 @@ Contract:
   requantises the whole group (:func:`~fastlora_core.kernels.grouped_rowwise_fp8_quant`, the same
   arithmetic as the per-layer kernel). Same values, far fewer launches: on hosts with a slow CPU the
   per-layer loop was bound by Python, not by the GPU (NOTES attempt 38).
+- Where the masters live in system RAM instead, a swap sends the ones it needs to the GPU in groups
+  through pinned memory (:class:`~fastlora_core.lora.master_feed.MasterFeed`) rather than one
+  pageable copy per layer; the layers are then merged one by one.
 - Dense layers (LyCORIS LoKr / LoHa, full ``diff``, DoRA: :class:`~fastlora_core.lora.types.DenseLayer`)
   add ``strength * lycoris.contribution(layer, W)``, rebuilt in float32 on the weight's device from
   the original weight ``W`` (the high-precision master for quantised weights: DoRA's norm is taken
@@ -37,7 +40,9 @@ from ..errors import LoraError
 from ..kernels import QuantGroup
 from . import lycoris
 from .base import Contribution, ResolvedEntry, SwapStrategy, check_targets_exist, linear_modules, per_layer
+from .master_feed import MasterFeed
 from .quantized import clone_quantized, copy_into_quantized, is_quantized, requantize_like, restore_quantized
+from .staging import PinnedStager
 from .types import DenseLayer
 
 logger = logging.getLogger(__name__)
@@ -84,6 +89,7 @@ class FusedStrategy(SwapStrategy):
         self._entries: list[ResolvedEntry] = []
         self._fast_fp8: bool | None = None  # None: not checked yet
         self._scratch: torch.Tensor | None = None
+        self._stager: PinnedStager | None = None  # sends masters in system RAM to the GPU (MasterFeed)
         self._device_before_offload: torch.device | None = None
 
     # -- set-up -------------------------------------------------------------------------------
@@ -180,14 +186,16 @@ class FusedStrategy(SwapStrategy):
         written: list[tuple[str, str]] = []
         group: list[tuple[_Fp8Layer, list]] = []  # grouped fp8 layers not merged yet
         grouped = 0  # their elements
+        order = sorted(todo)
+        feed = self._master_feed([key for key in order if wanted.get(key)])
         try:
             with torch.no_grad():
-                for key in sorted(todo):
+                for key in order:
                     written.append(key)  # first: a write that fails halfway is rolled back too
                     items = wanted.get(key, [])
                     fp8 = self._grouped_target(key, items)
                     if fp8 is None:
-                        self._write(key, items)
+                        self._write(key, items, feed)
                         continue
                     if group and grouped + fp8.master.numel() > self.group_bytes // 2:
                         self._merge_group(group)
@@ -208,6 +216,23 @@ class FusedStrategy(SwapStrategy):
                 self._current.pop(key, None)
         self._entries = list(entries)
         return len(todo)
+
+    def _master_feed(self, keys: list[tuple[str, str]]) -> MasterFeed | None:
+        """Where the masters are in system RAM and the weights on a GPU: a feed that sends the masters
+        of ``keys`` (in swap order) in groups through pinned memory (decision 62); else None."""
+        if self.master_device.type != "cpu" or not self._hp_master:
+            return None
+        names = [name for part, name in keys if part == "transformer" and name in self._hp_master]
+        if not names:
+            return None
+        device = self._weight("transformer", names[0]).device
+        if device.type != "cuda":
+            return None
+        if self._stager is None or self._stager.device != device:
+            # Copied from memory, without looking up file ranges per group (/proc/self/maps each time):
+            # masters are the loader's own allocations (a mapped one would still copy right, slower).
+            self._stager = PinnedStager(device, read_files=False)
+        return MasterFeed(self._hp_master, names, device, self._stager)
 
     # -- fp8 fast path (CUDA) ---------------------------------------------------------------------
     def _triton_fp8(self, weight: torch.Tensor, master: torch.Tensor) -> bool:
@@ -346,7 +371,9 @@ class FusedStrategy(SwapStrategy):
             new.add_(delta.to(device=bias.device, dtype=torch.float32), alpha=strength)
         bias.copy_(new.to(bias.dtype))
 
-    def _write(self, key: tuple[str, str], items: list) -> None:
+    def _write(self, key: tuple[str, str], items: list, feed: MasterFeed | None = None) -> None:
+        """Rewrite one layer for its new stack ``items``; a quantised layer's master comes from
+        ``feed`` when given (masters in system RAM), else from where it lives."""
         part, name = key
         weight = self._weight(part, name)
         quantized = is_quantized(weight)
@@ -363,7 +390,7 @@ class FusedStrategy(SwapStrategy):
             master = self._hp_master.get(name)
             if master is None:
                 raise LoraError(f"layer {name} is quantised but has no high-precision master copy")
-            merged = self._merged_hp(master, items, device)
+            merged = self._merged_hp(feed.get(name) if feed is not None else master, items, device)
             if self._triton_fp8(weight, master):
                 from ..kernels import rowwise_fp8_quant_into
 
