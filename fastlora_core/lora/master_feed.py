@@ -3,13 +3,13 @@
 Where the bf16 masters live in system RAM (``fused`` on a card without room for them: the 24 GB
 tier, the 16 GB MODEL path), every layer a swap rewrites needs its master on the GPU. One
 ``master.to(cuda)`` per layer copies from pageable memory through the driver's small bounce buffer,
-synchronously, layer after layer: ~17 GB for a LoRA on all 418 layers of Flux.1-dev, the 2.0-3.1 s
-swaps of the 24 GB ``fused`` tier (benchmarks/RESULTS.md). :class:`MasterFeed` knows, before the swap
-starts, which masters it will ask for and in which order; it sends them in groups of up to
-``group_bytes`` through a :class:`~.staging.PinnedStager` (two pinned chunks filled by several
-threads, asynchronous copies: how LoRA files reach the GPU), and hands each layer its master from
-the group on the GPU (ARCHITECTURE decision 62). The copies are bit for bit the masters, so a swap's
-weights do not change, only how long the masters take to arrive.
+synchronously, layer after layer: ~17 GB for a LoRA on all 418 layers of Flux.1-dev, the 1.8-3.1 s
+swaps of the 24 GB ``fused`` tier (benchmarks/RESULTS.md; 0.8-0.9 s with this feed on an H100).
+:class:`MasterFeed` knows, before the swap starts, which masters it will ask for and in which order;
+it sends them in groups of up to ``group_bytes`` through a :class:`~.staging.PinnedStager` (two
+pinned chunks filled by several threads, asynchronous copies: how LoRA files reach the GPU), and
+hands each layer its master from the group on the GPU (ARCHITECTURE decision 62). The copies are
+bit for bit the masters, so a swap's weights do not change, only how long the masters take to arrive.
 
 The group on the GPU is the feed's only extra memory: at most ``group_bytes`` (256 MiB), against
 the ~100 MiB of the largest single layer the per-layer copy held. Where a group cannot be sent (out
