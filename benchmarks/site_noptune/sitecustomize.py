@@ -1,40 +1,20 @@
 """``bench_startup``'s ``_noptune`` variant: inductor's ``triton.autotune_pointwise`` off in every process of
 the run (the serving process and its compile workers inherit ``PYTHONPATH``), one launch configuration per
 pointwise kernel instead of two compiled and timed at the first call. The flag is set when inductor's
-config is first imported, so nothing is imported earlier than without it. Any other ``sitecustomize`` on
-the path still runs."""
+config is first imported (``benchmarks/site_patch.py``)."""
 
-import importlib.abc
-import importlib.machinery
 import importlib.util
 import os
-import sys
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_TARGET = "torch._inductor.config"
+_spec = importlib.util.spec_from_file_location("_fastlora_site_patch", os.path.join(os.path.dirname(_HERE), "site_patch.py"))
+assert _spec is not None and _spec.loader is not None
+_site_patch = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_site_patch)
 
 
-class _SetFlag(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):  # type: ignore[no-untyped-def]
-        if name != _TARGET:
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.loader is None:
-            return spec
-        run = spec.loader.exec_module
-
-        def exec_module(module):  # type: ignore[no-untyped-def]
-            run(module)
-            module.triton.autotune_pointwise = False
-
-        spec.loader.exec_module = exec_module  # type: ignore[method-assign]
-        return spec
+def _no_pointwise_tuning(config) -> None:  # type: ignore[no-untyped-def]
+    config.triton.autotune_pointwise = False
 
 
-sys.meta_path.insert(0, _SetFlag())
-
-_other = importlib.machinery.PathFinder.find_spec("sitecustomize", [p for p in sys.path if os.path.abspath(p or ".") != _HERE])
-if _other is not None and _other.loader is not None:
-    _module = importlib.util.module_from_spec(_other)
-    _other.loader.exec_module(_module)
+_site_patch.patch_on_import("torch._inductor.config", _no_pointwise_tuning, _HERE)
