@@ -10,9 +10,9 @@ each way end to end (synchronised), with a rank-64 ``addmm`` into a scratch buff
 copy, as the merge does:
 
 - ``pageable``: one ``master.to(cuda, non_blocking=True)`` per layer from ordinary memory (the
-  engine's way today: the copy goes through the driver's small bounce buffer, synchronously);
-- ``staged``: groups of layers (up to ``--group-mib``) through ``PinnedStager`` (two pinned chunks,
-  packing threads, asynchronous copies), the way LoRA files reach the GPU;
+  engine's way before decision 62: the copy goes through the driver's small bounce buffer, synchronously);
+- ``staged``: the engine's ``MasterFeed`` (decision 62): groups of layers (``--group-mib``, default the
+  engine's 256) through ``PinnedStager`` (two pinned chunks, packing threads, asynchronous copies);
 - ``pinned``: the masters held in page-locked memory (pinned once, timed apart), one asynchronous copy
   per layer: the ceiling, at the price of ~17 GB of RAM the OS can no longer page.
 
@@ -28,6 +28,9 @@ from pathlib import Path
 
 import torch
 
+from fastlora_core.lora.master_feed import GROUP_BYTES, MasterFeed
+from fastlora_core.lora.staging import PinnedStager
+
 
 def flux_master_shapes() -> list[tuple[int, int]]:
     """(out, in) of the 418 linear layers a full Flux.1-dev LoRA targets (19 double, 38 single blocks)."""
@@ -41,12 +44,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--group-mib", type=int, default=512)
+    ap.add_argument("--group-mib", type=int, default=GROUP_BYTES // 2**20)
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--layers", type=int, default=0, help="only the first N layers (a smoke test)")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test of the code paths, no pinning")
     a = ap.parse_args()
-    from fastlora_core.lora.staging import PinnedStager
 
     dev = torch.device(a.device)
     cuda = dev.type == "cuda"
@@ -68,19 +70,12 @@ def main() -> None:
             merge(m.to(dev, non_blocking=True))
 
     stager = PinnedStager(dev, read_files=False)  # as the engine's master feed
+    by_name = {str(i): m for i, m in enumerate(masters)}
 
-    def staged() -> None:
-        limit = a.group_mib * 2**20
-        group: list[torch.Tensor] = []
-        size = 0
-        for m in [*masters, None]:
-            if m is None or (group and size + m.numel() * 2 > limit):
-                for g in stager([(t, torch.bfloat16) for t in group]):
-                    merge(g)
-                group, size = [], 0
-            if m is not None:
-                group.append(m)
-                size += m.numel() * 2
+    def staged() -> None:  # the engine's own feed, one swap's worth
+        feed = MasterFeed(by_name, by_name, dev, stager, group_bytes=a.group_mib * 2**20)
+        for name in by_name:
+            merge(feed.get(name))
 
     def sync() -> None:
         if cuda:
@@ -109,6 +104,7 @@ def main() -> None:
         pinned = [m.pin_memory() if cuda else m for m in masters]
         results["pin_s"] = round(time.perf_counter() - t, 2)
         del masters[:]
+        by_name.clear()
 
         def pinned_copy() -> None:
             for m in pinned:

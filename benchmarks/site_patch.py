@@ -1,8 +1,9 @@
-"""What the benchmarks' ``site_*/sitecustomize.py`` variants share: a change applied to one module the
-moment it is first imported, in every process that has the variant's folder on ``PYTHONPATH`` (the
-serving process and the compile workers it starts alike), so that nothing is imported earlier than
-without it; then any other ``sitecustomize`` on the path still runs. Loaded by file path (the
-``benchmarks`` folder is not a package on ``sys.path`` at interpreter start)."""
+"""The benchmarks' ``site_*`` variants: a change applied to one module the moment it is first
+imported, in every process that has the variant's folder on ``PYTHONPATH`` (the serving process and
+the compile workers it starts alike), so that nothing is imported earlier than without it; then any
+other ``sitecustomize`` on the path still runs. Each folder's ``sitecustomize.py`` runs this file by
+path (the ``benchmarks`` folder is not a package on ``sys.path`` at interpreter start) with ``HERE``,
+its own folder, which names the variant in :data:`VARIANTS`."""
 
 import importlib.abc
 import importlib.machinery
@@ -42,3 +43,25 @@ def patch_on_import(target: str, patch: Callable[[ModuleType], None], here: str)
         "sitecustomize", [p for p in sys.path if os.path.abspath(p or ".") != here])
     if other is not None and other.loader is not None:
         other.loader.exec_module(importlib.util.module_from_spec(other))
+
+
+def _no_pointwise_tuning(config: ModuleType) -> None:
+    config.triton.autotune_pointwise = False  # type: ignore[attr-defined]
+
+
+def _no_master_feed(fused: ModuleType) -> None:
+    fused.FusedStrategy._master_feed = lambda self, keys: None  # type: ignore[attr-defined]
+
+
+#: folder -> (module, change)
+VARIANTS: dict[str, tuple[str, Callable[[ModuleType], None]]] = {
+    # bench_startup's ``_noptune``: one launch configuration per pointwise kernel instead of two
+    # compiled and timed at the first call
+    "site_noptune": ("torch._inductor.config", _no_pointwise_tuning),
+    # bench_tiers without decision 62's master feed (one pageable copy per layer), for a same-call comparison
+    "site_nofeed": ("fastlora_core.lora.fused", _no_master_feed),
+}
+
+if __name__ == "__site_patch__":
+    _here = globals()["HERE"]
+    patch_on_import(*VARIANTS[os.path.basename(_here)], _here)
