@@ -126,6 +126,32 @@ def test_one_graph_serves_every_block_with_its_own_weights_and_sees_in_place_wri
     assert dispatch.stats.compiled == 1
 
 
+def test_blocks_with_an_adapter_slot_still_share_one_graph(tmp_path: Path) -> None:
+    """``swap_strategy=adapter`` wraps every targeted linear in a PEFT LoRA layer, which keeps its own
+    module name among its attributes; the blocks must still share their class's graph (they compiled
+    one each, 57 on a full-size Flux), and each must compute with its own LoRA weights."""
+    from fastlora_core.lora.adapter import ADAPTER_NAME, AdapterStrategy
+    from fastlora_core.lora.fit import linear_modules
+
+    holder = torch.nn.Module()
+    holder.single_transformer_blocks = torch.nn.ModuleList(_blocks(3))
+    strategy = AdapterStrategy(holder, max_rank=4, dtype=torch.float32)
+    strategy.prepare_slot(frozenset(linear_modules(holder)), 4)
+    torch.manual_seed(2)
+    with torch.no_grad():  # what a swap writes: different LoRA weights in every layer
+        for module in linear_modules(holder).values():
+            module.lora_A[ADAPTER_NAME].weight.normal_()  # type: ignore[index]
+            module.lora_B[ADAPTER_NAME].weight.normal_(std=0.1)  # type: ignore[index]
+    blocks, inputs = list(holder.single_transformer_blocks), _inputs()
+    dispatch = PrecompiledBlocks(tmp_path, CPU)
+    dispatch.install(blocks)
+    outputs = [_run(block, inputs) for block in blocks]
+    assert dispatch.stats.compiled == 1, dispatch.stats
+    for block, out in zip(blocks, outputs):
+        assert _close(out, _eager(block, inputs))
+    assert not _close(outputs[0], outputs[1])
+
+
 def test_a_new_attention_kernel_gets_its_own_graph_not_a_stale_one(tmp_path: Path) -> None:
     blocks, inputs = _blocks(1), _inputs()
     dispatch = PrecompiledBlocks(tmp_path, CPU)
