@@ -172,10 +172,17 @@ def fingerprint(block: torch.nn.Module) -> Fingerprint:
         return _fingerprint(block)
 
 
-@functools.cache
+_NOT_TRACED_BY_CLASS: dict[type, frozenset[str]] = {}
+
+
 def _not_traced(cls: type) -> frozenset[str]:
-    """The :data:`NOT_TRACED` attributes of ``cls`` (those set by any class it derives from)."""
-    return frozenset().union(*(NOT_TRACED.get((c.__module__, c.__qualname__), frozenset()) for c in cls.__mro__))
+    """The :data:`NOT_TRACED` attributes of ``cls`` (those set by any class it derives from), looked up
+    once per class."""
+    found = _NOT_TRACED_BY_CLASS.get(cls)
+    if found is None:
+        found = _NOT_TRACED_BY_CLASS[cls] = frozenset().union(
+            *(NOT_TRACED.get((c.__module__, c.__qualname__), frozenset()) for c in cls.__mro__))
+    return found
 
 
 def _fingerprint(block: torch.nn.Module) -> Fingerprint:
