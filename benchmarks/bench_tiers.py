@@ -25,7 +25,11 @@ saved once as a diffusers folder (FastLoRA's own modules, read from the page cac
 40, 41) exist only for FastLoRA's own transformer.
 ``16gb_model`` is the MODEL path: a transformer-only engine sampling given conditioning (the
 text encoders and VAE are ComfyUI's nodes there, which ComfyUI moves off the GPU while sampling);
-``e2e_s_per_image`` is then the 28-step denoising without text encoding and VAE decode. (``fp8``
+``e2e_s_per_image`` is then the 28-step denoising without text encoding and VAE decode. With
+``--own-loader`` it is the engine a ComfyUI MODEL load builds (``ModelSource.transformer_alone`` on the
+saved folder: FastLoRA's own transformer, saved blocks), and an "image" is the 28 transformer steps of
+``fullsize.run_loop`` on fixed inputs (FastLoRA's own pipeline samples from prompts, not given
+conditioning). (``fp8``
 with ``offload=model`` is refused by the engine: quantised weights cannot be moved.)
 """
 
@@ -107,8 +111,6 @@ def worker(tier: str, out: Path, steps: int, own_loader: bool = False) -> None:
     res["options"] = repr(opts)
     alone = tier.removesuffix(BACKGROUND) in TRANSFORMER_ONLY
     res["loader"] = "own (registry.get_engine on a diffusers folder)" if own_loader else "FluxEngine.from_pipeline"
-    if own_loader and alone:
-        raise SystemExit("--own-loader covers the full-pipeline tiers only")
     saved = (MODEL_DIR / "model_index.json").exists() and (LORA_DIR / "paths.json").exists()
     pipe = None if own_loader and saved else build_pipeline()  # an earlier tier saved both: no rebuild
     paths = lora_paths(pipe.transformer if pipe is not None else None)
@@ -116,7 +118,7 @@ def worker(tier: str, out: Path, steps: int, own_loader: bool = False) -> None:
         if not (MODEL_DIR / "model_index.json").exists():
             pipe.save_pretrained(str(MODEL_DIR), max_shard_size="50GB")
         pipe = None
-    if alone:
+    if alone and pipe is not None:
         from diffusers import FluxPipeline
 
         pipe = FluxPipeline(scheduler=pipe.scheduler, vae=None, text_encoder=None, tokenizer=None,
@@ -135,7 +137,8 @@ def worker(tier: str, out: Path, steps: int, own_loader: bool = False) -> None:
     try:
         t0 = time.perf_counter()
         if own_loader:
-            engine = registry.get_engine(ModelSource.from_diffusers(str(MODEL_DIR)), opts)
+            source = (ModelSource.transformer_alone(MODEL_DIR) if alone else ModelSource.from_diffusers(str(MODEL_DIR)))
+            engine = registry.get_engine(source, opts)
         else:
             engine = FluxEngine.from_pipeline(pipe, opts, label=f"random-flux-dev-{tier}")
         del pipe
@@ -148,7 +151,26 @@ def worker(tier: str, out: Path, steps: int, own_loader: bool = False) -> None:
         res["masters_on"] = str(getattr(engine.strategy, "master_device", "-"))
         res["peak_gib_after_build"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         save()
-        if alone:  # Generate's denoising loop on given conditioning (what a sampler drives on the MODEL path)
+        if alone and own_loader:  # the transformer's 28 steps on fixed inputs (see the module's docstring)
+            loop_inputs = Inputs(steps=steps)
+
+            def image(stack: LoraStack) -> float:
+                engine.apply(stack)
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                with torch.inference_mode():
+                    run_loop(engine.transformer, loop_inputs)
+                torch.cuda.synchronize()
+                return round(time.perf_counter() - t, 3)
+
+            c0 = engine.compiles
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                engine.prepare_external(stack_a)  # compiles like the MODEL path's first sampling
+            image(stack_a)
+            res["first_image_s"] = round(time.perf_counter() - t0, 1)
+            res["first_image_compiles"] = engine.compiles - c0
+        elif alone:  # Generate's denoising loop on given conditioning (what a sampler drives on the MODEL path)
             g = torch.Generator().manual_seed(0)
             embeds = torch.randn(1, 512, 4096, generator=g).to("cuda", torch.bfloat16)
             pooled = torch.randn(1, 768, generator=g).to("cuda", torch.bfloat16)
