@@ -131,6 +131,16 @@ def worker(tier: str, out: Path, steps: int, own_loader: bool = False) -> None:
     torch.cuda.set_per_process_memory_fraction(cap * 2**30 / total, 0)
     torch.cuda.reset_peak_memory_stats()
     device_memory = DeviceMemory()
+    res["alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+    peaks: dict[str, list[float]] = {}  # phase -> [allocated, reserved] GiB at its peak
+
+    def phase_peak(name: str) -> None:
+        """Where the memory peak lies: each phase's peaks, then the counters reset for the next."""
+        peaks[name] = [round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                       round(torch.cuda.max_memory_reserved() / 2**30, 2)]
+        res["phase_peaks_gib"] = peaks
+        torch.cuda.reset_peak_memory_stats()
+
     save()
     req = GenerateRequest(prompt="a photo of a cat on a red sofa", seed=0, steps=steps, width=1024, height=1024)
     stack_a = LoraStack.of((paths["A64"], 1.0))
@@ -150,6 +160,7 @@ def worker(tier: str, out: Path, steps: int, own_loader: bool = False) -> None:
         res["pipeline"] = type(engine.pipe).__name__
         res["masters_on"] = str(getattr(engine.strategy, "master_device", "-"))
         res["peak_gib_after_build"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        phase_peak("build")
         save()
         if alone and own_loader:  # the transformer's 28 steps on fixed inputs (see the module's docstring)
             loop_inputs = Inputs(steps=steps)
@@ -201,16 +212,21 @@ def worker(tier: str, out: Path, steps: int, own_loader: bool = False) -> None:
             r = engine.generate(req, stack_a)
             res["first_image_s"] = round(time.perf_counter() - t0, 1)
             res["first_image_compiles"] = r.new_compiles
+        phase_peak("first_image")
         save()
         res["e2e_s_per_image"] = [image(stack_a) for _ in range(2)]
+        phase_peak("images")
         save()
         reps = [engine.apply(LoraStack.of((paths[k], 1.0))) for k in ("B64", "A64", "B64", "A64")]
         res["swap_r64_ms"] = [round(x.swap_ms, 1) for x in reps]
+        phase_peak("swaps")
         res["image_after_swap_s"] = image(LoraStack.of((paths["B64"], 0.6)))
+        phase_peak("image_after_swap")
         if engine.options.offload == "none":
             with torch.inference_mode():
                 inp = Inputs(steps=steps)
                 res["transformer_loop"] = time_loops(lambda: run_loop(engine.transformer, inp), 2)
+            phase_peak("transformer_loop")
         res["compiles_total"] = engine.compiles
         if engine.precompiled is not None:
             res["saved_blocks"] = engine.precompiled.report()
@@ -219,8 +235,9 @@ def worker(tier: str, out: Path, steps: int, own_loader: bool = False) -> None:
         oom = isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
         res["fits"] = False if oom else None
         res["oom" if oom else "error"] = f"{type(exc).__name__}: {exc}"[:1500]
-    res["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    res["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+    phase_peak("end")  # what the last phase (or a failed one) reached
+    res["peak_allocated_gib"] = max(a for a, _ in peaks.values())
+    res["peak_reserved_gib"] = max(r for _, r in peaks.values())
     res["device_used_peak_gib"] = device_memory.stop()
     save()
 
