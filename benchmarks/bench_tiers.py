@@ -174,13 +174,15 @@ def worker(tier: str, out: Path, steps: int, own_loader: bool = False) -> None:
                 torch.cuda.synchronize()
                 return round(time.perf_counter() - t, 3)
 
-            c0 = engine.compiles
+            from fastlora_core.optimize import dynamo_compile_count  # run_loop bypasses engine.compiles
+
+            c0 = dynamo_compile_count()
             t0 = time.perf_counter()
             with torch.inference_mode():
                 engine.prepare_external(stack_a)  # compiles like the MODEL path's first sampling
             image(stack_a)
             res["first_image_s"] = round(time.perf_counter() - t0, 1)
-            res["first_image_compiles"] = engine.compiles - c0
+            res["first_image_compiles"] = dynamo_compile_count() - c0
         elif alone:  # Generate's denoising loop on given conditioning (what a sampler drives on the MODEL path)
             g = torch.Generator().manual_seed(0)
             embeds = torch.randn(1, 512, 4096, generator=g).to("cuda", torch.bfloat16)
