@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -102,15 +102,17 @@ def _t5_tokenizer():
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
 
 
-def build_tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
-    """A FluxPipeline with random weights, deterministic for a given seed."""
+def build_tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32,
+                        transformer: Mapping[str, object] | None = None):
+    """A FluxPipeline with random weights, deterministic for a given seed. ``transformer``: changes to
+    :data:`TINY_TRANSFORMER_CONFIG` (e.g. ``{"num_layers": 3}`` for several blocks of a class)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     clip_tok = _clip_tokenizer()
     t5_tok = _t5_tokenizer()
     torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(**TINY_TRANSFORMER_CONFIG)
+    flux = FluxTransformer2DModel(**{**TINY_TRANSFORMER_CONFIG, **(transformer or {})})
     torch.manual_seed(seed + 1)
     clip = CLIPTextModel(
         CLIPTextConfig(
@@ -166,7 +168,7 @@ def build_tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
                                                 max_shift=1.15, base_image_seq_len=256,
                                                 max_image_seq_len=4096)
     # Inference modules: eval mode (the tiny T5 has dropout) and no gradients, as from_pretrained gives.
-    for module in (transformer, clip, t5, vae):
+    for module in (flux, clip, t5, vae):
         module.eval().requires_grad_(False)  # type: ignore[union-attr]
     pipe = FluxPipeline(
         scheduler=scheduler,
@@ -175,16 +177,17 @@ def build_tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
         text_encoder_2=t5,
         tokenizer_2=t5_tok,
         vae=vae,
-        transformer=transformer,
+        transformer=flux,
     )
     return pipe.to(dtype)  # type: ignore[attr-defined]
 
 
-def write_tiny_model(folder: str | Path, seed: int = 0) -> Path:
-    """Write the tiny pipeline as a diffusers folder (``model_index.json`` + components)."""
+def write_tiny_model(folder: str | Path, seed: int = 0, transformer: Mapping[str, object] | None = None) -> Path:
+    """Write the tiny pipeline as a diffusers folder (``model_index.json`` + components);
+    ``transformer`` as for :func:`build_tiny_pipeline`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    pipe = build_tiny_pipeline(seed)
+    pipe = build_tiny_pipeline(seed, transformer=transformer)
     pipe.save_pretrained(str(folder), safe_serialization=True)
     logger.info("wrote tiny Flux diffusers folder to %s", folder)
     return folder

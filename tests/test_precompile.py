@@ -460,3 +460,46 @@ def test_compiles_leave_out_the_reductions_rescaled_and_benchmarked_in_every_pro
         optimize.configure_worker_compile()  # the settings of the serving process's and the workers' compiles
         assert inductor_config.dynamic_scale_rblock is False
     assert block_keys.software()[0] == "format 2"  # files saved before the change are not loaded
+
+
+@pytest.fixture(scope="module")
+def deeper_tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """A tiny Flux with three blocks of each class, and two LoRA files on every block linear."""
+    from safetensors.torch import save_file
+
+    from fastlora_core.tiny import build_tiny_pipeline, module_shapes, random_lora_state_dict
+
+    folder = tmp_path_factory.mktemp("deeper")
+    pipe = build_tiny_pipeline(transformer={"num_layers": 3, "num_single_layers": 3})
+    pipe.save_pretrained(str(folder / "model"), safe_serialization=True)
+    names = [n for n, m in pipe.transformer.named_modules()
+             if isinstance(m, torch.nn.Linear) and "transformer_blocks." in n]
+    loras = []
+    for seed in (1, 2):
+        path = folder / f"every-block-{seed}.safetensors"
+        save_file(random_lora_state_dict(module_shapes(pipe.transformer, names), 4, seed), str(path))
+        loras.append(str(path))
+    return folder / "model", loras
+
+
+@pytest.mark.parametrize("strategy", ["fused", "adapter"])
+def test_every_swap_strategy_compiles_one_graph_per_block_class(
+        strategy: str, deeper_tiny: tuple[Path, list[str]], tmp_path: Path) -> None:
+    """What a first image costs: two graphs (one per block class) however many blocks there are and
+    whichever strategy holds the LoRA; a full-size Flux has 19 + 38 blocks, and a key that differed per
+    block cost the `adapter` strategy 57 compiles (H100, 2026-12-07). A swap then compiles nothing."""
+    from fastlora_core.engine import FluxEngine
+    from fastlora_core.specs import EngineOptions, GenerateRequest, LoraStack, ModelSource
+
+    model, loras = deeper_tiny
+    engine = FluxEngine(ModelSource.from_diffusers(model),
+                        EngineOptions(dtype="float32", device="cpu", compile="regional", swap_strategy=strategy,
+                                      compile_cache_dir=str(tmp_path / "cache")))
+    request = GenerateRequest(prompt="a red fox", seed=7, steps=1, width=64, height=64, max_sequence_length=16)
+    first = engine.generate(request, LoraStack.of((loras[0], 1.0)))
+    assert engine.precompiled is not None
+    assert (first.new_compiles, engine.precompiled.stats.compiled) == (2, 2), engine.precompiled.stats
+    second = engine.generate(request, LoraStack.of((loras[1], 0.7)))
+    assert second.new_compiles == 0
+    assert not torch.equal(first.images, second.images)
+    engine.release()
