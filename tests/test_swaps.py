@@ -345,3 +345,26 @@ def test_adapter_rank_errors_name_the_files(tiny_source: ModelSource, tmp_path: 
     with pytest.raises(LoraFitError, match="combined rank") as info:
         engine.apply(LoraStack.of((a, 1.0), (b, 1.0)))
     assert a in str(info.value) and b in str(info.value), str(info.value)
+
+
+def test_an_adapter_slot_on_fp8_layers_does_not_print_peft_merge_warning() -> None:
+    """PEFT warns, for a LoRA layer on a torchao fp8 base layer, that merge() would fail; the slot never
+    merges, so a ComfyUI console should not show it (other warnings still do)."""
+    import warnings
+
+    pytest.importorskip("torchao")
+    from torchao.quantization import Float8Tensor, PerRow
+
+    from fastlora_core.lora.adapter import AdapterStrategy
+
+    holder = torch.nn.Module()
+    holder.proj = torch.nn.Linear(32, 48).to(torch.bfloat16).requires_grad_(False)
+    holder.proj.weight = torch.nn.Parameter(Float8Tensor.from_hp(holder.proj.weight.detach(), granularity=PerRow()),
+                                            requires_grad=False)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        AdapterStrategy(holder, max_rank=4, dtype=torch.bfloat16).prepare_slot(frozenset({"proj"}), 4)
+        warnings.warn("still shown", UserWarning, stacklevel=1)
+    assert type(holder.proj).__name__ == "TorchaoLoraLinear"  # the layer PEFT warns about
+    assert [str(w.message) for w in seen if "get_apply_tensor_subclass" in str(w.message)] == []
+    assert any(str(w.message) == "still shown" for w in seen)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import cast
@@ -39,6 +40,9 @@ from .types import DenseLayer, LoraLayer, NormalizedLora
 logger = logging.getLogger(__name__)
 
 ADAPTER_NAME = "fastlora"
+
+#: The start of PEFT's warning for a LoRA layer on a torchao-quantised base layer (peft 0.21).
+PEFT_TORCHAO_MERGE_WARNING = "TorchaoLoraLinear was instantiated without"
 
 
 class AdapterStrategy(SwapStrategy):
@@ -83,7 +87,12 @@ class AdapterStrategy(SwapStrategy):
         pattern = "^(?:" + "|".join(re.escape(t) for t in sorted(targets)) + ")$"
         config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=pattern,
                             init_lora_weights=False)
-        inject_adapter_in_model(config, self.transformer, adapter_name=ADAPTER_NAME)
+        with warnings.catch_warnings():
+            # On an fp8 (torchao) base layer PEFT warns, once per slot, that its merge() / unmerge() would
+            # fail; the slot never merges (swaps copy into lora_A / lora_B), so the warning would only
+            # alarm the ComfyUI console.
+            warnings.filterwarnings("ignore", message=PEFT_TORCHAO_MERGE_WARNING, category=UserWarning)
+            inject_adapter_in_model(config, self.transformer, adapter_name=ADAPTER_NAME)
         self._modules = linear_modules(self.transformer)
         self._lora_layers = {}
         with torch.no_grad():
@@ -144,10 +153,10 @@ class AdapterStrategy(SwapStrategy):
 
     def validate(self, entries: list[ResolvedEntry]) -> list[str]:
         self.check_layer_kinds([e.lora for e in entries])
-        warnings = []
+        notes: list[str] = []
         for e in entries:
             if e.lora.text_encoder or e.lora.text_encoder_2:
-                warnings.append(
+                notes.append(
                     f"{e.name}: its text-encoder layers are ignored with swap_strategy=adapter "
                     "(use swap_strategy=fused to apply them)."
                 )
@@ -155,7 +164,7 @@ class AdapterStrategy(SwapStrategy):
         check_targets_exist(used, self._modules, "transformer")
         ranks = self.stack_ranks(used)
         if not ranks:
-            return warnings
+            return notes
         limit = self.slot_rank if self.has_slot() else self.max_rank
         outside = sorted(set(ranks) - self.slot_targets) if self.has_slot() else []
         if outside:
@@ -175,7 +184,7 @@ class AdapterStrategy(SwapStrategy):
                 "max_rank in the loader (or PadDummyLora), or use swap_strategy=fused. The previous "
                 "LoRAs stay active."
             )
-        return warnings
+        return notes
 
     def apply(self, entries: list[ResolvedEntry]) -> int:
         """Copy the stack into the slot (validated first). Returns layers rewritten."""
