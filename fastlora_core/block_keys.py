@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.metadata
+import logging
 import os
 import platform
 import sys
@@ -22,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 #: Bumped when what a saved file holds, or how its key is made, changes (2: compiled without inductor's
 #: run-time reduction rescaling, decision 57).
@@ -117,7 +120,19 @@ def _value_id(value: object) -> str:
     if isinstance(value, types.FunctionType):
         cells = tuple(c.cell_contents for c in value.__closure__ or ())
         return f"fn {source(value)} closure {_value_id(cells)} defaults {_value_id(value.__defaults__)}"
-    return f"{type(value).__module__}.{type(value).__qualname__} {value!r}"
+    text = f"{type(value).__module__}.{type(value).__qualname__} {value!r}"
+    if " at 0x" in text and type(value) not in _ADDRESS_WARNED:
+        # A repr with a memory address differs in every process (and for every object): the blocks
+        # holding it get graphs that no later process loads, nor another block shares. Say so once.
+        _ADDRESS_WARNED.add(type(value))
+        logger.warning("a block holds a %s.%s whose description carries its memory address, so its compiled "
+                       "graph is keyed per object and process (a compile per block, none loaded after a "
+                       "restart); list the attribute in block_keys.NOT_TRACED if no forward reads it",
+                       type(value).__module__, type(value).__qualname__)
+    return text
+
+
+_ADDRESS_WARNED: set[type] = set()
 
 
 _MISSING = object()

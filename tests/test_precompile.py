@@ -203,6 +203,26 @@ def test_fingerprint_follows_structure_and_types_not_values() -> None:
     assert not fp.still_valid()
 
 
+def test_an_attribute_described_by_its_address_is_named_in_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """An attribute whose description carries a memory address keys its block per object and process
+    (the adapter slot's 57 graphs came from a per-layer value): the log names its type once."""
+
+    class Opaque:
+        pass
+
+    blocks = _blocks(2)
+    for block in blocks:
+        block.helper = Opaque()
+    with caplog.at_level(logging.WARNING, logger="fastlora_core.block_keys"):
+        digests = {fingerprint(block).digest for block in blocks}
+    assert len(digests) == 2  # one key per block: what the warning is about
+    warned = [r.getMessage() for r in caplog.records if "memory address" in r.getMessage()]
+    assert len(warned) == 1 and "Opaque" in warned[0], warned
+    caplog.clear()
+    fingerprint(_blocks(1)[0])  # a plain block: nothing to say
+    assert not [r for r in caplog.records if "memory address" in r.getMessage()]
+
+
 def test_a_quantised_weight_is_fingerprinted_without_its_torch_function_and_to_the_same_digest(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A first image fingerprints every fp8 weight; torchao's ``__torch_function__`` ran Python for each
