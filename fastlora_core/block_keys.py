@@ -125,9 +125,10 @@ def _value_id(value: object) -> str:
         # A repr with a memory address differs in every process (and for every object): the blocks
         # holding it get graphs that no later process loads, nor another block shares. Say so once.
         _ADDRESS_WARNED.add(type(value))
-        logger.warning("a block holds a %s.%s whose description carries its memory address, so its compiled "
-                       "graph is keyed per object and process (a compile per block, none loaded after a "
-                       "restart); list the attribute in block_keys.NOT_TRACED if no forward reads it",
+        logger.warning("a block's attribute or call input is a %s.%s whose description carries its memory "
+                       "address, so its compiled graph is keyed per object and process (a compile per block, "
+                       "none loaded after a restart); list the attribute in block_keys.NOT_TRACED if no "
+                       "forward reads it",
                        type(value).__module__, type(value).__qualname__)
     return text
 

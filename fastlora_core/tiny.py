@@ -182,12 +182,11 @@ def build_tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32,
     return pipe.to(dtype)  # type: ignore[attr-defined]
 
 
-def write_tiny_model(folder: str | Path, seed: int = 0, transformer: Mapping[str, object] | None = None) -> Path:
-    """Write the tiny pipeline as a diffusers folder (``model_index.json`` + components);
-    ``transformer`` as for :func:`build_tiny_pipeline`."""
+def write_tiny_model(folder: str | Path, seed: int = 0) -> Path:
+    """Write the tiny pipeline as a diffusers folder (``model_index.json`` + components)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    pipe = build_tiny_pipeline(seed, transformer=transformer)
+    pipe = build_tiny_pipeline(seed)
     pipe.save_pretrained(str(folder), safe_serialization=True)
     logger.info("wrote tiny Flux diffusers folder to %s", folder)
     return folder
