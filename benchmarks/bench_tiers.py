@@ -144,6 +144,9 @@ def worker(tier: str, out: Path, steps: int, own_loader: bool = False) -> None:
     save()
     req = GenerateRequest(prompt="a photo of a cat on a red sofa", seed=0, steps=steps, width=1024, height=1024)
     stack_a = LoraStack.of((paths["A64"], 1.0))
+    from fastlora_core.optimize import dynamo_compile_count  # the MODEL tiers' images bypass engine.compiles
+
+    compiles_before = dynamo_compile_count()
     try:
         t0 = time.perf_counter()
         if own_loader:
@@ -162,19 +165,30 @@ def worker(tier: str, out: Path, steps: int, own_loader: bool = False) -> None:
         res["peak_gib_after_build"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         phase_peak("build")
         save()
-        if alone and own_loader:  # the transformer's 28 steps on fixed inputs (see the module's docstring)
-            loop_inputs = Inputs(steps=steps)
+        if alone:  # the MODEL path: the engine's transformer driven from outside, as a sampler drives it
+            if own_loader:  # the transformer's 28 steps on fixed inputs (see the module's docstring)
+                loop_inputs = Inputs(steps=steps)
+
+                def denoise() -> None:
+                    run_loop(engine.transformer, loop_inputs)
+            else:  # the diffusers pipeline's denoising loop on given conditioning
+                g = torch.Generator().manual_seed(0)
+                embeds = torch.randn(1, 512, 4096, generator=g).to("cuda", torch.bfloat16)
+                pooled = torch.randn(1, 768, generator=g).to("cuda", torch.bfloat16)
+
+                def denoise() -> None:
+                    engine.pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=1024, width=1024,
+                                num_inference_steps=steps, guidance_scale=3.5, output_type="latent",
+                                generator=torch.Generator("cpu").manual_seed(0))
 
             def image(stack: LoraStack) -> float:
                 engine.apply(stack)
                 torch.cuda.synchronize()
                 t = time.perf_counter()
                 with torch.inference_mode():
-                    run_loop(engine.transformer, loop_inputs)
+                    denoise()
                 torch.cuda.synchronize()
                 return round(time.perf_counter() - t, 3)
-
-            from fastlora_core.optimize import dynamo_compile_count  # run_loop bypasses engine.compiles
 
             c0 = dynamo_compile_count()
             t0 = time.perf_counter()
@@ -183,29 +197,6 @@ def worker(tier: str, out: Path, steps: int, own_loader: bool = False) -> None:
             image(stack_a)
             res["first_image_s"] = round(time.perf_counter() - t0, 1)
             res["first_image_compiles"] = dynamo_compile_count() - c0
-        elif alone:  # Generate's denoising loop on given conditioning (what a sampler drives on the MODEL path)
-            g = torch.Generator().manual_seed(0)
-            embeds = torch.randn(1, 512, 4096, generator=g).to("cuda", torch.bfloat16)
-            pooled = torch.randn(1, 768, generator=g).to("cuda", torch.bfloat16)
-
-            def image(stack: LoraStack) -> float:
-                engine.apply(stack)
-                torch.cuda.synchronize()
-                t = time.perf_counter()
-                with torch.inference_mode():
-                    engine.pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=1024, width=1024,
-                                num_inference_steps=steps, guidance_scale=3.5, output_type="latent",
-                                generator=torch.Generator("cpu").manual_seed(0))
-                torch.cuda.synchronize()
-                return round(time.perf_counter() - t, 3)
-
-            c0 = engine.compiles
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                engine.prepare_external(stack_a)  # compiles like the MODEL path's first sampling
-            image(stack_a)
-            res["first_image_s"] = round(time.perf_counter() - t0, 1)
-            res["first_image_compiles"] = engine.compiles - c0
         else:
             def image(stack: LoraStack) -> float:
                 return round(engine.generate(req, stack).seconds, 3)
@@ -229,7 +220,7 @@ def worker(tier: str, out: Path, steps: int, own_loader: bool = False) -> None:
                 inp = Inputs(steps=steps)
                 res["transformer_loop"] = time_loops(lambda: run_loop(engine.transformer, inp), 2)
             phase_peak("transformer_loop")
-        res["compiles_total"] = engine.compiles
+        res["compiles_total"] = dynamo_compile_count() - compiles_before
         if engine.precompiled is not None:
             res["saved_blocks"] = engine.precompiled.report()
         res["fits"] = True
