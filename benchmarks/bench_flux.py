@@ -740,7 +740,10 @@ def main():
     merged["total_seconds"] = round(time.time() - t_start, 1)
     out.write_text(json.dumps(merged, indent=1, default=str))
     # The human tables, printed and beside the JSON (report.py merges several runs into RESULTS.md).
-    import report  # this script's folder is on sys.path
+    if __package__:  # python -m benchmarks.bench_flux
+        from . import report
+    else:  # python benchmarks/bench_flux.py: this script's folder is on sys.path
+        import report
 
     text = report.render([merged], [out.name])
     out.with_suffix(".md").write_text(text)

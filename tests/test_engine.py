@@ -155,6 +155,50 @@ def test_engine_from_a_pipeline_serves_that_pipeline_like_a_loaded_one(tiny_sour
     assert torch.equal(engine.generate(tiny_request).images, loaded)
 
 
+def test_resident_bytes_counts_each_tensor_on_the_device_once() -> None:
+    """What a pipeline already holds on the engine's device: every parameter and buffer there, a
+    tensor shared by two modules (tied weights) once, nothing on another device."""
+    from fastlora_core.engine import resident_bytes
+
+    a = torch.nn.Linear(8, 4)  # 32 + 4 float32
+    b = torch.nn.Sequential(torch.nn.Linear(4, 2, bias=False), torch.nn.BatchNorm1d(2))  # 8; 4 x 2 + an int64
+    tied = torch.nn.Linear(8, 4)
+    tied.weight = a.weight  # shared with ``a``: only its bias (4) counts
+    expected = 4 * ((32 + 4) + 8 + 4 * 2 + 4) + 8
+    assert resident_bytes([a, b, tied], torch.device("cpu")) == expected
+    assert resident_bytes([a, b, tied], torch.device("meta")) == 0
+
+
+def test_a_pipeline_already_on_the_gpu_counts_as_room_for_the_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``from_pipeline`` with a pipeline that already sits on the GPU: its weights become the
+    engine's own (the fused masters are those very tensors), so they count as room. Measured on an
+    H100 80GB (2026-12-07): the bf16 pipeline left 47 GiB free, the engine put the masters in CPU
+    RAM and fused swaps took 0.7 s instead of ~40 ms."""
+    import types
+
+    from fastlora_core import engine as engine_mod
+
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (47 * gib, 79 * gib))
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 1.0, raising=False)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    asked = []
+
+    def resident(modules, device):
+        asked.append((list(modules), device))
+        return 32 * gib
+
+    monkeypatch.setattr(engine_mod, "resident_bytes", resident)
+    gpu = torch.device("cuda", 0)
+    fake = types.SimpleNamespace(device=gpu, options=types.SimpleNamespace(offload="none"),
+                                 _modules=FluxEngine._modules)
+    pipe = types.SimpleNamespace(transformer=torch.nn.Linear(2, 2), text_encoder=None, text_encoder_2=None,
+                                 vae=torch.nn.Linear(2, 2))
+    assert FluxEngine._has_ample_room(fake) is False  # a load from files: 47 GiB free is not enough
+    assert FluxEngine._has_ample_room(fake, pipe) is True  # 47 free + 32 already the engine's
+    assert asked == [([pipe.transformer, pipe.vae], gpu)]
+
+
 def test_same_seed_same_image_and_other_seed_other_image(tiny_source: ModelSource,
                                                          tiny_request: GenerateRequest) -> None:
     engine = FluxEngine(tiny_source, CPU)
@@ -498,7 +542,7 @@ def test_background_compile_workers_start_by_the_rule_of_decisions_41_and_45(
         monkeypatch.delenv("FASTLORA_BACKGROUND_COMPILE", raising=False)
     else:
         monkeypatch.setenv("FASTLORA_BACKGROUND_COMPILE", switch)
-    monkeypatch.setattr(FluxEngine, "_has_ample_room", lambda self: ample_room)
+    monkeypatch.setattr(FluxEngine, "_has_ample_room", lambda self, pipeline=None: ample_room)
     opts = dataclasses.replace(CPU, **{"compile": "regional", "compile_cache_dir": str(tmp_path / "c"), **options})
     engine = FluxEngine(tiny_source, opts)
     try:
