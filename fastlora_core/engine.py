@@ -268,9 +268,11 @@ class FluxEngine:
     @classmethod
     def from_pipeline(cls, pipe: Any, options: EngineOptions | None = None, *, label: str = "in-memory pipeline",
                       lora_cache: LoraCache | None = None) -> FluxEngine:
-        """An engine around a ``diffusers.FluxPipeline`` you already hold (on the CPU, in the
-        options' dtype, e.g. random weights built by a benchmark): optimised, compiled and swapped
-        exactly like a loaded one. ``label`` names it in logs and in ``engine.key`` (a
+        """An engine around a ``diffusers.FluxPipeline`` you already hold (in the options' dtype, on
+        the CPU or already on the engine's GPU, e.g. random weights built by a benchmark): optimised,
+        compiled and swapped exactly like a loaded one. Its weights become the engine's (the fused
+        strategy's masters are those tensors where they stay on the GPU), so weights already on the
+        GPU count as room there (:meth:`_has_ample_room`). ``label`` names it in logs and in ``engine.key`` (a
         ``ModelSource`` whose ``diffusers_dir`` is the label; nothing is read from it). Not
         registered in the registry."""
         return cls(ModelSource(diffusers_dir=label), options, lora_cache, pipeline=pipe)
