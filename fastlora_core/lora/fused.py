@@ -79,7 +79,11 @@ class FusedStrategy(SwapStrategy):
         self._groups: dict[tuple[int, ...], QuantGroup] = {}
         self.group_bytes = GROUP_BYTES
         self.refresh_modules()
-        # Exact originals of touched layers: plain tensors, or a quantised weight's inner tensors.
+        # Exact originals of touched layers that have no master: plain tensors, or (for a quantised
+        # weight, which then cannot take a LoRA) its inner tensors. A quantised layer with a master is
+        # restored by quantising its master again, which gives its original bytes: keeping them as well
+        # would cost the fp8 bytes of every LoRA layer a second time where the masters live (8.6 GB for
+        # Flux.1-dev's 418 layers).
         self._orig: dict[tuple[str, str], torch.Tensor | dict[str, torch.Tensor]] = {}
         # Exact original biases of layers whose bias a ``diff_b`` changed.
         self._orig_bias: dict[tuple[str, str], torch.Tensor] = {}
@@ -187,7 +191,7 @@ class FusedStrategy(SwapStrategy):
         group: list[tuple[_Fp8Layer, list]] = []  # grouped fp8 layers not merged yet
         grouped = 0  # their elements
         order = sorted(todo)
-        feed = self._master_feed([key for key in order if wanted.get(key)])
+        feed = self._master_feed(order)  # restored layers need their masters too
         try:
             with torch.no_grad():
                 for key in order:
@@ -219,7 +223,8 @@ class FusedStrategy(SwapStrategy):
 
     def _master_feed(self, keys: list[tuple[str, str]]) -> MasterFeed | None:
         """Where the masters are in system RAM and the weights on a GPU: a feed that sends the masters
-        of ``keys`` (in swap order) in groups through pinned memory (decision 62); else None."""
+        of ``keys`` (in swap order: merged and restored layers alike) in groups through pinned memory
+        (decision 62); else None."""
         if self.master_device.type != "cpu" or not self._hp_master:
             return None
         names = [name for part, name in keys if part == "transformer" and name in self._hp_master]
@@ -256,14 +261,12 @@ class FusedStrategy(SwapStrategy):
     def _grouped_target(self, key: tuple[str, str], items: list) -> _Fp8Layer | None:
         """The layer's grouped-path handle when ``items`` (its new stack) can take that path: LoRA
         layers only, no bias of its own changed by an earlier stack, a per-row fp8 weight with its
-        master on the same GPU and the Triton kernels verified. The exact original is saved first."""
+        master on the same GPU and the Triton kernels verified (its original is its master, quantised)."""
         if not items or key in self._orig_bias or _has_dense(items):
             return None
         fp8 = self._fp8_layers.get(key, _UNRESOLVED)
         if fp8 is _UNRESOLVED:
             fp8 = self._fp8_layers[key] = self._resolve_fp8(key)
-        if fp8 is not None and key not in self._orig:
-            self._orig[key] = clone_quantized(self._weight(*key), self.master_device)
         return cast("_Fp8Layer | None", fp8)
 
     def _resolve_fp8(self, key: tuple[str, str]) -> _Fp8Layer | None:
@@ -331,9 +334,23 @@ class FusedStrategy(SwapStrategy):
         self._restore_bias(key)
         self._restore_weight(key)
 
-    def _restore_weight(self, key: tuple[str, str]) -> None:
+    def _master_of(self, key: tuple[str, str], weight: torch.Tensor) -> torch.Tensor | None:
+        """The high-precision master of a quantised transformer layer; None for any other layer."""
+        if key[0] != "transformer" or not is_quantized(weight):
+            return None
+        return self._hp_master.get(key[1])
+
+    def _restore_weight(self, key: tuple[str, str], feed: MasterFeed | None = None) -> None:
+        """The layer's original weight, exactly: a quantised layer's master quantised again (the
+        rule that made its original bytes: torchao's, or the Triton kernel checked bit for bit against
+        it), any other layer's saved copy."""
         part, name = key
         weight = self._weight(part, name)
+        master = self._master_of(key, weight)
+        if master is not None:
+            src = (feed.get(name) if feed is not None else master).to(weight.device, non_blocking=True)
+            self._quantise_into(weight, src, master)
+            return
         saved = self._orig.get(key)
         if saved is None:
             return
@@ -341,6 +358,17 @@ class FusedStrategy(SwapStrategy):
             restore_quantized(weight, saved)
         else:
             weight.copy_(saved)
+
+    def _quantise_into(self, weight: torch.Tensor, hp: torch.Tensor, master: torch.Tensor) -> None:
+        """Quantise ``hp`` (the master, or master + LoRA deltas, on the weight's device) into the
+        quantised ``weight`` in place, with the rule that quantised the model."""
+        if self._triton_fp8(weight, master):
+            from ..kernels import rowwise_fp8_quant_into
+
+            names, _ = weight.__tensor_flatten__()  # type: ignore[attr-defined]
+            rowwise_fp8_quant_into(hp, getattr(weight, names[0]), getattr(weight, names[1]).view(-1))
+        else:
+            copy_into_quantized(weight, requantize_like(weight, hp, self.quantization))
 
     def _weight(self, part: str, name: str) -> torch.Tensor:
         """The weight of a target layer (a plain or torchao tensor; typed, as nn.Module attributes are not)."""
@@ -377,27 +405,21 @@ class FusedStrategy(SwapStrategy):
         part, name = key
         weight = self._weight(part, name)
         quantized = is_quantized(weight)
-        if key not in self._orig:
+        master = self._master_of(key, weight)
+        if key not in self._orig and master is None:  # a quantised layer's original is its master
             self._orig[key] = clone_quantized(weight, self.master_device) if quantized else \
                 weight.detach().to(self.master_device, copy=True)
         self._write_bias(key, items)
         items = [(e, layer) for e, layer in items if not isinstance(layer, DenseLayer) or layer.has_weight_delta]
         if not items:
-            self._restore_weight(key)
+            self._restore_weight(key, feed)
             return
         device = weight.device
         if quantized:
-            master = self._hp_master.get(name)
             if master is None:
                 raise LoraError(f"layer {name} is quantised but has no high-precision master copy")
             merged = self._merged_hp(feed.get(name) if feed is not None else master, items, device)
-            if self._triton_fp8(weight, master):
-                from ..kernels import rowwise_fp8_quant_into
-
-                names, _ = weight.__tensor_flatten__()  # type: ignore[attr-defined]
-                rowwise_fp8_quant_into(merged, getattr(weight, names[0]), getattr(weight, names[1]).view(-1))
-            else:
-                copy_into_quantized(weight, requantize_like(weight, merged, self.quantization))
+            self._quantise_into(weight, merged, master)
             return
         # Plain weights: accumulate in float32, round once to the weight's dtype.
         new = self._orig[key].to(device=device, dtype=torch.float32, copy=True)  # type: ignore[union-attr]
