@@ -184,3 +184,36 @@ def test_quantised_layers_are_restored_from_their_masters_with_no_second_copy(
     assert all(_same({n: _weights(model)[n]}, {n: originals[n]}) for n in ("l0", "l2", "l4"))
     strategy.apply([])
     assert _same(_weights(model), originals)
+
+
+def test_with_masters_in_ram_restored_layers_take_their_masters_from_the_feed(
+        cpu_grouped: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Masters in system RAM (the 24 GB and 16 GB ``fused`` tiers): a swap's feed plans the layers it
+    restores as well as those it merges, so every master crosses once, in groups, and the restored
+    layers get their original bytes from it. (The feed needs a GPU; here it runs on the CPU's stager.)"""
+    from fastlora_core.lora.master_feed import MasterFeed
+    from fastlora_core.lora.staging import PinnedStager
+
+    strategy, model = _strategy()
+    strategy._grouped_target = lambda key, items: None  # type: ignore[method-assign]  # RAM masters: per layer
+    by_ptr = {t.data_ptr(): n for n, t in strategy._hp_master.items()}
+    stager = PinnedStager("cpu")
+    sent: list[str] = []
+
+    def counting(wanted):  # type: ignore[no-untyped-def]
+        sent.extend(by_ptr[t.data_ptr()] for t, _ in wanted)
+        return stager(wanted)
+
+    def feed(self: fused.FusedStrategy, keys: list[tuple[str, str]]) -> MasterFeed:
+        return MasterFeed(self._hp_master, [n for part, n in keys if n in self._hp_master],
+                          torch.device("cpu"), counting)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fused.FusedStrategy, "_master_feed", feed)
+    originals = _weights(model)
+    strategy.apply([_entry(A, 0.8)])
+    sent.clear()
+    strategy.apply([_entry(B, 1.0)])  # l1, l3 and l5 merged again, l0, l2 and l4 restored
+    assert sorted(sent) == [f"l{i}" for i in range(len(SHAPES))]  # each master sent once, restored ones too
+    assert all(_same({n: _weights(model)[n]}, {n: originals[n]}) for n in ("l0", "l2", "l4"))
+    strategy.apply([])
+    assert _same(_weights(model), originals)
