@@ -38,6 +38,7 @@ from .optimize import (
     finish_transformer,
     quantize_t5,
     quantize_transformer,
+    resident_bytes,
     resolve,
     restore_deterministic,
     why_not_own_modules,
@@ -99,20 +100,6 @@ def run_pipeline(pipe, request: GenerateRequest, callback=None) -> torch.Tensor:
             callback_on_step_end=callback,
         )
     return out.images.permute(0, 2, 3, 1).float().clamp(0, 1).cpu()
-
-
-def resident_bytes(modules: Sequence[torch.nn.Module], device: torch.device) -> int:
-    """Bytes of these modules' parameters and buffers that sit on ``device`` (a tensor shared by
-    several modules counted once): memory a pipeline handed to the engine already holds there."""
-    seen: set[int] = set()
-    total = 0
-    for module in modules:
-        for tensor in (*module.parameters(), *module.buffers()):
-            if tensor.device != device or tensor.data_ptr() in seen:
-                continue
-            seen.add(tensor.data_ptr())
-            total += tensor.numel() * tensor.element_size()
-    return total
 
 
 def weight_writes() -> torch.inference_mode:

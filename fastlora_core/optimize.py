@@ -10,7 +10,7 @@ import logging
 import os
 import shutil
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -44,6 +44,20 @@ _ATTENTION_BACKENDS: dict[str, str] = {
 #: Free GPU memory above which the weights are read straight to the GPU and the fused strategy's
 #: masters stay there (decision 29): a full bf16 master of Flux.1-dev is ~24 GB.
 AMPLE_ROOM_BYTES = 64 * 2**30
+
+
+def resident_bytes(modules: Sequence[torch.nn.Module], device: torch.device) -> int:
+    """Bytes of these modules' parameters and buffers that sit on ``device`` (a tensor shared by
+    several modules counted once): memory a pipeline handed to the engine already holds there."""
+    seen: set[int] = set()
+    total = 0
+    for module in modules:
+        for tensor in (*module.parameters(), *module.buffers()):
+            if tensor.device != device or tensor.data_ptr() in seen:
+                continue
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * tensor.element_size()
+    return total
 
 
 def resolve_device(options: EngineOptions) -> torch.device:

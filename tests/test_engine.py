@@ -158,7 +158,7 @@ def test_engine_from_a_pipeline_serves_that_pipeline_like_a_loaded_one(tiny_sour
 def test_resident_bytes_counts_each_tensor_on_the_device_once() -> None:
     """What a pipeline already holds on the engine's device: every parameter and buffer there, a
     tensor shared by two modules (tied weights) once, nothing on another device."""
-    from fastlora_core.engine import resident_bytes
+    from fastlora_core.optimize import resident_bytes
 
     a = torch.nn.Linear(8, 4)  # 32 + 4 float32
     b = torch.nn.Sequential(torch.nn.Linear(4, 2, bias=False), torch.nn.BatchNorm1d(2))  # 8; 4 x 2 + an int64
