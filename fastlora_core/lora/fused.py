@@ -271,9 +271,8 @@ class FusedStrategy(SwapStrategy):
 
     def _resolve_fp8(self, key: tuple[str, str]) -> _Fp8Layer | None:
         weight = self._weight(*key)
-        master = self._hp_master.get(key[1])
-        if not is_quantized(weight) or master is None or master.device != weight.device \
-                or not self._triton_fp8(weight, master):
+        master = self._master_of(key, weight)
+        if master is None or master.device != weight.device or not self._triton_fp8(weight, master):
             return None
         from ..kernels import groupable
 
