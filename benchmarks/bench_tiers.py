@@ -31,6 +31,8 @@ saved folder: FastLoRA's own transformer, saved blocks), and an "image" is the 2
 ``fullsize.run_loop`` on fixed inputs (FastLoRA's own pipeline samples from prompts, not given
 conditioning). (``fp8``
 with ``offload=model`` is refused by the engine: quantised weights cannot be moved.)
+``48gb_model`` is the MODEL path on a 48 GB card (44 GiB cap), where decision 64 keeps the masters on
+the GPU; ``48gb_model_masters_in_ram`` is the same under the rule before it (masters in system RAM).
 """
 
 from __future__ import annotations
@@ -54,9 +56,13 @@ TIERS: dict[str, tuple[float, dict[str, object]]] = {
     # moves off the GPU while the sampler runs (here: conditioning given, no encoders, no VAE).
     "16gb_model": (15.5, {"quantization": "fp8", "swap_strategy": "fused"}),
     "16gb_model_adapter": (15.5, {"quantization": "fp8", "swap_strategy": "adapter", "max_rank": 64}),
+    # A 48 GB card (L40S, RTX 6000 Ada) on the MODEL path: the masters stay on the GPU (decision 64).
+    "48gb_model": (44.0, {"quantization": "fp8", "swap_strategy": "fused"}),
+    # The same card under the rule before decision 64 (masters in system RAM below 64 GiB free).
+    "48gb_model_masters_in_ram": (44.0, {"quantization": "fp8", "swap_strategy": "fused"}),
 }
 SIXTEEN = ("16gb_fused", "16gb_model", "16gb_model_adapter")
-TRANSFORMER_ONLY = ("16gb_model", "16gb_model_adapter")
+TRANSFORMER_ONLY = ("16gb_model", "16gb_model_adapter", "48gb_model", "48gb_model_masters_in_ram")
 BACKGROUND = "_bgcompile"  # tier suffix: the same tier with background compile workers (decision 41)
 
 
@@ -107,6 +113,10 @@ def worker(tier: str, out: Path, steps: int, own_loader: bool = False) -> None:
     def save() -> None:
         out.write_text(json.dumps(res, indent=1, default=str))
 
+    if tier.removesuffix(BACKGROUND) == "48gb_model_masters_in_ram":
+        from fastlora_core import optimize
+
+        optimize.TRANSFORMER_ONLY_ROOM_BYTES = optimize.AMPLE_ROOM_BYTES  # the rule before decision 64
     opts = EngineOptions(compile="regional", compile_cache_dir=f"/tmp/fastlora-tiers-cache-{tier}", **overrides)  # type: ignore[arg-type]
     res["options"] = repr(opts)
     alone = tier.removesuffix(BACKGROUND) in TRANSFORMER_ONLY

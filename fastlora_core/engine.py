@@ -41,6 +41,7 @@ from .optimize import (
     resident_bytes,
     resolve,
     restore_deterministic,
+    room_for_masters,
     why_not_own_modules,
 )
 from .precompile import PrecompiledBlocks
@@ -161,8 +162,9 @@ class FluxEngine:
         self.precompiled: PrecompiledBlocks | None = None  # regional compile's saved blocks (decision 40)
         self._background: background_compile.BackgroundCompiler | None = None
         # Decided once, before anything is read: the weights (and the fused strategy's masters) go
-        # straight to the GPU only when it has ample room (decision 29).
-        self._ample_room = self._has_ample_room(pipeline)
+        # straight to the GPU only when it has ample room for them (decisions 29 and 64).
+        room = self._free_bytes(pipeline)
+        self._ample_room = room > room_for_masters(source.transformer_only, options.quantization)
         self._background_mode: str | None = None
         self._expected: list[background_compile.Job] = []  # the expected first request's graphs (decision 47)
         self._first_calls: FirstCalls | None = None  # the encoders' and VAE's (decision 55)
@@ -173,7 +175,7 @@ class FluxEngine:
             if options.compile == "regional" and not options.deterministic and not options.dynamic_shapes:
                 # workers start when a block class has no saved graph (decisions 41 and 45), or while
                 # the weights are read when the cache has no saved graph at all (decision 46)
-                self._background_mode = background_compile.mode(self._ample_room)
+                self._background_mode = background_compile.mode(room > AMPLE_ROOM_BYTES)
                 if self._background_mode is not None:
                     self._background = workers or background_compile.BackgroundCompiler(self.device)
                     workers = None
@@ -259,7 +261,7 @@ class FluxEngine:
         the CPU or already on the engine's GPU, e.g. random weights built by a benchmark): optimised,
         compiled and swapped exactly like a loaded one. Its weights become the engine's (the fused
         strategy's masters are those tensors where they stay on the GPU), so weights already on the
-        GPU count as room there (:meth:`_has_ample_room`). ``label`` names it in logs and in ``engine.key`` (a
+        GPU count as room there (:meth:`_free_bytes`). ``label`` names it in logs and in ``engine.key`` (a
         ``ModelSource`` whose ``diffusers_dir`` is the label; nothing is read from it). Not
         registered in the registry."""
         return cls(ModelSource(diffusers_dir=label), options, lora_cache, pipeline=pipe)
@@ -329,10 +331,11 @@ class FluxEngine:
         """The pipeline's weight-holding modules that were loaded (a transformer-only engine has one)."""
         return [m for m in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.vae) if m is not None]
 
-    def _has_ample_room(self, pipeline: Any = None) -> bool:
-        """Whether the GPU can hold the bf16 transformer, its fp8 copy and everything else at once
-        (more than 64 GiB free): then the weights are read straight to it and the fused
-        strategy's masters stay there. Smaller cards keep today's path: read on the CPU, quantised
+    def _free_bytes(self, pipeline: Any = None) -> int:
+        """GPU bytes this engine may count on (0 without a GPU or with offload), measured against
+        ``optimize.room_for_masters``: whether the weights are read straight to the GPU and the fused
+        strategy's masters stay there (decisions 29 and 64), and against ``AMPLE_ROOM_BYTES`` for the
+        compile workers (decision 45). Smaller cards keep the CPU path: read on the CPU, quantised
         layer by layer while moving, masters in CPU RAM.
 
         A ``pipeline`` handed in (:meth:`from_pipeline`) that already sits on this GPU counts as room:
@@ -340,7 +343,7 @@ class FluxEngine:
         not count against it. Without this an H100 80GB holding the 31 GiB bf16 pipeline showed 47 GiB
         free and sent the masters to CPU RAM: fused swaps of 0.7 s instead of ~40 ms (2026-12-07)."""
         if self.device.type != "cuda" or self.options.offload != "none":
-            return False
+            return 0
         free, total = torch.cuda.mem_get_info(self.device)
         # Respect torch.cuda.set_per_process_memory_fraction (mem_get_info ignores it).
         get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
@@ -348,7 +351,7 @@ class FluxEngine:
         free = min(free, int(fraction * total) - torch.cuda.memory_reserved(self.device))
         if pipeline is not None:
             free += resident_bytes(self._modules(pipeline), self.device)
-        return free > AMPLE_ROOM_BYTES
+        return free
 
     def _first_image_compiles(self) -> bool:
         """Whether the first image will compile block graphs on this GPU: regional compile with saved

@@ -42,8 +42,25 @@ _ATTENTION_BACKENDS: dict[str, str] = {
 
 
 #: Free GPU memory above which the weights are read straight to the GPU and the fused strategy's
-#: masters stay there (decision 29): a full bf16 master of Flux.1-dev is ~24 GB.
+#: masters stay there (decision 29): a full bf16 master of Flux.1-dev is ~24 GB. Also the room above
+#: which compile workers start by default (decision 45: one more process and CUDA context).
 AMPLE_ROOM_BYTES = 64 * 2**30
+
+#: The same rule for a transformer-only engine (ComfyUI's MODEL path) with one-byte weights
+#: (decision 64): the bf16 masters (22.2 GiB) + the fp8 transformer (11.1 GiB) + sampling at
+#: 1024x1024 and a swap's scratch. 40 GiB lets 48 GB cards (L40S, RTX 6000 Ada) keep their masters
+#: on the GPU (swaps of ~45 ms instead of ~0.7 s from RAM); measured in ``benchmarks/RESULTS.md``.
+TRANSFORMER_ONLY_ROOM_BYTES = 40 * 2**30
+
+
+def room_for_masters(transformer_only: bool, quantization: str) -> int:
+    """Free GPU bytes above which an engine reads its weights straight to the GPU and keeps the fused
+    strategy's masters there (decision 29): the whole pipeline needs :data:`AMPLE_ROOM_BYTES`; the
+    transformer alone, quantised to one byte per weight, :data:`TRANSFORMER_ONLY_ROOM_BYTES`. With
+    unquantised weights the transformer alone holds two bf16 copies (44 GiB), so the larger rule."""
+    if transformer_only and quantization in ("fp8", "fp8_weight_only", "int8_weight_only"):
+        return TRANSFORMER_ONLY_ROOM_BYTES
+    return AMPLE_ROOM_BYTES
 
 
 def resident_bytes(modules: Sequence[torch.nn.Module], device: torch.device) -> int:

@@ -14,6 +14,7 @@ import torch
 from fastlora_core import registry
 from fastlora_core.engine import FluxEngine
 from fastlora_core.errors import EngineReleasedError, OptionsError
+from fastlora_core.optimize import room_for_masters
 from fastlora_core.specs import EngineOptions, GenerateRequest, LoraStack, ModelSource
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,9 +195,42 @@ def test_a_pipeline_already_on_the_gpu_counts_as_room_for_the_engine(monkeypatch
                                  _modules=FluxEngine._modules)
     pipe = types.SimpleNamespace(transformer=torch.nn.Linear(2, 2), text_encoder=None, text_encoder_2=None,
                                  vae=torch.nn.Linear(2, 2))
-    assert FluxEngine._has_ample_room(fake) is False  # a load from files: 47 GiB free is not enough
-    assert FluxEngine._has_ample_room(fake, pipe) is True  # 47 free + 32 already the engine's
+    whole = room_for_masters(transformer_only=False, quantization="fp8")
+    assert FluxEngine._free_bytes(fake) <= whole  # a load from files: 47 GiB free is not enough
+    assert FluxEngine._free_bytes(fake, pipe) > whole  # 47 free + 32 already the engine's
     assert asked == [([pipe.transformer, pipe.vae], gpu)]
+
+
+@pytest.mark.parametrize(
+    ("free_gib", "transformer_only", "quantization", "masters_on_gpu", "workers"),
+    [
+        (44, True, "int8_weight_only", True, False),  # a 48 GB card on ComfyUI's MODEL path (decision 64)
+        (44, True, "none", False, False),  # two bf16 copies of the transformer: 44 GiB, no room
+        (44, False, "int8_weight_only", False, False),  # the whole pipeline adds T5 (9.5 GiB) and the VAE
+        (38, True, "int8_weight_only", False, False),  # a 48 GB card where ComfyUI already holds its T5
+        (70, False, "int8_weight_only", True, True),  # an 80 GB card: all on the GPU, workers compile ahead
+        (70, True, "none", True, True),
+    ],
+)
+def test_the_masters_stay_on_the_gpu_where_this_engine_has_room_for_them(
+        tiny_source: ModelSource, monkeypatch: pytest.MonkeyPatch, tmp_path, free_gib: int,
+        transformer_only: bool, quantization: str, masters_on_gpu: bool, workers: bool) -> None:
+    """Decision 64: the room the fused strategy's masters need depends on what the engine holds. A
+    transformer-only engine with one-byte weights needs 40 GiB, not the whole pipeline's 64: on a
+    48 GB card (~44 GiB free) its swaps are then merges on the GPU (~45 ms) instead of masters sent
+    from RAM (~0.7 s). Compile workers (one more process and CUDA context, decision 45) keep the
+    whole-pipeline rule. On the CPU the decision shows in ``_ample_room`` and in the workers' mode."""
+    monkeypatch.delenv("FASTLORA_BACKGROUND_COMPILE", raising=False)
+    monkeypatch.setattr(FluxEngine, "_free_bytes", lambda self, pipeline=None: free_gib * 2**30)
+    source = dataclasses.replace(tiny_source, transformer_only=transformer_only)
+    opts = dataclasses.replace(CPU, quantization=quantization, compile="regional",
+                               compile_cache_dir=str(tmp_path / "c"))
+    engine = FluxEngine(source, opts)
+    try:
+        assert engine._ample_room is masters_on_gpu
+        assert (engine._background_mode == "ahead") is workers
+    finally:
+        engine.release()
 
 
 def test_same_seed_same_image_and_other_seed_other_image(tiny_source: ModelSource,
@@ -542,7 +576,7 @@ def test_background_compile_workers_start_by_the_rule_of_decisions_41_and_45(
         monkeypatch.delenv("FASTLORA_BACKGROUND_COMPILE", raising=False)
     else:
         monkeypatch.setenv("FASTLORA_BACKGROUND_COMPILE", switch)
-    monkeypatch.setattr(FluxEngine, "_has_ample_room", lambda self, pipeline=None: ample_room)
+    monkeypatch.setattr(FluxEngine, "_free_bytes", lambda self, pipeline=None: (65 if ample_room else 0) * 2**30)
     opts = dataclasses.replace(CPU, **{"compile": "regional", "compile_cache_dir": str(tmp_path / "c"), **options})
     engine = FluxEngine(tiny_source, opts)
     try:
