@@ -641,13 +641,24 @@ class FluxEngine:
             self.reload()
 
     def memory_bytes(self) -> int:
-        """Bytes of weights held (0 once released). Lock-free: safe to call while generating."""
+        """Bytes of weights held (0 once released): the modules' parameters and buffers, and the
+        swap strategy's own tensors (the fused masters) where they sit on the engine's device. What
+        ComfyUI's memory manager counts as this model's size: on a GPU with room for them the masters
+        are as large as the transformer (decision 64). Lock-free: safe to call while generating."""
         pipe = getattr(self, "pipe", None)  # a local reference: release() may run meanwhile
+        strategy = getattr(self, "strategy", None)
         if self.released or pipe is None:
             return 0
         total = 0
+        plain: set[int] = set()  # storage of the plain tensors counted (quantised ones have none of their own)
         for module in self._modules(pipe):
-            for t in list(module.parameters()) + list(module.buffers()):
+            for t in (*module.parameters(), *module.buffers()):
+                total += t.numel() * t.element_size()
+                if type(t) in (torch.Tensor, torch.nn.Parameter):
+                    plain.add(t.data_ptr())
+        for t in strategy.held_tensors() if strategy is not None else ():
+            if t.device == self.device and t.data_ptr() not in plain:  # a master still the layer's weight counts once
+                plain.add(t.data_ptr())
                 total += t.numel() * t.element_size()
         return total
 

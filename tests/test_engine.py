@@ -296,6 +296,28 @@ def test_weight_only_int8_and_nf4_t5_run_on_cpu(tiny_source: ModelSource, tiny_r
     assert float((images - plain).abs().mean()) < 0.05
 
 
+def test_the_engine_size_counts_the_fused_masters_on_its_device(tiny_source: ModelSource,
+                                                                tiny_loras: dict[str, str]) -> None:
+    """ComfyUI's memory manager sizes a FastLoRA model by ``memory_bytes``. With one-byte weights the
+    fused strategy's bf16 masters are twice the transformer's quantised bytes; where they sit on the
+    engine's device (a GPU with room for them, decision 64; here the CPU engine's own RAM) they are
+    part of the engine's size, counted once. Reporting the quantised weights alone hid 22 GiB of a
+    48 GB card from ComfyUI."""
+    engine = FluxEngine(tiny_source, dataclasses.replace(CPU, quantization="int8_weight_only"))
+    try:
+        modules = [t for m in engine._modules(engine.pipe) for t in (*m.parameters(), *m.buffers())]
+        weights = sum(t.numel() * t.element_size() for t in modules)
+        masters = engine.strategy.held_tensors()
+        assert masters and all(t.device == engine.device for t in masters)
+        master_bytes = sum(t.numel() * t.element_size() for t in masters)
+        assert engine.memory_bytes() == weights + master_bytes
+        engine.apply(LoraStack.of((tiny_loras["fastlora-tiny-style"], 1.0)))
+        assert engine.memory_bytes() >= weights + master_bytes
+    finally:
+        engine.release()
+    assert engine.memory_bytes() == 0
+
+
 # -- registry --------------------------------------------------------------------------------------
 def test_registry_reuses_same_key_and_releases_old_engine_first(tiny_source: ModelSource) -> None:
     a = registry.get_engine(tiny_source, CPU)

@@ -70,6 +70,11 @@ class SwapStrategy(ABC):
         """The engine moved its weights back to the device: undo :meth:`offload`."""
         return None
 
+    def held_tensors(self) -> list[torch.Tensor]:
+        """Tensors the strategy keeps beside the model's own (masters, saved originals), wherever they
+        live: part of the engine's memory (:meth:`FluxEngine.memory_bytes`). None by default."""
+        return []
+
     def check_layer_kinds(self, loras: Sequence[NormalizedLora]) -> None:
         """Raise LoraFitError when a LoRA holds layers this strategy can never apply (whatever its
         slot), naming the files and what to use instead. A strategy that refuses a layer kind calls

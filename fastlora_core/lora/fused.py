@@ -141,6 +141,14 @@ class FusedStrategy(SwapStrategy):
     def model_moved(self) -> None:
         self.refresh_modules()
 
+    def held_tensors(self) -> list[torch.Tensor]:
+        """The masters, and the saved originals of touched layers that have none (plain weights,
+        biases): on the GPU where it has room for them (decisions 29 and 64), otherwise in RAM."""
+        held: list[torch.Tensor] = [*self._hp_master.values(), *self._orig_bias.values()]
+        for saved in list(self._orig.values()):
+            held.extend(saved.values() if isinstance(saved, dict) else [saved])
+        return held
+
     def offload(self) -> None:
         self._device_before_offload = self.master_device
         self.move_masters("cpu")
