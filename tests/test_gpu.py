@@ -118,6 +118,31 @@ def test_with_ample_room_the_transformer_is_read_straight_to_the_gpu(tiny_source
         assert got[name].device.type == "cuda" and torch.equal(got[name].cpu(), want), name
 
 
+@pytest.mark.skipif(not _fp8_ok(), reason="fp8 needs compute capability >= 8.9")
+def test_a_transformer_only_fp8_engine_keeps_its_masters_on_the_gpu_and_reports_them(
+        tiny_source: ModelSource, tiny_loras: dict[str, str]) -> None:
+    """Decision 64: the MODEL path's engine (transformer only, fp8) keeps its bf16 masters on a GPU with
+    40 GiB free, and ComfyUI sizes it with them (``memory_bytes``): the quantised weights alone would hide
+    two thirds of what it holds there."""
+    from fastlora_core.optimize import TRANSFORMER_ONLY_ROOM_BYTES
+
+    free, _total = torch.cuda.mem_get_info()
+    if free <= TRANSFORMER_ONLY_ROOM_BYTES:
+        pytest.skip("under 40 GiB free on this GPU")
+    source = dataclasses.replace(tiny_source, transformer_only=True)
+    engine = FluxEngine(source, dataclasses.replace(GPU, quantization="fp8", compile="off"))
+    try:
+        masters = engine.strategy.held_tensors()
+        assert masters and {t.device.type for t in masters} == {"cuda"}
+        weights = sum(t.numel() * t.element_size() for t in (*engine.transformer.parameters(),
+                                                               *engine.transformer.buffers()))
+        assert engine.memory_bytes() == weights + sum(t.numel() * t.element_size() for t in masters)
+        engine.apply(_stack(tiny_loras, ("style", 1.0)))
+        assert engine.strategy._fast_fp8 is True
+    finally:
+        engine.release()
+
+
 def test_with_ample_room_the_encoders_and_vae_first_calls_are_made_during_the_build(
         tiny_source: ModelSource, tiny_request: GenerateRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """Decision 55: on a GPU with room, the engine's build makes the text encoders' and VAE's first calls on
