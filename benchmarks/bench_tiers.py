@@ -230,6 +230,16 @@ def worker(tier: str, out: Path, steps: int, own_loader: bool = False) -> None:
                 inp = Inputs(steps=steps)
                 res["transformer_loop"] = time_loops(lambda: run_loop(engine.transformer, inp), 2)
             phase_peak("transformer_loop")
+        if alone and res["masters_on"].startswith("cuda"):  # ComfyUI short of memory (decision 65)
+            t = time.perf_counter()
+            freed = engine.masters_to_ram()
+            moved = {"s": round(time.perf_counter() - t, 2), "freed_gib": round(freed / 2**30, 2),
+                     "allocated_gib_after": round(torch.cuda.memory_allocated() / 2**30, 2)}
+            reps = [engine.apply(LoraStack.of((paths[k], 1.0))) for k in ("B64", "A64", "B64")]
+            moved["swap_r64_ms_after"] = [round(x.swap_ms, 1) for x in reps]
+            moved["image_after_s"] = image(stack_a)
+            res["masters_to_ram"] = moved
+            phase_peak("masters_to_ram")
         res["compiles_total"] = dynamo_compile_count() - compiles_before
         if engine.precompiled is not None:
             res["saved_blocks"] = engine.precompiled.report()

@@ -662,6 +662,25 @@ class FluxEngine:
                 total += t.numel() * t.element_size()
         return total
 
+    def masters_to_ram(self) -> int:
+        """Free GPU memory and keep the engine (ComfyUI's partial unload, decision 65): the swap
+        strategy's tensors on the GPU (the fused masters, decision 64) move to system RAM, from where
+        later swaps send them in pinned groups (decision 62: ~0.7 s instead of ~45 ms). Returns the
+        GPU bytes freed, 0 where none of them sat there. They stay in RAM: moving them back whenever
+        memory looks free would pay both moves each time ComfyUI loads its text encoders again."""
+        with self._lock:
+            if self.released or self.offloaded or self.device.type == "cpu":
+                return 0
+            before = self.memory_bytes()
+            with weight_writes():
+                self.strategy.move_held_to_ram()
+            freed = before - self.memory_bytes()
+            if freed:
+                self._free_memory()
+                logger.info("moved the masters to system RAM: %.1f GiB of GPU memory freed; swaps now "
+                            "send them from there", freed / 2**30)
+            return freed
+
     def offload(self) -> None:
         """Move the weights to CPU RAM (ComfyUI 'unload'); the next use moves them back. Quantised
         engines cannot move and are released instead."""

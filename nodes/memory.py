@@ -96,10 +96,10 @@ class EngineModel:
         return 0
 
     def partially_unload(self, device_to: Any, memory_to_free: float = 0) -> int:
-        """An engine moves as a whole: free all of it and report how much that was."""
-        freed = self.loaded_size()
-        self._unload()
-        return freed
+        """ComfyUI needs ``memory_to_free`` bytes (:func:`partially_unload`)."""
+        before = self.loaded_size()
+        self._size = 0  # the size changes either way
+        return partially_unload(self.engine, memory_to_free, before)
 
     def detach(self, unpatch_all: bool = True) -> None:
         """``detach(True)``: ``LoadedModel.model_unload`` from ``unload_all_models`` (/free, OOM
@@ -185,6 +185,19 @@ _MANAGER = _Manager()
 def unload_engine(engine: FluxEngine) -> None:
     """What ComfyUI's unload does to an engine, for any wrapper of it (offload, or release)."""
     _MANAGER.wrapper_for(engine)._unload()
+
+
+def partially_unload(engine: FluxEngine, memory_to_free: float, loaded: int) -> int:
+    """ComfyUI's ``free_memory`` asks a model for ``memory_to_free`` bytes (before loading a text
+    encoder or decoding, when the GPU is short) and unloads the model whole only when fewer come back.
+    The engine's masters on the GPU (decision 64) go to system RAM first (decision 65): the engine
+    stays, its swaps slower, instead of being released and rebuilt at the next run. When that is not
+    enough the engine is unloaded as a whole (offloaded, or released); ``loaded`` is its size before."""
+    freed = engine.masters_to_ram()
+    if freed >= memory_to_free > 0:
+        return freed
+    unload_engine(engine)
+    return max(freed, loaded)
 
 
 ensure_loaded = _MANAGER.ensure_loaded

@@ -264,6 +264,41 @@ def test_fp8_swaps_with_masters_in_system_ram_equal_swaps_with_masters_on_the_gp
 
 
 @pytest.mark.skipif(not _fp8_ok(), reason="fp8 needs compute capability >= 8.9")
+def test_masters_moved_to_ram_under_memory_pressure_keep_every_swap_exact(
+        tiny_source: ModelSource, tiny_loras: dict[str, str]) -> None:
+    """Decision 65: ComfyUI short of memory gets the GPU masters back (``masters_to_ram``) while the
+    engine stays; the swaps after the move (through the master feed) write bit for bit what an engine
+    that never moved its masters writes."""
+    from fastlora_core.lora.quantized import clone_quantized
+
+    options = dataclasses.replace(GPU, quantization="fp8", compile="off")
+    moved, kept = FluxEngine(tiny_source, options), FluxEngine(tiny_source, options)
+    try:
+        assert moved.strategy.master_device.type == "cuda"
+        stacks = [_stack(tiny_loras, *items) for items in
+                  ((("style", 1.0),), (("wide", 0.5), ("character", 1.0)), (("style", 1.0),), ())]
+        for engine in (moved, kept):
+            engine.apply(stacks[0])
+        held = sum(t.numel() * t.element_size() for t in moved.strategy.held_tensors())
+        before = moved.memory_bytes()
+        assert moved.masters_to_ram() == held > 0
+        assert moved.memory_bytes() == before - held and moved.strategy.master_device.type == "cpu"
+        assert {t.device.type for t in moved.strategy.held_tensors()} == {"cpu"}
+        assert moved.masters_to_ram() == 0  # nothing left on the GPU
+        for stack in stacks[1:]:
+            for engine in (moved, kept):
+                engine.apply(stack)
+            ours, theirs = dict(moved.transformer.named_modules()), dict(kept.transformer.named_modules())
+            for name in kept.strategy._hp_master:
+                want = clone_quantized(theirs[name].weight, "cpu")
+                for k, v in clone_quantized(ours[name].weight, "cpu").items():
+                    assert _same_bits(v, want[k]), (stack, name, k)
+    finally:
+        moved.release()
+        kept.release()
+
+
+@pytest.mark.skipif(not _fp8_ok(), reason="fp8 needs compute capability >= 8.9")
 @pytest.mark.parametrize("group_bytes", [1, 300_000, None])  # a layer per group, a few layers, all at once
 def test_grouped_fp8_merge_is_torchaos_quantisation_of_every_merged_layer(
         tiny_source: ModelSource, tiny_loras: dict[str, str], group_bytes: int | None) -> None:

@@ -466,6 +466,43 @@ def test_gpu_style_unload_offloads_instead_of_releasing(pack: Any) -> None:
     assert w.partially_load(torch.device("cuda"), 1e32) == 1000 and not engine.offloaded
 
 
+@pytest.mark.parametrize(("memory_to_free", "kept"), [(500, True), (600, True), (601, False)])
+def test_a_partial_unload_moves_the_gpu_masters_to_ram_and_keeps_the_engine(
+        pack: Any, memory_to_free: int, kept: bool) -> None:
+    """Decision 65: ComfyUI's ``free_memory`` asks a model for some bytes before it loads a text
+    encoder or decodes. An engine with its masters on the GPU (a 48 GB card on the MODEL path,
+    decision 64) gives them back by moving the masters to RAM and stays loaded (slower swaps, no
+    rebuild); only when that is not enough is it unloaded whole, as before."""
+    memory = sys.modules[f"{comfy_stub.PACK_NAME}.nodes.memory"]
+
+    class FakeEngine:
+        released = False
+        offloaded = False
+        device = torch.device("cuda")
+        dtype = torch.bfloat16
+        masters = 600  # bytes of masters on the GPU
+
+        def memory_bytes(self) -> int:
+            return 0 if self.offloaded else 1000 + self.masters
+
+        def masters_to_ram(self) -> int:
+            freed, self.masters = self.masters, 0
+            return freed
+
+        def offload(self) -> None:
+            self.offloaded = True
+
+    engine = FakeEngine()
+    w = memory.EngineModel(engine, torch.device("cuda"), torch.device("cpu"))
+    assert w.loaded_size() == 1600
+    freed = w.partially_unload(torch.device("cpu"), memory_to_free)
+    assert engine.masters == 0  # the masters go first, in every case
+    if kept:
+        assert freed == 600 and not engine.offloaded and w.loaded_size() == 1000
+    else:
+        assert freed == 1600 and engine.offloaded and w.loaded_size() == 0
+
+
 # -- adapter strategy with compile ---------------------------------------------------------------------
 @pytest.mark.slow
 def test_pad_dummy_lora_adapter_compiled_swaps_without_recompiling(pack: Any, models_dir: Path) -> None:

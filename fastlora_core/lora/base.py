@@ -70,6 +70,11 @@ class SwapStrategy(ABC):
         """The engine moved its weights back to the device: undo :meth:`offload`."""
         return None
 
+    def move_held_to_ram(self) -> None:
+        """Move :meth:`held_tensors` that sit on a GPU to system RAM (the engine keeps working, its
+        swaps reading them from there). Nothing to move by default."""
+        return None
+
     def held_tensors(self) -> list[torch.Tensor]:
         """Tensors the strategy keeps beside the model's own (masters, saved originals), wherever they
         live: part of the engine's memory (:meth:`FluxEngine.memory_bytes`). None by default."""

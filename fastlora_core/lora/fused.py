@@ -141,6 +141,9 @@ class FusedStrategy(SwapStrategy):
     def model_moved(self) -> None:
         self.refresh_modules()
 
+    def move_held_to_ram(self) -> None:
+        self.move_masters("cpu")  # later swaps take the master feed (decision 62)
+
     def held_tensors(self) -> list[torch.Tensor]:
         """The masters, and the saved originals of touched layers that have none (plain weights,
         biases): on the GPU where it has room for them (decisions 29 and 64), otherwise in RAM."""
