@@ -42,6 +42,7 @@ from . import lycoris
 from .base import Contribution, ResolvedEntry, SwapStrategy, check_targets_exist, linear_modules, per_layer
 from .master_feed import MasterFeed
 from .quantized import clone_quantized, copy_into_quantized, is_quantized, requantize_like, restore_quantized
+from .spill import to_ram
 from .staging import PinnedStager
 from .types import DenseLayer
 
@@ -132,7 +133,10 @@ class FusedStrategy(SwapStrategy):
         if self.master_device == torch.device(device):
             return
         self._forget_fp8_layers()
-        self._hp_master = {n: t.to(device) for n, t in self._hp_master.items()}
+        if torch.device(device).type == "cpu":  # 22 GiB of Flux masters: through pinned chunks (decision 65)
+            self._hp_master = dict(zip(self._hp_master, to_ram(list(self._hp_master.values())), strict=True))
+        else:
+            self._hp_master = {n: t.to(device) for n, t in self._hp_master.items()}
         self._orig = {k: ({n: t.to(device) for n, t in v.items()} if isinstance(v, dict) else v.to(device))
                       for k, v in self._orig.items()}
         self._orig_bias = {k: v.to(device) for k, v in self._orig_bias.items()}
