@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from . import comfy_bridge
@@ -99,7 +100,7 @@ class EngineModel:
         """ComfyUI needs ``memory_to_free`` bytes (:func:`partially_unload`)."""
         before = self.loaded_size()
         self._size = 0  # the size changes either way
-        return partially_unload(self.engine, memory_to_free, before)
+        return partially_unload(self.engine, memory_to_free, before, self._unload)
 
     def detach(self, unpatch_all: bool = True) -> None:
         """``detach(True)``: ``LoadedModel.model_unload`` from ``unload_all_models`` (/free, OOM
@@ -187,16 +188,21 @@ def unload_engine(engine: FluxEngine) -> None:
     _MANAGER.wrapper_for(engine)._unload()
 
 
-def partially_unload(engine: FluxEngine, memory_to_free: float, loaded: int) -> int:
+def partially_unload(engine: FluxEngine, memory_to_free: float, loaded: int,
+                     unload: Callable[[], None] | None = None) -> int:
     """ComfyUI's ``free_memory`` asks a model for ``memory_to_free`` bytes (before loading a text
     encoder or decoding, when the GPU is short) and unloads the model whole only when fewer come back.
     The engine's masters on the GPU (decision 64) go to system RAM first (decision 65): the engine
     stays, its swaps slower, instead of being released and rebuilt at the next run. When that is not
-    enough the engine is unloaded as a whole (offloaded, or released); ``loaded`` is its size before."""
+    enough the engine is unloaded as a whole by ``unload`` (default: :func:`unload_engine`: offloaded,
+    or released); ``loaded`` is its size before."""
     freed = engine.masters_to_ram()
     if freed >= memory_to_free > 0:
         return freed
-    unload_engine(engine)
+    if unload is None:
+        unload_engine(engine)
+    else:
+        unload()
     return max(freed, loaded)
 
 
