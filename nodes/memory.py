@@ -42,7 +42,6 @@ class EngineModel:
         self.model = engine  # LoadedModel keeps a weak reference to .model and logs its class
         self.load_device = load_device
         self.offload_device = offload_device
-        self._size = 0
         self.unloads = 0
 
     # sizes ----------------------------------------------------------------------------------------
@@ -53,9 +52,7 @@ class EngineModel:
     def model_size(self) -> int:
         if not self.alive:
             return 0
-        if not self._size:
-            self._size = int(self.engine.memory_bytes())
-        return self._size
+        return int(self.engine.memory_bytes())  # not cached: moving the masters to RAM changes it (decision 65)
 
     def loaded_size(self) -> int:
         if not self.alive or self.engine.offloaded:
@@ -98,9 +95,7 @@ class EngineModel:
 
     def partially_unload(self, device_to: Any, memory_to_free: float = 0) -> int:
         """ComfyUI needs ``memory_to_free`` bytes (:func:`partially_unload`)."""
-        before = self.loaded_size()
-        self._size = 0  # the size changes either way
-        return partially_unload(self.engine, memory_to_free, before, self._unload)
+        return partially_unload(self.engine, memory_to_free, self.loaded_size(), self._unload)
 
     def detach(self, unpatch_all: bool = True) -> None:
         """``detach(True)``: ``LoadedModel.model_unload`` from ``unload_all_models`` (/free, OOM
