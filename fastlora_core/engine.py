@@ -36,12 +36,15 @@ from .optimize import (
     dynamo_compile_count,
     enable_deterministic,
     finish_transformer,
+    free_bytes,
+    module_tensors,
     quantize_t5,
     quantize_transformer,
     resident_bytes,
     resolve,
     restore_deterministic,
     room_for_masters,
+    tensor_bytes,
     why_not_own_modules,
 )
 from .precompile import PrecompiledBlocks
@@ -344,14 +347,8 @@ class FluxEngine:
         free and sent the masters to CPU RAM: fused swaps of 0.7 s instead of ~40 ms (2026-12-07)."""
         if self.device.type != "cuda" or self.options.offload != "none":
             return 0
-        free, total = torch.cuda.mem_get_info(self.device)
-        # Respect torch.cuda.set_per_process_memory_fraction (mem_get_info ignores it).
-        get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
-        fraction = get_fraction(self.device) if get_fraction else 1.0
-        free = min(free, int(fraction * total) - torch.cuda.memory_reserved(self.device))
-        if pipeline is not None:
-            free += resident_bytes(self._modules(pipeline), self.device)
-        return free
+        resident = resident_bytes(self._modules(pipeline), self.device) if pipeline is not None else 0
+        return free_bytes(self.device) + resident
 
     def _first_image_compiles(self) -> bool:
         """Whether the first image will compile block graphs on this GPU: regional compile with saved
@@ -649,18 +646,9 @@ class FluxEngine:
         strategy = getattr(self, "strategy", None)
         if self.released or pipe is None:
             return 0
-        total = 0
-        plain: set[int] = set()  # storage of the plain tensors counted (quantised ones have none of their own)
-        for module in self._modules(pipe):
-            for t in (*module.parameters(), *module.buffers()):
-                total += t.numel() * t.element_size()
-                if type(t) in (torch.Tensor, torch.nn.Parameter):
-                    plain.add(t.data_ptr())
-        for t in strategy.held_tensors() if strategy is not None else ():
-            if t.device == self.device and t.data_ptr() not in plain:  # a master still the layer's weight counts once
-                plain.add(t.data_ptr())
-                total += t.numel() * t.element_size()
-        return total
+        held = strategy.held_tensors() if strategy is not None else []
+        # a master that is still its layer's weight counts once
+        return tensor_bytes([*module_tensors(self._modules(pipe)), *(t for t in held if t.device == self.device)])
 
     def masters_to_ram(self) -> int:
         """Free GPU memory and keep the engine (ComfyUI's partial unload, decision 65): the swap

@@ -63,18 +63,41 @@ def room_for_masters(transformer_only: bool, quantization: str) -> int:
     return AMPLE_ROOM_BYTES
 
 
+def tensor_bytes(tensors: Iterable[torch.Tensor], device: torch.device | None = None) -> int:
+    """Bytes of ``tensors`` (only those on ``device``, when given), a storage several of them share
+    counted once. A tensor subclass (a quantised weight) has no storage of its own to share and is
+    counted as it is."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in tensors:
+        if device is not None and tensor.device != device:
+            continue
+        if type(tensor) in (torch.Tensor, torch.nn.Parameter):
+            if tensor.data_ptr() in seen:
+                continue
+            seen.add(tensor.data_ptr())
+        total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def module_tensors(modules: Sequence[torch.nn.Module]) -> list[torch.Tensor]:
+    """The parameters and buffers of ``modules``."""
+    return [t for module in modules for t in (*module.parameters(), *module.buffers())]
+
+
 def resident_bytes(modules: Sequence[torch.nn.Module], device: torch.device) -> int:
     """Bytes of these modules' parameters and buffers that sit on ``device`` (a tensor shared by
     several modules counted once): memory a pipeline handed to the engine already holds there."""
-    seen: set[int] = set()
-    total = 0
-    for module in modules:
-        for tensor in (*module.parameters(), *module.buffers()):
-            if tensor.device != device or tensor.data_ptr() in seen:
-                continue
-            seen.add(tensor.data_ptr())
-            total += tensor.numel() * tensor.element_size()
-    return total
+    return tensor_bytes(module_tensors(modules), device)
+
+
+def free_bytes(device: torch.device) -> int:
+    """Free memory on a CUDA ``device`` for this process: the driver's free memory, within what
+    ``torch.cuda.set_per_process_memory_fraction`` leaves it (``mem_get_info`` ignores the fraction)."""
+    free, total = torch.cuda.mem_get_info(device)
+    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    fraction = get_fraction(device) if get_fraction else 1.0
+    return min(free, int(fraction * total) - torch.cuda.memory_reserved(device))
 
 
 def resolve_device(options: EngineOptions) -> torch.device:

@@ -34,6 +34,17 @@ def _stack(loras: dict[str, str], *items: tuple[str, float]) -> LoraStack:
     return LoraStack.of(*((loras[f"fastlora-tiny-{n}"], s) for n, s in items))
 
 
+def _assert_same_quantised_weights(ours: FluxEngine, theirs: FluxEngine, context: object) -> None:
+    """Every quantised transformer layer of ``ours`` holds, bit for bit, the inner tensors of ``theirs``."""
+    from fastlora_core.lora.quantized import clone_quantized
+
+    mine, want_modules = dict(ours.transformer.named_modules()), dict(theirs.transformer.named_modules())
+    for name in theirs.strategy._hp_master:
+        want = clone_quantized(want_modules[name].weight, "cpu")
+        for k, v in clone_quantized(mine[name].weight, "cpu").items():
+            assert _same_bits(v, want[k]), (context, name, k)
+
+
 @pytest.mark.skipif(not _fp8_ok(), reason="fp8 needs compute capability >= 8.9")
 def test_fp8_fused_swaps_requantise_exactly_without_recompiling(
         tiny_source: ModelSource, tiny_loras: dict[str, str], tiny_request: GenerateRequest) -> None:
@@ -240,7 +251,6 @@ def test_fp8_swaps_with_masters_in_system_ram_equal_swaps_with_masters_on_the_gp
     """A card without room for the masters keeps them in RAM and sends them in pinned groups
     (decision 62): every swap's weights are bit for bit those of masters on the GPU."""
     from fastlora_core.lora import master_feed
-    from fastlora_core.lora.quantized import clone_quantized
 
     options = dataclasses.replace(GPU, quantization="fp8", compile="off")
     on_gpu = FluxEngine(tiny_source, options)
@@ -255,11 +265,7 @@ def test_fp8_swaps_with_masters_in_system_ram_equal_swaps_with_masters_on_the_gp
         stack = _stack(tiny_loras, *items)
         for engine in (on_gpu, in_ram):
             engine.apply(stack)
-        ours, theirs = dict(in_ram.transformer.named_modules()), dict(on_gpu.transformer.named_modules())
-        for name in on_gpu.strategy._hp_master:
-            want = clone_quantized(theirs[name].weight, "cpu")
-            for k, v in clone_quantized(ours[name].weight, "cpu").items():
-                assert _same_bits(v, want[k]), (items, name, k)
+        _assert_same_quantised_weights(in_ram, on_gpu, items)
     assert sent, "the swaps with masters in RAM did not go through the feed"
 
 
@@ -269,7 +275,6 @@ def test_masters_moved_to_ram_under_memory_pressure_keep_every_swap_exact(
     """Decision 65: ComfyUI short of memory gets the GPU masters back (``masters_to_ram``) while the
     engine stays; the swaps after the move (through the master feed) write bit for bit what an engine
     that never moved its masters writes."""
-    from fastlora_core.lora.quantized import clone_quantized
 
     options = dataclasses.replace(GPU, quantization="fp8", compile="off")
     moved, kept = FluxEngine(tiny_source, options), FluxEngine(tiny_source, options)
@@ -288,11 +293,7 @@ def test_masters_moved_to_ram_under_memory_pressure_keep_every_swap_exact(
         for stack in stacks[1:]:
             for engine in (moved, kept):
                 engine.apply(stack)
-            ours, theirs = dict(moved.transformer.named_modules()), dict(kept.transformer.named_modules())
-            for name in kept.strategy._hp_master:
-                want = clone_quantized(theirs[name].weight, "cpu")
-                for k, v in clone_quantized(ours[name].weight, "cpu").items():
-                    assert _same_bits(v, want[k]), (stack, name, k)
+            _assert_same_quantised_weights(moved, kept, stack)
     finally:
         moved.release()
         kept.release()

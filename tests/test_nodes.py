@@ -439,26 +439,36 @@ def test_partial_unload_path_and_new_options_replace_engine(pack: Any, comfy: An
     assert [lm.model.engine for lm in mm.current_loaded_models] == [registry.peek(other.key)]
 
 
+class FakeGpuEngine:
+    """What the ComfyUI wrapper sees of an engine on an accelerator: 1000 bytes of weights and
+    ``masters`` bytes of fused masters beside them on the GPU."""
+
+    released = False
+    offloaded = False
+    device = torch.device("cuda")
+    dtype = torch.bfloat16
+
+    def __init__(self, masters: int = 0) -> None:
+        self.masters = masters
+
+    def memory_bytes(self) -> int:
+        return 0 if self.offloaded else 1000 + self.masters
+
+    def masters_to_ram(self) -> int:
+        freed, self.masters = self.masters, 0
+        return freed
+
+    def offload(self) -> None:
+        self.offloaded = True
+
+    def reload(self) -> None:
+        self.offloaded = False
+
+
 def test_gpu_style_unload_offloads_instead_of_releasing(pack: Any) -> None:
     """On an accelerator the wrapper moves weights to CPU (keeping compiled graphs) via offload()."""
     memory = sys.modules[f"{comfy_stub.PACK_NAME}.nodes.memory"]
-
-    class FakeEngine:
-        released = False
-        offloaded = False
-        device = torch.device("cuda")
-        dtype = torch.bfloat16
-
-        def memory_bytes(self) -> int:
-            return 1000
-
-        def offload(self) -> None:
-            self.offloaded = True
-
-        def reload(self) -> None:
-            self.offloaded = False
-
-    engine = FakeEngine()
+    engine = FakeGpuEngine()
     w = memory.EngineModel(engine, torch.device("cuda"), torch.device("cpu"))
     assert w.loaded_size() == 1000 and w.current_loaded_device() == torch.device("cuda")
     w.detach()
@@ -474,25 +484,7 @@ def test_a_partial_unload_moves_the_gpu_masters_to_ram_and_keeps_the_engine(
     decision 64) gives them back by moving the masters to RAM and stays loaded (slower swaps, no
     rebuild); only when that is not enough is it unloaded whole, as before."""
     memory = sys.modules[f"{comfy_stub.PACK_NAME}.nodes.memory"]
-
-    class FakeEngine:
-        released = False
-        offloaded = False
-        device = torch.device("cuda")
-        dtype = torch.bfloat16
-        masters = 600  # bytes of masters on the GPU
-
-        def memory_bytes(self) -> int:
-            return 0 if self.offloaded else 1000 + self.masters
-
-        def masters_to_ram(self) -> int:
-            freed, self.masters = self.masters, 0
-            return freed
-
-        def offload(self) -> None:
-            self.offloaded = True
-
-    engine = FakeEngine()
+    engine = FakeGpuEngine(masters=600)
     w = memory.EngineModel(engine, torch.device("cuda"), torch.device("cpu"))
     assert w.loaded_size() == 1600
     freed = w.partially_unload(torch.device("cpu"), memory_to_free)
