@@ -8,8 +8,9 @@ pieces of up to ``chunk_bytes`` into two page-locked chunks in turn, asynchronou
 own, and while the device fills one chunk the CPU copies the other into the tensors' new pageable
 memory (torch's CPU copy runs on its worker threads, which also take the first-touch page faults).
 
-The copies are bit for bit their sources. Without CUDA (or where pinned memory cannot be had) the
-same pieces are copied synchronously through ordinary memory, which is what the CPU tests check.
+The copies are bit for bit their sources. Where pinned memory cannot be had, each tensor is copied
+with ``tensor.to("cpu")``. Sources on the CPU go through the same pieces and chunks synchronously, in
+ordinary memory, which is what the CPU tests check.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-#: Bytes per pinned chunk (two are allocated for one call and freed after it).
+#: Bytes per pinned chunk (two for one call, returned to torch's pinned-memory cache after it).
 CHUNK_BYTES = 256 * 2**20
 
 
