@@ -298,7 +298,9 @@ def _define_patcher_class() -> type:
                 self.model.model_loaded_weight_memory = 0
 
         def partially_unload(self, device_to: Any, memory_to_free: float = 0) -> int:
-            return memory.partially_unload(self.fastlora_current_engine, memory_to_free, self.loaded_size())
+            engine = self.fastlora_current_engine
+            return memory.partially_unload(engine, memory_to_free, self.loaded_size(),
+                                           lambda: memory.unload_engine(engine))
 
         def detach(self, unpatch_all: bool = True) -> Any:
             self.eject_model()

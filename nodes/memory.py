@@ -183,21 +183,17 @@ def unload_engine(engine: FluxEngine) -> None:
     _MANAGER.wrapper_for(engine)._unload()
 
 
-def partially_unload(engine: FluxEngine, memory_to_free: float, loaded: int,
-                     unload: Callable[[], None] | None = None) -> int:
+def partially_unload(engine: FluxEngine, memory_to_free: float, loaded: int, unload: Callable[[], None]) -> int:
     """ComfyUI's ``free_memory`` asks a model for ``memory_to_free`` bytes (before loading a text
     encoder or decoding, when the GPU is short) and unloads the model whole only when fewer come back.
     The engine's masters on the GPU (decision 64) go to system RAM first (decision 65): the engine
     stays, its swaps slower, instead of being released and rebuilt at the next run. When that is not
-    enough the engine is unloaded as a whole by ``unload`` (default: :func:`unload_engine`: offloaded,
-    or released); ``loaded`` is its size before."""
+    enough the engine is unloaded as a whole by ``unload`` (offloaded, or released); ``loaded`` is its
+    size before."""
     freed = engine.masters_to_ram()
     if freed >= memory_to_free > 0:
         return freed
-    if unload is None:
-        unload_engine(engine)
-    else:
-        unload()
+    unload()
     return max(freed, loaded)
 
 
