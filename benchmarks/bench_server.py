@@ -1,7 +1,7 @@
 """FastLoRA against ComfyUI's native Flux paths through a real ComfyUI server's HTTP API (issue 9).
 
     python -m benchmarks.bench_server COMFYUI_DIR --out DIR [--paths a,b,...] [--budget SECONDS] [--cycles N]
-                                      [--back-to-back] [--tiny]
+                                      [--back-to-back] [--card-gib G] [--tiny]
 
 Models (written once into ``--work``): full-size Flux.1-dev with random bf16 weights as the single files
 a ComfyUI user has (``flux1-dev.safetensors`` in BFL layout, ``clip_l``, ``t5xxl_bf16``, ``ae``; written by
@@ -34,7 +34,20 @@ Paths:
 - ``ours_model``: ``OptimizedFluxLoader`` (transformer only, defaults: fp8, regional compile, fused) -> its
   MODEL -> ``LoraLoaderModelOnly`` -> ``KSampler``;
 - ``ours_generate``: ``OptimizedFluxLoader`` (single files, everything) -> ``LoraHotswap`` -> ``Generate``
-  (its own T5/CLIP encoding of a fixed prompt and its own VAE decode).
+  (its own T5/CLIP encoding of a fixed prompt and its own VAE decode);
+- ``ours_model_workflow``: the shipped ``workflows/api/flux_model_lora.json`` as a user runs it, with
+  ComfyUI's own ``DualCLIPLoader`` (CLIP-L and the bf16 T5-XXL) and ``CLIPTextEncode`` instead of
+  ``BenchConditioning``; each cycle also changes the prompt once (``after_prompt_change_s``), which makes
+  ComfyUI load its T5 again. This is the path whose memory decisions 64 and 65 are about: with
+  ``--card-gib`` it shows whether the T5 load moves the engine's masters to system RAM
+  (``masters_moved_to_ram``, from the server's log) instead of unloading the engine
+  (``engine_unloads``, ``engine_builds``). GPU only: ComfyUI builds CLIP-L and T5-XXL at full size;
+- ``ours_model_workflow_t5fp8``: the same with the T5 stored in fp8 (``t5xxl_fp8_e4m3fn``, 4.9 GB, the
+  file most ComfyUI users of smaller cards have).
+
+``--card-gib G`` makes the server behave as on a card with ``G`` GiB: the probe caps PyTorch's allocator
+(``set_per_process_memory_fraction``, which the engine's room rule reads too) and ComfyUI gets
+``--reserve-vram`` (the GPU's total minus ``G``), so its own load and unload decisions see the same card.
 
 Text conditioning for the ``KSampler`` paths comes from ``server_probe``'s ``BenchConditioning`` (cached
 by ComfyUI after the first graph). ``--tiny`` runs the same on the CPU (``--cpu``) with a ComfyUI-loadable
@@ -57,12 +70,20 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-PATHS = ("ours_model", "native_bf16", "ours_generate", "native_fp8_fast", "native_fp8_fast_compile")
+PATHS = ("ours_model", "native_bf16", "ours_generate", "native_fp8_fast", "native_fp8_fast_compile",
+         "ours_model_workflow", "ours_model_workflow_t5fp8")
+#: paths that need the real text encoders at full size (not run with ``--tiny``)
+FULL_SIZE_ONLY = ("ours_model_workflow", "ours_model_workflow_t5fp8")
 #: seconds a path needs at least (server start, load, first image, five more): skipped with less left
 NEED = {"native_bf16": 100, "native_fp8_fast": 100, "native_fp8_fast_compile": 200, "ours_model": 90,
-        "ours_generate": 80}
+        "ours_generate": 80, "ours_model_workflow": 150,
+        "ours_model_workflow_t5fp8": 150}
 PROMPT = "a photo of a red fox in a snowy forest, golden hour"
+#: each cycle's changed prompt (``ours_model_workflow``; the cycle's number filled in, so it is new each time)
+OTHER_PROMPT = "a watercolour of a lighthouse at dawn, number {}"
 RESULT: dict[str, Any] = {}
+#: what the engine logs when ComfyUI's partial unload moved its masters to system RAM (decision 65)
+MASTERS_MOVED = "moved the masters to system RAM"
 
 
 def log(msg: str) -> None:
@@ -146,9 +167,18 @@ def prepare(work: Path, tiny: bool, cycles: int = 1) -> dict[str, Any]:
         RESULT["build_random_s"] = round(time.perf_counter() - t0, 1)
         write_loras(pipe.transformer, models / "loras", rank=64, names=lora_names("lora", cycles))
         out = write_single_files(pipe, flat)
-        del pipe
+        # the fp8 T5 as ComfyUI's t5xxl_fp8_e4m3fn file stores it (2-D weights cast, no scales)
+        from safetensors.torch import save_file
+
+        from fastlora_core.loading.writer import _to_fp8
+
+        t5sd = {k: v.detach().cpu() for k, v in pipe.text_encoder_2.state_dict().items()
+                if k != "encoder.embed_tokens.weight"}  # tied to ``shared``, as in the bf16 file
+        save_file(_to_fp8(t5sd, scaled=False), str(flat / "t5xxl_fp8_e4m3fn.safetensors"))
+        del pipe, t5sd
         torch.cuda.empty_cache()
         files = {k: Path(v).name for k, v in out.items() if k != "tokenizer_dir"}
+        files["t5xxl_fp8"] = "t5xxl_fp8_e4m3fn.safetensors"
         files["gen_loras"] = [f"{n}.safetensors" for n in lora_names("lora", cycles)]
     files["loras"] = [f"{n}.safetensors" for n in lora_names("lora", cycles)]
     RESULT["prepare_s"] = round(time.perf_counter() - t0, 1)
@@ -165,8 +195,30 @@ def loader_inputs(**kw: Any) -> dict[str, Any]:
     return {**inputs, **kw}
 
 
-def graph_for(path: str, files: dict[str, Any], lora: str, strength: float, seed: int, tiny: bool) -> dict[str, Any]:
+def workflow_graph(files: dict[str, Any], lora: str, strength: float, seed: int, prompt: str,
+                   t5: str = "t5xxl") -> dict[str, Any]:
+    """The shipped MODEL workflow (``flux_model_lora``) with this run's files (``t5``: which T5 file), LoRA,
+    seed and prompt; its ``SaveImage`` becomes a ``PreviewImage`` as in the other paths. Every other input
+    stays as shipped."""
+    graph = json.loads((ROOT / "workflows" / "api" / "flux_model_lora.json").read_text())
+    names = {"transformer": files["transformer"], "clip_name1": files["clip_l"], "clip_name2": files[t5],
+             "vae_name": files["vae"], "lora_name": lora, "strength_model": strength, "seed": seed}
+    encoders = [n for n in graph.values() if n["class_type"] == "CLIPTextEncode" and n["inputs"]["text"]]
+    if len(encoders) != 1:
+        raise ValueError(f"flux_model_lora.json: expected one CLIPTextEncode with a prompt, found {len(encoders)}")
+    encoders[0]["inputs"]["text"] = prompt
+    for node in graph.values():
+        node["inputs"].update({k: v for k, v in names.items() if k in node["inputs"]})
+        if node["class_type"] == "SaveImage":
+            node["class_type"], node["inputs"] = "PreviewImage", {"images": node["inputs"]["images"]}
+    return graph
+
+
+def graph_for(path: str, files: dict[str, Any], lora: str, strength: float, seed: int, tiny: bool,
+              prompt: str = PROMPT) -> dict[str, Any]:
     size, steps = (64, 2) if tiny else (1024, 28)
+    if path in FULL_SIZE_ONLY:
+        return workflow_graph(files, lora, strength, seed, prompt, "t5xxl_fp8" if path.endswith("t5fp8") else "t5xxl")
     if path == "ours_generate":
         src = ({"source": "diffusers folder", "diffusers_model": files["diffusers"]} if tiny else
                {"source": "single files", "transformer": files["transformer"], "clip_l": files["clip_l"],
@@ -224,7 +276,7 @@ def free_port() -> int:
 class Server:
     """A ComfyUI server in its own process, with the pack and the probe in ``custom_nodes``."""
 
-    def __init__(self, comfy_dir: Path, work: Path, tiny: bool) -> None:
+    def __init__(self, comfy_dir: Path, work: Path, tiny: bool, card_gib: float | None = None) -> None:
         from fastlora_core import headless
 
         base = work / "server"
@@ -252,6 +304,12 @@ class Server:
                "--user-directory", str(base / "user"), "--extra-model-paths-config", str(config)]
         if tiny:
             cmd.append("--cpu")
+        elif card_gib:  # a smaller card: the probe caps the allocator, ComfyUI reserves the rest
+            import torch
+
+            total_gib = torch.cuda.mem_get_info()[1] / 2**30
+            env["FASTLORA_BENCH_CARD_GIB"] = str(card_gib)
+            cmd += ["--reserve-vram", f"{max(0.0, total_gib - card_gib):.2f}"]
         self.started = time.perf_counter()
         self.proc = subprocess.Popen(cmd, cwd=comfy_dir, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         self.client = headless.Client(f"127.0.0.1:{self.port}", timeout=120)
@@ -268,9 +326,11 @@ class Server:
                 time.sleep(0.5)
         self.ready_s = round(time.perf_counter() - self.started, 2)
 
-    def tail(self, n: int = 4000) -> str:
+    def tail(self, n: int | None = 4000) -> str:
+        """The server's log: its last ``n`` characters, or all of it (``None``)."""
         self.log.flush()
-        return self.log_path.read_text(errors="replace")[-n:]
+        text = self.log_path.read_text(errors="replace")
+        return text if n is None else text[-n:]
 
     def run(self, graph: dict[str, Any]) -> tuple[float, Any]:
         from fastlora_core import headless
@@ -289,31 +349,37 @@ class Server:
 
 
 def bench_path(path: str, comfy_dir: Path, work: Path, files: dict[str, Any], tiny: bool, save: Any,
-               out: Path, settle: bool = True, cycles: int = 1) -> None:
+               out: Path, settle: bool = True, cycles: int = 1, card_gib: float | None = None) -> None:
     """Run the image sequence on ``path`` in a fresh server; results into ``RESULT[path]``, the server's
     log into ``out/<path>-server.log``."""
     res: dict[str, Any] = RESULT.setdefault(path, {})
     loras = files["gen_loras"] if path == "ours_generate" else files["loras"]
     try:
-        server = Server(comfy_dir, work, tiny)
+        server = Server(comfy_dir, work, tiny, card_gib)
     except RuntimeError as exc:
         res["error"] = str(exc)[-4000:]
         save()
         return
     res["server_ready_s"] = server.ready_s
     try:
-        def image(lora: str, strength: float, seed: int) -> tuple[float, Any]:
+        def image(lora: str, strength: float, seed: int, prompt: str = PROMPT) -> tuple[float, Any]:
             if settle:  # ComfyUI's periodic gc.collect() first (see the module doc)
                 waited = time.perf_counter()
                 while server.client.request("GET", "/bench/idle")["housekeeping_pending"] \
                         and time.perf_counter() - waited < 15:
                     time.sleep(0.1)
                 res.setdefault("settle_wait_s", []).append(round(time.perf_counter() - waited, 2))
-            seconds, result = server.run(graph_for(path, files, lora, strength, seed, tiny))
+            seconds, result = server.run(graph_for(path, files, lora, strength, seed, tiny, prompt))
             res.setdefault("node_seconds_each_image", []).append(server.client.request("GET", "/bench/nodes"))
             if path.startswith("ours"):  # where a LoRA change's time went: read, stage, write
-                engines = server.client.request("GET", "/fastlora/stats").get("engines") or [{}]
+                fl = server.client.request("GET", "/fastlora/stats")
+                engines = fl.get("engines") or [{}]
                 res.setdefault("last_swap_after_each_image", []).append(engines[0].get("last_swap"))
+                # decisions 64 / 65: ComfyUI's memory manager and the engine, counted after each image
+                res.setdefault("engine_builds_after_each_image", []).append(fl.get("builds"))
+                res.setdefault("engine_unloads_after_each_image", []).append(fl.get("unloads"))
+                res.setdefault("masters_moved_to_ram_after_each_image", []).append(
+                    server.tail(None).count(MASTERS_MOVED))
             return seconds, result
 
         a = loras[0]
@@ -324,8 +390,11 @@ def bench_path(path: str, comfy_dir: Path, work: Path, files: dict[str, Any], ti
         c0 = server.client.request("GET", "/bench/stats")["compiled_graphs"]
         res["steady_s"] = []
         each: dict[str, list[float]] = {"after_lora_change_s": [], "after_strength_change_s": [], "back_to_A_s": []}
+        prompts = path in FULL_SIZE_ONLY  # a new prompt each cycle: ComfyUI encodes it, loading its T5 again
+        if prompts:
+            each["after_prompt_change_s"] = []
         ratios: dict[str, list[float]] = {k: [] for k in each}
-        for cycle in range(cycles):  # steady, steady, a LoRA file never used before, its strength, back to A
+        for cycle in range(cycles):  # steady, steady, a LoRA file never used before, its strength, back to A(, prompt)
             b, seed = loras[1 + cycle], 10 * cycle
             steady_pair = [image(a, 1.0, seed + 1)[0], image(a, 1.0, seed + 2)[0]]
             res["steady_s"] += steady_pair
@@ -334,6 +403,8 @@ def bench_path(path: str, comfy_dir: Path, work: Path, files: dict[str, Any], ti
             res["after_lora_change_executed"] = sorted(changed.executed)
             each["after_strength_change_s"].append(image(b, 0.6, seed + 4)[0])
             each["back_to_A_s"].append(image(a, 1.0, seed + 5)[0])
+            if prompts:
+                each["after_prompt_change_s"].append(image(a, 1.0, seed + 6, OTHER_PROMPT.format(cycle))[0])
             for key in each:  # against this cycle's own steady images: drift between cycles cancels
                 ratios[key].append(each[key][-1] / statistics.mean(steady_pair) - 1)
         for key, values in each.items():  # one cycle: its number; several: their median, and each
@@ -372,6 +443,8 @@ def main() -> None:
                     help="repeat steady x2 / new LoRA file / strength / back to A this many times (a new file each)")
     ap.add_argument("--back-to-back", action="store_true",
                     help="queue each image as soon as the previous one ends (ComfyUI's periodic gc lands in them)")
+    ap.add_argument("--card-gib", type=float, default=None,
+                    help="behave as on a card with this many GiB (allocator cap and ComfyUI's --reserve-vram)")
     a = ap.parse_args()
     deadline = time.time() + a.budget
     out, work = Path(a.out), Path(a.work)
@@ -382,7 +455,8 @@ def main() -> None:
     RESULT.update({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                    "command": " ".join(["python3", "-m", "benchmarks.bench_server", *sys.argv[1:]]),
                    "torch": torch.__version__,
-                   "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"})
+                   "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                   "card_gib": a.card_gib})
     commit = subprocess.run(["git", "-C", a.comfy_dir, "rev-parse", "HEAD"], capture_output=True, text=True) \
         if Path(a.comfy_dir, ".git").exists() else subprocess.CompletedProcess([], 0, "")  # a copy: no commit
     version = Path(a.comfy_dir, "comfyui_version.py")
@@ -404,12 +478,17 @@ def main() -> None:
     save()
     for path in a.paths.split(","):
         left = deadline - time.time()
+        if a.tiny and path in FULL_SIZE_ONLY:
+            RESULT[path] = {"skipped": "full size only: ComfyUI builds CLIP-L and T5-XXL at full size"}
+            save()
+            continue
         if left < (20 if a.tiny else NEED[path] + 55 * (a.cycles - 1)):  # a cycle: 5 images of ~10 s with settling
             RESULT[path] = {"skipped": f"budget: {left:.0f} s left"}
             save()
             continue
         log(path)
-        bench_path(path, Path(a.comfy_dir), work, files, a.tiny, save, out, not a.back_to_back, a.cycles)
+        bench_path(path, Path(a.comfy_dir), work, files, a.tiny, save, out, not a.back_to_back, a.cycles,
+                   a.card_gib)
         log(json.dumps({k: v for k, v in RESULT[path].items() if k != "log_tail"})[:1500])
     save()
 

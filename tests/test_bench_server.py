@@ -31,10 +31,12 @@ def test_bench_server_tiny_runs_every_path(tmp_path: Path) -> None:
     env = dict(os.environ, FASTLORA_BENCH_PYTHONPATH=os.pathsep.join(_torchvision_pythonpath(cache)))
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_server", COMFYUI_DIR, "--tiny", "--out", str(out),
-                           "--work", str(tmp_path / "work"), "--paths", "ours_model,native_bf16,ours_generate",
-                           "--budget", "600"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+                           "--work", str(tmp_path / "work"), "--paths",
+                           "ours_model,native_bf16,ours_generate,ours_model_workflow", "--budget", "600"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "server.json").read_text())
+    # ComfyUI's own text encoders are full size: that path is for the GPU, and says so
+    assert res["ours_model_workflow"] == {"skipped": "full size only: ComfyUI builds CLIP-L and T5-XXL at full size"}
     for path in ("ours_model", "native_bf16", "ours_generate"):
         run = res[path]
         assert "error" not in run, (run.get("error"), run.get("log_tail"))

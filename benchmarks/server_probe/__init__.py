@@ -11,6 +11,9 @@
   ``execution.execute`` wrapped), so a slow image can be split into LoRA loader, sampler and decode;
   also, in parentheses, the whole prompt's execution and ComfyUI's housekeeping between and inside
   prompts (``gc.collect``, ``soft_empty_cache``, ``cleanup_models_gc``), which no node accounts for.
+- ``FASTLORA_BENCH_CARD_GIB``: when set, PyTorch's allocator in the server is capped at that many GiB
+  (``set_per_process_memory_fraction``) at import, so the server runs as on a smaller card
+  (``bench_server --card-gib``, which also passes ComfyUI ``--reserve-vram``).
 - ``GET /bench/idle``: whether ComfyUI's housekeeping after the last prompt is still due. Its prompt
   worker runs a full ``gc.collect()`` after a prompt once 10 s have passed since the previous one
   (main.py, ``gc_collect_interval``); queued back to back, that pause lands in whichever image comes
@@ -20,6 +23,8 @@
 from __future__ import annotations
 
 import gc
+import logging
+import os
 import time
 
 import comfy.model_management
@@ -27,6 +32,17 @@ import execution
 import torch
 from aiohttp import web
 from server import PromptServer
+
+
+def _cap_memory() -> None:
+    card_gib = float(os.environ.get("FASTLORA_BENCH_CARD_GIB") or 0)
+    if card_gib and torch.cuda.is_available():
+        total = torch.cuda.mem_get_info()[1]
+        torch.cuda.set_per_process_memory_fraction(min(1.0, card_gib * 2**30 / total))
+        logging.info("bench probe: PyTorch's allocator capped at %.1f GiB", card_gib)
+
+
+_cap_memory()
 
 
 class BenchConditioning:
