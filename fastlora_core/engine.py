@@ -45,6 +45,7 @@ from .optimize import (
     restore_deterministic,
     room_for_masters,
     tensor_bytes,
+    usable_bytes,
     why_not_own_modules,
 )
 from .precompile import PrecompiledBlocks
@@ -126,7 +127,8 @@ class FluxEngine:
 
     def __init__(self, source: ModelSource, options: EngineOptions | None = None,
                  lora_cache: LoraCache | None = None, *, resolved: Resolved | None = None,
-                 pipeline: Any = None, workers: background_compile.BackgroundCompiler | None = None) -> None:
+                 pipeline: Any = None, workers: background_compile.BackgroundCompiler | None = None,
+                 make_room: Callable[[int], None] | None = None) -> None:
         """Load ``source`` and optimise it as ``options`` say.
 
         ``resolved``: ``optimize.resolve(options)`` when the caller already made it (the registry
@@ -134,6 +136,9 @@ class FluxEngine:
         ``pipeline``: use this already loaded ``FluxPipeline`` instead of loading ``source`` (see
         :meth:`from_pipeline`). ``workers``: compile workers started before the checks
         (:func:`.expected_compile.workers_before_checks`); the engine uses them or closes them.
+        ``make_room(bytes)``: asks a host that holds other models on this GPU (ComfyUI) to unload them
+        until ``bytes`` are free; called only when that would keep the weights on the GPU
+        (:meth:`_room`, decision 66).
         """
         started = time.perf_counter()
         options = options or EngineOptions()
@@ -166,7 +171,7 @@ class FluxEngine:
         self._background: background_compile.BackgroundCompiler | None = None
         # Decided once, before anything is read: the weights (and the fused strategy's masters) go
         # straight to the GPU only when it has ample room for them (decisions 29 and 64).
-        room = self._free_bytes(pipeline)
+        room = self._room(pipeline, make_room)
         self._ample_room = room > room_for_masters(source.transformer_only, options.quantization)
         self._background_mode: str | None = None
         self._expected: list[background_compile.Job] = []  # the expected first request's graphs (decision 47)
@@ -333,6 +338,19 @@ class FluxEngine:
     def _modules(pipe) -> list[torch.nn.Module]:
         """The pipeline's weight-holding modules that were loaded (a transformer-only engine has one)."""
         return [m for m in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.vae) if m is not None]
+
+    def _room(self, pipeline: Any = None, make_room: Callable[[int], None] | None = None) -> int:
+        """:meth:`_free_bytes`, after asking the host to make room where this GPU could hold the
+        weights and masters (``optimize.room_for_masters``) but other models it holds are in the way
+        (decision 66). ComfyUI runs a graph's text encoder before the loader, so on a 48 GB card its T5
+        (4.9 GB in fp8, 9.3 GB in bf16) took the room decision 64 gives the masters: every swap then
+        sent them from RAM (0.67-0.79 s) instead of merging on the GPU (~45 ms). The encoder has done
+        its work by then and ComfyUI loads it again when a prompt changes."""
+        needed = room_for_masters(self.source.transformer_only, self.options.quantization)
+        if (make_room is not None and pipeline is None and self.device.type == "cuda"
+                and self.options.offload == "none" and self._free_bytes() <= needed < usable_bytes(self.device)):
+            make_room(needed)
+        return self._free_bytes(pipeline)
 
     def _free_bytes(self, pipeline: Any = None) -> int:
         """GPU bytes this engine may count on (0 without a GPU or with offload), measured against

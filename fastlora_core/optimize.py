@@ -91,13 +91,19 @@ def resident_bytes(modules: Sequence[torch.nn.Module], device: torch.device) -> 
     return tensor_bytes(module_tensors(modules), device)
 
 
-def free_bytes(device: torch.device) -> int:
-    """Free memory on a CUDA ``device`` for this process: the driver's free memory, within what
-    ``torch.cuda.set_per_process_memory_fraction`` leaves it (``mem_get_info`` ignores the fraction)."""
-    free, total = torch.cuda.mem_get_info(device)
+def usable_bytes(device: torch.device) -> int:
+    """The most of a CUDA ``device``'s memory this process may use: its total, within what
+    ``torch.cuda.set_per_process_memory_fraction`` allows."""
+    total = torch.cuda.get_device_properties(device).total_memory
     get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
-    fraction = get_fraction(device) if get_fraction else 1.0
-    return min(free, int(fraction * total) - torch.cuda.memory_reserved(device))
+    return int((get_fraction(device) if get_fraction else 1.0) * total)
+
+
+def free_bytes(device: torch.device) -> int:
+    """Free memory on a CUDA ``device`` for this process: the driver's free memory, within
+    :func:`usable_bytes` (``mem_get_info`` ignores the per-process fraction)."""
+    free, _total = torch.cuda.mem_get_info(device)
+    return min(free, usable_bytes(device) - torch.cuda.memory_reserved(device))
 
 
 def resolve_device(options: EngineOptions) -> torch.device:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from . import deps
 from .engine import FluxEngine
@@ -23,10 +24,13 @@ _lock = threading.RLock()
 _engines: dict[EngineKey, FluxEngine] = {}
 
 
-def get_engine(source: ModelSource, options: EngineOptions | None = None) -> FluxEngine:
+def get_engine(source: ModelSource, options: EngineOptions | None = None,
+               make_room: Callable[[int], None] | None = None) -> FluxEngine:
     """The engine for (source, options), built on first use. Options are validated before anything
     is released or loaded, so a typo never costs the engine you have. A missing required package
-    raises ``DependencyError`` naming it (instead of a bare ModuleNotFoundError mid-load)."""
+    raises ``DependencyError`` naming it (instead of a bare ModuleNotFoundError mid-load).
+    ``make_room``: how a host holding other models on the GPU frees memory for a build
+    (``FluxEngine``'s argument; ComfyUI's nodes pass its memory manager)."""
     options = options or EngineOptions()
     key = EngineKey(source, options)
     started = time.perf_counter()
@@ -43,7 +47,7 @@ def get_engine(source: ModelSource, options: EngineOptions | None = None) -> Flu
                     workers.close()
                 return engine
             release_all()
-            engine = FluxEngine(source, options, resolved=resolved, workers=workers)
+            engine = FluxEngine(source, options, resolved=resolved, workers=workers, make_room=make_room)
             engine.phases.add("checks", checks_s)
             _engines[key] = engine
             return engine

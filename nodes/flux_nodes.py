@@ -77,7 +77,9 @@ def engine_for(key: specs.EngineKey) -> FluxEngine:
         device = bridge.torch_device()
         bridge.free_memory(_bytes_on_disk(key.source) * 1.2, device)
         logger.info("FastLoRA: building engine for %s", key.source.describe())
-        engine = registry.get_engine(key.source, key.options)
+        # ComfyUI's text encoders may hold the room the engine's masters would use (decision 66)
+        engine = registry.get_engine(key.source, key.options,
+                                     make_room=lambda needed: bridge.free_memory(needed, device))
         STATS["builds"] += 1
         memory.prune()  # the registry released the previous engine, if any
     return engine

@@ -181,6 +181,8 @@ def test_a_pipeline_already_on_the_gpu_counts_as_room_for_the_engine(monkeypatch
 
     gib = 2**30
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (47 * gib, 79 * gib))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: types.SimpleNamespace(
+        total_memory=79 * gib))
     monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 1.0, raising=False)
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
     asked = []
@@ -199,6 +201,53 @@ def test_a_pipeline_already_on_the_gpu_counts_as_room_for_the_engine(monkeypatch
     assert FluxEngine._free_bytes(fake) <= whole  # a load from files: 47 GiB free is not enough
     assert FluxEngine._free_bytes(fake, pipe) > whole  # 47 free + 32 already the engine's
     assert asked == [([pipe.transformer, pipe.vae], gpu)]
+
+
+@pytest.mark.parametrize(
+    ("usable_gib", "free_gib", "from_pipeline", "offload", "asks"),
+    [
+        (44.4, 35, False, "none", True),  # a 48 GB card where ComfyUI holds its T5 (measured 2026-12-07)
+        (44.4, 41, False, "none", False),  # room enough already: nothing to unload
+        (23.5, 8, False, "none", False),  # a 24 GB card never holds them: unloading would gain nothing
+        (44.4, 35, True, "none", False),  # from_pipeline: the pipeline's weights are the engine's own
+        (44.4, 35, False, "model", False),  # offloaded engines keep nothing on the GPU
+    ],
+)
+def test_an_engine_asks_its_host_for_room_only_where_that_keeps_its_masters_on_the_gpu(
+        monkeypatch: pytest.MonkeyPatch, usable_gib: float, free_gib: float, from_pipeline: bool, offload: str,
+        asks: bool) -> None:
+    """Decision 66: ComfyUI encodes the prompt before the loader runs, so on a 48 GB card its T5 took
+    the room decision 64 gives the masters and every swap sent them from RAM (0.67-0.79 s through a
+    real ComfyUI server, 2026-12-07). The engine asks its host (``make_room``) to unload models until
+    the masters fit, where the card could hold them and only then; the room it then finds keeps them
+    on the GPU."""
+    import types
+
+    from fastlora_core import engine as engine_mod
+
+    gib = 2**30
+    free = [free_gib * gib]
+    asked: list[int] = []
+
+    def make_room(needed: int) -> None:  # as ComfyUI's free_memory: unload until needed + its reserve
+        asked.append(needed)
+        free[0] = max(free[0], needed + 0.4 * gib)
+
+    monkeypatch.setattr(engine_mod, "free_bytes", lambda device: int(free[0]))
+    monkeypatch.setattr(engine_mod, "usable_bytes", lambda device: int(usable_gib * gib))
+    monkeypatch.setattr(engine_mod, "resident_bytes", lambda modules, device: 0)
+    fake = types.SimpleNamespace(device=torch.device("cuda", 0), _modules=FluxEngine._modules,
+                                 options=types.SimpleNamespace(offload=offload, quantization="fp8"),
+                                 source=types.SimpleNamespace(transformer_only=True))
+    fake._free_bytes = lambda pipeline=None: FluxEngine._free_bytes(fake, pipeline)
+    pipe = types.SimpleNamespace(transformer=torch.nn.Linear(2, 2), text_encoder=None, text_encoder_2=None,
+                                 vae=None) if from_pipeline else None
+    room = FluxEngine._room(fake, pipe, make_room)
+    needed = room_for_masters(transformer_only=True, quantization="fp8")
+    assert asked == ([needed] if asks else [])
+    if asks:
+        assert room > needed  # the masters stay on the GPU
+    assert FluxEngine._room(fake, pipe, None) == room  # without a host nothing is asked
 
 
 @pytest.mark.parametrize(

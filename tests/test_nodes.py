@@ -495,6 +495,28 @@ def test_a_partial_unload_moves_the_gpu_masters_to_ram_and_keeps_the_engine(
         assert freed == 1600 and engine.offloaded and w.loaded_size() == 0
 
 
+def test_the_loader_lets_the_engine_ask_comfyui_to_make_room(pack: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decision 66: the engine it builds can ask ComfyUI's memory manager to unload its other models (a
+    text encoder encoded before the loader ran) on the device the loader builds on."""
+    from fastlora_core import registry
+
+    bridge = sys.modules[pack.__name__ + ".nodes.comfy_bridge"]
+    registry.release_all()  # a build, not an engine of an earlier test
+    seen: dict[str, Any] = {}
+    real = registry.get_engine
+
+    def spy(source: Any, options: Any = None, make_room: Any = None) -> Any:
+        seen["make_room"] = make_room
+        return real(source, options, make_room=make_room)
+
+    monkeypatch.setattr(registry, "get_engine", spy)
+    asked: list[tuple[float, Any]] = []
+    monkeypatch.setattr(bridge, "free_memory", lambda needed, device: asked.append((needed, device)))
+    run(pack, "OptimizedFluxLoader", **LOADER)
+    seen["make_room"](40 * 2**30)
+    assert asked[-1] == (40 * 2**30, bridge.torch_device())
+
+
 # -- adapter strategy with compile ---------------------------------------------------------------------
 @pytest.mark.slow
 def test_pad_dummy_lora_adapter_compiled_swaps_without_recompiling(pack: Any, models_dir: Path) -> None:
