@@ -167,14 +167,14 @@ def prepare(work: Path, tiny: bool, cycles: int = 1) -> dict[str, Any]:
         RESULT["build_random_s"] = round(time.perf_counter() - t0, 1)
         write_loras(pipe.transformer, models / "loras", rank=64, names=lora_names("lora", cycles))
         out = write_single_files(pipe, flat)
-        # the fp8 T5 as ComfyUI's t5xxl_fp8_e4m3fn file stores it (2-D weights cast, no scales)
+        # the fp8 T5 as ComfyUI's t5xxl_fp8_e4m3fn file stores it (every tensor fp8, no scales)
         from safetensors.torch import save_file
 
         from fastlora_core.loading.writer import _to_fp8
 
         t5sd = {k: v.detach().cpu() for k, v in pipe.text_encoder_2.state_dict().items()
                 if k != "encoder.embed_tokens.weight"}  # tied to ``shared``, as in the bf16 file
-        save_file(_to_fp8(t5sd, scaled=False), str(flat / "t5xxl_fp8_e4m3fn.safetensors"))
+        save_file(_to_fp8(t5sd, scaled=False, norms=True), str(flat / "t5xxl_fp8_e4m3fn.safetensors"))
         del pipe, t5sd
         torch.cuda.empty_cache()
         files = {k: Path(v).name for k, v in out.items() if k != "tokenizer_dir"}

@@ -157,7 +157,8 @@ SOURCES = {
     "bfl-prefixed": {"transformer_layout": "bfl", "transformer_prefix": "model.diffusion_model."},
     "diffusers-layout": {"transformer_layout": "diffusers"},
     "scaled-fp8": {"transformer_layout": "bfl", "transformer_dtype": torch.float8_e4m3fn, "scaled_fp8": True},
-    "fp8": {"transformer_layout": "diffusers", "transformer_dtype": torch.float8_e4m3fn},
+    # with ComfyUI's fp8 T5 file (every tensor fp8, its norms included)
+    "fp8": {"transformer_layout": "diffusers", "transformer_dtype": torch.float8_e4m3fn, "t5_dtype": torch.float8_e4m3fn},
 }
 
 

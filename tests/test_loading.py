@@ -191,12 +191,14 @@ def test_fp8_t5_and_scaled_fp8_transformer(tiny: Any, root: Path) -> None:
     assert files["t5xxl"].name == "t5xxl_fp8_e4m3fn.safetensors"
     h = read_header(files["transformer"])
     assert "scaled_fp8" in h.tensors and "double_blocks.0.img_attn.qkv.scale_weight" in h.tensors
-    assert read_header(files["t5xxl"]).tensors["encoder.block.0.layer.0.SelfAttention.q.weight"].dtype == "F8_E4M3"
+    t5_header = read_header(files["t5xxl"]).tensors
+    # as ComfyUI's t5xxl_fp8_e4m3fn file: the norms are fp8 too (ComfyUI takes the T5's dtype from them)
+    assert {t5_header[k].dtype for k in ("encoder.block.0.layer.0.SelfAttention.q.weight",
+                                         "encoder.final_layer_norm.weight")} == {"F8_E4M3"}
     pipe = load_pipeline(ModelSource.from_single_files(**files), torch.float32)
 
     # Expected weights: the same fp8 rounding applied to the original, then upcast (exact).
-    t5_expect = {k: (v.to(torch.float8_e4m3fn).float() if v.dim() >= 2 else v)
-                 for k, v in tiny.text_encoder_2.state_dict().items()}
+    t5_expect = {k: v.to(torch.float8_e4m3fn).float() for k, v in tiny.text_encoder_2.state_dict().items()}
     raw = load_file(str(files["transformer"]))
     deq = {k: (v.float() * raw[k[: -len("weight")] + "scale_weight"] if k[: -len("weight")] + "scale_weight" in raw else v)
            for k, v in raw.items() if not k.endswith("scale_weight") and k != "scaled_fp8"}

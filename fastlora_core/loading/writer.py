@@ -108,12 +108,14 @@ def _diffusers_to_ldm_vae(sd: Mapping[str, torch.Tensor], num_blocks: int) -> di
     return out
 
 
-def _to_fp8(sd: Mapping[str, torch.Tensor], scaled: bool) -> dict[str, torch.Tensor]:
-    """Store 2-D+ weights as float8_e4m3fn (as ComfyUI's fp8 files do); ``scaled`` adds per-tensor
+def _to_fp8(sd: Mapping[str, torch.Tensor], scaled: bool, norms: bool = False) -> dict[str, torch.Tensor]:
+    """Store 2-D+ weights as float8_e4m3fn (as ComfyUI's fp8 transformer files do); ``norms``: the 1-D
+    weights too, as in ComfyUI's ``t5xxl_fp8_e4m3fn.safetensors``, whose every tensor is fp8 (ComfyUI
+    reads the T5's storage dtype from ``encoder.final_layer_norm.weight``). ``scaled`` adds per-tensor
     ``scale_weight`` entries and the ``scaled_fp8`` marker (ComfyUI's scaled fp8 format)."""
     out: dict[str, torch.Tensor] = {}
     for k, t in sd.items():
-        if t.dim() >= 2 and t.is_floating_point():
+        if (t.dim() >= 2 or norms) and t.is_floating_point():
             if scaled and k.endswith(".weight"):
                 s = (t.float().abs().max() / 448.0).clamp(min=1e-12)
                 out[k] = (t.float() / s).to(torch.float8_e4m3fn)
@@ -147,7 +149,8 @@ def write_single_files(
     (``clip_l.safetensors``, ``text_model.*`` keys), T5 (``t5xxl_<dtype>.safetensors``, ``encoder.*``
     and ``shared.weight``), the autoencoder (``ae.safetensors``, LDM layout) and the tokenizers
     (``tokenizers/clip``, ``tokenizers/t5``). ``t5_dtype`` / ``transformer_dtype`` choose a storage
-    dtype (``torch.float8_e4m3fn`` stores 2-D weights as fp8 like ``t5xxl_fp8_e4m3fn.safetensors``;
+    dtype (``torch.float8_e4m3fn`` stores the T5's every weight as fp8 like ``t5xxl_fp8_e4m3fn.safetensors``,
+    the transformer's 2-D weights;
     with ``scaled_fp8`` the transformer gets ComfyUI's per-tensor ``scale_weight`` format).
     Configuration that shapes cannot tell (rope axes, CLIP heads, VAE scaling...) goes into the
     safetensors metadata (``fastlora.*``) so that :func:`load_pipeline` rebuilds the same modules.
@@ -194,7 +197,7 @@ def write_single_files(
     t5 = pipe.text_encoder_2
     t5sd = {k: v for k, v in t5.state_dict().items() if k != "encoder.embed_tokens.weight"}  # tied to shared
     if t5_dtype == torch.float8_e4m3fn:
-        t5sd = _to_fp8(t5sd, scaled=False)
+        t5sd = _to_fp8(t5sd, scaled=False, norms=True)
     elif t5_dtype is not None:
         t5sd = {k: v.to(t5_dtype) for k, v in t5sd.items()}
     tag = _DTYPE_TAG.get(t5_dtype or next(iter(t5sd.values())).dtype, "custom")
