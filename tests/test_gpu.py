@@ -154,6 +154,44 @@ def test_a_transformer_only_fp8_engine_keeps_its_masters_on_the_gpu_and_reports_
         engine.release()
 
 
+@pytest.mark.skipif(not _fp8_ok(), reason="fp8 needs compute capability >= 8.9")
+def test_an_engine_that_finds_another_model_in_its_room_asks_for_it_and_keeps_its_masters_on_the_gpu(
+        tiny_source: ModelSource) -> None:
+    """Decision 66 with the GPU's own accounting: a card of 45 GiB (the per-process cap) on which another
+    model (a 10 GiB stand-in for ComfyUI's T5) leaves under 40 GiB free. The engine asks its host for the
+    room once, the host frees the stand-in, and the masters stay on the GPU."""
+    from fastlora_core.optimize import TRANSFORMER_ONLY_ROOM_BYTES, free_bytes, usable_bytes
+
+    gib = 2**30
+    device = torch.device("cuda", 0)
+    if torch.cuda.mem_get_info()[0] < 46 * gib:
+        pytest.skip("under 46 GiB free on this GPU")
+    torch.cuda.empty_cache()
+    before = usable_bytes(device)
+    torch.cuda.set_per_process_memory_fraction(45 * gib / torch.cuda.get_device_properties(device).total_memory)
+    held = [torch.empty(10 * gib, dtype=torch.uint8, device=device)]  # the other model
+    asked: list[int] = []
+
+    def make_room(needed: int) -> None:
+        asked.append(needed)
+        held.clear()
+        torch.cuda.empty_cache()
+
+    engine = None
+    try:
+        assert free_bytes(device) <= TRANSFORMER_ONLY_ROOM_BYTES < usable_bytes(device)
+        source = dataclasses.replace(tiny_source, transformer_only=True)
+        engine = FluxEngine(source, dataclasses.replace(GPU, quantization="fp8", compile="off"), make_room=make_room)
+        assert asked == [TRANSFORMER_ONLY_ROOM_BYTES] and not held
+        assert {t.device.type for t in engine.strategy.held_tensors()} == {"cuda"}
+    finally:
+        if engine is not None:
+            engine.release()
+        held.clear()
+        torch.cuda.set_per_process_memory_fraction(before / torch.cuda.get_device_properties(device).total_memory)
+        torch.cuda.empty_cache()
+
+
 def test_with_ample_room_the_encoders_and_vae_first_calls_are_made_during_the_build(
         tiny_source: ModelSource, tiny_request: GenerateRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """Decision 55: on a GPU with room, the engine's build makes the text encoders' and VAE's first calls on
