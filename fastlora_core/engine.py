@@ -342,10 +342,10 @@ class FluxEngine:
     def _room(self, pipeline: Any = None, make_room: Callable[[int], None] | None = None) -> int:
         """:meth:`_free_bytes`, after asking the host to make room where this GPU could hold the
         weights and masters (``optimize.room_for_masters``) but other models it holds are in the way
-        (decision 66). ComfyUI runs a graph's text encoder before the loader, so on a 48 GB card its T5
-        (4.9 GB in fp8, 9.3 GB in bf16) took the room decision 64 gives the masters: every swap then
-        sent them from RAM (0.67-0.79 s) instead of merging on the GPU (~45 ms). The encoder has done
-        its work by then and ComfyUI loads it again when a prompt changes."""
+        (decision 66). ComfyUI 0.3.64 ran the shipped MODEL workflow's text encoders (9,319 MB with a
+        bf16 T5) before the loader, so on a 48 GB card they took the room decision 64 gives the masters:
+        every swap then sent them from RAM (0.67-0.79 s) instead of merging on the GPU (~45 ms). The
+        encoders have done their work by then and ComfyUI loads them again when a prompt changes."""
         needed = room_for_masters(self.source.transformer_only, self.options.quantization)
         if (make_room is not None and pipeline is None and self.device.type == "cuda"
                 and self.options.offload == "none" and self._free_bytes() <= needed < usable_bytes(self.device)):
