@@ -70,10 +70,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-PATHS = ("ours_model", "native_bf16", "ours_generate", "native_fp8_fast", "native_fp8_fast_compile",
-         "ours_model_workflow", "ours_model_workflow_t5fp8")
-#: paths that need the real text encoders at full size (not run with ``--tiny``)
-FULL_SIZE_ONLY = ("ours_model_workflow", "ours_model_workflow_t5fp8")
+#: the paths that run the shipped MODEL workflow with ComfyUI's own text encoders; those are full size,
+#: so these paths are not run with ``--tiny``
+WORKFLOW_PATHS = ("ours_model_workflow", "ours_model_workflow_t5fp8")
+PATHS = ("ours_model", "native_bf16", "ours_generate", "native_fp8_fast", "native_fp8_fast_compile", *WORKFLOW_PATHS)
 #: seconds a path needs at least (server start, load, first image, five more): skipped with less left
 NEED = {"native_bf16": 100, "native_fp8_fast": 100, "native_fp8_fast_compile": 200, "ours_model": 90,
         "ours_generate": 80, "ours_model_workflow": 150,
@@ -217,7 +217,7 @@ def workflow_graph(files: dict[str, Any], lora: str, strength: float, seed: int,
 def graph_for(path: str, files: dict[str, Any], lora: str, strength: float, seed: int, tiny: bool,
               prompt: str = PROMPT) -> dict[str, Any]:
     size, steps = (64, 2) if tiny else (1024, 28)
-    if path in FULL_SIZE_ONLY:
+    if path in WORKFLOW_PATHS:
         return workflow_graph(files, lora, strength, seed, prompt, "t5xxl_fp8" if path.endswith("t5fp8") else "t5xxl")
     if path == "ours_generate":
         src = ({"source": "diffusers folder", "diffusers_model": files["diffusers"]} if tiny else
@@ -390,7 +390,7 @@ def bench_path(path: str, comfy_dir: Path, work: Path, files: dict[str, Any], ti
         c0 = server.client.request("GET", "/bench/stats")["compiled_graphs"]
         res["steady_s"] = []
         each: dict[str, list[float]] = {"after_lora_change_s": [], "after_strength_change_s": [], "back_to_A_s": []}
-        prompts = path in FULL_SIZE_ONLY  # a new prompt each cycle: ComfyUI encodes it, loading its T5 again
+        prompts = path in WORKFLOW_PATHS  # a new prompt each cycle: ComfyUI encodes it, loading its T5 again
         if prompts:
             each["after_prompt_change_s"] = []
         ratios: dict[str, list[float]] = {k: [] for k in each}
@@ -478,7 +478,7 @@ def main() -> None:
     save()
     for path in a.paths.split(","):
         left = deadline - time.time()
-        if a.tiny and path in FULL_SIZE_ONLY:
+        if a.tiny and path in WORKFLOW_PATHS:
             RESULT[path] = {"skipped": "full size only: ComfyUI builds CLIP-L and T5-XXL at full size"}
             save()
             continue
