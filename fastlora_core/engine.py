@@ -345,11 +345,18 @@ class FluxEngine:
         (decision 66). ComfyUI 0.3.64 ran the shipped MODEL workflow's text encoders (9,319 MB with a
         bf16 T5) before the loader, so on a 48 GB card they took the room decision 64 gives the masters:
         every swap then sent them from RAM (0.67-0.79 s) instead of merging on the GPU (~45 ms). The
-        encoders have done their work by then and ComfyUI loads them again when a prompt changes."""
+        encoders have done their work by then and ComfyUI loads them again when a prompt changes.
+
+        A host frees memory by dropping its tensors, which leaves them in PyTorch's cache; ``free_bytes``
+        counts only what the driver has free, so the cache is emptied before measuring again. ComfyUI
+        0.3.64 counts that cache as free itself and empties it only after unloading a model whole: where
+        part of its T5 sufficed, it unloaded that part and left it cached, and the engine, measuring
+        the same shortage, kept its masters in RAM (2026-12-07, a 45 GiB-sized H100)."""
         needed = room_for_masters(self.source.transformer_only, self.options.quantization)
         if (make_room is not None and pipeline is None and self.device.type == "cuda"
                 and self.options.offload == "none" and self._free_bytes() <= needed < usable_bytes(self.device)):
             make_room(needed)
+            torch.cuda.empty_cache()
         return self._free_bytes(pipeline)
 
     def _free_bytes(self, pipeline: Any = None) -> int:

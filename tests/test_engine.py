@@ -227,12 +227,20 @@ def test_an_engine_asks_its_host_for_room_only_where_that_keeps_its_masters_on_t
 
     gib = 2**30
     free = [free_gib * gib]
+    cached = [0.0]  # bytes the host's dropped tensors left in PyTorch's cache
     asked: list[int] = []
 
-    def make_room(needed: int) -> None:  # as ComfyUI's free_memory: unload until needed + its reserve
+    def make_room(needed: int) -> None:
+        """As ComfyUI 0.3.64's ``free_memory``: it counts PyTorch's cache as free, unloads (part of) a
+        model until needed + its reserve are free by that count, and leaves what it dropped cached."""
         asked.append(needed)
-        free[0] = max(free[0], needed + 0.4 * gib)
+        cached[0] += max(0.0, needed + 0.4 * gib - free[0] - cached[0])
 
+    def empty_cache() -> None:
+        free[0] += cached[0]
+        cached[0] = 0.0
+
+    monkeypatch.setattr(torch.cuda, "empty_cache", empty_cache)
     monkeypatch.setattr(engine_mod, "free_bytes", lambda device: int(free[0]))
     monkeypatch.setattr(engine_mod, "usable_bytes", lambda device: int(usable_gib * gib))
     monkeypatch.setattr(engine_mod, "resident_bytes", lambda modules, device: 0)
