@@ -131,7 +131,7 @@ def prepare(work: Path, tiny: bool, cycles: int = 1) -> dict[str, Any]:
     flat = models / "flux"
     import torch
 
-    from fastlora_core.loading import write_single_files
+    from fastlora_core.loading import write_single_files, write_t5_file
 
     if tiny:
         from diffusers import AutoencoderKL, FluxTransformer2DModel
@@ -167,18 +167,11 @@ def prepare(work: Path, tiny: bool, cycles: int = 1) -> dict[str, Any]:
         RESULT["build_random_s"] = round(time.perf_counter() - t0, 1)
         write_loras(pipe.transformer, models / "loras", rank=64, names=lora_names("lora", cycles))
         out = write_single_files(pipe, flat)
-        # the fp8 T5 as ComfyUI's t5xxl_fp8_e4m3fn file stores it (every tensor fp8, no scales)
-        from safetensors.torch import save_file
-
-        from fastlora_core.loading.writer import _to_fp8
-
-        t5sd = {k: v.detach().cpu() for k, v in pipe.text_encoder_2.state_dict().items()
-                if k != "encoder.embed_tokens.weight"}  # tied to ``shared``, as in the bf16 file
-        save_file(_to_fp8(t5sd, scaled=False, norms=True), str(flat / "t5xxl_fp8_e4m3fn.safetensors"))
-        del pipe, t5sd
+        t5_fp8 = write_t5_file(pipe.text_encoder_2, flat, torch.float8_e4m3fn)  # as ComfyUI's fp8 T5 file
+        del pipe
         torch.cuda.empty_cache()
         files = {k: Path(v).name for k, v in out.items() if k != "tokenizer_dir"}
-        files["t5xxl_fp8"] = "t5xxl_fp8_e4m3fn.safetensors"
+        files["t5xxl_fp8"] = t5_fp8.name
         files["gen_loras"] = [f"{n}.safetensors" for n in lora_names("lora", cycles)]
     files["loras"] = [f"{n}.safetensors" for n in lora_names("lora", cycles)]
     RESULT["prepare_s"] = round(time.perf_counter() - t0, 1)

@@ -47,7 +47,7 @@ from .single_file import _load_single_files
 from .tokenizers import find_tokenizer_dirs
 from .transformer_only import _load_transformer_only
 from .writer import _diffusers_to_bfl as diffusers_to_bfl
-from .writer import write_single_files
+from .writer import write_single_files, write_t5_file
 
 if TYPE_CHECKING:  # pragma: no cover
     from diffusers import FluxPipeline
@@ -55,7 +55,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "CONFIG_DIR", "DIRECT_COMPONENTS", "META_AXES", "META_COMPONENT", "META_CONFIG", "SUPPORTED_DTYPES", "Header", "TensorInfo",
     "describe_keys", "diffusers_to_bfl", "find_tokenizer_dirs", "load_pipeline", "load_shipped_config", "read_header",
-    "write_single_files",
+    "write_single_files", "write_t5_file",
 ]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -132,6 +132,35 @@ def _to_fp8(sd: Mapping[str, torch.Tensor], scaled: bool, norms: bool = False) -
 _DTYPE_TAG = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float8_e4m3fn: "fp8_e4m3fn"}
 
 
+def _save(path: Path, sd: Mapping[str, torch.Tensor], component: str, meta: dict[str, Any] | None = None,
+          extra: dict[str, str] | None = None) -> Path:
+    """One component's safetensors file, with the ``fastlora.*`` metadata that :func:`load_pipeline`
+    reads back (its component and the configuration shapes cannot tell)."""
+    from safetensors.torch import save_file
+
+    md = {META_COMPONENT: component, META_CONFIG: json.dumps(meta or {}), **(extra or {})}
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in sd.items()}, str(path), metadata=md)
+    return path
+
+
+def write_t5_file(t5: torch.nn.Module, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write the T5-XXL encoder ``t5`` into ``folder`` as ComfyUI's ``t5xxl_<dtype>.safetensors``
+    (``encoder.*`` and ``shared.weight``; ``dtype`` None keeps the module's). ``torch.float8_e4m3fn``
+    stores every tensor, layer norms included, in fp8 as ComfyUI's ``t5xxl_fp8_e4m3fn.safetensors``
+    does: ComfyUI reads the T5's storage dtype from ``encoder.final_layer_norm.weight``."""
+    sd = {k: v for k, v in t5.state_dict().items() if k != "encoder.embed_tokens.weight"}  # tied to shared
+    if dtype == torch.float8_e4m3fn:
+        sd = _to_fp8(sd, scaled=False, norms=True)
+    elif dtype is not None:
+        sd = {k: v.to(dtype) for k, v in sd.items()}
+    tag = _DTYPE_TAG.get(dtype or next(iter(sd.values())).dtype, "custom")
+    config = t5.config
+    return _save(Path(folder) / f"t5xxl_{tag}.safetensors", sd, "t5xxl", {
+        k: getattr(config, k) for k in ("feed_forward_proj", "dense_act_fn", "is_gated_act", "layer_norm_epsilon",
+                                        "relative_attention_max_distance", "pad_token_id", "eos_token_id",
+                                        "decoder_start_token_id") if hasattr(config, k)})
+
+
 def write_single_files(
     pipe: Any,
     folder: str | os.PathLike[str],
@@ -158,17 +187,12 @@ def write_single_files(
     Returns ``{"transformer", "clip_l", "t5xxl", "vae", "tokenizer_dir"} -> Path`` (the keyword
     arguments of ``ModelSource.from_single_files``).
     """
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
 
     def save(sd: Mapping[str, torch.Tensor], name: str, component: str, meta: dict[str, Any] | None = None,
              extra: dict[str, str] | None = None) -> Path:
-        md = {META_COMPONENT: component, META_CONFIG: json.dumps(meta or {}), **(extra or {})}
-        path = folder / name
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in sd.items()}, str(path), metadata=md)
-        return path
+        return _save(folder / name, sd, component, meta, extra)
 
     out: dict[str, Path] = {}
     tr = pipe.transformer
@@ -194,18 +218,7 @@ def write_single_files(
     out["clip_l"] = save(csd, "clip_l.safetensors", "clip_l",
                          {k: getattr(ccfg, k) for k in _CLIP_META_FIELDS if hasattr(ccfg, k)})
 
-    t5 = pipe.text_encoder_2
-    t5sd = {k: v for k, v in t5.state_dict().items() if k != "encoder.embed_tokens.weight"}  # tied to shared
-    if t5_dtype == torch.float8_e4m3fn:
-        t5sd = _to_fp8(t5sd, scaled=False, norms=True)
-    elif t5_dtype is not None:
-        t5sd = {k: v.to(t5_dtype) for k, v in t5sd.items()}
-    tag = _DTYPE_TAG.get(t5_dtype or next(iter(t5sd.values())).dtype, "custom")
-    t5c = t5.config
-    out["t5xxl"] = save(t5sd, f"t5xxl_{tag}.safetensors", "t5xxl", {
-        k: getattr(t5c, k) for k in ("feed_forward_proj", "dense_act_fn", "is_gated_act", "layer_norm_epsilon",
-                                     "relative_attention_max_distance", "pad_token_id", "eos_token_id",
-                                     "decoder_start_token_id") if hasattr(t5c, k)})
+    out["t5xxl"] = write_t5_file(pipe.text_encoder_2, folder, t5_dtype)
 
     vcfg = dict(pipe.vae.config)
     vsd = _diffusers_to_ldm_vae(pipe.vae.state_dict(), len(vcfg["block_out_channels"]))
